@@ -1,0 +1,118 @@
+"""
+C{twist novac} options: every setting is an option and an environment
+variable (see README.md).
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nova.config import (
+    ConfigError,
+    EnvOptions,
+    Setting,
+    parse_int,
+    parse_seconds,
+    parse_tags,
+    read_secret,
+    split_host_port,
+)
+from nova.tls import parse_fingerprint
+from nova.wire.frames import DEFAULT_INITIAL_WINDOW, MAX_WINDOW, MIN_INITIAL_WINDOW
+from nova.wire.handshake import name_problem, tags_problem
+
+TOKEN = Setting("token", "NOVAC_TOKEN", None, "Shared secret (NOVAS's agent token).")
+
+SETTINGS = (
+    Setting("server", "NOVAC_SERVER", None, "HOST:PORT[,HOST:PORT...]: register with every one (required)."),
+    TOKEN,
+    Setting("name", "NOVAC_NAME", None, "Tunnel name (default: this host's name, i.e. the pod name)."),
+    Setting("tags", "NOVAC_TAGS", "", "Tags as Key=Value;Key=Value."),
+    Setting("ca", "NOVAC_TLS_CA", None, "CA bundle (PEM) that verifies the server's certificate and name."),
+    Setting("server-fingerprint", "NOVAC_TLS_FINGERPRINT", None, "Pinned server certificate, sha256:HEX."),
+    Setting("server-name", "NOVAC_TLS_SERVER_NAME", None, "Name to verify and send as SNI (default: HOST)."),
+    Setting("no-tls", "NOVAC_TLS", None, "Plaintext tunnel (NOVAC_TLS=off); only for trusted networks.", flag=True),
+    Setting("window", "NOVAC_WINDOW", str(DEFAULT_INITIAL_WINDOW), "Per-stream receive window in bytes."),
+    Setting("connect-timeout", "NOVAC_CONNECT_TIMEOUT", "10", "Seconds to connect to a server or a target."),
+    Setting("max-streams", "NOVAC_MAX_STREAMS", "1024", "Streams open at once per tunnel."),
+)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    servers: tuple[tuple[str, int], ...]
+    token: bytes
+    name: str
+    tags: tuple[tuple[str, str], ...]
+    tls: bool
+    ca: Path | None
+    fingerprint: bytes | None
+    server_name: str | None
+    window: int
+    connect_timeout: float
+    max_streams: int
+
+    def __repr__(self) -> str:
+        return f"<AgentConfig {self.name} -> {len(self.servers)} server(s), tls={self.tls}>"
+
+
+def build_config(v: dict[str, Any]) -> AgentConfig:
+    if not v["server"]:
+        raise ConfigError("--server / NOVAC_SERVER is required (HOST:PORT[,HOST:PORT...])")
+    servers = tuple(split_host_port(s, "--server / NOVAC_SERVER") for s in v["server"].split(",") if s.strip())
+    if not servers:
+        raise ConfigError("--server / NOVAC_SERVER names no server")
+    name = v["name"] or socket.gethostname().split(".")[0]
+    problem = name_problem(name)
+    if problem:
+        raise ConfigError(f"--name / NOVAC_NAME {name!r}: {problem}")
+    tags = parse_tags(v["tags"], "--tags / NOVAC_TAGS")
+    problem = tags_problem(tags)
+    if problem:
+        raise ConfigError(f"--tags / NOVAC_TAGS: {problem}")
+    tls = not v["no-tls"]
+    fingerprint = None
+    if v["server-fingerprint"]:
+        try:
+            fingerprint = parse_fingerprint(v["server-fingerprint"])
+        except ValueError as e:
+            raise ConfigError(f"--server-fingerprint / NOVAC_TLS_FINGERPRINT: {e}") from None
+    ca = Path(v["ca"]) if v["ca"] else None
+    if tls and ca is None and fingerprint is None:
+        raise ConfigError(
+            "cannot verify the server: give --ca / NOVAC_TLS_CA or --server-fingerprint / NOVAC_TLS_FINGERPRINT"
+            " (NOVAS logs its fingerprint at start), or --no-tls / NOVAC_TLS=off for plaintext"
+        )
+    if ca is not None and fingerprint is not None:
+        raise ConfigError("give either --ca / NOVAC_TLS_CA or --server-fingerprint / NOVAC_TLS_FINGERPRINT, not both")
+    if ca is not None and not ca.is_file():
+        raise ConfigError(f"--ca / NOVAC_TLS_CA: {ca} is not a readable file")
+    if not tls and (ca is not None or fingerprint is not None):
+        raise ConfigError("--no-tls / NOVAC_TLS=off contradicts --ca / --server-fingerprint")
+    return AgentConfig(
+        servers=servers,
+        token=read_secret(v["token"], TOKEN),
+        name=name,
+        tags=tags,
+        tls=tls,
+        ca=ca,
+        fingerprint=fingerprint,
+        server_name=v["server-name"] or None,
+        window=parse_int(v["window"], "--window / NOVAC_WINDOW", MIN_INITIAL_WINDOW, MAX_WINDOW),
+        connect_timeout=parse_seconds(v["connect-timeout"], "--connect-timeout / NOVAC_CONNECT_TIMEOUT"),
+        max_streams=parse_int(v["max-streams"], "--max-streams / NOVAC_MAX_STREAMS", 1, 65536),
+    )
+
+
+class Options(EnvOptions):
+    """twist novac [options]: the NOVA tunnel agent."""
+
+    command = "novac"
+    settings = SETTINGS
+    config: AgentConfig
+
+    def build(self, values: dict[str, Any]) -> AgentConfig:
+        return build_config(values)

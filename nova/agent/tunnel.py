@@ -1,0 +1,206 @@
+"""
+The agent's end of a tunnel: the handshake's proving half, and connecting
+each stream NOVAS opens to its target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.internet import error
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IProtocol, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
+
+from nova.mux.core import OpenRefused, Role
+from nova.mux.splice import Pipe, splice
+from nova.mux.tunnel import TunnelProtocol
+from nova.tls import channel_binding
+from nova.wire.errors import ErrorCode, OpenFailReason, ProtocolError
+from nova.wire.frames import Frame, Hello, Reject, Welcome
+from nova.wire.handshake import make_auth, window_problem
+
+# connect(host, port, protocol) -> Deferred firing with the protocol once connected.
+TargetConnector = Callable[[str, int, IProtocol], "Deferred[IProtocol]"]
+
+
+class Rejected(Exception):
+    """The server refused the registration."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+
+
+@dataclass
+class AgentContext:
+    name: str
+    tags: tuple[tuple[str, str], ...]
+    token: bytes
+    tls: bool
+    clock: IReactorTime
+    connect_target: TargetConnector
+    window: int = 262_144
+    handshake_timeout: float = 10.0
+    max_streams: int = 1024
+
+
+def classify(failure: Failure) -> OpenFailReason:
+    """The OPEN_FAIL reason for a failed connection to a target."""
+    if failure.check(error.DNSLookupError):
+        return OpenFailReason.DNS_FAILURE
+    if failure.check(error.ConnectionRefusedError):
+        return OpenFailReason.REFUSED
+    if failure.check(error.TimeoutError, error.TCPTimedOutError, CancelledError):
+        return OpenFailReason.TIMEOUT
+    if failure.check(error.NoRouteError):
+        return OpenFailReason.UNREACHABLE
+    return OpenFailReason.OTHER
+
+
+class TargetPipe(Pipe):
+    """The agent's connection to a target; paused until spliced."""
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+
+class AgentTunnel(TunnelProtocol):
+    role = Role.AGENT
+
+    def __init__(self, context: AgentContext, server: str) -> None:
+        super().__init__(context.clock, context.window, context.handshake_timeout)
+        self.context = context
+        self.server = server
+        self.registered: Deferred[AgentTunnel] = Deferred()
+        self._dialing: dict[int, Deferred[IProtocol]] = {}
+        self._saw_hello = False
+
+    @property
+    def peer_label(self) -> str:
+        return self.server
+
+    # Handshake.
+
+    def handshake_frame(self, frame: Frame) -> None:
+        if isinstance(frame, Hello) and not self._saw_hello:
+            self._saw_hello = True
+            binding = channel_binding(self.transport)
+            if self.context.tls and binding is None:
+                raise ProtocolError("TLS is required but the connection is not TLS")
+            self.send_frame(
+                make_auth(
+                    self.context.token,
+                    frame.nonce,
+                    binding or b"",
+                    self.context.name,
+                    self.context.tags,
+                    self.local_window,
+                )
+            )
+        elif isinstance(frame, Welcome) and self._saw_hello:
+            problem = window_problem(frame.initial_window)
+            if problem is not None:
+                raise ProtocolError(f"WELCOME: {problem}")
+            self.start_streams(frame.initial_window, self.context.max_streams)
+            self.log.info(
+                "registered with {server} as {agent} (server {server_id})",
+                server=self.server,
+                agent=self.context.name,
+                server_id=frame.server_id,
+            )
+            self.registered.callback(self)
+        elif isinstance(frame, Reject):
+            self.log.error(
+                "server {server} rejected the registration of {agent}: {code}: {message}",
+                server=self.server,
+                agent=self.context.name,
+                code=frame.code.name,
+                message=frame.message,
+            )
+            self._fail_registration(Rejected(frame.code, frame.message))
+            self.close()
+        else:
+            raise ProtocolError(f"unexpected {frame.TYPE.name} during the handshake")
+
+    def _fail_registration(self, reason: Exception) -> None:
+        if not self.registered.called:
+            self.registered.errback(reason)
+
+    # Streams.
+
+    def stream_requested(self, stream_id: int, host: str, port: int) -> None:
+        target = TargetPipe()
+        d = self.context.connect_target(host, port, target)
+        self._dialing[stream_id] = d
+        d.addCallbacks(
+            lambda _: self._target_connected(stream_id, host, port, target),
+            lambda f: self._target_failed(stream_id, host, port, f),
+        )
+
+    def _target_connected(self, stream_id: int, host: str, port: int, target: TargetPipe) -> None:
+        self._dialing.pop(stream_id, None)
+        if self.mux is None or stream_id not in self.mux or self.closed:
+            assert target.transport is not None
+            target.transport.loseConnection()
+            return
+        self.mux.accept(stream_id)
+        stream = self.add_stream(stream_id, host, port)
+        other = Pipe()
+        stream.makeConnection(other)
+        splice(target, other)
+        self.flush()
+
+    def _target_failed(self, stream_id: int, host: str, port: int, failure: Failure) -> None:
+        self._dialing.pop(stream_id, None)
+        if self.mux is None or self.closed:
+            return
+        reason = classify(failure)
+        if reason is OpenFailReason.TIMEOUT and stream_id not in self.mux:
+            return  # cancelled because the server gave up on the stream
+        message = failure.getErrorMessage()
+        self.log.warn(
+            "cannot connect to {target} for {server}: {reason} ({message})",
+            target=f"{host}:{port}",
+            server=self.server,
+            reason=reason.name,
+            message=message,
+        )
+        self.mux.refuse(stream_id, reason, message)
+        self.flush()
+
+    def stream_refused(self, stream_id: int, event: OpenRefused) -> None:
+        # The server reset a stream we are still dialing: stop dialing.
+        d = self._dialing.pop(stream_id, None)
+        if d is not None:
+            d.cancel()
+
+    # Life cycle.
+
+    def tunnel_closed(self, reason: Failure) -> None:
+        for d in list(self._dialing.values()):
+            d.cancel()
+        self._dialing.clear()
+        if not self.registered.called:
+            self.log.warn(
+                "connection to {server} ended before registration: {reason}",
+                server=self.server,
+                reason=reason.getErrorMessage(),
+            )
+            self._fail_registration(ConnectionError(reason.getErrorMessage()))
+        else:
+            self.log.info("tunnel to {server} closed: {reason}", server=self.server, reason=reason.getErrorMessage())
+
+
+class AgentTunnelFactory(Factory):
+    noisy = False
+
+    def __init__(self, context: AgentContext, server: str) -> None:
+        self.context = context
+        self.server = server
+
+    def buildProtocol(self, addr: object) -> AgentTunnel:
+        return AgentTunnel(self.context, self.server)

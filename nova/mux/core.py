@@ -1,0 +1,397 @@
+"""
+The stream multiplexer's core: streams, windows and scheduling, no I/O.
+
+It follows protocol.md §5 and §6.  The adapter feeds it received frames and
+gets back events; it asks it for the next frame to write whenever the
+connection can take more.  Received DATA waits in the stream's inbox until the
+adapter I{takes} it (hands it to a local transport that is not pushing back);
+only then is credit returned to the peer.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+from nova.wire.errors import ErrorCode, FlowControlError, OpenFailReason, ProtocolError
+from nova.wire.frames import (
+    MAX_DATA_PAYLOAD,
+    MAX_STREAM_ID,
+    MAX_WINDOW,
+    Data,
+    Fin,
+    Frame,
+    GoAway,
+    Open,
+    OpenFail,
+    OpenOk,
+    Ping,
+    Pong,
+    Rst,
+    WindowUpdate,
+)
+
+
+class Role(enum.Enum):
+    SERVER = "server"  # opens streams
+    AGENT = "agent"  # accepts them
+
+
+# Events returned by Multiplexer.receive().
+
+
+@dataclass(frozen=True)
+class StreamRequested:
+    stream_id: int
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class OpenAccepted:
+    stream_id: int
+
+
+@dataclass(frozen=True)
+class OpenRefused:
+    stream_id: int
+    reason: OpenFailReason
+    message: str
+
+
+@dataclass(frozen=True)
+class DataAvailable:
+    stream_id: int
+
+
+@dataclass(frozen=True)
+class StreamEnded:
+    """The peer sent FIN; its direction ends once the inbox is taken."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True)
+class StreamReset:
+    stream_id: int
+    code: ErrorCode
+
+
+@dataclass(frozen=True)
+class WindowOpened:
+    stream_id: int
+
+
+@dataclass(frozen=True)
+class PongReceived:
+    opaque: bytes
+
+
+@dataclass(frozen=True)
+class GoAwayReceived:
+    code: ErrorCode
+    message: str
+
+
+Event = (
+    StreamRequested
+    | OpenAccepted
+    | OpenRefused
+    | DataAvailable
+    | StreamEnded
+    | StreamReset
+    | WindowOpened
+    | PongReceived
+    | GoAwayReceived
+)
+
+
+@dataclass
+class _Stream:
+    stream_id: int
+    send_window: int
+    recv_window: int
+    opened: bool = False
+    outbox: deque[bytes] = field(default_factory=deque)
+    outbox_bytes: int = 0
+    fin_wanted: bool = False
+    local_closed: bool = False
+    inbox: deque[bytes] = field(default_factory=deque)
+    inbox_bytes: int = 0
+    remote_closed: bool = False
+    unreturned: int = 0
+    scheduled: bool = False
+
+
+class Multiplexer:
+    """
+    One side of a tunnel's stream layer.
+
+    @param role: which side this is; only L{Role.SERVER} opens streams.
+    @param local_window: the initial window this side announced.
+    @param peer_window: the initial window the peer announced.
+    @param max_streams: the most streams open at once (the agent refuses
+        further OPENs with OVERLOADED).
+    """
+
+    def __init__(self, role: Role, local_window: int, peer_window: int, max_streams: int = 1024) -> None:
+        self.role = role
+        self.local_window = local_window
+        self.peer_window = peer_window
+        self.max_streams = max_streams
+        self._streams: dict[int, _Stream] = {}
+        self._highest_id = 0
+        self._control: deque[Frame] = deque()
+        self._ready: deque[int] = deque()
+
+    # Introspection.
+
+    def __contains__(self, stream_id: int) -> bool:
+        return stream_id in self._streams
+
+    @property
+    def stream_ids(self) -> list[int]:
+        return list(self._streams)
+
+    def outbox_bytes(self, stream_id: int) -> int:
+        """Bytes queued by the local side and not yet sent."""
+        s = self._streams.get(stream_id)
+        return s.outbox_bytes if s else 0
+
+    def inbox_bytes(self, stream_id: int) -> int:
+        """Bytes received and not yet taken."""
+        s = self._streams.get(stream_id)
+        return s.inbox_bytes if s else 0
+
+    def send_window(self, stream_id: int) -> int:
+        s = self._streams.get(stream_id)
+        return s.send_window if s else 0
+
+    def receive_window(self, stream_id: int) -> int:
+        s = self._streams.get(stream_id)
+        return s.recv_window if s else 0
+
+    # Local actions.
+
+    def open(self, host: str, port: int) -> int:
+        """Open a stream to C{host:port} through the agent (server only)."""
+        if self.role is not Role.SERVER:
+            raise RuntimeError("only the server opens streams")
+        if self._highest_id >= MAX_STREAM_ID:
+            raise RuntimeError("stream ids exhausted on this connection")
+        self._highest_id += 1
+        sid = self._highest_id
+        self._streams[sid] = _Stream(sid, self.peer_window, self.local_window)
+        self._control.append(Open(sid, host, port))
+        return sid
+
+    def accept(self, stream_id: int) -> None:
+        """Answer an OPEN with OPEN_OK (agent only)."""
+        s = self._streams[stream_id]
+        s.opened = True
+        self._control.append(OpenOk(stream_id))
+        self._schedule(s)
+
+    def refuse(self, stream_id: int, reason: OpenFailReason, message: str) -> None:
+        """Answer an OPEN with OPEN_FAIL (agent only)."""
+        if self._streams.pop(stream_id, None) is not None:
+            self._control.append(OpenFail(stream_id, reason, message[:1000]))
+
+    def send(self, stream_id: int, data: bytes) -> None:
+        """Queue C{data} on the stream; it is sent as the window allows."""
+        s = self._streams.get(stream_id)
+        if s is None or not data:
+            return
+        if s.fin_wanted or s.local_closed:
+            raise RuntimeError("write after the stream's write side was closed")
+        s.outbox.append(data)
+        s.outbox_bytes += len(data)
+        self._schedule(s)
+
+    def close_send(self, stream_id: int) -> None:
+        """Send FIN once everything queued has been sent."""
+        s = self._streams.get(stream_id)
+        if s is None or s.fin_wanted:
+            return
+        s.fin_wanted = True
+        self._schedule(s)
+
+    def reset(self, stream_id: int, code: ErrorCode) -> None:
+        """Abort the stream: send RST and forget it."""
+        if self._streams.pop(stream_id, None) is not None:
+            self._control.append(Rst(stream_id, code))
+
+    def take(self, stream_id: int) -> bytes | None:
+        """
+        Take the oldest chunk from the stream's inbox, or None if it is
+        empty.  Taking means the bytes were consumed, so their credit goes
+        back to the peer (protocol.md §5.3).
+        """
+        s = self._streams.get(stream_id)
+        if s is None or not s.inbox:
+            return None
+        chunk = s.inbox.popleft()
+        s.inbox_bytes -= len(chunk)
+        if not s.remote_closed:
+            s.unreturned += len(chunk)
+            if s.unreturned >= self.local_window // 2:
+                s.recv_window += s.unreturned
+                self._control.append(WindowUpdate(stream_id, s.unreturned))
+                s.unreturned = 0
+        self._forget_if_done(s)
+        return chunk
+
+    def ping(self, opaque: bytes) -> None:
+        self._control.append(Ping(opaque))
+
+    def goaway(self, code: ErrorCode, message: str) -> None:
+        self._control.append(GoAway(code, message[:1000]))
+
+    # Output.
+
+    def next_frame(self, data_allowed: bool = True) -> Frame | None:
+        """
+        The next frame to write, or None.  Control frames come first; DATA
+        (and the FIN that follows a stream's last DATA) is scheduled round
+        robin across the streams, one frame at a time, each within its
+        window.  With C{data_allowed} false only control frames are returned.
+        """
+        if self._control:
+            return self._control.popleft()
+        while data_allowed and self._ready:
+            sid = self._ready.popleft()
+            s = self._streams.get(sid)
+            if s is None:
+                continue
+            s.scheduled = False
+            frame = self._next_stream_frame(s)
+            if frame is not None:
+                if self._sendable(s):
+                    self._schedule(s)
+                return frame
+        return None
+
+    def _next_stream_frame(self, s: _Stream) -> Frame | None:
+        if not s.opened or s.local_closed:
+            return None
+        if s.outbox:
+            budget = min(s.send_window, MAX_DATA_PAYLOAD)
+            if budget <= 0:
+                return None
+            first = s.outbox[0]
+            if len(first) <= budget:
+                s.outbox.popleft()
+                chunk = first
+                # Coalesce small writes into one frame.
+                while s.outbox and len(chunk) + len(s.outbox[0]) <= budget:
+                    chunk += s.outbox.popleft()
+            else:
+                chunk = first[:budget]
+                s.outbox[0] = first[budget:]
+            s.outbox_bytes -= len(chunk)
+            s.send_window -= len(chunk)
+            return Data(s.stream_id, chunk)
+        if s.fin_wanted:
+            s.local_closed = True
+            self._forget_if_done(s)
+            return Fin(s.stream_id)
+        return None
+
+    def _sendable(self, s: _Stream) -> bool:
+        if not s.opened or s.local_closed:
+            return False
+        return bool(s.outbox and s.send_window > 0) or (not s.outbox and s.fin_wanted)
+
+    def _schedule(self, s: _Stream) -> None:
+        if not s.scheduled and self._sendable(s):
+            s.scheduled = True
+            self._ready.append(s.stream_id)
+
+    def _forget_if_done(self, s: _Stream) -> None:
+        if s.local_closed and s.remote_closed and not s.inbox:
+            self._streams.pop(s.stream_id, None)
+
+    # Input.
+
+    def receive(self, frame: Frame) -> list[Event]:
+        """
+        Process one frame from the peer.  Raises L{ProtocolError} for a
+        connection error; stream errors reset the stream and are reported as
+        L{StreamReset}.
+        """
+        if isinstance(frame, Ping):
+            self._control.append(Pong(frame.opaque))
+            return []
+        if isinstance(frame, Pong):
+            return [PongReceived(frame.opaque)]
+        if isinstance(frame, GoAway):
+            return [GoAwayReceived(frame.code, frame.message)]
+        if isinstance(frame, Open):
+            return self._receive_open(frame)
+        if isinstance(frame, (Data, WindowUpdate, Fin, Rst, OpenOk, OpenFail)):
+            return self._receive_stream_frame(frame)
+        raise ProtocolError(f"{frame.TYPE.name} is only valid during the handshake")
+
+    def _receive_open(self, frame: Open) -> list[Event]:
+        if self.role is not Role.AGENT:
+            raise ProtocolError("only the server may open streams")
+        if frame.stream_id <= self._highest_id:
+            raise ProtocolError(f"OPEN reuses stream id {frame.stream_id}")
+        self._highest_id = frame.stream_id
+        if len(self._streams) >= self.max_streams:
+            self._control.append(
+                OpenFail(frame.stream_id, OpenFailReason.OVERLOADED, f"{self.max_streams} streams already open")
+            )
+            return []
+        self._streams[frame.stream_id] = _Stream(frame.stream_id, self.peer_window, self.local_window)
+        return [StreamRequested(frame.stream_id, frame.host, frame.port)]
+
+    def _receive_stream_frame(self, frame: Data | WindowUpdate | Fin | Rst | OpenOk | OpenFail) -> list[Event]:
+        sid = frame.stream_id
+        if isinstance(frame, (OpenOk, OpenFail)) and self.role is not Role.SERVER:
+            raise ProtocolError(f"{frame.TYPE.name} sent by the server")
+        s = self._streams.get(sid)
+        if s is None:
+            if sid > self._highest_id:
+                raise ProtocolError(f"{frame.TYPE.name} for stream {sid}, which was never opened")
+            return []  # a closed stream: the frame crossed our RST or FIN
+        if isinstance(frame, Rst):
+            del self._streams[sid]
+            return [StreamReset(sid, frame.code)]
+        if isinstance(frame, OpenOk):
+            if s.opened:
+                raise ProtocolError(f"second OPEN_OK for stream {sid}")
+            s.opened = True
+            self._schedule(s)
+            return [OpenAccepted(sid)]
+        if isinstance(frame, OpenFail):
+            if s.opened:
+                raise ProtocolError(f"OPEN_FAIL for stream {sid}, which was already accepted")
+            del self._streams[sid]
+            return [OpenRefused(sid, frame.reason, frame.message)]
+        if not s.opened:
+            raise ProtocolError(f"{frame.TYPE.name} on stream {sid} before it was opened")
+        if isinstance(frame, WindowUpdate):
+            if s.send_window + frame.increment > MAX_WINDOW:
+                raise FlowControlError(f"window of stream {sid} would exceed {MAX_WINDOW}")
+            was_blocked = s.send_window <= 0
+            s.send_window += frame.increment
+            self._schedule(s)
+            return [WindowOpened(sid)] if was_blocked else []
+        if s.remote_closed:
+            # DATA or FIN after the peer's FIN: a stream error (§5.2).
+            del self._streams[sid]
+            self._control.append(Rst(sid, ErrorCode.STREAM_CLOSED))
+            return [StreamReset(sid, ErrorCode.STREAM_CLOSED)]
+        if isinstance(frame, Fin):
+            s.remote_closed = True
+            self._forget_if_done(s)
+            return [StreamEnded(sid)]
+        n = len(frame.data)
+        if n > s.recv_window:
+            raise FlowControlError(f"{n} bytes of DATA on stream {sid} with a window of {s.recv_window}")
+        s.recv_window -= n
+        s.inbox.append(frame.data)
+        s.inbox_bytes += n
+        return [DataAvailable(sid)]

@@ -1,0 +1,75 @@
+"""
+Join two transports (a stream and a TCP connection) into one relay.
+
+Bytes, half-closes, aborts and back-pressure all cross: each side's transport
+is registered as the producer of the other, so a slow reader on one end
+pauses the writer on the other.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol, ITransport
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+
+@implementer(IHalfCloseableProtocol)
+class Pipe(Protocol):
+    """
+    One end of a relay.  Two pipes are joined with L{splice} once both are
+    connected; until then a pipe's transport should be paused.
+    """
+
+    def __init__(self) -> None:
+        self.peer: Pipe | None = None
+        self.read_done = False
+        self.write_done = False
+        self.lost = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.write(data)
+
+    def readConnectionLost(self) -> None:
+        """Our side sent EOF: half-close the other side's write direction."""
+        self.read_done = True
+        peer = self.peer
+        if peer is not None and not peer.lost and peer.transport is not None:
+            peer.write_done = True
+            peer.transport.loseWriteConnection()  # type: ignore[attr-defined]
+            peer._close_if_done()
+        self._close_if_done()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def _close_if_done(self) -> None:
+        if self.read_done and self.write_done and not self.lost and self.transport is not None:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
+        self.lost = True
+        peer = self.peer
+        if peer is None or peer.lost or peer.transport is None:
+            return
+        if reason.check(ConnectionDone):
+            peer.transport.loseConnection()
+        else:
+            peer.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+def splice(a: Pipe, b: Pipe) -> None:
+    """
+    Join two connected pipes and start the flow: each transport becomes the
+    producer of the other, and both are resumed.
+    """
+    assert a.transport is not None and b.transport is not None
+    a.peer, b.peer = b, a
+    ta: ITransport = a.transport
+    tb: ITransport = b.transport
+    ta.registerProducer(tb, True)  # type: ignore[attr-defined]
+    tb.registerProducer(ta, True)  # type: ignore[attr-defined]
+    ta.resumeProducing()  # type: ignore[attr-defined]
+    tb.resumeProducing()  # type: ignore[attr-defined]

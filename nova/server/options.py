@@ -1,0 +1,94 @@
+"""
+C{twist novas} options: every setting is an option and an environment
+variable (see README.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nova.config import ConfigError, EnvOptions, Setting, parse_int, parse_port, parse_seconds, read_secret
+from nova.wire.frames import DEFAULT_INITIAL_WINDOW, MAX_WINDOW, MIN_INITIAL_WINDOW
+
+from .routes import Route, parse_route
+
+TOKEN = Setting("agent-token", "NOVAS_AGENT_TOKEN", None, "Shared secret agents prove (required).")
+
+SETTINGS = (
+    Setting("agent-port", "NOVAS_AGENT_PORT", "9022", "Port agents dial."),
+    Setting("agent-bind", "NOVAS_AGENT_BIND", "0.0.0.0", "Address the agent port listens on."),
+    TOKEN,
+    Setting("tls-cert", "NOVAS_TLS_CERT", None, "Server certificate (PEM, may include the chain)."),
+    Setting("tls-key", "NOVAS_TLS_KEY", None, "Server private key (PEM)."),
+    Setting("no-tls", "NOVAS_TLS", None, "Plaintext agent port (NOVAS_TLS=off); only for trusted networks.", flag=True),
+    Setting("state-dir", "NOVAS_STATE_DIR", "/var/lib/nova", "Directory for the generated certificate."),
+    Setting(
+        "route",
+        "NOVAS_ROUTES",
+        None,
+        "[BIND:]PORT:HOST:HOSTPORT[@SELECTOR], repeatable (env: ','-separated).",
+        repeat=True,
+    ),
+    Setting("window", "NOVAS_WINDOW", str(DEFAULT_INITIAL_WINDOW), "Per-stream receive window in bytes."),
+    Setting("handshake-timeout", "NOVAS_HANDSHAKE_TIMEOUT", "10", "Seconds an agent has to register."),
+    Setting("open-timeout", "NOVAS_OPEN_TIMEOUT", "30", "Seconds to wait for an agent to open a stream."),
+)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    agent_port: int
+    agent_bind: str
+    token: bytes
+    tls: bool
+    tls_cert: Path | None
+    tls_key: Path | None
+    state_dir: Path
+    routes: tuple[Route, ...]
+    window: int
+    handshake_timeout: float
+    open_timeout: float
+
+    def __repr__(self) -> str:
+        # Never show the token.
+        return f"<ServerConfig agent port {self.agent_port}, {len(self.routes)} routes, tls={self.tls}>"
+
+
+def build_config(v: dict[str, Any]) -> ServerConfig:
+    cert, key = v["tls-cert"], v["tls-key"]
+    if bool(cert) != bool(key):
+        raise ConfigError("--tls-cert and --tls-key (NOVAS_TLS_CERT, NOVAS_TLS_KEY) go together")
+    if v["no-tls"] and cert:
+        raise ConfigError("--no-tls / NOVAS_TLS=off contradicts --tls-cert")
+    routes = tuple(parse_route(r) for r in v["route"])
+    seen: dict[tuple[str, int], Route] = {}
+    for r in routes:
+        if r.port and (r.bind, r.port) in seen:
+            raise ConfigError(f"routes {seen[(r.bind, r.port)]} and {r} listen on the same port")
+        seen[(r.bind, r.port)] = r
+    return ServerConfig(
+        agent_port=parse_port(v["agent-port"], "--agent-port / NOVAS_AGENT_PORT", allow_zero=True),
+        agent_bind=v["agent-bind"],
+        token=read_secret(v["agent-token"], TOKEN),
+        tls=not v["no-tls"],
+        tls_cert=Path(cert) if cert else None,
+        tls_key=Path(key) if key else None,
+        state_dir=Path(v["state-dir"]),
+        routes=routes,
+        window=parse_int(v["window"], "--window / NOVAS_WINDOW", MIN_INITIAL_WINDOW, MAX_WINDOW),
+        handshake_timeout=parse_seconds(v["handshake-timeout"], "--handshake-timeout / NOVAS_HANDSHAKE_TIMEOUT"),
+        open_timeout=parse_seconds(v["open-timeout"], "--open-timeout / NOVAS_OPEN_TIMEOUT"),
+    )
+
+
+class Options(EnvOptions):
+    """twist novas [options]: the NOVA tunnel server."""
+
+    command = "novas"
+    settings = SETTINGS
+    config: ServerConfig
+
+    def build(self, values: dict[str, Any]) -> ServerConfig:
+        return build_config(values)

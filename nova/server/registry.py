@@ -1,0 +1,60 @@
+"""
+The registered tunnels, by agent name, and the choice of one for a stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+from twisted.logger import Logger
+
+from .routes import Selector
+
+
+class Registered(Protocol):
+    name: str
+    tags: dict[str, str]
+    draining: bool
+
+    def replaced(self) -> None: ...
+
+
+class Registry:
+    log = Logger()
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, Registered] = {}
+        self._turn = 0
+
+    def __iter__(self) -> Iterator[Registered]:
+        return iter(list(self._by_name.values()))
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def get(self, name: str) -> Registered | None:
+        return self._by_name.get(name)
+
+    def register(self, tunnel: Registered) -> None:
+        """
+        Add C{tunnel}.  An older tunnel under the same name is replaced at
+        once: the newest registration is the agent that is really there.
+        """
+        old = self._by_name.get(tunnel.name)
+        self._by_name[tunnel.name] = tunnel
+        if old is not None and old is not tunnel:
+            self.log.info("agent {name} registered again; closing its previous tunnel", name=tunnel.name)
+            old.replaced()
+
+    def unregister(self, tunnel: Registered) -> None:
+        if self._by_name.get(tunnel.name) is tunnel:
+            del self._by_name[tunnel.name]
+
+    def choose(self, selector: Selector) -> Registered | None:
+        """A matching agent that takes new streams, round robin."""
+        candidates = [t for t in self._by_name.values() if not t.draining and selector.matches(t.name, t.tags)]
+        if not candidates:
+            return None
+        self._turn += 1
+        return candidates[self._turn % len(candidates)]

@@ -1,0 +1,115 @@
+"""
+C{twist novas}: build the server's service tree from its options.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.application.service import IService, MultiService
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IReactorCore, IStreamServerEndpoint
+from twisted.logger import Logger
+
+from nova.service import ListenerService
+from nova.tls import TLSConfigError, ensure_server_certificate, server_options
+
+from .listener import RouteFactory
+from .options import Options, ServerConfig
+from .tunnel import ServerContext, ServerTunnelFactory
+
+log = Logger()
+
+
+class NovasService(MultiService):
+    """The agent listener and one listener per route."""
+
+    def __init__(self, config: ServerConfig, reactor: IReactorCore) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.config = config
+        self.context = ServerContext(
+            token=config.token,
+            tls=config.tls,
+            clock=reactor,  # type: ignore[arg-type]
+            window=config.window,
+            handshake_timeout=config.handshake_timeout,
+            server_id=socket.gethostname(),
+        )
+        self._fingerprint_note: str | None = None
+        self.agent_listener = ListenerService(
+            f"agents on port {config.agent_port}", self._agent_endpoint(reactor), ServerTunnelFactory(self.context)
+        )
+        self.agent_listener.setServiceParent(self)  # type: ignore[no-untyped-call]
+        self.route_listeners: list[ListenerService] = []
+        for route in config.routes:
+            listener = ListenerService(
+                f"route {route}",
+                _tcp_endpoint(reactor, route.bind, route.port),
+                RouteFactory(route, self.context.registry, reactor, config.open_timeout),  # type: ignore[arg-type]
+            )
+            listener.setServiceParent(self)  # type: ignore[no-untyped-call]
+            self.route_listeners.append(listener)
+
+    def _agent_endpoint(self, reactor: IReactorCore) -> IStreamServerEndpoint:
+        c = self.config
+        if not c.tls:
+            return _tcp_endpoint(reactor, c.agent_bind, c.agent_port)
+        try:
+            if c.tls_cert is not None and c.tls_key is not None:
+                options = server_options(c.tls_cert, c.tls_key)
+                self._fingerprint_note = None
+            else:
+                made = ensure_server_certificate(c.state_dir)
+                options = server_options(made.cert_path, made.key_path)
+                self._fingerprint_note = (
+                    f"{'generated' if made.generated else 'using'} self-signed certificate {made.cert_path};"
+                    f" pin it on agents with NOVAC_TLS_FINGERPRINT={made.fingerprint}"
+                    f" (or --server-fingerprint {made.fingerprint})"
+                )
+        except TLSConfigError as e:
+            raise SystemExit(f"novas: error: {e}") from None
+        endpoint: IStreamServerEndpoint = SSL4ServerEndpoint(
+            reactor,
+            c.agent_port,
+            options,
+            interface=c.agent_bind,  # type: ignore[arg-type]
+        )
+        return endpoint
+
+    @property
+    def agent_port(self) -> int:
+        """The agent port actually listened on (useful with port 0)."""
+        port = self.agent_listener.port
+        return port.getHost().port if port is not None else self.config.agent_port  # type: ignore[attr-defined]
+
+    def startService(self) -> None:
+        c = self.config
+        if not c.tls:
+            log.warn("TLS is OFF on the agent port (--no-tls): tunnel traffic is readable on the network")
+        if self._fingerprint_note:
+            log.info("{note}", note=self._fingerprint_note)
+        super().startService()  # type: ignore[no-untyped-call]
+        log.info(
+            "NOVAS listening for agents on {bind}:{port} ({tls}); {n} route(s)",
+            bind=c.agent_bind,
+            port=self.agent_port,
+            tls="TLS" if c.tls else "plaintext",
+            n=len(c.routes),
+        )
+        for listener in self.route_listeners:
+            log.info("route {route} listening", route=listener.what.removeprefix("route "))
+
+
+def _tcp_endpoint(reactor: IReactorCore, bind: str, port: int) -> IStreamServerEndpoint:
+    endpoint: IStreamServerEndpoint
+    if ":" in bind:
+        endpoint = TCP6ServerEndpoint(reactor, port, interface=bind)  # type: ignore[arg-type]
+    else:
+        endpoint = TCP4ServerEndpoint(reactor, port, interface=bind)  # type: ignore[arg-type]
+    return endpoint
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    return NovasService(options.config, reactor)  # type: ignore[arg-type]

@@ -1,0 +1,6 @@
+"""
+The NOVA wire protocol, version 1, as specified in ``docs/protocol.md``.
+
+Everything in this package is pure: bytes in, frames out; frames in, bytes
+out.  Nothing here imports Twisted or touches a socket or a clock.
+"""

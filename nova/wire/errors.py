@@ -1,0 +1,95 @@
+"""
+Error and reason codes (protocol.md §3) and the typed errors that carry them.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ErrorCode(IntEnum):
+    """Codes used in REJECT, RST and GOAWAY."""
+
+    NO_ERROR = 0
+    PROTOCOL_ERROR = 1
+    FRAME_TOO_LARGE = 2
+    FLOW_CONTROL_ERROR = 3
+    STREAM_CLOSED = 4
+    UNSUPPORTED_VERSION = 5
+    AUTH_FAILED = 6
+    HANDSHAKE_TIMEOUT = 7
+    INTERNAL_ERROR = 8
+    CANCEL = 9
+    BAD_NAME = 10
+    REPLACED = 11
+    SHUTDOWN = 12
+    TOO_MANY_STREAMS = 13
+
+    @classmethod
+    def lenient(cls, value: int) -> ErrorCode:
+        """An unknown code received from a peer maps to INTERNAL_ERROR."""
+        try:
+            return cls(value)
+        except ValueError:
+            return cls.INTERNAL_ERROR
+
+
+class OpenFailReason(IntEnum):
+    """Reasons carried by OPEN_FAIL."""
+
+    REFUSED = 1
+    DNS_FAILURE = 2
+    TIMEOUT = 3
+    DENIED = 4
+    UNREACHABLE = 5
+    OVERLOADED = 6
+    OTHER = 7
+
+    @classmethod
+    def lenient(cls, value: int) -> OpenFailReason:
+        """An unknown reason received from a peer maps to OTHER."""
+        try:
+            return cls(value)
+        except ValueError:
+            return cls.OTHER
+
+
+class ProtocolError(Exception):
+    """
+    The peer broke the protocol.  A connection error: the connection is
+    ended with GOAWAY (or REJECT during the handshake) carrying C{code}.
+    """
+
+    code: ErrorCode = ErrorCode.PROTOCOL_ERROR
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+
+class FrameTooLarge(ProtocolError):
+    code = ErrorCode.FRAME_TOO_LARGE
+
+
+class FlowControlError(ProtocolError):
+    code = ErrorCode.FLOW_CONTROL_ERROR
+
+
+class UnsupportedVersion(ProtocolError):
+    code = ErrorCode.UNSUPPORTED_VERSION
+
+
+class StreamError(Exception):
+    """
+    A stream-level error: only stream C{stream_id} is reset (RST C{code});
+    the connection carries on.
+    """
+
+    def __init__(self, stream_id: int, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.stream_id = stream_id
+        self.code = code
+        self.message = message

@@ -1,0 +1,426 @@
+"""
+Frame types and their payload layouts (protocol.md §1, §2, §5.4).
+
+Each frame is an immutable value.  L{encode} turns one into a list of byte
+strings (the header, then the payload pieces) meant for C{writeSequence}, so a
+DATA payload is never copied; L{parse_payload} turns a validated header and its
+payload back into a frame.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import ClassVar
+
+from .errors import ErrorCode, FrameTooLarge, OpenFailReason, ProtocolError, UnsupportedVersion
+
+VERSION = 1
+HEADER = struct.Struct(">BBBBII")
+HEADER_SIZE = HEADER.size  # 12
+
+MAX_DATA_PAYLOAD = 65_536
+MAX_CONTROL_PAYLOAD = 4_096
+MAX_WINDOW = 2**31 - 1
+MIN_INITIAL_WINDOW = 16_384
+DEFAULT_INITIAL_WINDOW = 262_144
+NONCE_SIZE = 32
+MAC_SIZE = 32
+PING_SIZE = 8
+MAX_STREAM_ID = 2**32 - 1
+
+
+class FrameType(IntEnum):
+    HELLO = 0x01
+    AUTH = 0x02
+    WELCOME = 0x03
+    REJECT = 0x04
+    OPEN = 0x10
+    OPEN_OK = 0x11
+    OPEN_FAIL = 0x12
+    DATA = 0x20
+    WINDOW_UPDATE = 0x21
+    FIN = 0x22
+    RST = 0x23
+    PING = 0x30
+    PONG = 0x31
+    GOAWAY = 0x32
+
+
+CONNECTION_TYPES = frozenset(
+    {
+        FrameType.HELLO,
+        FrameType.AUTH,
+        FrameType.WELCOME,
+        FrameType.REJECT,
+        FrameType.PING,
+        FrameType.PONG,
+        FrameType.GOAWAY,
+    }
+)
+
+
+def max_payload(frame_type: FrameType) -> int:
+    """The largest payload a frame of this type may carry."""
+    return MAX_DATA_PAYLOAD if frame_type is FrameType.DATA else MAX_CONTROL_PAYLOAD
+
+
+class _Reader:
+    """Reads fields off a payload; any shortfall is a PROTOCOL_ERROR."""
+
+    def __init__(self, what: str, payload: bytes) -> None:
+        self._what = what
+        self._data = payload
+        self._pos = 0
+
+    def _take(self, n: int) -> bytes:
+        end = self._pos + n
+        if end > len(self._data):
+            raise ProtocolError(f"{self._what} payload is truncated")
+        chunk = self._data[self._pos : end]
+        self._pos = end
+        return chunk
+
+    def u16(self) -> int:
+        value: int = struct.unpack(">H", self._take(2))[0]
+        return value
+
+    def u32(self) -> int:
+        value: int = struct.unpack(">I", self._take(4))[0]
+        return value
+
+    def raw(self, n: int) -> bytes:
+        return self._take(n)
+
+    def string(self) -> str:
+        raw = self._take(self.u16())
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError(f"{self._what} carries a string that is not UTF-8") from None
+
+    def end(self) -> None:
+        if self._pos != len(self._data):
+            raise ProtocolError(f"{self._what} payload has {len(self._data) - self._pos} bytes left over")
+
+
+def _string(value: str) -> bytes:
+    raw = value.encode("utf-8")
+    if len(raw) > 0xFFFF:
+        raise ValueError("string field longer than 65535 bytes")
+    return struct.pack(">H", len(raw)) + raw
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    TYPE: ClassVar[FrameType] = FrameType.HELLO
+    nonce: bytes
+    stream_id: int = 0
+
+    def payload(self) -> list[bytes]:
+        return [self.nonce]
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> Hello:
+        r = _Reader("HELLO", payload)
+        nonce = r.raw(NONCE_SIZE)
+        r.end()
+        return cls(nonce)
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    TYPE: ClassVar[FrameType] = FrameType.AUTH
+    mac: bytes
+    initial_window: int
+    name: str
+    tags: tuple[tuple[str, str], ...] = ()
+    stream_id: int = 0
+
+    def body(self) -> bytes:
+        """The payload after the MAC: what the MAC covers (protocol.md §4)."""
+        parts = [struct.pack(">I", self.initial_window), _string(self.name)]
+        parts.append(struct.pack(">H", len(self.tags)))
+        for key, value in self.tags:
+            parts.append(_string(key))
+            parts.append(_string(value))
+        return b"".join(parts)
+
+    def payload(self) -> list[bytes]:
+        return [self.mac, self.body()]
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> Auth:
+        r = _Reader("AUTH", payload)
+        mac = r.raw(MAC_SIZE)
+        window = r.u32()
+        name = r.string()
+        tags = tuple((r.string(), r.string()) for _ in range(r.u16()))
+        r.end()
+        return cls(mac, window, name, tags)
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    TYPE: ClassVar[FrameType] = FrameType.WELCOME
+    initial_window: int
+    keepalive_ms: int
+    server_id: str
+    stream_id: int = 0
+
+    def payload(self) -> list[bytes]:
+        return [struct.pack(">II", self.initial_window, self.keepalive_ms), _string(self.server_id)]
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> Welcome:
+        r = _Reader("WELCOME", payload)
+        window, keepalive = r.u32(), r.u32()
+        server_id = r.string()
+        r.end()
+        return cls(window, keepalive, server_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    TYPE: ClassVar[FrameType] = FrameType.REJECT
+    code: ErrorCode
+    message: str
+    stream_id: int = 0
+
+    def payload(self) -> list[bytes]:
+        return [struct.pack(">H", self.code), _string(self.message)]
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> Reject:
+        r = _Reader("REJECT", payload)
+        code = ErrorCode.lenient(r.u16())
+        message = r.string()
+        r.end()
+        return cls(code, message)
+
+
+@dataclass(frozen=True, slots=True)
+class Open:
+    TYPE: ClassVar[FrameType] = FrameType.OPEN
+    stream_id: int
+    host: str
+    port: int
+
+    def payload(self) -> list[bytes]:
+        return [struct.pack(">H", self.port), _string(self.host)]
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> Open:
+        r = _Reader("OPEN", payload)
+        port = r.u16()
+        host = r.string()
+        r.end()
+        if not host or port == 0:
+            raise ProtocolError("OPEN needs a host and a non-zero port")
+        return cls(stream_id, host, port)
+
+
+@dataclass(frozen=True, slots=True)
+class OpenOk:
+    TYPE: ClassVar[FrameType] = FrameType.OPEN_OK
+    stream_id: int
+
+    def payload(self) -> list[bytes]:
+        return []
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> OpenOk:
+        _Reader("OPEN_OK", payload).end()
+        return cls(stream_id)
+
+
+@dataclass(frozen=True, slots=True)
+class OpenFail:
+    TYPE: ClassVar[FrameType] = FrameType.OPEN_FAIL
+    stream_id: int
+    reason: OpenFailReason
+    message: str
+
+    def payload(self) -> list[bytes]:
+        return [struct.pack(">H", self.reason), _string(self.message)]
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> OpenFail:
+        r = _Reader("OPEN_FAIL", payload)
+        reason = OpenFailReason.lenient(r.u16())
+        message = r.string()
+        r.end()
+        return cls(stream_id, reason, message)
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    TYPE: ClassVar[FrameType] = FrameType.DATA
+    stream_id: int
+    data: bytes
+
+    def payload(self) -> list[bytes]:
+        return [self.data]
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> Data:
+        if not payload:
+            raise ProtocolError("empty DATA frame")
+        return cls(stream_id, payload)
+
+
+@dataclass(frozen=True, slots=True)
+class WindowUpdate:
+    TYPE: ClassVar[FrameType] = FrameType.WINDOW_UPDATE
+    stream_id: int
+    increment: int
+
+    def payload(self) -> list[bytes]:
+        return [struct.pack(">I", self.increment)]
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> WindowUpdate:
+        r = _Reader("WINDOW_UPDATE", payload)
+        increment = r.u32()
+        r.end()
+        if not 1 <= increment <= MAX_WINDOW:
+            raise ProtocolError(f"WINDOW_UPDATE increment {increment} out of range")
+        return cls(stream_id, increment)
+
+
+@dataclass(frozen=True, slots=True)
+class Fin:
+    TYPE: ClassVar[FrameType] = FrameType.FIN
+    stream_id: int
+
+    def payload(self) -> list[bytes]:
+        return []
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> Fin:
+        _Reader("FIN", payload).end()
+        return cls(stream_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Rst:
+    TYPE: ClassVar[FrameType] = FrameType.RST
+    stream_id: int
+    code: ErrorCode
+
+    def payload(self) -> list[bytes]:
+        return [struct.pack(">H", self.code)]
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> Rst:
+        r = _Reader("RST", payload)
+        code = ErrorCode.lenient(r.u16())
+        r.end()
+        return cls(stream_id, code)
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    TYPE: ClassVar[FrameType] = FrameType.PING
+    opaque: bytes
+    stream_id: int = 0
+
+    def payload(self) -> list[bytes]:
+        return [self.opaque]
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> Ping:
+        r = _Reader("PING", payload)
+        opaque = r.raw(PING_SIZE)
+        r.end()
+        return cls(opaque)
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    TYPE: ClassVar[FrameType] = FrameType.PONG
+    opaque: bytes
+    stream_id: int = 0
+
+    def payload(self) -> list[bytes]:
+        return [self.opaque]
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> Pong:
+        r = _Reader("PONG", payload)
+        opaque = r.raw(PING_SIZE)
+        r.end()
+        return cls(opaque)
+
+
+@dataclass(frozen=True, slots=True)
+class GoAway:
+    TYPE: ClassVar[FrameType] = FrameType.GOAWAY
+    code: ErrorCode
+    message: str
+    stream_id: int = 0
+
+    def payload(self) -> list[bytes]:
+        return [struct.pack(">H", self.code), _string(self.message)]
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> GoAway:
+        r = _Reader("GOAWAY", payload)
+        code = ErrorCode.lenient(r.u16())
+        message = r.string()
+        r.end()
+        return cls(code, message)
+
+
+Frame = (
+    Hello | Auth | Welcome | Reject | Open | OpenOk | OpenFail | Data | WindowUpdate | Fin | Rst | Ping | Pong | GoAway
+)
+
+_PARSERS: dict[FrameType, type[Frame]] = {
+    cls.TYPE: cls
+    for cls in (Hello, Auth, Welcome, Reject, Open, OpenOk, OpenFail, Data, WindowUpdate, Fin, Rst, Ping, Pong, GoAway)
+}
+
+
+def check_header(version: int, type_byte: int, stream_id: int, length: int) -> FrameType:
+    """
+    Validate a frame header before any of its payload is buffered
+    (protocol.md §1).  Returns the frame type or raises L{ProtocolError}.
+    """
+    if version != VERSION:
+        raise UnsupportedVersion(f"protocol version {version} is not supported (this side speaks {VERSION})")
+    try:
+        frame_type = FrameType(type_byte)
+    except ValueError:
+        raise ProtocolError(f"unknown frame type 0x{type_byte:02x}") from None
+    if frame_type in CONNECTION_TYPES:
+        if stream_id != 0:
+            raise ProtocolError(f"{frame_type.name} must be sent on stream 0, not {stream_id}")
+    elif stream_id == 0:
+        raise ProtocolError(f"{frame_type.name} needs a stream id")
+    limit = max_payload(frame_type)
+    if length > limit:
+        raise FrameTooLarge(f"{frame_type.name} payload of {length} bytes exceeds the limit of {limit}")
+    return frame_type
+
+
+def parse_payload(frame_type: FrameType, stream_id: int, payload: bytes) -> Frame:
+    """Build the frame for a header already passed by L{check_header}."""
+    return _PARSERS[frame_type].parse(stream_id, payload)
+
+
+def encode(frame: Frame) -> list[bytes]:
+    """
+    Encode C{frame} as C{[header, *payload]}, for C{writeSequence}.
+
+    Raises C{ValueError} for a frame this side must never send (one that the
+    receiver would reject by §1's checks).
+    """
+    parts = frame.payload()
+    length = sum(len(p) for p in parts)
+    if length > max_payload(frame.TYPE):
+        raise ValueError(f"{frame.TYPE.name} payload of {length} bytes is over the limit")
+    if (frame.TYPE in CONNECTION_TYPES) != (frame.stream_id == 0):
+        raise ValueError(f"{frame.TYPE.name} with stream id {frame.stream_id}")
+    return [HEADER.pack(VERSION, frame.TYPE, 0, 0, frame.stream_id, length), *parts]

@@ -1,0 +1,79 @@
+"""
+The registration handshake's cryptography and validation (protocol.md §4).
+
+The agent proves it knows the shared token without sending it: it MACs the
+server's fresh nonce, the TLS channel binding and the rest of its AUTH frame.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+
+from .frames import MAC_SIZE, MAX_WINDOW, MIN_INITIAL_WINDOW, NONCE_SIZE, Auth
+
+EXPORTER_LABEL = b"EXPORTER-nova-channel-binding"
+BINDING_SIZE = 32
+_CONTEXT = b"nova-auth-v1\x00"
+
+MAX_TAGS = 32
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,62}")
+_TAG_KEY = re.compile(r"[A-Za-z0-9._/-]{1,63}")
+_TAG_VALUE_FORBIDDEN = re.compile(r"[;=,\x00-\x1f\x7f]")
+
+
+def new_nonce() -> bytes:
+    return os.urandom(NONCE_SIZE)
+
+
+def auth_mac(token: bytes, nonce: bytes, binding: bytes, body: bytes) -> bytes:
+    return hmac.new(token, _CONTEXT + nonce + binding + body, hashlib.sha256).digest()
+
+
+def make_auth(
+    token: bytes,
+    nonce: bytes,
+    binding: bytes,
+    name: str,
+    tags: tuple[tuple[str, str], ...],
+    initial_window: int,
+) -> Auth:
+    unsigned = Auth(b"\x00" * MAC_SIZE, initial_window, name, tags)
+    return Auth(auth_mac(token, nonce, binding, unsigned.body()), initial_window, name, tags)
+
+
+def verify_auth(token: bytes, nonce: bytes, binding: bytes, auth: Auth) -> bool:
+    """Constant-time check of an AUTH frame's MAC."""
+    expected = auth_mac(token, nonce, binding, auth.body())
+    return hmac.compare_digest(expected, auth.mac)
+
+
+def name_problem(name: str) -> str | None:
+    """Why C{name} is not a valid agent name, or None if it is."""
+    if len(name.encode("utf-8")) > 63 or not _NAME.fullmatch(name):
+        return "agent name must be 1-63 characters of A-Z a-z 0-9 . _ - and not start with . or -"
+    return None
+
+
+def tags_problem(tags: tuple[tuple[str, str], ...]) -> str | None:
+    """Why C{tags} are not acceptable, or None if they are."""
+    if len(tags) > MAX_TAGS:
+        return f"at most {MAX_TAGS} tags are allowed"
+    seen: set[str] = set()
+    for key, value in tags:
+        if not _TAG_KEY.fullmatch(key):
+            return f"tag key {key!r} must be 1-63 characters of A-Z a-z 0-9 . _ / -"
+        if key in seen:
+            return f"tag key {key!r} is given twice"
+        seen.add(key)
+        if len(value.encode("utf-8")) > 255 or _TAG_VALUE_FORBIDDEN.search(value):
+            return f"tag {key!r} has a value that is too long or contains ; = , or control characters"
+    return None
+
+
+def window_problem(window: int) -> str | None:
+    if not MIN_INITIAL_WINDOW <= window <= MAX_WINDOW:
+        return f"initial window must be between {MIN_INITIAL_WINDOW} and {MAX_WINDOW}"
+    return None
