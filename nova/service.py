@@ -19,7 +19,8 @@ class ListenerService(Service):
     (port in use, bad address) ends the program with one clear line.
     """
 
-    def __init__(self, what: str, endpoint: IStreamServerEndpoint, factory: Factory) -> None:
+    def __init__(self, command: str, what: str, endpoint: IStreamServerEndpoint, factory: Factory) -> None:
+        self.command = command
         self.what = what
         self.endpoint = endpoint
         self.factory = factory
@@ -31,7 +32,7 @@ class ListenerService(Service):
         d = self.endpoint.listen(self.factory)
         d.addCallbacks(self._listening, failure.append)
         if failure:
-            raise SystemExit(f"cannot listen for {self.what}: {failure[0].getErrorMessage()}")
+            raise SystemExit(f"{self.command}: error: cannot listen for {self.what}: {failure[0].getErrorMessage()}")
 
     def _listening(self, port: IListeningPort) -> None:
         self.port = port

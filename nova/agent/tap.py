@@ -77,6 +77,14 @@ class NovacService(MultiService):
         )
         super().startService()  # type: ignore[no-untyped-call]
 
+    def stopService(self) -> Deferred[None]:
+        # Close the tunnels ourselves: ClientService's own loseConnection
+        # would wait on the TLS transport's registered producer.
+        for tunnel in list(self.context.tunnels):
+            tunnel.close()
+        d: Deferred[None] = super().stopService()  # type: ignore[no-untyped-call]
+        return d
+
 
 class _OneShot(Factory):
     """Hands out one given protocol (like connectProtocol's, but quiet)."""

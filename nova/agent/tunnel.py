@@ -6,7 +6,7 @@ each stream NOVAS opens to its target.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from twisted.internet import error
 from twisted.internet.defer import CancelledError, Deferred
@@ -45,6 +45,7 @@ class AgentContext:
     window: int = 262_144
     handshake_timeout: float = 10.0
     max_streams: int = 1024
+    tunnels: set[AgentTunnel] = field(default_factory=set)
 
 
 def classify(failure: Failure) -> OpenFailReason:
@@ -82,6 +83,9 @@ class AgentTunnel(TunnelProtocol):
     @property
     def peer_label(self) -> str:
         return self.server
+
+    def handshake_started(self) -> None:
+        self.context.tunnels.add(self)
 
     # Handshake.
 
@@ -181,6 +185,7 @@ class AgentTunnel(TunnelProtocol):
     # Life cycle.
 
     def tunnel_closed(self, reason: Failure) -> None:
+        self.context.tunnels.discard(self)
         for d in list(self._dialing.values()):
             d.cancel()
         self._dialing.clear()

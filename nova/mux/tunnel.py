@@ -167,8 +167,11 @@ class TunnelProtocol(Protocol):
         self.close()
 
     def close(self) -> None:
+        """Close the connection after what is already written."""
         if self.transport is not None and not self.closed:
             self.closed = True
+            # A TLS transport does not shut down while a producer is registered.
+            self.transport.unregisterProducer()  # type: ignore[attr-defined]
             self.transport.loseConnection()
 
     def add_stream(self, stream_id: int, host: str, port: int) -> StreamTransport:

@@ -37,12 +37,16 @@ class NovasService(MultiService):
         )
         self._fingerprint_note: str | None = None
         self.agent_listener = ListenerService(
-            f"agents on port {config.agent_port}", self._agent_endpoint(reactor), ServerTunnelFactory(self.context)
+            "novas",
+            f"agents on port {config.agent_port}",
+            self._agent_endpoint(reactor),
+            ServerTunnelFactory(self.context),
         )
         self.agent_listener.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.route_listeners: list[ListenerService] = []
         for route in config.routes:
             listener = ListenerService(
+                "novas",
                 f"route {route}",
                 _tcp_endpoint(reactor, route.bind, route.port),
                 RouteFactory(route, self.context.registry, reactor, config.open_timeout),  # type: ignore[arg-type]

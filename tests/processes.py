@@ -1,0 +1,154 @@
+"""
+Real NOVAS and NOVAC processes on loopback, and small target servers, for
+integration tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+TOKEN = "integration-test-token-5d1c"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for(predicate: object, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Proc:
+    """A twist plugin in a subprocess, logging as text to a file."""
+
+    def __init__(self, plugin: str, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log_path = log
+        self._log = open(log, "wb")  # noqa: SIM115
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("NOVAS_", "NOVAC_"))}
+        full_env.update(env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "twisted", "--log-format=text", plugin, *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+        )
+
+    def text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, needle: str, timeout: float = 20.0) -> None:
+        def found() -> bool:
+            if self.proc.poll() is not None and needle not in self.text():
+                raise AssertionError(f"process exited ({self.proc.returncode}):\n{self.text()}")
+            return needle in self.text()
+
+        wait_for(found, timeout, f"{needle!r} in {self.log_path.name}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@contextmanager
+def novas(tmp: Path, routes: list[str], env: dict[str, str] | None = None) -> Iterator[tuple[Proc, int]]:
+    port = free_port()
+    e = {"NOVAS_AGENT_TOKEN": TOKEN, "NOVAS_AGENT_PORT": str(port), "NOVAS_STATE_DIR": str(tmp / "state")}
+    e.update(env or {})
+    args: list[str] = []
+    for r in routes:
+        args += ["--route", r]
+    p = Proc("novas", args, e, tmp / f"novas-{port}.log")
+    try:
+        p.wait_log("NOVAS listening")
+        yield p, port
+    finally:
+        p.stop()
+
+
+def fingerprint(server: Proc) -> str:
+    for word in server.text().split():
+        if word.startswith("NOVAC_TLS_FINGERPRINT="):
+            return word.split("=", 1)[1]
+    raise AssertionError("NOVAS did not log its fingerprint")
+
+
+@contextmanager
+def novac(tmp: Path, env: dict[str, str], name: str = "agent-1") -> Iterator[Proc]:
+    e = {"NOVAC_TOKEN": TOKEN, "NOVAC_NAME": name}
+    e.update(env)
+    p = Proc("novac", [], e, tmp / f"novac-{name}.log")
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+
+
+class _DigestAfterEof(socketserver.BaseRequestHandler):
+    """Reads until the client half-closes, then answers with the digest."""
+
+    def handle(self) -> None:
+        h, n = hashlib.sha256(), 0
+        while data := self.request.recv(65536):
+            h.update(data)
+            n += len(data)
+        self.request.sendall(f"{n} {h.hexdigest()}\n".encode())
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+@contextmanager
+def target(kind: str = "echo") -> Iterator[int]:
+    handler = {"echo": _Echo, "digest": _DigestAfterEof}[kind]
+    server = _Server(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def echo_roundtrip(port: int, payload: bytes, timeout: float = 60.0) -> bytes:
+    """Send C{payload} while reading the echo; return what came back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        sender = threading.Thread(target=lambda: (s.sendall(payload), s.shutdown(socket.SHUT_WR)))
+        sender.start()
+        chunks = []
+        while data := s.recv(1 << 20):
+            chunks.append(data)
+        sender.join()
+        return b"".join(chunks)

@@ -1,0 +1,375 @@
+"""
+The tunnel end to end in memory: TLS with a throwaway CA, the registration
+handshake, and streams to fake targets, all driven by iosim and a Clock.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import error
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from nova.agent.tunnel import AgentContext, AgentTunnel, AgentTunnelFactory, Rejected
+from nova.server.tunnel import OpenFailed, ServerContext, ServerTunnel, ServerTunnelFactory
+from nova.tls import certificate_fingerprint, client_creator, parse_fingerprint, server_options
+from nova.wire.codec import FrameDecoder
+from nova.wire.errors import ErrorCode, OpenFailReason
+from nova.wire.frames import Hello, Reject, encode
+from nova.wire.handshake import make_auth
+
+from .pki import CA
+
+TOKEN = b"correct horse battery staple"
+
+
+class TargetTransport(StringTransport):
+    """A target connection that records half-closes and aborts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.write_closed = False
+        self.aborted = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+
+
+@implementer(IHalfCloseableProtocol)
+class Recorder(Protocol):
+    """A protocol on a stream that keeps what it saw."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.read_closed = False
+        self.write_closed = False
+        self.lost: Failure | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def readConnectionLost(self) -> None:
+        self.read_closed = True
+
+    def writeConnectionLost(self) -> None:
+        self.write_closed = True
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.lost = reason
+
+
+@implementer(IPushProducer)
+class Producer:
+    def __init__(self) -> None:
+        self.paused = False
+        self.stopped = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+class Harness:
+    """A NOVAS and a NOVAC tunnel joined by an in-memory TLS connection."""
+
+    def __init__(
+        self,
+        agent_token: bytes = TOKEN,
+        server_name: str = "novas.test",
+        trust: str = "ca",
+        window: int = 65536,
+    ) -> None:
+        self.dir = Path(tempfile.mkdtemp())
+        self.clock = Clock()
+        self.ca = CA()
+        cert, key = self.ca.issue("novas.test", "127.0.0.1").write(self.dir, "server")
+        self.server_context = ServerContext(token=TOKEN, tls=True, clock=self.clock, window=window)
+        server_factory = TLSMemoryBIOFactory(
+            server_options(cert, key), False, ServerTunnelFactory(self.server_context), self.clock
+        )
+        if trust == "ca":
+            creator = client_creator(server_name, ca_path=self.ca.write(self.dir))
+        elif trust == "other-ca":
+            creator = client_creator(server_name, ca_path=CA("someone else").write(self.dir))
+        else:  # a pinned fingerprint
+            from cryptography import x509
+
+            real = certificate_fingerprint(x509.load_pem_x509_certificate(cert.read_bytes()))
+            pin = real if trust == "pin" else "sha256:" + "00" * 32
+            creator = client_creator(server_name, fingerprint=parse_fingerprint(pin))
+        self.targets: list[tuple[str, int, Protocol, TargetTransport]] = []
+        self.refuse: dict[tuple[str, int], Exception] = {}
+        self.agent_context = AgentContext(
+            name="db-agent",
+            tags=(("env", "prod"), ("zone", "a")),
+            token=agent_token,
+            tls=True,
+            clock=self.clock,
+            connect_target=self._connect_target,
+            window=window,
+        )
+        client_factory = TLSMemoryBIOFactory(
+            creator, True, AgentTunnelFactory(self.agent_context, "novas.test:9022"), self.clock
+        )
+        address = iosim.FakeAddress()
+        self.server_tls = server_factory.buildProtocol(address)
+        self.client_tls = client_factory.buildProtocol(address)
+        self.server: ServerTunnel = self.server_tls.wrappedProtocol
+        self.agent: AgentTunnel = self.client_tls.wrappedProtocol
+        self.pump = iosim.connect(
+            self.server_tls,
+            iosim.makeFakeServer(self.server_tls),
+            self.client_tls,
+            iosim.makeFakeClient(self.client_tls),
+            greet=False,
+        )
+        self.flush()
+
+    def flush(self) -> None:
+        """Deliver everything in flight, including TLS's batched writes."""
+        for _ in range(10_000):
+            self.clock.advance(0)
+            if not self.pump.pump():
+                self.clock.advance(0)
+                if not self.pump.pump():
+                    return
+        raise AssertionError("the connection never went quiet")
+
+    def _connect_target(self, host: str, port: int, protocol: IProtocol) -> Deferred[IProtocol]:
+        if (host, port) in self.refuse:
+            return fail(self.refuse[(host, port)])
+        transport = TargetTransport()
+        protocol.makeConnection(transport)
+        self.targets.append((host, port, protocol, transport))  # type: ignore[arg-type]
+        return succeed(protocol)
+
+    def open(self, host: str = "db.internal", port: int = 5432) -> tuple[Any, Recorder, TargetTransport, Protocol]:
+        tunnel = self.server_context.registry.get("db-agent")
+        assert isinstance(tunnel, ServerTunnel)
+        results: list[Any] = []
+        tunnel.open_stream(host, port).addBoth(results.append)
+        self.flush()
+        stream = results[0]
+        if isinstance(stream, Failure):
+            return stream, Recorder(), TargetTransport(), Protocol()
+        recorder = Recorder()
+        stream.makeConnection(recorder)
+        _host, _port, target_protocol, target_transport = self.targets[-1]
+        return stream, recorder, target_transport, target_protocol
+
+
+class HandshakeTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def log_text(self) -> str:
+        return "\n".join(formatEvent(e) for e in self.logged)
+
+    def test_registers_over_verified_tls(self) -> None:
+        h = Harness()
+        agent = h.server_context.registry.get("db-agent")
+        self.assertIsInstance(agent, ServerTunnel)
+        self.assertEqual(agent.tags, {"env": "prod", "zone": "a"})  # type: ignore[union-attr]
+        self.assertEqual(self.successResultOf(h.agent.registered), h.agent)
+        self.assertIn("agent db-agent registered", self.log_text())
+
+    def test_pinned_fingerprint_registers(self) -> None:
+        h = Harness(trust="pin")
+        self.assertIsNotNone(h.server_context.registry.get("db-agent"))
+
+    def test_wrong_token_rejected_on_both_sides_without_leaking_it(self) -> None:
+        h = Harness(agent_token=b"not the right token")
+        self.assertIsNone(h.server_context.registry.get("db-agent"))
+        failure = self.failureResultOf(h.agent.registered, Rejected)
+        self.assertEqual(failure.value.code, ErrorCode.AUTH_FAILED)
+        text = self.log_text()
+        self.assertIn("rejected agent 'db-agent'", text)
+        self.assertIn("rejected the registration of db-agent: AUTH_FAILED", text)
+        self.assertNotIn("correct horse", text)
+        self.assertNotIn("not the right token", text)
+
+    def test_certificate_from_unknown_ca_refused(self) -> None:
+        h = Harness(trust="other-ca")
+        self.failureResultOf(h.agent.registered)
+        self.assertIsNone(h.server_context.registry.get("db-agent"))
+        self.assertIsNone(h.agent.mux)
+
+    def test_wrong_server_name_refused(self) -> None:
+        h = Harness(server_name="other.test")
+        self.failureResultOf(h.agent.registered)
+        self.assertIsNone(h.server_context.registry.get("db-agent"))
+
+    def test_wrong_pin_refused(self) -> None:
+        h = Harness(trust="wrong-pin")
+        self.failureResultOf(h.agent.registered)
+        self.assertIsNone(h.server_context.registry.get("db-agent"))
+
+
+class ServerHandshakeUnitTests(SynchronousTestCase):
+    """The server's half against a scripted agent on a plain transport."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.context = ServerContext(token=TOKEN, tls=False, clock=self.clock)
+        self.server = ServerTunnel(self.context)
+        self.transport = StringTransport()
+        self.server.makeConnection(self.transport)
+        frames = FrameDecoder().feed(self.transport.value())
+        self.transport.clear()
+        assert isinstance(frames[0], Hello)
+        self.nonce = frames[0].nonce
+
+    def sent(self) -> list[Any]:
+        return FrameDecoder().feed(self.transport.value())
+
+    def test_accepts_a_fresh_proof(self) -> None:
+        self.server.dataReceived(b"".join(encode(make_auth(TOKEN, self.nonce, b"", "a1", (), 65536))))
+        self.assertIs(self.context.registry.get("a1"), self.server)
+
+    def test_replayed_proof_for_another_nonce_rejected(self) -> None:
+        old_nonce = bytes(32)
+        self.server.dataReceived(b"".join(encode(make_auth(TOKEN, old_nonce, b"", "a1", (), 65536))))
+        self.assertEqual(self.sent(), [Reject(ErrorCode.AUTH_FAILED, "the token proof did not verify")])
+        self.assertTrue(self.transport.disconnecting)
+        self.assertIsNone(self.context.registry.get("a1"))
+
+    def test_bad_name_rejected(self) -> None:
+        self.server.dataReceived(b"".join(encode(make_auth(TOKEN, self.nonce, b"", "-bad name", (), 65536))))
+        [reject] = self.sent()
+        self.assertEqual(reject.code, ErrorCode.BAD_NAME)
+
+    def test_garbage_rejected_with_protocol_error(self) -> None:
+        self.server.dataReceived(b"\x01\x77" + bytes(10))
+        [reject] = self.sent()
+        self.assertEqual(reject.code, ErrorCode.PROTOCOL_ERROR)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_other_version_rejected(self) -> None:
+        self.server.dataReceived(b"\x02\x02" + bytes(10))
+        [reject] = self.sent()
+        self.assertEqual(reject.code, ErrorCode.UNSUPPORTED_VERSION)
+
+    def test_handshake_timeout(self) -> None:
+        self.clock.advance(9.9)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(0.2)
+        self.assertEqual(self.sent(), [Reject(ErrorCode.HANDSHAKE_TIMEOUT, "the handshake took too long")])
+        self.assertTrue(self.transport.disconnecting)
+
+
+class StreamTests(SynchronousTestCase):
+    def test_bytes_both_ways_and_half_close(self) -> None:
+        h = Harness()
+        stream, user, target_transport, target = h.open()
+        self.assertEqual(h.targets[-1][:2], ("db.internal", 5432))
+        stream.write(b"SELECT 1;")
+        h.flush()
+        self.assertEqual(target_transport.value(), b"SELECT 1;")
+        # The user half-closes; the target sees EOF on its write side...
+        stream.loseWriteConnection()
+        h.flush()
+        self.assertTrue(target_transport.write_closed)
+        self.assertTrue(user.write_closed)
+        # ...and can still answer.
+        target.dataReceived(b"1 row")
+        h.flush()
+        self.assertEqual(user.received, b"1 row")
+        self.assertIsNone(user.lost)
+        target.readConnectionLost()  # type: ignore[attr-defined]
+        h.flush()
+        self.assertTrue(user.read_closed)
+        self.assertIsNotNone(user.lost)
+        self.assertTrue(user.lost.check(error.ConnectionDone))  # type: ignore[union-attr]
+        self.assertEqual(h.server.streams, {})
+        self.assertEqual(h.agent.streams, {})
+
+    def test_target_refused(self) -> None:
+        h = Harness()
+        h.refuse[("db.internal", 5432)] = error.ConnectionRefusedError()
+        failure, *_ = h.open()
+        self.assertIsInstance(failure, Failure)
+        failure.trap(OpenFailed)
+        self.assertEqual(failure.value.reason, OpenFailReason.REFUSED)
+
+    def test_dns_failure(self) -> None:
+        h = Harness()
+        h.refuse[("nowhere.invalid", 1)] = error.DNSLookupError("nowhere.invalid")
+        failure, *_ = h.open("nowhere.invalid", 1)
+        self.assertEqual(failure.value.reason, OpenFailReason.DNS_FAILURE)
+
+    def test_abort_resets_the_other_end(self) -> None:
+        h = Harness()
+        stream, user, target_transport, _ = h.open()
+        stream.abortConnection()
+        h.flush()
+        self.assertTrue(target_transport.aborted)
+        self.assertTrue(user.lost.check(error.ConnectionAborted))  # type: ignore[union-attr]
+
+    def test_slow_reader_bounds_buffers_and_pauses_the_writer(self) -> None:
+        window = 65536
+        h = Harness(window=window)
+        stream, _user, target_transport, _ = h.open()
+        producer = Producer()
+        stream.registerProducer(producer, True)
+        agent_stream = h.agent.streams[stream.stream_id]
+        agent_stream.pauseProducing()  # the target's socket is full
+        payload = bytes(range(256)) * 4096  # 1 MiB
+        for i in range(0, len(payload), 16384):
+            stream.write(payload[i : i + 16384])
+            h.flush()
+        self.assertTrue(producer.paused)
+        self.assertEqual(target_transport.value(), b"")
+        assert h.agent.mux is not None and h.server.mux is not None
+        self.assertLessEqual(h.agent.mux.inbox_bytes(stream.stream_id), window)
+        self.assertEqual(h.server.mux.send_window(stream.stream_id), 0)
+        # Other streams are not stalled by the slow one.
+        other, _, other_target, _ = h.open("cache.internal", 6379)
+        other.write(b"PING\r\n")
+        h.flush()
+        self.assertEqual(other_target.value(), b"PING\r\n")
+        # The target drains: everything arrives, in order, and the writer resumes.
+        agent_stream.resumeProducing()
+        for _ in range(200):
+            h.flush()
+            if not producer.paused and h.server.mux.outbox_bytes(stream.stream_id) == 0:
+                break
+            agent_stream.resumeProducing()
+        self.assertFalse(producer.paused)
+        self.assertEqual(target_transport.value(), payload[: len(target_transport.value())])
+        while len(target_transport.value()) < len(payload):
+            before = len(target_transport.value())
+            h.flush()
+            if len(target_transport.value()) == before:
+                break
+        self.assertEqual(target_transport.value(), payload)
+
+    def test_tunnel_loss_closes_every_stream(self) -> None:
+        h = Harness()
+        _s1, user1, target1, _ = h.open()
+        _s2, user2, target2, _ = h.open("cache.internal", 6379)
+        h.server_tls.transport.loseConnection()
+        h.flush()
+        self.assertIsNotNone(user1.lost)
+        self.assertIsNotNone(user2.lost)
+        self.assertTrue(target1.aborted and target2.aborted)
+        self.assertIsNone(h.server_context.registry.get("db-agent"))
