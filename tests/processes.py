@@ -41,7 +41,7 @@ class Proc:
 
     def __init__(self, plugin: str, args: list[str], env: dict[str, str], log: Path) -> None:
         self.log_path = log
-        self._log = open(log, "wb")  # noqa: SIM115
+        self._log = open(log, "wb")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("NOVAS_", "NOVAC_"))}
         full_env.update(env)
         self.proc = subprocess.Popen(

@@ -160,14 +160,20 @@ def test_redis_cli_ping_through_the_tunnel(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL,
     )
     try:
-        wait_for(lambda: subprocess.run(["redis-cli", "-p", str(redis_port), "ping"], capture_output=True).returncode == 0)
+        wait_for(
+            lambda: subprocess.run(["redis-cli", "-p", str(redis_port), "ping"], capture_output=True).returncode == 0
+        )
         with novas(tmp_path, [f"{route}:127.0.0.1:{redis_port}"]) as (server, port):
             with novac(tmp_path, _pinned(port, server)):
                 server.wait_log("agent agent-1 registered")
-                out = subprocess.run(["redis-cli", "-p", str(route), "ping"], capture_output=True, text=True, timeout=30)
+                out = subprocess.run(
+                    ["redis-cli", "-p", str(route), "ping"], capture_output=True, text=True, timeout=30
+                )
                 assert out.stdout.strip() == "PONG"
                 subprocess.run(["redis-cli", "-p", str(route), "set", "k", "through-nova"], check=True, timeout=30)
-                out = subprocess.run(["redis-cli", "-p", str(route), "get", "k"], capture_output=True, text=True, timeout=30)
+                out = subprocess.run(
+                    ["redis-cli", "-p", str(route), "get", "k"], capture_output=True, text=True, timeout=30
+                )
                 assert out.stdout.strip() == "through-nova"
     finally:
         redis.terminate()

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Run NOVA's tests: set up ./.venv with the test extras, make sure the real
+# clients the integration tests drive are installed, then run pytest (and
+# the TestCase suites under trial as well).
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+
+need=()
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v redis-cli >/dev/null || need+=(redis-tools)
+command -v iperf3 >/dev/null || need+=(iperf3)
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    else
+        echo "test.sh: please install: ${need[*]} (Debian/Ubuntu: sudo apt-get install ${need[*]})" >&2
+        exit 1
+    fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+
+.venv/bin/python -m ruff check nova tests twisted
+.venv/bin/python -m mypy
+.venv/bin/python -m pytest "$@"
+.venv/bin/python -m twisted.trial --reporter=summary tests

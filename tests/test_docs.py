@@ -1,0 +1,46 @@
+"""
+The README's configuration tables match the code's settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from nova.agent.options import SETTINGS as AGENT
+from nova.config import Setting
+from nova.server.options import SETTINGS as SERVER
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+
+
+def _rows() -> dict[str, list[str]]:
+    rows = {}
+    for line in README.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`--"):
+            rows[cells[1].strip("`").split("=")[0]] = cells
+    return rows
+
+
+class ReadmeTableTests(SynchronousTestCase):
+    def check(self, settings: tuple[Setting, ...]) -> None:
+        rows = _rows()
+        for s in settings:
+            self.assertIn(s.env, rows, f"{s.env} is missing from README.md")
+            option, _env, default, _meaning = rows[s.env]
+            self.assertEqual(option, f"`--{s.name}`")
+            if s.default:
+                self.assertEqual(default, f"`{s.default}`", f"default of {s.env}")
+
+    def test_server_table(self) -> None:
+        self.check(SERVER)
+
+    def test_agent_table(self) -> None:
+        self.check(AGENT)
+
+    def test_no_undocumented_variables_in_tables(self) -> None:
+        known = {s.env for s in SERVER + AGENT}
+        for env in _rows():
+            self.assertIn(env, known)
