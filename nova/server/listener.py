@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -51,7 +51,7 @@ class RouteClient(Pipe):
             return
         assert isinstance(tunnel, ServerTunnel)
         self._agent = tunnel.name
-        d = tunnel.open_stream(route.host, route.host_port)
+        d = maybeDeferred(tunnel.open_stream, route.host, route.host_port)
         d.addTimeout(self.factory.open_timeout, self.factory.clock)
         d.addCallbacks(self._opened, self._failed)
         self._opening = d

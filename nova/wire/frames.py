@@ -112,6 +112,21 @@ def _string(value: str) -> bytes:
     return struct.pack(">H", len(raw)) + raw
 
 
+def _parse_opaque(what: str, payload: bytes, size: int) -> bytes:
+    r = _Reader(what, payload)
+    value = r.raw(size)
+    r.end()
+    return value
+
+
+def _parse_code_message(what: str, payload: bytes) -> tuple[int, str]:
+    r = _Reader(what, payload)
+    code = r.u16()
+    message = r.string()
+    r.end()
+    return code, message
+
+
 @dataclass(frozen=True, slots=True)
 class Hello:
     TYPE: ClassVar[FrameType] = FrameType.HELLO
@@ -123,10 +138,7 @@ class Hello:
 
     @classmethod
     def parse(cls, stream_id: int, payload: bytes) -> Hello:
-        r = _Reader("HELLO", payload)
-        nonce = r.raw(NONCE_SIZE)
-        r.end()
-        return cls(nonce)
+        return cls(_parse_opaque("HELLO", payload, NONCE_SIZE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,11 +205,8 @@ class Reject:
 
     @classmethod
     def parse(cls, stream_id: int, payload: bytes) -> Reject:
-        r = _Reader("REJECT", payload)
-        code = ErrorCode.lenient(r.u16())
-        message = r.string()
-        r.end()
-        return cls(code, message)
+        code, message = _parse_code_message("REJECT", payload)
+        return cls(ErrorCode.lenient(code), message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,11 +256,8 @@ class OpenFail:
 
     @classmethod
     def parse(cls, stream_id: int, payload: bytes) -> OpenFail:
-        r = _Reader("OPEN_FAIL", payload)
-        reason = OpenFailReason.lenient(r.u16())
-        message = r.string()
-        r.end()
-        return cls(stream_id, reason, message)
+        reason, message = _parse_code_message("OPEN_FAIL", payload)
+        return cls(stream_id, OpenFailReason.lenient(reason), message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,10 +337,7 @@ class Ping:
 
     @classmethod
     def parse(cls, stream_id: int, payload: bytes) -> Ping:
-        r = _Reader("PING", payload)
-        opaque = r.raw(PING_SIZE)
-        r.end()
-        return cls(opaque)
+        return cls(_parse_opaque("PING", payload, PING_SIZE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,10 +351,7 @@ class Pong:
 
     @classmethod
     def parse(cls, stream_id: int, payload: bytes) -> Pong:
-        r = _Reader("PONG", payload)
-        opaque = r.raw(PING_SIZE)
-        r.end()
-        return cls(opaque)
+        return cls(_parse_opaque("PONG", payload, PING_SIZE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,11 +366,8 @@ class GoAway:
 
     @classmethod
     def parse(cls, stream_id: int, payload: bytes) -> GoAway:
-        r = _Reader("GOAWAY", payload)
-        code = ErrorCode.lenient(r.u16())
-        message = r.string()
-        r.end()
-        return cls(code, message)
+        code, message = _parse_code_message("GOAWAY", payload)
+        return cls(ErrorCode.lenient(code), message)
 
 
 Frame = (
