@@ -188,3 +188,24 @@ def read_secret(value: str | None, setting: Setting) -> bytes:
     if len(token) < 8:
         raise ConfigError(f"--{setting.name} / {setting.env} must be at least 8 characters")
     return token
+
+
+def parse_timing(v: dict[str, Any], prefix: str) -> tuple[float, float, float]:
+    """Keepalive, dead timeout and drain timeout, checked against each other."""
+    keepalive = parse_seconds(v["keepalive"], f"--keepalive / {prefix}_KEEPALIVE")
+    dead = parse_seconds(v["dead-timeout"], f"--dead-timeout / {prefix}_DEAD_TIMEOUT")
+    drain = parse_seconds(v["drain-timeout"], f"--drain-timeout / {prefix}_DRAIN_TIMEOUT")
+    if dead <= keepalive:
+        raise ConfigError(
+            f"--dead-timeout / {prefix}_DEAD_TIMEOUT ({dead:g}s) must be longer than"
+            f" --keepalive / {prefix}_KEEPALIVE ({keepalive:g}s)"
+        )
+    return keepalive, dead, drain
+
+
+def timing_settings(prefix: str) -> tuple[Setting, ...]:
+    return (
+        Setting("keepalive", f"{prefix}_KEEPALIVE", "15", "Seconds between pings on an idle tunnel."),
+        Setting("dead-timeout", f"{prefix}_DEAD_TIMEOUT", "45", "Drop a tunnel that sent nothing for this long."),
+        Setting("drain-timeout", f"{prefix}_DRAIN_TIMEOUT", "30", "On SIGTERM, how long open streams may run."),
+    )

@@ -4,12 +4,15 @@ Services shared by both commands.
 
 from __future__ import annotations
 
+import signal
+import threading
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 
@@ -43,3 +46,23 @@ class ListenerService(Service):
         if port is not None:
             return port.stopListening()  # type: ignore[return-value]
         return None
+
+
+def exit_zero_on_sigterm(reactor: Any, log: Logger) -> None:
+    """
+    Make SIGTERM an orderly stop that exits 0 once the services have
+    drained (Kubernetes and systemd send SIGTERM to ask for exactly that).
+    Twisted's own handler would re-raise the signal after shutdown.
+    """
+
+    def install() -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_sigterm(signum: int, frame: object) -> None:
+            log.info("SIGTERM received: draining, then exiting")
+            reactor.callFromThread(reactor.stop)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    reactor.callWhenRunning(install)

@@ -17,8 +17,10 @@ from nova.config import (
     parse_int,
     parse_seconds,
     parse_tags,
+    parse_timing,
     read_secret,
     split_host_port,
+    timing_settings,
 )
 from nova.tls import parse_fingerprint
 from nova.wire.frames import DEFAULT_INITIAL_WINDOW, MAX_WINDOW, MIN_INITIAL_WINDOW
@@ -38,6 +40,9 @@ SETTINGS = (
     Setting("window", "NOVAC_WINDOW", str(DEFAULT_INITIAL_WINDOW), "Per-stream receive window in bytes."),
     Setting("connect-timeout", "NOVAC_CONNECT_TIMEOUT", "10", "Seconds to connect to a server or a target."),
     Setting("max-streams", "NOVAC_MAX_STREAMS", "1024", "Streams open at once per tunnel."),
+    *timing_settings("NOVAC"),
+    Setting("reconnect-initial", "NOVAC_RECONNECT_INITIAL", "1", "Seconds: the first reconnect waits up to this."),
+    Setting("reconnect-max", "NOVAC_RECONNECT_MAX", "30", "Seconds: no reconnect waits longer than this."),
 )
 
 
@@ -54,6 +59,11 @@ class AgentConfig:
     window: int
     connect_timeout: float
     max_streams: int
+    keepalive: float = 15.0
+    dead_timeout: float = 45.0
+    drain_timeout: float = 30.0
+    reconnect_initial: float = 1.0
+    reconnect_max: float = 30.0
 
     def __repr__(self) -> str:
         return f"<AgentConfig {self.name} -> {len(self.servers)} server(s), tls={self.tls}>"
@@ -92,6 +102,11 @@ def build_config(v: dict[str, Any]) -> AgentConfig:
         raise ConfigError(f"--ca / NOVAC_TLS_CA: {ca} is not a readable file")
     if not tls and (ca is not None or fingerprint is not None):
         raise ConfigError("--no-tls / NOVAC_TLS=off contradicts --ca / --server-fingerprint")
+    keepalive, dead, drain = parse_timing(v, "NOVAC")
+    initial = parse_seconds(v["reconnect-initial"], "--reconnect-initial / NOVAC_RECONNECT_INITIAL")
+    cap = parse_seconds(v["reconnect-max"], "--reconnect-max / NOVAC_RECONNECT_MAX")
+    if cap < initial:
+        raise ConfigError("--reconnect-max / NOVAC_RECONNECT_MAX must not be below --reconnect-initial")
     return AgentConfig(
         servers=servers,
         token=read_secret(v["token"], TOKEN),
@@ -104,6 +119,11 @@ def build_config(v: dict[str, Any]) -> AgentConfig:
         window=parse_int(v["window"], "--window / NOVAC_WINDOW", MIN_INITIAL_WINDOW, MAX_WINDOW),
         connect_timeout=parse_seconds(v["connect-timeout"], "--connect-timeout / NOVAC_CONNECT_TIMEOUT"),
         max_streams=parse_int(v["max-streams"], "--max-streams / NOVAC_MAX_STREAMS", 1, 65536),
+        keepalive=keepalive,
+        dead_timeout=dead,
+        drain_timeout=drain,
+        reconnect_initial=initial,
+        reconnect_max=cap,
     )
 
 

@@ -6,18 +6,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import ClientService
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from nova.mux.tunnel import Timing
+from nova.service import exit_zero_on_sigterm
 from nova.tls import TLSConfigError, client_creator
+from nova.wire.errors import ErrorCode
 
 from .options import AgentConfig, Options
-from .tunnel import AgentContext, AgentTunnel, AgentTunnelFactory
+from .reconnect import Backoff, reconnecting
+from .tunnel import AgentContext, AgentTunnelFactory
 
 log = Logger()
 
@@ -40,17 +44,17 @@ class NovacService(MultiService):
             clock=reactor,
             connect_target=connect_target,
             window=config.window,
+            timing=Timing(config.connect_timeout, config.keepalive, config.dead_timeout),
             max_streams=config.max_streams,
         )
+        # One independent reconnecting tunnel per server: a server that is
+        # down delays none of the others.
         self.clients: dict[str, ClientService] = {}
         for host, port in config.servers:
             label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            client = ClientService(
-                self._endpoint(host, port),
-                AgentTunnelFactory(self.context, label),
-                retryPolicy=backoffPolicy(initialDelay=1.0, maxDelay=30.0),
-                clock=reactor,
-                prepareConnection=_registered,
+            backoff = Backoff(config.reconnect_initial, config.reconnect_max)
+            client = reconnecting(
+                self._endpoint(host, port), AgentTunnelFactory(self.context, label, backoff), backoff, reactor
             )
             client.setServiceParent(self)
             self.clients[label] = client
@@ -77,12 +81,32 @@ class NovacService(MultiService):
         )
         super().startService()  # type: ignore[no-untyped-call]
 
+        exit_zero_on_sigterm(self.reactor, log)
+
     def stopService(self) -> Deferred[None]:
-        # Close the tunnels ourselves: ClientService's own loseConnection
-        # would wait on the TLS transport's registered producer.
-        for tunnel in list(self.context.tunnels):
-            tunnel.close()
-        d: Deferred[None] = super().stopService()  # type: ignore[no-untyped-call]
+        """
+        Graceful drain: GOAWAY to every server, so no new streams come; the
+        open ones run until they end or the drain timeout passes.  Each
+        server's reconnect loop stops as soon as its tunnel has closed.
+        """
+        by_server = {t.server: t for t in self.context.tunnels}
+        if by_server:
+            log.info(
+                "draining {n} tunnel(s) for up to {timeout}s",
+                n=len(by_server),
+                timeout=self.config.drain_timeout,
+            )
+        stops = []
+        for label, client in self.clients.items():
+            tunnel = by_server.get(label)
+            if tunnel is None or tunnel.mux is None:
+                if tunnel is not None:
+                    tunnel.close()
+                stops.append(client.stopService())
+            else:
+                drained = tunnel.drain(self.config.drain_timeout, ErrorCode.SHUTDOWN, "agent shutting down")
+                stops.append(drained.addCallback(_then_stop, client))
+        d: Deferred[None] = gatherResults(stops).addCallback(lambda _: MultiService.stopService(self))
         return d
 
 
@@ -98,10 +122,9 @@ class _OneShot(Factory):
         return self.protocol_
 
 
-def _registered(protocol: IProtocol) -> Deferred[AgentTunnel]:
-    """ClientService counts a connection as made only once it registered."""
-    registered: Deferred[AgentTunnel] = protocol.registered  # type: ignore[attr-defined]
-    return registered
+def _then_stop(_: object, client: ClientService) -> Deferred[None]:
+    d: Deferred[None] = client.stopService()
+    return d
 
 
 def makeService(options: Options) -> IService:

@@ -16,11 +16,13 @@ from twisted.python.failure import Failure
 
 from nova.mux.core import OpenRefused, Role
 from nova.mux.splice import Pipe, splice
-from nova.mux.tunnel import TunnelProtocol
+from nova.mux.tunnel import Timing, TunnelProtocol
 from nova.tls import channel_binding
 from nova.wire.errors import ErrorCode, OpenFailReason, ProtocolError
 from nova.wire.frames import Frame, Hello, Reject, Welcome
 from nova.wire.handshake import make_auth, window_problem
+
+from .reconnect import Backoff
 
 # connect(host, port, protocol) -> Deferred firing with the protocol once connected.
 TargetConnector = Callable[[str, int, IProtocol], "Deferred[IProtocol]"]
@@ -43,7 +45,7 @@ class AgentContext:
     clock: IReactorTime
     connect_target: TargetConnector
     window: int = 262_144
-    handshake_timeout: float = 10.0
+    timing: Timing = field(default_factory=Timing)
     max_streams: int = 1024
     tunnels: set[AgentTunnel] = field(default_factory=set)
 
@@ -72,10 +74,11 @@ class TargetPipe(Pipe):
 class AgentTunnel(TunnelProtocol):
     role = Role.AGENT
 
-    def __init__(self, context: AgentContext, server: str) -> None:
-        super().__init__(context.clock, context.window, context.handshake_timeout)
+    def __init__(self, context: AgentContext, server: str, backoff: Backoff | None = None) -> None:
+        super().__init__(context.clock, context.window, context.timing)
         self.context = context
         self.server = server
+        self.backoff = backoff
         self.registered: Deferred[AgentTunnel] = Deferred()
         self._dialing: dict[int, Deferred[IProtocol]] = {}
         self._saw_hello = False
@@ -109,6 +112,11 @@ class AgentTunnel(TunnelProtocol):
             problem = window_problem(frame.initial_window)
             if problem is not None:
                 raise ProtocolError(f"WELCOME: {problem}")
+            if frame.keepalive_ms:
+                # The server knows its network (a load balancer's idle cut).
+                self.core.keepalive = min(self.core.keepalive, max(frame.keepalive_ms / 1000, 1.0))
+            if self.backoff is not None:
+                self.backoff.reset()
             self.start_streams(frame.initial_window, self.context.max_streams)
             self.log.info(
                 "registered with {server} as {agent} (server {server_id})",
@@ -125,6 +133,8 @@ class AgentTunnel(TunnelProtocol):
                 code=frame.code.name,
                 message=frame.message,
             )
+            if self.backoff is not None:
+                self.backoff.rejected = True
             self._fail_registration(Rejected(frame.code, frame.message))
             self.close()
         else:
@@ -136,7 +146,22 @@ class AgentTunnel(TunnelProtocol):
 
     # Streams.
 
+    def pending_streams(self) -> int:
+        return len(self._dialing)
+
+    def goaway_received(self, code: ErrorCode, message: str) -> None:
+        self.log.info(
+            "server {server} is going away ({code}: {message}); reconnecting once it closes",
+            server=self.server,
+            code=code.name,
+            message=message,
+        )
+
     def stream_requested(self, stream_id: int, host: str, port: int) -> None:
+        if self.draining:
+            assert self.mux is not None
+            self.mux.refuse(stream_id, OpenFailReason.DRAINING, "the agent is shutting down")
+            return
         target = TargetPipe()
         d = self.context.connect_target(host, port, target)
         self._dialing[stream_id] = d
@@ -203,9 +228,10 @@ class AgentTunnel(TunnelProtocol):
 class AgentTunnelFactory(Factory):
     noisy = False
 
-    def __init__(self, context: AgentContext, server: str) -> None:
+    def __init__(self, context: AgentContext, server: str, backoff: Backoff | None = None) -> None:
         self.context = context
         self.server = server
+        self.backoff = backoff
 
     def buildProtocol(self, addr: object) -> AgentTunnel:
-        return AgentTunnel(self.context, self.server)
+        return AgentTunnel(self.context, self.server, self.backoff)

@@ -9,7 +9,11 @@ L{nova.agent.tunnel}).
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+import struct
+from dataclasses import dataclass
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,9 +37,19 @@ from .core import (
     StreamReset,
     WindowOpened,
 )
+from .lifecycle import DEFAULT_DEAD_TIMEOUT, DEFAULT_KEEPALIVE, Session, SessionCore, start_session
 from .stream import StreamTransport
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Timing:
+    """A tunnel's timers, in seconds (see README.md, "Timing")."""
+
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    keepalive: float = DEFAULT_KEEPALIVE
+    dead_timeout: float = DEFAULT_DEAD_TIMEOUT
 
 
 @implementer(IPushProducer)
@@ -48,11 +62,13 @@ class TunnelProtocol(Protocol):
     log = Logger()
     role: Role
 
-    def __init__(self, clock: IReactorTime, local_window: int, handshake_timeout: float) -> None:
+    def __init__(self, clock: IReactorTime, local_window: int, timing: Timing) -> None:
         self.clock = clock
         self.local_window = local_window
         self.peer_window = local_window
-        self.handshake_timeout = handshake_timeout
+        self.timing = timing
+        self.draining = False
+        self.rtt: float | None = None
         self.mux: Multiplexer | None = None
         self.streams: dict[int, StreamTransport] = {}
         self.blocked: set[StreamTransport] = set()
@@ -61,7 +77,14 @@ class TunnelProtocol(Protocol):
         self._paused = False
         self._flushing = False
         self._flush_again = False
-        self._handshake_timer: IDelayedCall | None = None
+        self.core = SessionCore(
+            clock,
+            self,
+            keepalive=timing.keepalive,
+            dead_timeout=timing.dead_timeout,
+            handshake_timeout=timing.handshake_timeout,
+        )
+        self.session: Session | None = None
 
     @property
     def peer_label(self) -> str:
@@ -75,12 +98,13 @@ class TunnelProtocol(Protocol):
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
-        self._handshake_timer = self.clock.callLater(self.handshake_timeout, self._handshake_timed_out)
+        self.session = start_session(self.core)
         self.handshake_started()
 
     def dataReceived(self, data: bytes) -> None:
         if self.closed:
             return
+        self.core.heard()
         try:
             for frame in self._decoder.feed(data):
                 if self.closed:
@@ -96,12 +120,13 @@ class TunnelProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self.closed = True
-        self._cancel_handshake_timer()
         for stream in list(self.streams.values()):
             stream.tunnel_lost(reason)
         self.streams.clear()
         self.blocked.clear()
         self.tunnel_closed(reason)
+        if self.session is not None:
+            self.session.lost()
 
     # IPushProducer: the connection's transport pushes back on us.
 
@@ -125,7 +150,16 @@ class TunnelProtocol(Protocol):
         raise ProtocolError(f"unexpected {frame.TYPE.name} during the handshake")
 
     def handshake_timed_out(self) -> None:
-        """The handshake did not finish in time; the connection is closed."""
+        """The handshake did not finish in time; the connection is closed next."""
+        self.log.warn(
+            "handshake with {peer} did not finish within {timeout}s; closing",
+            peer=self.peer_label,
+            timeout=self.timing.handshake_timeout,
+        )
+
+    def pending_streams(self) -> int:
+        """Streams being opened that have no transport yet."""
+        return 0
 
     def tunnel_closed(self, reason: Failure) -> None:
         """The connection is gone; every stream has been told."""
@@ -140,7 +174,10 @@ class TunnelProtocol(Protocol):
         pass
 
     def pong_received(self, opaque: bytes) -> None:
-        pass
+        (sent,) = struct.unpack(">d", opaque)
+        rtt = self.clock.seconds() - sent
+        if 0 <= rtt < 3600:
+            self.rtt = rtt
 
     def goaway_received(self, code: ErrorCode, message: str) -> None:
         self.log.info("{peer} is going away: {code} {message}", peer=self.peer_label, code=code.name, message=message)
@@ -154,9 +191,45 @@ class TunnelProtocol(Protocol):
 
     def start_streams(self, peer_window: int, max_streams: int = 1024) -> None:
         """The handshake succeeded: from now on frames go to the multiplexer."""
-        self._cancel_handshake_timer()
         self.peer_window = peer_window
         self.mux = Multiplexer(self.role, self.local_window, peer_window, max_streams)
+        assert self.session is not None
+        self.session.registered()
+
+    def drain(self, timeout: float, code: ErrorCode = ErrorCode.SHUTDOWN, message: str = "draining") -> Deferred[None]:
+        """
+        Send GOAWAY and take no new streams; close once the open streams end
+        or C{timeout} passes.  Fires when the connection is closed.
+        """
+        if self.session is None:
+            d: Deferred[None] = Deferred()
+            d.callback(None)
+            return d
+        return self.session.drain(timeout, code, message)
+
+    # SessionHooks: what the session machine asks of us.
+
+    def send_ping(self) -> None:
+        if self.mux is not None:
+            self.mux.ping(struct.pack(">d", self.clock.seconds()))
+            self.flush()
+
+    def send_goaway(self, code: ErrorCode, message: str) -> None:
+        self.draining = True
+        if self.mux is not None:
+            self.mux.goaway(code, message)
+            self.flush()
+
+    def open_streams(self) -> int:
+        return len(self.streams) + self.pending_streams()
+
+    def abort(self, why: str) -> None:
+        """Drop the connection now; every stream is reset."""
+        if self.transport is None or self.closed:
+            return
+        self.log.warn("dropping the tunnel with {peer}: {why}", peer=self.peer_label, why=why)
+        self.closed = True
+        self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def protocol_error(self, error: ProtocolError) -> None:
         """The peer broke the protocol: say so and close the connection."""
@@ -182,6 +255,8 @@ class TunnelProtocol(Protocol):
     def stream_gone(self, stream: StreamTransport) -> None:
         self.streams.pop(stream.stream_id, None)
         self.blocked.discard(stream)
+        if self.session is not None:
+            self.session.stream_closed()
 
     def flush(self) -> None:
         """
@@ -253,19 +328,3 @@ class TunnelProtocol(Protocol):
                 self.pong_received(event.opaque)
             elif isinstance(event, GoAwayReceived):
                 self.goaway_received(event.code, event.message)
-
-    def _cancel_handshake_timer(self) -> None:
-        if self._handshake_timer is not None and self._handshake_timer.active():
-            self._handshake_timer.cancel()
-        self._handshake_timer = None
-
-    def _handshake_timed_out(self) -> None:
-        self._handshake_timer = None
-        if self.mux is None and not self.closed:
-            self.log.warn(
-                "handshake with {peer} did not finish within {timeout}s; closing",
-                peer=self.peer_label,
-                timeout=self.handshake_timeout,
-            )
-            self.handshake_timed_out()
-            self.close()

@@ -9,7 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nova.config import ConfigError, EnvOptions, Setting, parse_int, parse_port, parse_seconds, read_secret
+from nova.config import (
+    ConfigError,
+    EnvOptions,
+    Setting,
+    parse_int,
+    parse_port,
+    parse_seconds,
+    parse_timing,
+    read_secret,
+    timing_settings,
+)
 from nova.wire.frames import DEFAULT_INITIAL_WINDOW, MAX_WINDOW, MIN_INITIAL_WINDOW
 
 from .routes import Route, parse_route
@@ -34,6 +44,7 @@ SETTINGS = (
     Setting("window", "NOVAS_WINDOW", str(DEFAULT_INITIAL_WINDOW), "Per-stream receive window in bytes."),
     Setting("handshake-timeout", "NOVAS_HANDSHAKE_TIMEOUT", "10", "Seconds an agent has to register."),
     Setting("open-timeout", "NOVAS_OPEN_TIMEOUT", "30", "Seconds to wait for an agent to open a stream."),
+    *timing_settings("NOVAS"),
 )
 
 
@@ -50,6 +61,9 @@ class ServerConfig:
     window: int
     handshake_timeout: float
     open_timeout: float
+    keepalive: float = 15.0
+    dead_timeout: float = 45.0
+    drain_timeout: float = 30.0
 
     def __repr__(self) -> str:
         # Never show the token.
@@ -68,6 +82,7 @@ def build_config(v: dict[str, Any]) -> ServerConfig:
         if r.port and (r.bind, r.port) in seen:
             raise ConfigError(f"routes {seen[(r.bind, r.port)]} and {r} listen on the same port")
         seen[(r.bind, r.port)] = r
+    keepalive, dead, drain = parse_timing(v, "NOVAS")
     return ServerConfig(
         agent_port=parse_port(v["agent-port"], "--agent-port / NOVAS_AGENT_PORT", allow_zero=True),
         agent_bind=v["agent-bind"],
@@ -80,6 +95,9 @@ def build_config(v: dict[str, Any]) -> ServerConfig:
         window=parse_int(v["window"], "--window / NOVAS_WINDOW", MIN_INITIAL_WINDOW, MAX_WINDOW),
         handshake_timeout=parse_seconds(v["handshake-timeout"], "--handshake-timeout / NOVAS_HANDSHAKE_TIMEOUT"),
         open_timeout=parse_seconds(v["open-timeout"], "--open-timeout / NOVAS_OPEN_TIMEOUT"),
+        keepalive=keepalive,
+        dead_timeout=dead,
+        drain_timeout=drain,
     )
 
 

@@ -7,16 +7,19 @@ from __future__ import annotations
 import socket
 
 from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IReactorCore, IStreamServerEndpoint
 from twisted.logger import Logger
 
-from nova.service import ListenerService
+from nova.mux.tunnel import Timing
+from nova.service import ListenerService, exit_zero_on_sigterm
 from nova.tls import TLSConfigError, ensure_server_certificate, server_options
+from nova.wire.errors import ErrorCode
 
 from .listener import RouteFactory
 from .options import Options, ServerConfig
-from .tunnel import ServerContext, ServerTunnelFactory
+from .tunnel import ServerContext, ServerTunnel, ServerTunnelFactory
 
 log = Logger()
 
@@ -32,9 +35,10 @@ class NovasService(MultiService):
             tls=config.tls,
             clock=reactor,  # type: ignore[arg-type]
             window=config.window,
-            handshake_timeout=config.handshake_timeout,
+            timing=Timing(config.handshake_timeout, config.keepalive, config.dead_timeout),
             server_id=socket.gethostname(),
         )
+        self.reactor = reactor
         self._fingerprint_note: str | None = None
         self.agent_listener = ListenerService(
             "novas",
@@ -102,6 +106,25 @@ class NovasService(MultiService):
         )
         for listener in self.route_listeners:
             log.info("route {route} listening", route=listener.what.removeprefix("route "))
+        exit_zero_on_sigterm(self.reactor, log)
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop listening, tell every agent we are going away (they reconnect
+        promptly, to us once we are back or to another server), let open
+        streams finish within the drain timeout, then close.
+        """
+        stopped = super().stopService()  # type: ignore[no-untyped-call]
+        tunnels = [t for t in self.context.registry if isinstance(t, ServerTunnel)]
+        if tunnels:
+            log.info(
+                "shutting down: draining {n} agent tunnel(s) for up to {timeout}s",
+                n=len(tunnels),
+                timeout=self.config.drain_timeout,
+            )
+        drains = [t.drain(self.config.drain_timeout, ErrorCode.SHUTDOWN, "server shutting down") for t in tunnels]
+        d: Deferred[None] = gatherResults([stopped, *drains]).addCallback(lambda _: None)
+        return d
 
 
 def _tcp_endpoint(reactor: IReactorCore, bind: str, port: int) -> IStreamServerEndpoint:

@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 
 from nova.mux.core import OpenRefused, Role
 from nova.mux.stream import StreamTransport
-from nova.mux.tunnel import TunnelProtocol
+from nova.mux.tunnel import Timing, TunnelProtocol
 from nova.tls import channel_binding
 from nova.wire.errors import ErrorCode, OpenFailReason, ProtocolError
 from nova.wire.frames import Auth, Frame, Hello, Reject, Welcome
@@ -42,8 +42,7 @@ class ServerContext:
     clock: IReactorTime
     registry: Registry = field(default_factory=Registry)
     window: int = 262_144
-    handshake_timeout: float = 10.0
-    keepalive_ms: int = 15_000
+    timing: Timing = field(default_factory=Timing)
     server_id: str = "novas"
 
 
@@ -51,11 +50,10 @@ class ServerTunnel(TunnelProtocol):
     role = Role.SERVER
 
     def __init__(self, context: ServerContext) -> None:
-        super().__init__(context.clock, context.window, context.handshake_timeout)
+        super().__init__(context.clock, context.window, context.timing)
         self.context = context
         self.name = ""
         self.tags: dict[str, str] = {}
-        self.draining = False
         self.registered = False
         self._nonce = b""
         self._opening: dict[int, tuple[Deferred[StreamTransport], str, int]] = {}
@@ -86,7 +84,7 @@ class ServerTunnel(TunnelProtocol):
         self.name = frame.name
         self.tags = dict(frame.tags)
         self.start_streams(frame.initial_window)
-        self.send_frame(Welcome(self.local_window, self.context.keepalive_ms, self.context.server_id))
+        self.send_frame(Welcome(self.local_window, int(self.context.timing.keepalive * 1000), self.context.server_id))
         self.registered = True
         self.context.registry.register(self)
         self.log.info(
@@ -113,7 +111,11 @@ class ServerTunnel(TunnelProtocol):
         else:
             super().protocol_error(error)
 
+    def pending_streams(self) -> int:
+        return len(self._opening)
+
     def handshake_timed_out(self) -> None:
+        super().handshake_timed_out()
         self.send_frame(Reject(ErrorCode.HANDSHAKE_TIMEOUT, "the handshake took too long"))
 
     # Streams.

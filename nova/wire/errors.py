@@ -44,6 +44,7 @@ class OpenFailReason(IntEnum):
     UNREACHABLE = 5
     OVERLOADED = 6
     OTHER = 7
+    DRAINING = 8
 
     @classmethod
     def lenient(cls, value: int) -> OpenFailReason:

@@ -1,0 +1,67 @@
+"""
+Many simulated agents in one process, each one NOVAC's own code: a
+L{nova.agent.tap.NovacService} built from NOVAC's own options, i.e. a real
+TLS connection (fingerprint pinned) with its own name, registering with the
+HMAC handshake and reconnecting with NOVAC's own ClientService retry policy.
+
+    NOVAC_TOKEN=... python bench/fleet.py --server 127.0.0.1:PORT \\
+        --fingerprint sha256:... --prefix sim-0- --count 250
+
+Logs as text to stdout (the suite sends it to a file).  Prints
+"fleet: started N agents" once every service is started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+
+from twisted.application.service import MultiService
+from twisted.internet import reactor
+from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate, globalLogBeginner, textFileLogObserver
+
+from nova.agent.options import Options
+from nova.agent.tap import NovacService
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--server", required=True, help="HOST:PORT of NOVAS")
+    parser.add_argument("--fingerprint", required=True, help="sha256:... of NOVAS's certificate")
+    parser.add_argument("--prefix", required=True, help="agent names are PREFIX0000, PREFIX0001, ...")
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--verbose", action="store_true", help="log info events too (default: warnings and up)")
+    args = parser.parse_args(argv)
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = args.count * 2 + 256
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(wanted, soft), hard), hard))
+
+    level = LogLevel.info if args.verbose else LogLevel.warn
+    observer = FilteringLogObserver(
+        textFileLogObserver(sys.stdout), [LogLevelFilterPredicate(defaultLogLevel=level)]
+    )
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+    fleet = MultiService()  # type: ignore[no-untyped-call]
+    for i in range(args.count):
+        options = Options()  # the token comes from NOVAC_TOKEN, as for novac
+        options.parseOptions(
+            ["--server", args.server, "--server-fingerprint", args.fingerprint, "--name", f"{args.prefix}{i:04d}"]
+        )
+        NovacService(options.config, reactor).setServiceParent(fleet)
+
+    def start() -> None:
+        fleet.startService()  # type: ignore[no-untyped-call]
+        print(f"fleet: started {args.count} agents", flush=True)
+
+    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
+    reactor.addSystemEventTrigger("before", "shutdown", fleet.stopService)  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

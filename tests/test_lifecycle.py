@@ -1,0 +1,318 @@
+"""
+The session machine (keepalive, dead peers, drain) and the reconnect loop,
+driven by a Clock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from twisted.internet import error
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from nova.agent.reconnect import Backoff, reconnecting
+from nova.mux.lifecycle import SessionCore, start_session
+from nova.wire.errors import ErrorCode
+
+
+class Hooks:
+    def __init__(self) -> None:
+        self.pings = 0
+        self.goaways: list[ErrorCode] = []
+        self.streams = 0
+        self.closed = 0
+        self.aborted: list[str] = []
+        self.timed_out = 0
+
+    def send_ping(self) -> None:
+        self.pings += 1
+
+    def send_goaway(self, code: ErrorCode, message: str) -> None:
+        self.goaways.append(code)
+
+    def open_streams(self) -> int:
+        return self.streams
+
+    def close(self) -> None:
+        self.closed += 1
+
+    def abort(self, why: str) -> None:
+        self.aborted.append(why)
+
+    def handshake_timed_out(self) -> None:
+        self.timed_out += 1
+
+
+class SessionTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.hooks = Hooks()
+        self.core = SessionCore(self.clock, self.hooks, keepalive=15, dead_timeout=45, handshake_timeout=10)
+        self.session = start_session(self.core)
+
+    def test_handshake_deadline(self) -> None:
+        self.clock.advance(9.9)
+        self.assertEqual(self.hooks.timed_out, 0)
+        self.clock.advance(0.1)
+        self.assertEqual((self.hooks.timed_out, self.hooks.closed), (1, 1))
+
+    def test_registration_cancels_the_handshake_deadline(self) -> None:
+        self.session.registered()
+        self.clock.advance(10)
+        self.assertEqual(self.hooks.timed_out, 0)
+
+    def test_pings_every_keepalive_while_the_peer_talks(self) -> None:
+        self.session.registered()
+        for _ in range(20):
+            self.clock.advance(15)
+            self.core.heard()  # the PONG
+        self.assertEqual(self.hooks.pings, 20)
+        self.assertEqual(self.hooks.aborted, [])
+
+    def test_silent_peer_dropped_at_the_dead_timeout(self) -> None:
+        self.session.registered()
+        self.clock.advance(44.9)
+        self.assertEqual(self.hooks.aborted, [])
+        self.clock.advance(0.2)
+        self.assertEqual(len(self.hooks.aborted), 1)
+        self.assertIn("nothing heard from the peer for 45s", self.hooks.aborted[0])
+        self.session.lost()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_drain_without_streams_closes_at_once(self) -> None:
+        self.session.registered()
+        done = self.session.drain(30, ErrorCode.SHUTDOWN, "bye")
+        self.assertEqual(self.hooks.goaways, [ErrorCode.SHUTDOWN])
+        self.assertEqual(self.hooks.closed, 1)
+        self.assertNoResult(done)
+        self.session.lost()
+        self.successResultOf(done)
+
+    def test_drain_waits_for_the_last_stream(self) -> None:
+        self.session.registered()
+        self.hooks.streams = 2
+        done = self.session.drain(30, ErrorCode.SHUTDOWN, "bye")
+        self.hooks.streams = 1
+        self.session.stream_closed()
+        self.assertEqual(self.hooks.closed, 0)
+        self.hooks.streams = 0
+        self.session.stream_closed()
+        self.assertEqual(self.hooks.closed, 1)
+        self.session.lost()
+        self.successResultOf(done)
+
+    def test_drain_timeout_cuts_remaining_streams(self) -> None:
+        self.session.registered()
+        self.hooks.streams = 1
+        done = self.session.drain(30, ErrorCode.SHUTDOWN, "bye")
+        self.clock.advance(29)
+        self.assertEqual(self.hooks.aborted, [])
+        self.core.heard()
+        self.clock.advance(1)
+        self.assertEqual(self.hooks.aborted, ["1 stream(s) still open when the drain timeout passed"])
+        self.session.lost()
+        self.successResultOf(done)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class BackoffTests(SynchronousTestCase):
+    def test_full_jitter_grows_to_the_cap(self) -> None:
+        top = Backoff(1.0, 30.0, random=lambda: 0.999999)
+        delays = [top(1) for _ in range(8)]
+        for got, want in zip(delays, [1, 2, 4, 8, 16, 30, 30, 30], strict=True):
+            self.assertAlmostEqual(got, want, places=3)
+        self.assertEqual(Backoff(1.0, 30.0, random=lambda: 0.0)(7), 0.0)
+
+    def test_registration_resets(self) -> None:
+        top = Backoff(1.0, 30.0, random=lambda: 0.999999)
+        for _ in range(6):
+            top(1)
+        top.reset()
+        self.assertAlmostEqual(top(1), 1.0, places=3)
+
+    def test_rejection_waits_near_the_cap(self) -> None:
+        b = Backoff(1.0, 30.0, random=lambda: 0.0)
+        b.rejected = True
+        self.assertEqual(b(1), 15.0)
+
+
+# The reconnect loop as a Hypothesis state machine.
+
+
+class FakeTunnel(Protocol):
+    def __init__(self) -> None:
+        self.registered = False
+        self.lost = False
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.lost = True
+
+
+class Closing(StringTransport):
+    def __init__(self, on_close: Any) -> None:
+        super().__init__()
+        self._on_close = on_close
+
+    def loseConnection(self) -> None:
+        if not self.disconnecting:
+            self.disconnecting = True
+            self._on_close()
+
+
+class FakeEndpoint:
+    def __init__(self) -> None:
+        self.attempts: list[tuple[Deferred[Any], Any]] = []
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.attempts.append((d, factory))
+        return d
+
+    def pending(self) -> list[tuple[Deferred[Any], Any]]:
+        return [(d, f) for d, f in self.attempts if not d.called]
+
+
+INITIAL, CAP = 1.0, 30.0
+
+
+class RecordingBackoff(Backoff):
+    def __init__(self, initial: float, cap: float) -> None:
+        super().__init__(initial, cap)
+        self.chosen: list[tuple[float, bool]] = []
+
+    def __call__(self, attempt: int) -> float:
+        delay = super().__call__(attempt)
+        self.chosen.append((delay, self.rejected))
+        return delay
+
+
+class ReconnectMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = Clock()
+        self.endpoint = FakeEndpoint()
+        self.backoff = RecordingBackoff(INITIAL, CAP)
+        self.service = reconnecting(self.endpoint, _Factory(), self.backoff, self.clock)  # type: ignore[arg-type]
+        self.service.startService()
+        self.stopped = False
+        self.connected: tuple[Any, FakeTunnel] | None = None  # (proxy, tunnel)
+        self.just_registered_then_lost = False
+
+    def _lose(self, reason: Exception) -> None:
+        assert self.connected is not None
+        proxy, _tunnel = self.connected
+        self.connected = None
+        proxy.connectionLost(Failure(reason))
+
+    @precondition(lambda self: bool(self.endpoint.pending()))
+    @rule()
+    def connect_succeeds(self) -> None:
+        d, factory = self.endpoint.pending()[0]
+        proxy = factory.buildProtocol(None)
+        tunnel = proxy._protocol
+        holder: dict[str, Any] = {}
+        proxy.makeConnection(Closing(lambda: self._lose_later(holder)))
+        holder["proxy"] = proxy
+        self.connected = (proxy, tunnel)
+        d.callback(proxy)
+
+    def _lose_later(self, holder: dict[str, Any]) -> None:
+        proxy = holder.get("proxy")
+        if self.connected is not None and self.connected[0] is proxy:
+            self._lose(error.ConnectionDone())
+
+    @precondition(lambda self: bool(self.endpoint.pending()))
+    @rule()
+    def connect_fails(self) -> None:
+        d, _ = self.endpoint.pending()[0]
+        d.errback(error.ConnectionRefusedError())
+
+    @precondition(lambda self: self.connected is not None and not self.connected[1].registered)
+    @rule()
+    def registration_succeeds(self) -> None:
+        # What AgentTunnel does on WELCOME.
+        assert self.connected is not None
+        self.connected[1].registered = True
+        self.backoff.reset()
+
+    @precondition(lambda self: self.connected is not None and not self.connected[1].registered)
+    @rule()
+    def auth_rejected(self) -> None:
+        # What AgentTunnel does on REJECT.
+        self.backoff.rejected = True
+        self._lose(error.ConnectionDone())
+
+    @precondition(lambda self: self.connected is not None and not self.connected[1].registered)
+    @rule()
+    def lost_during_handshake(self) -> None:
+        self._lose(error.ConnectionLost())
+
+    @precondition(lambda self: self.connected is not None and self.connected[1].registered)
+    @rule(goaway=st.booleans())
+    def disconnect(self, goaway: bool) -> None:
+        self._lose(error.ConnectionDone() if goaway else error.ConnectionLost())
+        if not self.stopped:
+            self.just_registered_then_lost = True
+
+    @rule()
+    def stop(self) -> None:
+        self.service.stopService()
+        self.stopped = True
+
+    @rule(seconds=st.floats(min_value=0, max_value=2 * CAP))
+    def time_passes(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+        self.just_registered_then_lost = False
+
+    @invariant()
+    def one_attempt_at_a_time(self) -> None:
+        in_flight = len(self.endpoint.pending()) + (1 if self.connected is not None else 0)
+        assert in_flight <= 1, in_flight
+
+    @invariant()
+    def delays_within_bounds(self) -> None:
+        now = self.clock.seconds()
+        for call in self.clock.getDelayedCalls():
+            assert 0 <= call.getTime() - now <= CAP + 1e-9
+
+    @invariant()
+    def nothing_left_after_stop(self) -> None:
+        if self.stopped and self.connected is None:
+            assert self.clock.getDelayedCalls() == []
+            assert self.endpoint.pending() == []
+
+    @invariant()
+    def every_chosen_delay_within_bounds(self) -> None:
+        for delay, rejected in self.backoff.chosen:
+            assert 0 <= delay <= CAP
+            if rejected:
+                assert delay >= CAP / 2
+
+    @invariant()
+    def success_resets_the_backoff(self) -> None:
+        if self.just_registered_then_lost and not self.backoff.rejected:
+            for call in self.clock.getDelayedCalls():
+                assert call.getTime() - self.clock.seconds() <= INITIAL + 1e-9
+
+
+class _Factory:
+    def buildProtocol(self, addr: Any) -> FakeTunnel:
+        return FakeTunnel()
+
+    def doStart(self) -> None:
+        pass
+
+    def doStop(self) -> None:
+        pass
+
+
+ReconnectMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestReconnectMachine = ReconnectMachine.TestCase
