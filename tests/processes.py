@@ -71,6 +71,11 @@ class Proc:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+        # Whatever the test checked, a NOVA process must never log a traceback.
+        text = self.text()
+        for bad in ("Traceback", "Unhandled error"):
+            if bad in text:
+                raise AssertionError(f"{self.log_path.name} logged {bad!r}:\n{text[-4000:]}")
 
 
 @contextmanager
@@ -152,3 +157,82 @@ def echo_roundtrip(port: int, payload: bytes, timeout: float = 60.0) -> bytes:
             chunks.append(data)
         sender.join()
         return b"".join(chunks)
+
+
+class Relay:
+    """
+    A TCP relay on loopback standing in for the network between NOVAC and
+    NOVAS: it can stall (stop forwarding without closing anything) and cut
+    connections that stay idle for C{idle_cut} seconds, as load balancers do.
+    """
+
+    def __init__(self, upstream_port: int, idle_cut: float | None = None) -> None:
+        self.upstream_port = upstream_port
+        self.idle_cut = idle_cut
+        self.stalled = threading.Event()
+        self.cuts = 0
+        self._stop = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        self._listener.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            t = threading.Thread(target=self._pump, args=(client,), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _pump(self, client: socket.socket) -> None:
+        import selectors
+
+        try:
+            server = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
+        except OSError:
+            client.close()
+            return
+        peers = {client: server, server: client}
+        sel = selectors.DefaultSelector()
+        for s in peers:
+            s.setblocking(False)
+            sel.register(s, selectors.EVENT_READ)
+        last = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                if self.stalled.is_set():
+                    time.sleep(0.05)
+                    continue
+                if self.idle_cut is not None and time.monotonic() - last > self.idle_cut:
+                    self.cuts += 1
+                    return
+                for key, _ in sel.select(0.05):
+                    src = key.fileobj
+                    try:
+                        data = src.recv(65536)  # type: ignore[union-attr]
+                    except BlockingIOError:
+                        continue
+                    if not data:
+                        return
+                    peers[src].setblocking(True)  # type: ignore[index]
+                    peers[src].sendall(data)  # type: ignore[index]
+                    peers[src].setblocking(False)  # type: ignore[index]
+                    last = time.monotonic()
+        except OSError:
+            return
+        finally:
+            sel.close()
+            client.close()
+            server.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._listener.close()
+        for t in self._threads:
+            t.join(5)

@@ -190,7 +190,7 @@ class HandshakeTests(SynchronousTestCase):
         agent = h.server_context.registry.get("db-agent")
         self.assertIsInstance(agent, ServerTunnel)
         self.assertEqual(agent.tags, {"env": "prod", "zone": "a"})  # type: ignore[union-attr]
-        self.assertEqual(self.successResultOf(h.agent.registered), h.agent)
+        self.assertEqual(self.successResultOf(h.agent.when_registered()), h.agent)
         self.assertIn("agent db-agent registered", self.log_text())
 
     def test_pinned_fingerprint_registers(self) -> None:
@@ -200,7 +200,7 @@ class HandshakeTests(SynchronousTestCase):
     def test_wrong_token_rejected_on_both_sides_without_leaking_it(self) -> None:
         h = Harness(agent_token=b"not the right token")
         self.assertIsNone(h.server_context.registry.get("db-agent"))
-        failure = self.failureResultOf(h.agent.registered, Rejected)
+        failure = self.failureResultOf(h.agent.when_registered(), Rejected)
         self.assertEqual(failure.value.code, ErrorCode.AUTH_FAILED)
         text = self.log_text()
         self.assertIn("rejected agent 'db-agent'", text)
@@ -210,18 +210,18 @@ class HandshakeTests(SynchronousTestCase):
 
     def test_certificate_from_unknown_ca_refused(self) -> None:
         h = Harness(trust="other-ca")
-        self.failureResultOf(h.agent.registered)
+        self.failureResultOf(h.agent.when_registered())
         self.assertIsNone(h.server_context.registry.get("db-agent"))
         self.assertIsNone(h.agent.mux)
 
     def test_wrong_server_name_refused(self) -> None:
         h = Harness(server_name="other.test")
-        self.failureResultOf(h.agent.registered)
+        self.failureResultOf(h.agent.when_registered())
         self.assertIsNone(h.server_context.registry.get("db-agent"))
 
     def test_wrong_pin_refused(self) -> None:
         h = Harness(trust="wrong-pin")
-        self.failureResultOf(h.agent.registered)
+        self.failureResultOf(h.agent.when_registered())
         self.assertIsNone(h.server_context.registry.get("db-agent"))
 
 

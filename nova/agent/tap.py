@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.internet import ClientService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint
@@ -106,7 +106,10 @@ class NovacService(MultiService):
             else:
                 drained = tunnel.drain(self.config.drain_timeout, ErrorCode.SHUTDOWN, "agent shutting down")
                 stops.append(drained.addCallback(_then_stop, client))
-        d: Deferred[None] = gatherResults(stops).addCallback(lambda _: MultiService.stopService(self))
+        # Every child is stopped above; only this service itself is left.  (Not
+        # MultiService.stopService: it would stop the ClientServices again, from
+        # inside their own state machines.)
+        d: Deferred[None] = gatherResults(stops).addCallback(lambda _: Service.stopService(self))
         return d
 
 

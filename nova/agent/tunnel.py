@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from twisted.internet import error
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IProtocol, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
@@ -79,7 +79,8 @@ class AgentTunnel(TunnelProtocol):
         self.context = context
         self.server = server
         self.backoff = backoff
-        self.registered: Deferred[AgentTunnel] = Deferred()
+        self._outcome: AgentTunnel | Failure | None = None
+        self._waiters: list[Deferred[AgentTunnel]] = []
         self._dialing: dict[int, Deferred[IProtocol]] = {}
         self._saw_hello = False
 
@@ -124,7 +125,7 @@ class AgentTunnel(TunnelProtocol):
                 agent=self.context.name,
                 server_id=frame.server_id,
             )
-            self.registered.callback(self)
+            self._settle(self)
         elif isinstance(frame, Reject):
             self.log.error(
                 "server {server} rejected the registration of {agent}: {code}: {message}",
@@ -140,9 +141,28 @@ class AgentTunnel(TunnelProtocol):
         else:
             raise ProtocolError(f"unexpected {frame.TYPE.name} during the handshake")
 
+    def when_registered(self) -> Deferred[AgentTunnel]:
+        """Fires with this tunnel once registered, or fails with why not."""
+        if self._outcome is None:
+            d: Deferred[AgentTunnel] = Deferred()
+            self._waiters.append(d)
+            return d
+        if isinstance(self._outcome, Failure):
+            return fail(self._outcome)
+        return succeed(self._outcome)
+
+    def _settle(self, outcome: AgentTunnel | Failure) -> None:
+        self._outcome = outcome
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            if isinstance(outcome, Failure):
+                d.errback(outcome)
+            else:
+                d.callback(outcome)
+
     def _fail_registration(self, reason: Exception) -> None:
-        if not self.registered.called:
-            self.registered.errback(reason)
+        if self._outcome is None:
+            self._settle(Failure(reason))
 
     # Streams.
 
@@ -214,7 +234,7 @@ class AgentTunnel(TunnelProtocol):
         for d in list(self._dialing.values()):
             d.cancel()
         self._dialing.clear()
-        if not self.registered.called:
+        if self._outcome is None:
             self.log.warn(
                 "connection to {server} ended before registration: {reason}",
                 server=self.server,

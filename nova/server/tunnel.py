@@ -162,7 +162,12 @@ class ServerTunnel(TunnelProtocol):
         self.close()
 
     def goaway_received(self, code: ErrorCode, message: str) -> None:
-        super().goaway_received(code, message)
+        self.log.info(
+            "agent {agent} is going away ({code}: {message}); no new streams go to it",
+            agent=self.name,
+            code=code.name,
+            message=message,
+        )
         self.draining = True
 
     def tunnel_closed(self, reason: Failure) -> None:
