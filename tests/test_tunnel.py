@@ -23,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from nova.agent.tunnel import AgentContext, AgentTunnel, AgentTunnelFactory, Rejected
+from nova.server.routes import Selector
 from nova.server.tunnel import OpenFailed, ServerContext, ServerTunnel, ServerTunnelFactory
 from nova.tls import certificate_fingerprint, client_creator, parse_fingerprint, server_options
 from nova.wire.codec import FrameDecoder
@@ -372,4 +373,57 @@ class StreamTests(SynchronousTestCase):
         self.assertIsNotNone(user1.lost)
         self.assertIsNotNone(user2.lost)
         self.assertTrue(target1.aborted and target2.aborted)
+        self.assertIsNone(h.server_context.registry.get("db-agent"))
+
+
+class LifeCycleTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def _register(self, context: ServerContext, name: str) -> tuple[ServerTunnel, StringTransport]:
+        tunnel = ServerTunnel(context)
+        transport = StringTransport()
+        tunnel.makeConnection(transport)
+        [hello] = FrameDecoder().feed(transport.value())
+        transport.clear()
+        tunnel.dataReceived(b"".join(encode(make_auth(TOKEN, hello.nonce, b"", name, (), 65536))))
+        return tunnel, transport
+
+    def test_same_name_replaces_the_old_tunnel(self) -> None:
+        context = ServerContext(token=TOKEN, tls=False, clock=Clock())
+        old, old_transport = self._register(context, "db-agent")
+        new, _ = self._register(context, "db-agent")
+        self.assertIs(context.registry.get("db-agent"), new)
+        frames = FrameDecoder().feed(old_transport.value())
+        self.assertIn(ErrorCode.REPLACED, [getattr(f, "code", None) for f in frames])
+        self.assertTrue(old_transport.disconnecting)
+        # The old tunnel's late disconnect does not unregister the new one.
+        old.connectionLost(Failure(error.ConnectionDone()))
+        self.assertIs(context.registry.get("db-agent"), new)
+        self.assertIn("agent db-agent registered again", "\n".join(formatEvent(e) for e in self.logged))
+
+    def test_round_trip_time_is_measured(self) -> None:
+        h = Harness()
+        self.assertIsNone(h.agent.rtt)
+        h.clock.advance(15)  # both sides ping
+        h.flush()
+        self.assertIsNotNone(h.agent.rtt)
+        self.assertIsNotNone(h.server.rtt)
+        self.assertGreaterEqual(h.agent.rtt, 0)  # type: ignore[arg-type]
+
+    def test_drain_refuses_new_streams_and_closes_after_the_last(self) -> None:
+        h = Harness()
+        stream, user, target_transport, target = h.open()
+        done = h.agent.drain(30)
+        h.flush()
+        self.assertTrue(h.server.draining)
+        self.assertIsNone(h.server_context.registry.choose(Selector()))
+        stream.write(b"still flowing")
+        h.flush()
+        self.assertEqual(target_transport.value(), b"still flowing")
+        self.assertNoResult(done)
+        stream.loseConnection()
+        target.readConnectionLost()  # type: ignore[attr-defined]
+        h.flush()
+        self.successResultOf(done)
         self.assertIsNone(h.server_context.registry.get("db-agent"))
