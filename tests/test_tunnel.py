@@ -413,7 +413,7 @@ class LifeCycleTests(SynchronousTestCase):
 
     def test_drain_refuses_new_streams_and_closes_after_the_last(self) -> None:
         h = Harness()
-        stream, user, target_transport, target = h.open()
+        stream, _user, target_transport, target = h.open()
         done = h.agent.drain(30)
         h.flush()
         self.assertTrue(h.server.draining)
