@@ -7,20 +7,27 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, maybeDeferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IProtocol, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from nova.mux.splice import Pipe, splice
-from nova.mux.stream import StreamTransport
+from nova.mux.stream import StreamAddress
 
+from .endpoint import DEFAULT_OPEN_TIMEOUT, TunnelEndpoint
 from .registry import Registry
 from .routes import Route
-from .tunnel import OpenFailed, ServerTunnel, TunnelGone
 
-DEFAULT_OPEN_TIMEOUT = 30.0
+
+class PipeFactory(Factory):
+    """Builds the stream end of a relay."""
+
+    noisy = False
+
+    def buildProtocol(self, addr: Any) -> Pipe:
+        return Pipe()
 
 
 class RouteClient(Pipe):
@@ -31,64 +38,43 @@ class RouteClient(Pipe):
     def __init__(self, factory: RouteFactory) -> None:
         super().__init__()
         self.factory = factory
-        self._opening: Deferred[StreamTransport] | None = None
-        self._agent = ""
+        self._opening: Deferred[IProtocol] | None = None
 
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.transport.pauseProducing()  # type: ignore[attr-defined]
-        route = self.factory.route
-        client = self.transport.getPeer()
-        tunnel = self.factory.registry.choose(route.selector)
-        if tunnel is None:
-            self.log.warn(
-                "route {route}: no agent matches {selector}; closing the connection from {client}",
-                route=str(route),
-                selector=str(route.selector),
-                client=_address(client),
-            )
-            self.transport.loseConnection()
-            return
-        assert isinstance(tunnel, ServerTunnel)
-        self._agent = tunnel.name
-        d = maybeDeferred(tunnel.open_stream, route.host, route.host_port)
-        d.addTimeout(self.factory.open_timeout, self.factory.clock)
+        d = self.factory.endpoint.connect(PipeFactory())
         d.addCallbacks(self._opened, self._failed)
-        self._opening = d
+        if not d.called:
+            self._opening = d
 
-    def _opened(self, stream: StreamTransport) -> None:
+    def _opened(self, other: IProtocol) -> None:
         self._opening = None
+        assert isinstance(other, Pipe) and other.transport is not None
         if self.lost or self.transport is None:
-            stream.abortConnection()
+            other.transport.abortConnection()  # type: ignore[attr-defined]
             return
+        peer = other.transport.getPeer()
         self.log.info(
             "route {route}: {client} connected through {agent} (stream {stream})",
             route=str(self.factory.route),
-            client=_address(self.transport.getPeer()),
-            agent=self._agent,
-            stream=stream.stream_id,
+            client=address(self.transport.getPeer()),
+            agent=peer.tunnel if isinstance(peer, StreamAddress) else "?",
+            stream=peer.stream_id if isinstance(peer, StreamAddress) else "?",
         )
-        other = Pipe()
-        stream.makeConnection(other)
         splice(self, other)
 
     def _failed(self, failure: Failure) -> None:
         self._opening = None
         if failure.check(CancelledError) and self.lost:
             return
-        if failure.check(OpenFailed, TunnelGone):
-            why = failure.getErrorMessage()
-        elif failure.check(TimeoutError, CancelledError):
-            why = f"the agent did not answer within {self.factory.open_timeout:g}s"
-        else:
-            why = repr(failure.value)
         route = self.factory.route
         self.log.warn(
-            "route {route}: cannot reach {target} through {agent}: {why}",
+            "route {route}: cannot reach {target} for {client}: {why}; closing the connection",
             route=str(route),
             target=f"{route.host}:{route.host_port}",
-            agent=self._agent,
-            why=why,
+            client=address(self.transport.getPeer()) if self.transport is not None else "?",
+            why=failure.getErrorMessage(),
         )
         if self.transport is not None and not self.lost:
             self.transport.loseConnection()
@@ -106,16 +92,14 @@ class RouteFactory(Factory):
         self, route: Route, registry: Registry, clock: IReactorTime, open_timeout: float = DEFAULT_OPEN_TIMEOUT
     ) -> None:
         self.route = route
-        self.registry = registry
-        self.clock = clock
-        self.open_timeout = open_timeout
+        self.endpoint = TunnelEndpoint(registry, route.selector, route.host, route.host_port, clock, open_timeout)
 
     def buildProtocol(self, addr: Any) -> RouteClient:
         return RouteClient(self)
 
 
-def _address(address: Any) -> str:
-    host, port = getattr(address, "host", None), getattr(address, "port", None)
+def address(addr: Any) -> str:
+    host, port = getattr(addr, "host", None), getattr(addr, "port", None)
     if host is None:
-        return str(address)
+        return str(addr)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -4,7 +4,7 @@ The registered tunnels, by agent name, and the choice of one for a stream.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Protocol
 
 from twisted.logger import Logger
@@ -16,6 +16,8 @@ class Registered(Protocol):
     name: str
     tags: dict[str, str]
     draining: bool
+
+    def open_streams(self) -> int: ...
 
     def replaced(self) -> None: ...
 
@@ -51,10 +53,26 @@ class Registry:
         if self._by_name.get(tunnel.name) is tunnel:
             del self._by_name[tunnel.name]
 
-    def choose(self, selector: Selector) -> Registered | None:
-        """A matching agent that takes new streams, round robin."""
-        candidates = [t for t in self._by_name.values() if not t.draining and selector.matches(t.name, t.tags)]
-        if not candidates:
+    def matching(self, selector: Selector) -> list[Registered]:
+        """Every registered agent the selector matches, draining or not."""
+        return [t for t in self._by_name.values() if selector.matches(t.name, t.tags)]
+
+    def choose(self, selector: Selector, exclude: Collection[Registered] = ()) -> Registered | None:
+        """
+        The matching agent, not draining and not in C{exclude}, with the
+        fewest active streams; ties are broken round robin.
+        """
+        best: list[Registered] = []
+        fewest = 0
+        for t in self._by_name.values():
+            if t.draining or t in exclude or not selector.matches(t.name, t.tags):
+                continue
+            n = t.open_streams()
+            if not best or n < fewest:
+                best, fewest = [t], n
+            elif n == fewest:
+                best.append(t)
+        if not best:
             return None
         self._turn += 1
-        return candidates[self._turn % len(candidates)]
+        return best[self._turn % len(best)]

@@ -23,6 +23,10 @@ from .tunnel import ServerContext, ServerTunnel, ServerTunnelFactory
 
 log = Logger()
 
+# Listen backlog: a burst of new connections (or of agents reconnecting after
+# a restart) must queue, not be dropped while the reactor is busy.
+BACKLOG = 1024
+
 
 class NovasService(MultiService):
     """The agent listener and one listener per route."""
@@ -80,6 +84,7 @@ class NovasService(MultiService):
             reactor,
             c.agent_port,
             options,
+            backlog=BACKLOG,
             interface=c.agent_bind,  # type: ignore[arg-type]
         )
         return endpoint
@@ -130,9 +135,9 @@ class NovasService(MultiService):
 def _tcp_endpoint(reactor: IReactorCore, bind: str, port: int) -> IStreamServerEndpoint:
     endpoint: IStreamServerEndpoint
     if ":" in bind:
-        endpoint = TCP6ServerEndpoint(reactor, port, interface=bind)  # type: ignore[arg-type]
+        endpoint = TCP6ServerEndpoint(reactor, port, backlog=BACKLOG, interface=bind)  # type: ignore[arg-type]
     else:
-        endpoint = TCP4ServerEndpoint(reactor, port, interface=bind)  # type: ignore[arg-type]
+        endpoint = TCP4ServerEndpoint(reactor, port, backlog=BACKLOG, interface=bind)  # type: ignore[arg-type]
     return endpoint
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
@@ -59,7 +59,12 @@ class ServerTunnel(TunnelProtocol):
         self._opening: dict[int, tuple[Deferred[StreamTransport], str, int]] = {}
 
     def __repr__(self) -> str:
-        return f"<ServerTunnel {self.name or '?'} from {self.peer_label}>"
+        return f"<ServerTunnel {self.name or '?'}>"
+
+    @property
+    def peer_label(self) -> str:
+        """The agent's name once it has registered, its address before."""
+        return self.name if self.registered else super().peer_label
 
     # Handshake.
 
@@ -90,7 +95,7 @@ class ServerTunnel(TunnelProtocol):
         self.log.info(
             "agent {agent} registered from {peer} with tags {tags}",
             agent=self.name,
-            peer=self.peer_label,
+            peer=TunnelProtocol.peer_label.fget(self),  # type: ignore[attr-defined]
             tags=";".join(f"{k}={v}" for k, v in frame.tags) or "(none)",
         )
 
@@ -191,4 +196,4 @@ class ServerTunnelFactory(Factory):
         return ServerTunnel(self.context)
 
 
-__all__ = ["CancelledError", "OpenFailed", "ServerContext", "ServerTunnel", "ServerTunnelFactory", "TunnelGone"]
+__all__ = ["OpenFailed", "ServerContext", "ServerTunnel", "ServerTunnelFactory", "TunnelGone"]

@@ -1,0 +1,166 @@
+"""
+A Twisted client endpoint that connects through a tunnel.
+
+    endpoint = TunnelEndpoint(registry, parse_selector("env=prod"), "db.internal", 5432, reactor)
+    protocol = await endpoint.connect(factory)
+
+Routes and the SOCKS5 entry are built on it, so every way into a tunnel
+shares one code path: agent choice, failover and error reporting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IReactorTime, IStreamClientEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from nova.mux.stream import StreamTransport
+from nova.wire.errors import OpenFailReason
+
+from .registry import Registered, Registry
+from .routes import Selector
+from .tunnel import OpenFailed, ServerTunnel, TunnelGone
+
+DEFAULT_OPEN_TIMEOUT = 30.0
+DEFAULT_ATTEMPTS = 3
+
+# Failures that say nothing about the target: another agent may well succeed.
+_AGENT_REASONS = frozenset({OpenFailReason.DRAINING, OpenFailReason.OVERLOADED})
+
+
+class NoAgent(Exception):
+    """No registered agent matches the selector (or all that do are draining)."""
+
+    def __init__(self, selector: Selector) -> None:
+        super().__init__(f"no agent matches {selector}")
+        self.selector = selector
+
+
+class AgentTimeout(Exception):
+    """The agent did not answer the OPEN in time."""
+
+
+def retryable(failure: Failure) -> bool:
+    """Did the stream fail because of the agent (so another may work)?"""
+    if failure.check(TunnelGone, AgentTimeout):
+        return True
+    if failure.check(OpenFailed):
+        return failure.value.reason in _AGENT_REASONS  # type: ignore[union-attr]
+    return False
+
+
+@dataclass
+class _Attempt:
+    """One connect(): the agents tried so far and the open in progress."""
+
+    tried: list[Registered] = field(default_factory=list)
+    current: Deferred[StreamTransport] | None = None
+    cancelled: bool = False
+
+
+@implementer(IStreamClientEndpoint)
+class TunnelEndpoint:
+    """
+    Connects to C{host:port} through an agent matching C{selector}: the one
+    with the fewest active streams.  If that agent fails before the stream
+    is established (it went away, is draining, or did not answer within
+    C{open_timeout}), the next matching agent is tried, up to C{attempts} in
+    all.  Failures about the target itself (refused, DNS, policy) are final.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        registry: Registry,
+        selector: Selector,
+        host: str,
+        port: int,
+        clock: IReactorTime,
+        open_timeout: float = DEFAULT_OPEN_TIMEOUT,
+        attempts: int = DEFAULT_ATTEMPTS,
+    ) -> None:
+        self.registry = registry
+        self.selector = selector
+        self.host = host
+        self.port = port
+        self.clock = clock
+        self.open_timeout = open_timeout
+        self.attempts = attempts
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        attempt = _Attempt()
+
+        def cancel(_: Deferred[IProtocol]) -> None:
+            attempt.cancelled = True
+            if attempt.current is not None:
+                attempt.current.cancel()
+
+        result: Deferred[IProtocol] = Deferred(cancel)
+        self._try(attempt, result, protocolFactory, None)
+        return result
+
+    def _try(
+        self,
+        attempt: _Attempt,
+        result: Deferred[IProtocol],
+        factory: IProtocolFactory,
+        last: Failure | None,
+    ) -> None:
+        if attempt.cancelled:
+            return
+        tunnel = self.registry.choose(self.selector, attempt.tried)
+        if tunnel is None or len(attempt.tried) >= self.attempts:
+            result.errback(last if last is not None else Failure(NoAgent(self.selector)))
+            return
+        assert isinstance(tunnel, ServerTunnel)
+        attempt.tried.append(tunnel)
+        try:
+            d = tunnel.open_stream(self.host, self.port)
+        except TunnelGone:
+            self._try(attempt, result, factory, Failure())
+            return
+        attempt.current = d
+        timer = self.clock.callLater(self.open_timeout, d.cancel)
+
+        def opened(stream: StreamTransport) -> None:
+            if timer.active():
+                timer.cancel()
+            attempt.current = None
+            protocol = factory.buildProtocol(stream.getPeer())
+            if protocol is None:
+                stream.abortConnection()
+                result.errback(ConnectionRefusedError("the protocol factory declined the connection"))
+                return
+            stream.makeConnection(protocol)
+            result.callback(protocol)
+
+        def failed(failure: Failure) -> None:
+            timed_out = not timer.active()
+            if not timed_out:
+                timer.cancel()
+            attempt.current = None
+            if attempt.cancelled:
+                return
+            if failure.check(CancelledError) and timed_out:
+                failure = Failure(AgentTimeout(f"agent {tunnel.name} did not answer within {self.open_timeout:g}s"))
+            if retryable(failure) and len(attempt.tried) < self.attempts:
+                self.log.info(
+                    "stream to {target} through {agent} failed ({why}); trying another agent",
+                    target=f"{self.host}:{self.port}",
+                    agent=tunnel.name,
+                    why=failure.getErrorMessage(),
+                )
+                self._try(attempt, result, factory, failure)
+                return
+            result.errback(failure)
+
+        d.addCallbacks(opened, failed)
+
+
+__all__ = ["AgentTimeout", "NoAgent", "TimeoutError", "TunnelEndpoint", "retryable"]
