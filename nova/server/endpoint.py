@@ -24,7 +24,7 @@ from nova.wire.errors import OpenFailReason
 
 from .registry import Registered, Registry
 from .routes import Selector
-from .tunnel import OpenFailed, ServerTunnel, TunnelGone
+from .tunnel import OpenFailed, TunnelGone
 
 DEFAULT_OPEN_TIMEOUT = 30.0
 DEFAULT_ATTEMPTS = 3
@@ -118,7 +118,6 @@ class TunnelEndpoint:
         if tunnel is None or len(attempt.tried) >= self.attempts:
             result.errback(last if last is not None else Failure(NoAgent(self.selector)))
             return
-        assert isinstance(tunnel, ServerTunnel)
         attempt.tried.append(tunnel)
         try:
             d = tunnel.open_stream(self.host, self.port)

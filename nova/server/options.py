@@ -5,6 +5,7 @@ variable (see README.md).
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,9 @@ SETTINGS = (
     Setting("handshake-timeout", "NOVAS_HANDSHAKE_TIMEOUT", "10", "Seconds an agent has to register."),
     Setting("open-timeout", "NOVAS_OPEN_TIMEOUT", "30", "Seconds to wait for an agent to open a stream."),
     *timing_settings("NOVAS"),
+    Setting("socks-port", "NOVAS_SOCKS_PORT", None, "SOCKS5 entry port (off unless set); username = SELECTOR."),
+    Setting("socks-bind", "NOVAS_SOCKS_BIND", "127.0.0.1", "Address the SOCKS5 port listens on."),
+    Setting("socks-password", "NOVAS_SOCKS_PASSWORD", None, "SOCKS5 password (required beyond loopback)."),
 )
 
 
@@ -64,6 +68,9 @@ class ServerConfig:
     keepalive: float = 15.0
     dead_timeout: float = 45.0
     drain_timeout: float = 30.0
+    socks_port: int | None = None
+    socks_bind: str = "127.0.0.1"
+    socks_password: bytes | None = None
 
     def __repr__(self) -> str:
         # Never show the token.
@@ -83,6 +90,13 @@ def build_config(v: dict[str, Any]) -> ServerConfig:
             raise ConfigError(f"routes {seen[(r.bind, r.port)]} and {r} listen on the same port")
         seen[(r.bind, r.port)] = r
     keepalive, dead, drain = parse_timing(v, "NOVAS")
+    socks_port = parse_port(v["socks-port"], "--socks-port / NOVAS_SOCKS_PORT", True) if v["socks-port"] else None
+    socks_password = v["socks-password"].encode("utf-8") if v["socks-password"] else None
+    if socks_port is not None and socks_password is None and not is_loopback(v["socks-bind"]):
+        raise ConfigError(
+            f"--socks-bind / NOVAS_SOCKS_BIND {v['socks-bind']} is beyond loopback:"
+            " set --socks-password / NOVAS_SOCKS_PASSWORD"
+        )
     return ServerConfig(
         agent_port=parse_port(v["agent-port"], "--agent-port / NOVAS_AGENT_PORT", allow_zero=True),
         agent_bind=v["agent-bind"],
@@ -98,7 +112,17 @@ def build_config(v: dict[str, Any]) -> ServerConfig:
         keepalive=keepalive,
         dead_timeout=dead,
         drain_timeout=drain,
+        socks_port=socks_port,
+        socks_bind=v["socks-bind"],
+        socks_password=socks_password,
     )
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
 
 
 class Options(EnvOptions):

@@ -7,7 +7,10 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator
 from typing import Protocol
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+
+from nova.mux.stream import StreamTransport
 
 from .routes import Selector
 
@@ -18,6 +21,8 @@ class Registered(Protocol):
     draining: bool
 
     def open_streams(self) -> int: ...
+
+    def open_stream(self, host: str, port: int) -> Deferred[StreamTransport]: ...
 
     def replaced(self) -> None: ...
 

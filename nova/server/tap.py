@@ -19,6 +19,7 @@ from nova.wire.errors import ErrorCode
 
 from .listener import RouteFactory
 from .options import Options, ServerConfig
+from .socks import SocksFactory
 from .tunnel import ServerContext, ServerTunnel, ServerTunnelFactory
 
 log = Logger()
@@ -61,6 +62,15 @@ class NovasService(MultiService):
             )
             listener.setServiceParent(self)  # type: ignore[no-untyped-call]
             self.route_listeners.append(listener)
+        self.socks_listener: ListenerService | None = None
+        if config.socks_port is not None:
+            self.socks_listener = ListenerService(
+                "novas",
+                f"SOCKS5 on {config.socks_bind}:{config.socks_port}",
+                _tcp_endpoint(reactor, config.socks_bind, config.socks_port),
+                SocksFactory(self.context.registry, reactor, config.socks_password, config.open_timeout),  # type: ignore[arg-type]
+            )
+            self.socks_listener.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def _agent_endpoint(self, reactor: IReactorCore) -> IStreamServerEndpoint:
         c = self.config
@@ -111,6 +121,12 @@ class NovasService(MultiService):
         )
         for listener in self.route_listeners:
             log.info("route {route} listening", route=listener.what.removeprefix("route "))
+        if self.socks_listener is not None:
+            log.info(
+                "{what} listening ({auth})",
+                what=self.socks_listener.what,
+                auth="password required" if c.socks_password else "no password: loopback only",
+            )
         exit_zero_on_sigterm(self.reactor, log)
 
     def stopService(self) -> Deferred[None]:

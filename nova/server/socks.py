@@ -1,0 +1,291 @@
+"""
+The SOCKS5 entry (RFC 1928 CONNECT, RFC 1929 username/password).
+
+The username is a selector (C{env=prod}, C{name:db-agent}, or empty for any
+agent); the password is NOVAS's SOCKS password, when one is set.  Domain
+names travel to the agent unresolved and are resolved inside the private
+network.  Every outcome is a proper SOCKS reply; anything malformed is
+refused and closed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import struct
+from enum import IntEnum
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IProtocol, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from nova.config import ConfigError
+from nova.mux.splice import Pipe, splice
+from nova.mux.stream import StreamAddress
+from nova.wire.errors import OpenFailReason
+
+from .endpoint import DEFAULT_OPEN_TIMEOUT, NoAgent, TunnelEndpoint
+from .listener import PipeFactory, address
+from .registry import Registry
+from .routes import Selector, parse_selector
+from .tunnel import OpenFailed
+
+VERSION = 5
+AUTH_VERSION = 1
+NO_AUTH, USER_PASS, NO_ACCEPTABLE = 0x00, 0x02, 0xFF
+CONNECT = 0x01
+IPV4, DOMAIN, IPV6 = 0x01, 0x03, 0x04
+MAX_BUFFER = 1024
+
+
+class Reply(IntEnum):
+    SUCCEEDED = 0x00
+    GENERAL_FAILURE = 0x01
+    NOT_ALLOWED = 0x02
+    NETWORK_UNREACHABLE = 0x03
+    HOST_UNREACHABLE = 0x04
+    CONNECTION_REFUSED = 0x05
+    TTL_EXPIRED = 0x06
+    COMMAND_NOT_SUPPORTED = 0x07
+    ADDRESS_TYPE_NOT_SUPPORTED = 0x08
+
+
+_REASON_REPLY = {
+    OpenFailReason.REFUSED: Reply.CONNECTION_REFUSED,
+    OpenFailReason.DNS_FAILURE: Reply.HOST_UNREACHABLE,
+    OpenFailReason.UNREACHABLE: Reply.HOST_UNREACHABLE,
+    OpenFailReason.TIMEOUT: Reply.TTL_EXPIRED,
+    OpenFailReason.DENIED: Reply.NOT_ALLOWED,
+}
+
+
+def reply_for(failure: Failure) -> Reply:
+    """The SOCKS reply code for a failed tunnel connect."""
+    if failure.check(NoAgent):
+        return Reply.NETWORK_UNREACHABLE
+    if failure.check(OpenFailed):
+        return _REASON_REPLY.get(failure.value.reason, Reply.GENERAL_FAILURE)  # type: ignore[union-attr]
+    return Reply.GENERAL_FAILURE
+
+
+def reply(code: Reply) -> bytes:
+    """A reply with an all-zero bound address (clients ignore it)."""
+    return bytes([VERSION, code, 0, IPV4, 0, 0, 0, 0, 0, 0])
+
+
+class Malformed(Exception):
+    pass
+
+
+class SocksClient(Pipe):
+    """One SOCKS5 client connection: negotiate, then relay."""
+
+    log = Logger()
+
+    def __init__(self, factory: SocksFactory) -> None:
+        super().__init__()
+        self.factory = factory
+        self._buffer = bytearray()
+        self._state = "greeting"
+        self._selector = Selector()
+        self._opening: Deferred[IProtocol] | None = None
+        self._target = ""
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._state == "relay":
+            super().dataReceived(data)
+            return
+        if self._state == "closed":
+            return
+        self._buffer += data
+        try:
+            while self._state in ("greeting", "auth", "request") and self._step():
+                pass
+            if len(self._buffer) > MAX_BUFFER:
+                raise Malformed("request too long")
+        except Malformed as e:
+            self._refuse(str(e))
+
+    # Each step consumes one complete message, or returns False to wait.
+
+    def _step(self) -> bool:
+        b = self._buffer
+        if self._state == "greeting":
+            if len(b) < 2:
+                return False
+            if b[0] != VERSION:
+                raise Malformed(f"not SOCKS5 (version byte {b[0]})")
+            if len(b) < 2 + b[1]:
+                return False
+            methods = set(b[2 : 2 + b[1]])
+            del b[: 2 + b[1]]
+            if USER_PASS in methods:
+                self._send(bytes([VERSION, USER_PASS]))
+                self._state = "auth"
+            elif NO_AUTH in methods and self.factory.password is None:
+                self._send(bytes([VERSION, NO_AUTH]))
+                self._state = "request"
+            else:
+                self._send(bytes([VERSION, NO_ACCEPTABLE]))
+                self._close("no acceptable authentication method (a password is required)")
+            return True
+        if self._state == "auth":
+            if len(b) < 2:
+                return False
+            if b[0] != AUTH_VERSION:
+                raise Malformed(f"bad username/password version {b[0]}")
+            ulen = b[1]
+            if len(b) < 2 + ulen + 1:
+                return False
+            plen = b[2 + ulen]
+            if len(b) < 3 + ulen + plen:
+                return False
+            username = bytes(b[2 : 2 + ulen])
+            password = bytes(b[3 + ulen : 3 + ulen + plen])
+            del b[: 3 + ulen + plen]
+            self._authenticate(username, password)
+            return True
+        if self._state == "request":
+            if len(b) < 5:
+                return False
+            if b[0] != VERSION or b[2] != 0:
+                raise Malformed("malformed request header")
+            command, atyp = b[1], b[3]
+            if atyp == IPV4:
+                size = 4 + 4 + 2
+            elif atyp == IPV6:
+                size = 4 + 16 + 2
+            elif atyp == DOMAIN:
+                size = 4 + 1 + b[4] + 2
+            else:
+                self._send(reply(Reply.ADDRESS_TYPE_NOT_SUPPORTED))
+                self._close(f"address type {atyp} not supported")
+                return False
+            if len(b) < size:
+                return False
+            raw = bytes(b[4 : size - 2])
+            (port,) = struct.unpack(">H", b[size - 2 : size])
+            del b[:size]
+            if command != CONNECT:
+                self._send(reply(Reply.COMMAND_NOT_SUPPORTED))
+                self._close(f"command {command} not supported (only CONNECT)")
+                return False
+            if atyp == IPV4:
+                host = str(ipaddress.IPv4Address(raw))
+            elif atyp == IPV6:
+                host = str(ipaddress.IPv6Address(raw))
+            else:
+                try:
+                    host = raw[1:].decode("idna")
+                except UnicodeError:
+                    raise Malformed("domain name is not valid") from None
+                if not host:
+                    raise Malformed("empty domain name")
+            if port == 0:
+                raise Malformed("port 0")
+            self._connect(host, port)
+            return False
+        return False
+
+    def _authenticate(self, username: bytes, password: bytes) -> None:
+        expected = self.factory.password
+        if expected is not None and not hmac.compare_digest(password, expected):
+            self._send(bytes([AUTH_VERSION, 1]))
+            self._close("wrong SOCKS password")
+            return
+        try:
+            self._selector = parse_selector(username.decode("utf-8"))
+        except (UnicodeDecodeError, ConfigError):
+            self._send(bytes([AUTH_VERSION, 1]))
+            self._close("the username is not a valid selector")
+            return
+        self._send(bytes([AUTH_VERSION, 0]))
+        self._state = "request"
+
+    def _connect(self, host: str, port: int) -> None:
+        assert self.transport is not None
+        self._state = "connecting"
+        self._target = f"{host}:{port}"
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
+        endpoint = TunnelEndpoint(
+            self.factory.registry, self._selector, host, port, self.factory.clock, self.factory.open_timeout
+        )
+        d = endpoint.connect(PipeFactory())
+        d.addCallbacks(self._opened, self._failed)
+        if not d.called:
+            self._opening = d
+
+    def _opened(self, other: IProtocol) -> None:
+        self._opening = None
+        assert isinstance(other, Pipe) and other.transport is not None
+        if self.lost or self.transport is None:
+            other.transport.abortConnection()  # type: ignore[attr-defined]
+            return
+        peer = other.transport.getPeer()
+        self.log.info(
+            "socks: {client} connected to {target} through {agent} (selector {selector})",
+            client=address(self.transport.getPeer()),
+            target=self._target,
+            agent=peer.tunnel if isinstance(peer, StreamAddress) else "?",
+            selector=str(self._selector),
+        )
+        self._send(reply(Reply.SUCCEEDED))
+        self._state = "relay"
+        early, self._buffer = bytes(self._buffer), bytearray()
+        splice(self, other)
+        if early:
+            other.transport.write(early)
+
+    def _failed(self, failure: Failure) -> None:
+        self._opening = None
+        if failure.check(CancelledError) and self.lost:
+            return
+        code = reply_for(failure)
+        self._send(reply(code))
+        self._close(f"cannot reach {self._target} ({self._selector!s}): {failure.getErrorMessage()} -> {code.name}")
+
+    def _refuse(self, why: str) -> None:
+        if self._state == "request":
+            self._send(reply(Reply.GENERAL_FAILURE))
+        self._close(f"malformed SOCKS5: {why}")
+
+    def _send(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def _close(self, why: str) -> None:
+        self._state = "closed"
+        self.log.warn(
+            "socks: {client}: {why}; closing",
+            client=address(self.transport.getPeer()) if self.transport is not None else "?",
+            why=why,
+        )
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = Failure(CancelledError())) -> None:  # noqa: B008
+        super().connectionLost(reason)
+        if self._opening is not None:
+            self._opening.cancel()
+
+
+class SocksFactory(Factory):
+    noisy = False
+
+    def __init__(
+        self,
+        registry: Registry,
+        clock: IReactorTime,
+        password: bytes | None,
+        open_timeout: float = DEFAULT_OPEN_TIMEOUT,
+    ) -> None:
+        self.registry = registry
+        self.clock = clock
+        self.password = password
+        self.open_timeout = open_timeout
+
+    def buildProtocol(self, addr: Any) -> SocksClient:
+        return SocksClient(self)
