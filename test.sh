@@ -10,6 +10,10 @@ need=()
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-cli >/dev/null || need+=(redis-tools)
 command -v iperf3 >/dev/null || need+=(iperf3)
+command -v curl >/dev/null || need+=(curl)
+command -v nc >/dev/null || need+=(netcat-openbsd)
+command -v ssh >/dev/null || need+=(openssh-client)
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         DEBIAN_FRONTEND=noninteractive apt-get update -qq

@@ -236,3 +236,59 @@ class Relay:
         self._listener.close()
         for t in self._threads:
             t.join(5)
+
+
+@contextmanager
+def http_server(body: bytes) -> Iterator[int]:
+    """A local HTTP server answering every GET with C{body}."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextmanager
+def sshd(tmp: Path) -> Iterator[tuple[int, Path]]:
+    """A private OpenSSH server on loopback; yields its port and a client key."""
+    keys = tmp / "ssh"
+    keys.mkdir()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / "host")], check=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / "user")], check=True)
+    (keys / "authorized_keys").write_bytes((keys / "user.pub").read_bytes())
+    port = free_port()
+    config = keys / "sshd_config"
+    config.write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {keys / 'host'}\n"
+        f"AuthorizedKeysFile {keys / 'authorized_keys'}\nPidFile none\nUsePAM no\nStrictModes no\n"
+        "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+    )
+    if os.geteuid() == 0:
+        os.makedirs("/run/sshd", exist_ok=True)
+    proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)], stderr=subprocess.DEVNULL)
+    try:
+
+        def listening() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_for(listening, 20, "sshd to listen")
+        yield port, keys / "user"
+    finally:
+        proc.terminate()
+        proc.wait(10)
