@@ -19,7 +19,13 @@ import sys
 
 from twisted.application.service import MultiService
 from twisted.internet import reactor
-from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate, globalLogBeginner, textFileLogObserver
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+    textFileLogObserver,
+)
 
 from nova.agent.options import Options
 from nova.agent.tap import NovacService
@@ -40,18 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(wanted, soft), hard), hard))
 
     level = LogLevel.info if args.verbose else LogLevel.warn
-    observer = FilteringLogObserver(
-        textFileLogObserver(sys.stdout), [LogLevelFilterPredicate(defaultLogLevel=level)]
-    )
+    observer = FilteringLogObserver(textFileLogObserver(sys.stdout), [LogLevelFilterPredicate(defaultLogLevel=level)])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
     fleet = MultiService()  # type: ignore[no-untyped-call]
     for i in range(args.count):
         options = Options()  # the token comes from NOVAC_TOKEN, as for novac
-        options.parseOptions(
-            ["--server", args.server, "--server-fingerprint", args.fingerprint, "--name", f"{args.prefix}{i:04d}"]
-        )
-        NovacService(options.config, reactor).setServiceParent(fleet)
+        name = f"{args.prefix}{i:04d}"
+        options.parseOptions(["--server", args.server, "--server-fingerprint", args.fingerprint, "--name", name])  # type: ignore[no-untyped-call]
+        NovacService(options.config, reactor).setServiceParent(fleet)  # type: ignore[no-untyped-call]
 
     def start() -> None:
         fleet.startService()  # type: ignore[no-untyped-call]

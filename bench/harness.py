@@ -15,7 +15,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
@@ -112,7 +113,7 @@ class Proc:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = open(log_path, "ab")  # closed in stop()
         self.popen = subprocess.Popen(
             self.argv,
             stdin=stdin,
@@ -235,3 +236,32 @@ def run_tool(argv: Sequence[str], timeout: float, what: str) -> subprocess.Compl
     if proc.returncode != 0:
         raise BenchError(f"{what}: exit status {proc.returncode}: {' '.join(argv)}\n{(err or out)[-2000:]}")
     return subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
+
+
+@contextmanager
+def profiled(procs: Mapping[str, Proc], out_dir: Path, label: str) -> Iterator[None]:
+    """
+    Record a py-spy flame graph of each process while the block runs
+    (C{OUT_DIR/LABEL-NAME.svg}).  py-spy samples without pausing the target.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spies: list[tuple[str, subprocess.Popen[bytes]]] = []
+    for name, proc in procs.items():
+        argv = ["py-spy", "record", "--nonblocking", "--rate", "200", "--pid", str(proc.pid)]
+        argv += ["--output", str(out_dir / f"{label}-{name}.svg")]
+        spy_log = open(out_dir / f"{label}-{name}.log", "wb")  # handed to py-spy; closed below
+        spies.append((name, subprocess.Popen(argv, stdout=spy_log, stderr=spy_log, start_new_session=True)))
+        spy_log.close()
+    try:
+        time.sleep(0.5)  # py-spy attaches
+        yield
+    finally:
+        for name, spy in spies:
+            if spy.poll() is None:
+                os.killpg(spy.pid, signal.SIGINT)  # py-spy writes its output on SIGINT
+            try:
+                spy.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(spy.pid, signal.SIGKILL)
+                spy.wait(5)
+                log(f"py-spy for {name} did not finish writing {label}")

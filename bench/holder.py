@@ -10,7 +10,7 @@ neither side's memory is mixed with NOVA's.
     python bench/holder.py open --port PORT --count N [--concurrency C]
         Open N connections to PORT, each one complete only once the byte
         from the far end arrived through it; print "opened N" and hold them
-        until stdin closes or the process is terminated.  Any failure is
+        until the process is terminated.  Any failure is
         printed and the process exits with status 1.
 """
 
@@ -69,7 +69,7 @@ async def open_many(port: int, count: int, concurrency: int, timeout: float) -> 
             try:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(LOOPBACK, port), timeout)
                 byte = await asyncio.wait_for(reader.readexactly(1), timeout)
-            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
+            except (TimeoutError, OSError, asyncio.IncompleteReadError) as e:
                 failures.append(f"connection {i}: {type(e).__name__}: {e}")
                 return
             if byte != b"x":
@@ -88,21 +88,11 @@ async def open_many(port: int, count: int, concurrency: int, timeout: float) -> 
 
 
 async def _until_terminated() -> None:
-    """Until SIGTERM/SIGINT or end of stdin."""
+    """Until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, done.set)
-
-    def stdin_closed() -> None:
-        if not sys.stdin.buffer.read1(4096):  # type: ignore[attr-defined]
-            loop.remove_reader(sys.stdin.fileno())
-            done.set()
-
-    try:
-        loop.add_reader(sys.stdin.fileno(), stdin_closed)
-    except (OSError, ValueError, PermissionError):
-        pass  # stdin is not pollable (e.g. /dev/null): wait for a signal only
     await done.wait()
 
 

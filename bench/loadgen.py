@@ -80,14 +80,12 @@ def redis_benchmark(port: int, clients: int, requests: int, keepalive: bool = Tr
         "--csv",
     ]  # fmt: skip
     start = time.monotonic()
-    done = run_tool(argv, 60 + requests / 200, "redis-benchmark")
+    done = run_tool(argv, 120 + requests / 50, "redis-benchmark")
     elapsed = time.monotonic() - start
     return _parse_csv(done.stdout, argv, clients, requests, keepalive, elapsed)
 
 
-def _parse_csv(
-    out: str, argv: list[str], clients: int, requests: int, keepalive: bool, elapsed: float
-) -> RedisResult:
+def _parse_csv(out: str, argv: list[str], clients: int, requests: int, keepalive: bool, elapsed: float) -> RedisResult:
     rows = [row for row in csv.DictReader(io.StringIO(out)) if row.get("test") == "GET"]
     if len(rows) != 1:
         raise BenchError(f"redis-benchmark printed no GET row: {' '.join(argv)}\n{out[-2000:]}")
@@ -131,9 +129,8 @@ def latency_under_bulk(iperf_port: int, redis_port: int, requests: int, warmup: 
     running then, or the measurement does not count.
     """
     argv = ["iperf3", "-c", LOOPBACK, "-p", str(iperf_port), "-t", "600", "-J"]
-    bulk = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+    pipe = subprocess.PIPE
+    bulk = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe, text=True, start_new_session=True)
     try:
         time.sleep(warmup)
         if bulk.poll() is not None:
