@@ -1,0 +1,285 @@
+"""
+NOVA at scale: NOVAS memory per connected agent, each side's memory per idle
+stream, and the reconnect storm after a NOVAS restart.  There is no ssh
+counterpart for these.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness import LOOPBACK, BenchError, Proc, clean_env, free_port, log, wait_until
+from tunnels import REGISTERED, TOKEN, Novas, start_novac
+
+BENCH = Path(__file__).resolve().parent
+SETTLE = 2.0  # seconds to let a process settle before reading its RSS
+
+
+@dataclass
+class AgentsResult:
+    agents: int
+    workers: int
+    rss_before_kib: int
+    rss_after_kib: int
+    register_seconds: float  # from starting the fleet until NOVAS logged every registration
+    per_agent_kib: float
+    storm: StormResult | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["storm"] = self.storm.as_dict() if self.storm else None
+        return d
+
+
+@dataclass
+class StormResult:
+    agents: int
+    seconds: float  # SIGTERM to the old NOVAS -> every agent registered with the new one
+    old_exit_seconds: float  # SIGTERM -> old NOVAS exited
+    listen_seconds: float  # SIGTERM -> new NOVAS listening
+    after_listen_seconds: float  # new NOVAS listening -> every agent registered
+    progress: list[tuple[float, int]] = field(default_factory=list)  # (seconds after SIGTERM, agents registered)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class RegistrationCounter:
+    """Distinct agent names that NOVAS logged as registered, read incrementally."""
+
+    def __init__(self, proc: Proc, prefix: str) -> None:
+        self.proc = proc
+        self.prefix = prefix
+        self.names: set[str] = set()
+
+    def count(self) -> int:
+        for line in self.proc.new_lines():
+            m = REGISTERED.search(line)
+            if m and m.group(1).startswith(self.prefix):
+                self.names.add(m.group(1))
+        return len(self.names)
+
+
+def agents_and_storm(work: Path, agents: int, workers: int, register_timeout: float) -> AgentsResult:
+    """
+    F{agents} simulated agents (NOVAC's code, real TLS connections with
+    distinct names) in F{workers} processes register with one NOVAS: its RSS
+    before and after.  Then NOVAS is restarted on the same port and state
+    directory and the time until all of them registered again is measured.
+    """
+    state = work / "novas-scale-state"
+    port = free_port()
+    novas = Novas(work, port, state, label="novas-agents")
+    fleet: list[Proc] = []
+    try:
+        novas.wait_listening()
+        fingerprint = novas.fingerprint()
+        time.sleep(SETTLE)
+        before = novas.proc.rss_kib()
+        prefix = "sim-"
+        counter = RegistrationCounter(novas.proc, prefix)
+        per_worker = [agents // workers + (1 if i < agents % workers else 0) for i in range(workers)]
+        start = time.monotonic()
+        for w, count in enumerate(per_worker):
+            if count:
+                fleet.append(_start_fleet(work, port, fingerprint, f"{prefix}{w}-", count, w))
+
+        def all_registered() -> bool:
+            for proc in fleet:
+                proc.check_alive()
+            novas.proc.check_alive()
+            return counter.count() >= agents
+
+        wait_until(all_registered, register_timeout, f"{agents} agents to register", interval=0.1)
+        register_seconds = time.monotonic() - start
+        log(f"{agents} simulated agents registered in {register_seconds:.2f}s")
+        time.sleep(SETTLE)
+        after = novas.proc.rss_kib()
+        result = AgentsResult(
+            agents=agents,
+            workers=len(fleet),
+            rss_before_kib=before,
+            rss_after_kib=after,
+            register_seconds=register_seconds,
+            per_agent_kib=(after - before) / agents,
+        )
+        log(f"NOVAS RSS {before} KiB -> {after} KiB with {agents} agents: {result.per_agent_kib:.1f} KiB/agent")
+        novas, result.storm = _storm(work, novas, port, state, fleet, agents, prefix, register_timeout)
+        return result
+    finally:
+        for proc in fleet:
+            proc.stop()
+        novas.stop()
+
+
+def _start_fleet(work: Path, port: int, fingerprint: str, prefix: str, count: int, index: int) -> Proc:
+    return Proc(
+        f"fleet-{index}",
+        [
+            sys.executable, str(BENCH / "fleet.py"),
+            "--server", f"{LOOPBACK}:{port}",
+            "--fingerprint", fingerprint,
+            "--prefix", prefix,
+            "--count", str(count),
+        ],
+        work / f"fleet-{index}.log",
+        env=clean_env({"NOVAC_TOKEN": TOKEN}),
+        cwd=work,
+    )  # fmt: skip
+
+
+def _storm(
+    work: Path, old: Novas, port: int, state: Path, fleet: list[Proc], agents: int, prefix: str, timeout: float
+) -> tuple[Novas, StormResult]:
+    """Restart NOVAS; returns the new NOVAS (for the caller to stop) and the timings."""
+    log(f"restarting NOVAS (SIGTERM) with {agents} agents registered")
+    t0 = time.monotonic()
+    old.proc.signal(signal.SIGTERM)
+    try:
+        old.proc.popen.wait(30)
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"NOVAS did not exit within 30s of SIGTERM:\n{old.proc.tail()}") from e
+    old_exit = time.monotonic() - t0
+    old.stop()
+    new = Novas(work, port, state, label="novas-restarted")
+    counter = RegistrationCounter(new.proc, prefix)
+    new.wait_listening(60)
+    listen = time.monotonic()
+    progress: list[tuple[float, int]] = []
+    last = -1
+
+    def all_back() -> bool:
+        nonlocal last
+        for proc in fleet:
+            proc.check_alive()
+        new.proc.check_alive()
+        n = counter.count()
+        if n != last:
+            progress.append((round(time.monotonic() - t0, 3), n))
+            last = n
+        return n >= agents
+
+    try:
+        wait_until(all_back, timeout, f"{agents} agents to register again after the restart", interval=0.02)
+    except BenchError as e:
+        raise BenchError(f"{e} (registered: {counter.count()}; progress {progress[-5:]})") from None
+    done = time.monotonic()
+    result = StormResult(
+        agents=agents,
+        seconds=done - t0,
+        old_exit_seconds=old_exit,
+        listen_seconds=listen - t0,
+        after_listen_seconds=done - listen,
+        progress=_thin(progress, 40),
+    )
+    log(
+        f"storm: old NOVAS exited after {old_exit:.2f}s, new one listening at {result.listen_seconds:.2f}s,"
+        f" all {agents} agents back at {result.seconds:.2f}s"
+    )
+    return new, result
+
+
+def _thin(points: list[tuple[float, int]], most: int) -> list[tuple[float, int]]:
+    if len(points) <= most:
+        return points
+    step = len(points) / most
+    kept = [points[int(i * step)] for i in range(most)]
+    return [*kept, points[-1]] if kept[-1] != points[-1] else kept
+
+
+@dataclass
+class StreamsResult:
+    streams: int
+    open_seconds: float
+    novas_before_kib: int
+    novas_after_kib: int
+    novac_before_kib: int
+    novac_after_kib: int
+    novas_per_stream_kib: float
+    novac_per_stream_kib: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_OPENED = re.compile(r"opened (\d+)")
+
+
+def idle_streams(work: Path, streams: int, timeout: float) -> StreamsResult:
+    """
+    F{streams} TCP connections held open through one route and one NOVAC to
+    a local server that holds them: NOVAS's and NOVAC's RSS before and after.
+    """
+    holder = Proc("holder", [sys.executable, str(BENCH / "holder.py"), "serve"], work / "holder.log", cwd=work)
+    novas: Novas | None = None
+    novac: Proc | None = None
+    opener: Proc | None = None
+    try:
+        holder.wait_log("listening ", 20)
+        target = int(holder.text().split("listening ", 1)[1].split()[0])
+        route = free_port()
+        novas = Novas(
+            work, free_port(), work / "novas-streams-state", [f"{route}:{LOOPBACK}:{target}@name:idle-agent"],
+            label="novas-streams",
+        )  # fmt: skip
+        novas.wait_listening()
+        # NOVAC allows 1,024 streams per tunnel by default; this test needs more.
+        novac = start_novac(
+            work, novas.agent_port, novas.fingerprint(), "idle-agent", {"NOVAC_MAX_STREAMS": str(streams + 64)}
+        )
+        novas.proc.wait_log("agent idle-agent registered", 60)
+        time.sleep(SETTLE)
+        novas_before, novac_before = novas.proc.rss_kib(), novac.rss_kib()
+        opener = Proc(
+            "opener",
+            [sys.executable, str(BENCH / "holder.py"), "open", "--port", str(route), "--count", str(streams)],
+            work / "opener.log",
+            cwd=work,
+        )
+
+        def opened() -> bool:
+            text = opener.text() if opener is not None else ""
+            if "failed:" in text or (opener is not None and not opener.alive()):
+                raise BenchError(f"opening {streams} streams failed:\n{text[-2000:]}\nNOVAS log:\n{novas_tail()}")
+            assert novas is not None and novac is not None
+            novas.proc.check_alive()
+            novac.check_alive()
+            return _OPENED.search(text) is not None
+
+        def novas_tail() -> str:
+            return novas.proc.tail(10) if novas is not None else ""
+
+        open_seconds = wait_until(opened, timeout, f"{streams} idle streams to open", interval=0.1)
+        log(f"{streams} idle streams open in {open_seconds:.2f}s")
+        time.sleep(SETTLE)
+        novas_after, novac_after = novas.proc.rss_kib(), novac.rss_kib()
+        result = StreamsResult(
+            streams=streams,
+            open_seconds=open_seconds,
+            novas_before_kib=novas_before,
+            novas_after_kib=novas_after,
+            novac_before_kib=novac_before,
+            novac_after_kib=novac_after,
+            novas_per_stream_kib=(novas_after - novas_before) / streams,
+            novac_per_stream_kib=(novac_after - novac_before) / streams,
+        )
+        log(
+            f"RSS per idle stream: NOVAS {novas_before}->{novas_after} KiB ({result.novas_per_stream_kib:.2f} KiB),"
+            f" NOVAC {novac_before}->{novac_after} KiB ({result.novac_per_stream_kib:.2f} KiB)"
+        )
+        return result
+    finally:
+        if opener is not None:
+            opener.stop()
+        if novac is not None:
+            novac.stop()
+        if novas is not None:
+            novas.stop()
+        holder.stop()
