@@ -10,8 +10,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -22,7 +21,7 @@ class ListenerService(Service):
     (port in use, bad address) ends the program with one clear line.
     """
 
-    def __init__(self, command: str, what: str, endpoint: IStreamServerEndpoint, factory: Factory) -> None:
+    def __init__(self, command: str, what: str, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:
         self.command = command
         self.what = what
         self.endpoint = endpoint

@@ -219,3 +219,12 @@ def channel_binding(transport: Any) -> bytes | None:
         return None
     binding: bytes = handle.export_keying_material(EXPORTER_LABEL, BINDING_SIZE)
     return binding
+
+
+def tls_version(transport: Any) -> str | None:
+    """The negotiated TLS version ("TLSv1.3"), or None if not TLS."""
+    handle = transport.getHandle() if hasattr(transport, "getHandle") else None
+    if not isinstance(handle, SSL.Connection):
+        return None
+    version: str = handle.get_protocol_version_name()
+    return version

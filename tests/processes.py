@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 TOKEN = "integration-test-token-5d1c"
+ADMIN_TOKEN = "integration-admin-token-91b2"
 
 
 def free_port() -> int:
@@ -40,6 +41,7 @@ class Proc:
     """A twist plugin in a subprocess, logging as text to a file."""
 
     def __init__(self, plugin: str, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.admin_port = 0
         self.log_path = log
         self._log = open(log, "wb")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("NOVAS_", "NOVAC_"))}
@@ -81,12 +83,19 @@ class Proc:
 @contextmanager
 def novas(tmp: Path, routes: list[str], env: dict[str, str] | None = None) -> Iterator[tuple[Proc, int]]:
     port = free_port()
-    e = {"NOVAS_AGENT_TOKEN": TOKEN, "NOVAS_AGENT_PORT": str(port), "NOVAS_STATE_DIR": str(tmp / "state")}
+    e = {
+        "NOVAS_AGENT_TOKEN": TOKEN,
+        "NOVAS_AGENT_PORT": str(port),
+        "NOVAS_STATE_DIR": str(tmp / "state"),
+        "NOVAS_ADMIN_PORT": str(free_port()),
+        "NOVAS_ADMIN_TOKEN": ADMIN_TOKEN,
+    }
     e.update(env or {})
     args: list[str] = []
     for r in routes:
         args += ["--route", r]
     p = Proc("novas", args, e, tmp / f"novas-{port}.log")
+    p.admin_port = int(e["NOVAS_ADMIN_PORT"]) if e["NOVAS_ADMIN_PORT"].isdigit() else 0
     try:
         p.wait_log("NOVAS listening")
         yield p, port

@@ -9,6 +9,7 @@ paused it; credit goes back to the peer only for what was handed over).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +69,9 @@ class StreamTransport:
         self._remote_ended = False
         self._read_closed = False
         self._closing = False
+        self.bytes_written = 0  # by our protocol, toward the peer
+        self.bytes_delivered = 0  # from the peer, to our protocol
+        self.on_close: list[Callable[[StreamTransport, Failure], None]] = []
 
     def __repr__(self) -> str:
         return f"<StreamTransport {self._address}>"
@@ -92,6 +96,7 @@ class StreamTransport:
         mux = self._tunnel.mux
         assert mux is not None
         mux.send(self.stream_id, bytes(data))
+        self.bytes_written += len(data)
         self._tunnel.flush()
         if (
             self._producer is not None
@@ -225,6 +230,7 @@ class StreamTransport:
                 if chunk is None:
                     break
                 if not self._closing:
+                    self.bytes_delivered += len(chunk)
                     self.protocol.dataReceived(chunk)
             self._tunnel.flush()
             if (
@@ -264,8 +270,11 @@ class StreamTransport:
             return
         self.disconnected = True
         self._tunnel.stream_gone(self)
+        failure = Failure(reason)
+        for hook in self.on_close:
+            hook(self, failure)
         if self.protocol is not None:
-            self.protocol.connectionLost(Failure(reason))
+            self.protocol.connectionLost(failure)
         producer, self._producer = self._producer, None
         if producer is not None:
             producer.stopProducing()

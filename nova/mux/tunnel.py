@@ -69,6 +69,8 @@ class TunnelProtocol(Protocol):
         self.timing = timing
         self.draining = False
         self.rtt: float | None = None
+        self.bytes_sent = 0  # DATA payload
+        self.bytes_received = 0
         self.mux: Multiplexer | None = None
         self.streams: dict[int, StreamTransport] = {}
         self.blocked: set[StreamTransport] = set()
@@ -112,6 +114,8 @@ class TunnelProtocol(Protocol):
                 if self.mux is None:
                     self.handshake_frame(frame)
                 else:
+                    if isinstance(frame, Data):
+                        self.bytes_received += len(frame.data)
                     self._dispatch(self.mux.receive(frame))
         except ProtocolError as e:
             self.protocol_error(e)
@@ -287,6 +291,7 @@ class TunnelProtocol(Protocol):
                             stream.fin_sent()
                     elif isinstance(frame, Data):
                         wrote_data = True
+                        self.bytes_sent += len(frame.data)
                 if wrote_data or self._flush_again:
                     for stream in list(self.blocked):
                         if not stream.drained():

@@ -8,17 +8,88 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import IProtocol, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from nova.admin.audit import Audit
 from nova.mux.splice import Pipe, splice
-from nova.mux.stream import StreamAddress
+from nova.mux.stream import StreamTransport
 
-from .endpoint import DEFAULT_OPEN_TIMEOUT, TunnelEndpoint
+from .endpoint import DEFAULT_OPEN_TIMEOUT, AgentTimeout, NoAgent, TunnelEndpoint
 from .registry import Registry
 from .routes import Route
+from .tunnel import OpenFailed, TunnelGone
+
+
+def describe_close(failure: Failure) -> str:
+    if failure.check(ConnectionDone):
+        return "done"
+    if failure.check(ConnectionAborted):
+        return "aborted"
+    return failure.getErrorMessage()
+
+
+def failure_reason(failure: Failure) -> str:
+    """A short, stable reason for metrics and the audit history."""
+    if failure.check(NoAgent):
+        return "no_agent"
+    if failure.check(OpenFailed):
+        reason: str = failure.value.reason.name.lower()  # type: ignore[union-attr]
+        return reason
+    if failure.check(AgentTimeout):
+        return "agent_timeout"
+    if failure.check(TunnelGone):
+        return "tunnel_gone"
+    return "error"
+
+
+class StreamWatch:
+    """Audits one entry connection: its stream's opening, failure and close."""
+
+    def __init__(self, audit: Audit, clock: IReactorTime, entry: str, requester: str, target: str) -> None:
+        self.audit = audit
+        self.clock = clock
+        self.entry = entry
+        self.requester = requester
+        self.target = target
+        self.started = clock.seconds()
+
+    def opened(self, other: Pipe) -> str:
+        """Record the open; returns the agent's name."""
+        stream = other.transport
+        assert stream is not None
+        agent = str(getattr(stream.getPeer(), "tunnel", "?"))
+        opened_at = self.clock.seconds()
+        self.audit.stream_opened(agent, self.entry, self.requester, self.target, opened_at - self.started)
+
+        def closed(stream: StreamTransport, failure: Failure) -> None:
+            self.audit.stream_closed(
+                agent,
+                self.entry,
+                self.requester,
+                self.target,
+                bytes_up=stream.bytes_written,
+                bytes_down=stream.bytes_delivered,
+                duration=self.clock.seconds() - opened_at,
+                reason=describe_close(failure),
+            )
+
+        if isinstance(stream, StreamTransport):
+            stream.on_close.append(closed)
+        return agent
+
+    def failed(self, failure: Failure) -> None:
+        self.audit.open_failed(
+            getattr(failure.value, "agent", ""),
+            self.entry,
+            self.requester,
+            self.target,
+            failure_reason(failure),
+            failure.getErrorMessage(),
+        )
 
 
 class PipeFactory(Factory):
@@ -43,6 +114,14 @@ class RouteClient(Pipe):
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.transport.pauseProducing()  # type: ignore[attr-defined]
+        route = self.factory.route
+        self.watch = StreamWatch(
+            self.factory.audit,
+            self.factory.clock,
+            f"route {route.bind}:{route.port}",
+            address(self.transport.getPeer()),
+            f"{route.host}:{route.host_port}",
+        )
         d = self.factory.endpoint.connect(PipeFactory())
         d.addCallbacks(self._opened, self._failed)
         if not d.called:
@@ -54,13 +133,12 @@ class RouteClient(Pipe):
         if self.lost or self.transport is None:
             other.transport.abortConnection()  # type: ignore[attr-defined]
             return
-        peer = other.transport.getPeer()
+        agent = self.watch.opened(other)
         self.log.info(
-            "route {route}: {client} connected through {agent} (stream {stream})",
+            "route {route}: {client} connected through {agent}",
             route=str(self.factory.route),
-            client=address(self.transport.getPeer()),
-            agent=peer.tunnel if isinstance(peer, StreamAddress) else "?",
-            stream=peer.stream_id if isinstance(peer, StreamAddress) else "?",
+            client=self.watch.requester,
+            agent=agent,
         )
         splice(self, other)
 
@@ -68,6 +146,7 @@ class RouteClient(Pipe):
         self._opening = None
         if failure.check(CancelledError) and self.lost:
             return
+        self.watch.failed(failure)
         route = self.factory.route
         self.log.warn(
             "route {route}: cannot reach {target} for {client}: {why}; closing the connection",
@@ -89,9 +168,16 @@ class RouteFactory(Factory):
     noisy = False
 
     def __init__(
-        self, route: Route, registry: Registry, clock: IReactorTime, open_timeout: float = DEFAULT_OPEN_TIMEOUT
+        self,
+        route: Route,
+        registry: Registry,
+        clock: IReactorTime,
+        open_timeout: float = DEFAULT_OPEN_TIMEOUT,
+        audit: Audit | None = None,
     ) -> None:
         self.route = route
+        self.clock = clock
+        self.audit = audit or Audit()
         self.endpoint = TunnelEndpoint(registry, route.selector, route.host, route.host_port, clock, open_timeout)
 
     def buildProtocol(self, addr: Any) -> RouteClient:

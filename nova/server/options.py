@@ -49,6 +49,11 @@ SETTINGS = (
     Setting("socks-port", "NOVAS_SOCKS_PORT", None, "SOCKS5 entry port (off unless set); username = SELECTOR."),
     Setting("socks-bind", "NOVAS_SOCKS_BIND", "127.0.0.1", "Address the SOCKS5 port listens on."),
     Setting("socks-password", "NOVAS_SOCKS_PASSWORD", None, "SOCKS5 password (required beyond loopback)."),
+    Setting("admin-port", "NOVAS_ADMIN_PORT", "9023", "Admin API and page, /metrics, /healthz, /readyz ('off': none)."),
+    Setting("admin-bind", "NOVAS_ADMIN_BIND", "127.0.0.1", "Address the admin port listens on."),
+    Setting("admin-token", "NOVAS_ADMIN_TOKEN", None, "Bearer token for the admin API and page (API off if unset)."),
+    Setting("audit-db", "NOVAS_AUDIT_DB", None, "Audit store: postgresql://... (default: SQLite in the state dir)."),
+    Setting("audit-retention-days", "NOVAS_AUDIT_RETENTION_DAYS", "30", "Days of audit history to keep."),
 )
 
 
@@ -71,6 +76,11 @@ class ServerConfig:
     socks_port: int | None = None
     socks_bind: str = "127.0.0.1"
     socks_password: bytes | None = None
+    admin_port: int | None = 9023
+    admin_bind: str = "127.0.0.1"
+    admin_token: bytes | None = None
+    audit_db: str | None = None
+    audit_retention_days: float = 30.0
 
     def __repr__(self) -> str:
         # Never show the token.
@@ -97,6 +107,18 @@ def build_config(v: dict[str, Any]) -> ServerConfig:
             f"--socks-bind / NOVAS_SOCKS_BIND {v['socks-bind']} is beyond loopback:"
             " set --socks-password / NOVAS_SOCKS_PASSWORD"
         )
+    admin_port = (
+        None
+        if v["admin-port"].strip().lower() in ("off", "none", "")
+        else parse_port(v["admin-port"], "--admin-port / NOVAS_ADMIN_PORT", True)
+    )
+    admin_token = v["admin-token"].strip().encode("utf-8") if v["admin-token"] else None
+    if admin_token is not None and len(admin_token) < 8:
+        raise ConfigError("--admin-token / NOVAS_ADMIN_TOKEN must be at least 8 characters")
+    audit_db = v["audit-db"] or None
+    if audit_db is not None and not audit_db.startswith(("postgresql://", "postgres://", "sqlite:///")):
+        raise ConfigError("--audit-db / NOVAS_AUDIT_DB must be postgresql://... or sqlite:///PATH")
+    retention = parse_seconds(v["audit-retention-days"], "--audit-retention-days / NOVAS_AUDIT_RETENTION_DAYS")
     return ServerConfig(
         agent_port=parse_port(v["agent-port"], "--agent-port / NOVAS_AGENT_PORT", allow_zero=True),
         agent_bind=v["agent-bind"],
@@ -115,6 +137,11 @@ def build_config(v: dict[str, Any]) -> ServerConfig:
         socks_port=socks_port,
         socks_bind=v["socks-bind"],
         socks_password=socks_password,
+        admin_port=admin_port,
+        admin_bind=v["admin-bind"],
+        admin_token=admin_token,
+        audit_db=audit_db,
+        audit_retention_days=retention,
     )
 
 

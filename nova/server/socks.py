@@ -22,13 +22,13 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from nova.admin.audit import Audit
 from nova.config import ConfigError
 from nova.mux.splice import Pipe, splice
-from nova.mux.stream import StreamAddress
 from nova.wire.errors import OpenFailReason
 
 from .endpoint import DEFAULT_OPEN_TIMEOUT, NoAgent, TunnelEndpoint
-from .listener import PipeFactory, address
+from .listener import PipeFactory, StreamWatch, address
 from .registry import Registry
 from .routes import Selector, parse_selector
 from .tunnel import OpenFailed
@@ -210,6 +210,13 @@ class SocksClient(Pipe):
         self._state = "connecting"
         self._target = f"{host}:{port}"
         self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self.watch = StreamWatch(
+            self.factory.audit,
+            self.factory.clock,
+            f"socks {self._selector}",
+            address(self.transport.getPeer()),
+            self._target,
+        )
         endpoint = TunnelEndpoint(
             self.factory.registry, self._selector, host, port, self.factory.clock, self.factory.open_timeout
         )
@@ -224,12 +231,12 @@ class SocksClient(Pipe):
         if self.lost or self.transport is None:
             other.transport.abortConnection()  # type: ignore[attr-defined]
             return
-        peer = other.transport.getPeer()
+        agent = self.watch.opened(other)
         self.log.info(
             "socks: {client} connected to {target} through {agent} (selector {selector})",
-            client=address(self.transport.getPeer()),
+            client=self.watch.requester,
             target=self._target,
-            agent=peer.tunnel if isinstance(peer, StreamAddress) else "?",
+            agent=agent,
             selector=str(self._selector),
         )
         self._send(reply(Reply.SUCCEEDED))
@@ -243,6 +250,7 @@ class SocksClient(Pipe):
         self._opening = None
         if failure.check(CancelledError) and self.lost:
             return
+        self.watch.failed(failure)
         code = reply_for(failure)
         self._send(reply(code))
         self._close(f"cannot reach {self._target} ({self._selector!s}): {failure.getErrorMessage()} -> {code.name}")
@@ -281,7 +289,9 @@ class SocksFactory(Factory):
         clock: IReactorTime,
         password: bytes | None,
         open_timeout: float = DEFAULT_OPEN_TIMEOUT,
+        audit: Audit | None = None,
     ) -> None:
+        self.audit = audit or Audit()
         self.registry = registry
         self.clock = clock
         self.password = password

@@ -10,8 +10,14 @@ from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IReactorCore, IStreamServerEndpoint
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
+from twisted.web.server import Site
 
+from nova.admin.audit import Audit
+from nova.admin.metrics import Metrics
+from nova.admin.store import AuditStore, backend_for
+from nova.admin.web import admin_resource
 from nova.mux.tunnel import Timing
 from nova.service import ListenerService, exit_zero_on_sigterm
 from nova.tls import TLSConfigError, ensure_server_certificate, server_options
@@ -35,7 +41,14 @@ class NovasService(MultiService):
     def __init__(self, config: ServerConfig, reactor: IReactorCore) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
+        self.metrics = Metrics()
+        self.store = AuditStore(
+            backend_for(config.audit_db, config.state_dir),
+            retention=config.audit_retention_days * 86400,
+            on_dropped=self.metrics.audit_dropped.inc,
+        )
         self.context = ServerContext(
+            audit=Audit(self.store, self.metrics, server=socket.gethostname()),
             token=config.token,
             tls=config.tls,
             clock=reactor,  # type: ignore[arg-type]
@@ -58,17 +71,41 @@ class NovasService(MultiService):
                 "novas",
                 f"route {route}",
                 _tcp_endpoint(reactor, route.bind, route.port),
-                RouteFactory(route, self.context.registry, reactor, config.open_timeout),  # type: ignore[arg-type]
+                RouteFactory(route, self.context.registry, reactor, config.open_timeout, self.context.audit),  # type: ignore[arg-type]
             )
             listener.setServiceParent(self)  # type: ignore[no-untyped-call]
             self.route_listeners.append(listener)
+        self.admin_listener: ListenerService | None = None
+        if config.admin_port is not None:
+            self.admin_listener = ListenerService(
+                "novas",
+                f"admin on {config.admin_bind}:{config.admin_port}",
+                _tcp_endpoint(reactor, config.admin_bind, config.admin_port),
+                Site(
+                    admin_resource(
+                        config.admin_token,
+                        self.tunnels,
+                        socket.gethostname(),
+                        self.store,
+                        self.metrics,
+                        lambda: self.agent_listener.port is not None,
+                    )
+                ),
+            )
+            self.admin_listener.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.socks_listener: ListenerService | None = None
         if config.socks_port is not None:
             self.socks_listener = ListenerService(
                 "novas",
                 f"SOCKS5 on {config.socks_bind}:{config.socks_port}",
                 _tcp_endpoint(reactor, config.socks_bind, config.socks_port),
-                SocksFactory(self.context.registry, reactor, config.socks_password, config.open_timeout),  # type: ignore[arg-type]
+                SocksFactory(
+                    self.context.registry,
+                    reactor,  # type: ignore[arg-type]
+                    config.socks_password,
+                    config.open_timeout,
+                    self.context.audit,
+                ),
             )
             self.socks_listener.setServiceParent(self)  # type: ignore[no-untyped-call]
 
@@ -105,8 +142,15 @@ class NovasService(MultiService):
         port = self.agent_listener.port
         return port.getHost().port if port is not None else self.config.agent_port  # type: ignore[attr-defined]
 
+    def tunnels(self) -> list[dict[str, object]]:
+        return [t.describe() for t in self.context.registry if isinstance(t, ServerTunnel)]
+
     def startService(self) -> None:
         c = self.config
+        try:
+            self.store.start()
+        except Exception as e:
+            raise SystemExit(f"novas: error: cannot open the audit store: {e}") from None
         if not c.tls:
             log.warn("TLS is OFF on the agent port (--no-tls): tunnel traffic is readable on the network")
         if self._fingerprint_note:
@@ -121,6 +165,12 @@ class NovasService(MultiService):
         )
         for listener in self.route_listeners:
             log.info("route {route} listening", route=listener.what.removeprefix("route "))
+        if self.admin_listener is not None:
+            log.info(
+                "{what} listening ({auth})",
+                what=self.admin_listener.what,
+                auth="bearer token set" if c.admin_token else "API and page off: set NOVAS_ADMIN_TOKEN",
+            )
         if self.socks_listener is not None:
             log.info(
                 "{what} listening ({auth})",
@@ -144,7 +194,7 @@ class NovasService(MultiService):
                 timeout=self.config.drain_timeout,
             )
         drains = [t.drain(self.config.drain_timeout, ErrorCode.SHUTDOWN, "server shutting down") for t in tunnels]
-        d: Deferred[None] = gatherResults([stopped, *drains]).addCallback(lambda _: None)
+        d: Deferred[None] = gatherResults([stopped, *drains]).addCallback(lambda _: deferToThread(self.store.stop))
         return d
 
 

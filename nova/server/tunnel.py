@@ -12,23 +12,28 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
+from nova.admin.audit import Audit
 from nova.mux.core import OpenRefused, Role
 from nova.mux.stream import StreamTransport
 from nova.mux.tunnel import Timing, TunnelProtocol
-from nova.tls import channel_binding
+from nova.tls import channel_binding, tls_version
 from nova.wire.errors import ErrorCode, OpenFailReason, ProtocolError
-from nova.wire.frames import Auth, Frame, Hello, Reject, Welcome
+from nova.wire.frames import VERSION, Auth, Frame, Hello, Reject, Welcome
 from nova.wire.handshake import name_problem, new_nonce, tags_problem, verify_auth, window_problem
 
 from .registry import Registry
+
+META_PREFIX = "nova/"
 
 
 class OpenFailed(Exception):
     """The agent could not open the stream."""
 
-    def __init__(self, reason: OpenFailReason, message: str) -> None:
+    def __init__(self, reason: OpenFailReason, message: str, agent: str = "") -> None:
         super().__init__(f"{reason.name}: {message}")
         self.reason = reason
+        self.message = message
+        self.agent = agent
 
 
 class TunnelGone(Exception):
@@ -44,6 +49,7 @@ class ServerContext:
     window: int = 262_144
     timing: Timing = field(default_factory=Timing)
     server_id: str = "novas"
+    audit: Audit = field(default_factory=Audit)
 
 
 class ServerTunnel(TunnelProtocol):
@@ -54,7 +60,13 @@ class ServerTunnel(TunnelProtocol):
         self.context = context
         self.name = ""
         self.tags: dict[str, str] = {}
+        self.meta: dict[str, str] = {}  # reserved "nova/" tags: agent version, ...
         self.registered = False
+        self.connected_at = 0.0
+        self.registered_at = 0.0
+        self.address = ""
+        self.tls_version: str | None = None
+        self.close_reason = ""
         self._nonce = b""
         self._opening: dict[int, tuple[Deferred[StreamTransport], str, int]] = {}
 
@@ -69,6 +81,8 @@ class ServerTunnel(TunnelProtocol):
     # Handshake.
 
     def handshake_started(self) -> None:
+        self.connected_at = self.context.clock.seconds()
+        self.address = TunnelProtocol.peer_label.fget(self)  # type: ignore[attr-defined]
         self._nonce = new_nonce()
         self.send_frame(Hello(self._nonce))
 
@@ -87,7 +101,10 @@ class ServerTunnel(TunnelProtocol):
             self._reject(ErrorCode.BAD_NAME, problem, frame.name)
             return
         self.name = frame.name
-        self.tags = dict(frame.tags)
+        self.tags = {k: v for k, v in frame.tags if not k.startswith(META_PREFIX)}
+        self.meta = {k[len(META_PREFIX) :]: v for k, v in frame.tags if k.startswith(META_PREFIX)}
+        self.tls_version = tls_version(self.transport)
+        self.registered_at = self.context.clock.seconds()
         self.start_streams(frame.initial_window)
         self.send_frame(Welcome(self.local_window, int(self.context.timing.keepalive * 1000), self.context.server_id))
         self.registered = True
@@ -95,18 +112,27 @@ class ServerTunnel(TunnelProtocol):
         self.log.info(
             "agent {agent} registered from {peer} with tags {tags}",
             agent=self.name,
-            peer=TunnelProtocol.peer_label.fget(self),  # type: ignore[attr-defined]
-            tags=";".join(f"{k}={v}" for k, v in frame.tags) or "(none)",
+            peer=self.address,
+            tags=";".join(f"{k}={v}" for k, v in self.tags.items()) or "(none)",
+            agent_version=self.meta.get("version", ""),
+        )
+        self.context.audit.registered(
+            self.name,
+            address=self.address,
+            tags=self.tags,
+            agent_version=self.meta.get("version", ""),
+            tls=self.tls_version or "off",
         )
 
     def _reject(self, code: ErrorCode, message: str, claimed_name: str) -> None:
         self.log.warn(
             "rejected agent {agent!r} from {peer}: {code}: {message}",
             agent=claimed_name[:64],
-            peer=self.peer_label,
+            peer=self.address,
             code=code.name,
             message=message,
         )
+        self.context.audit.auth_failed(self.address, claimed_name, code.name, message)
         self.send_frame(Reject(code, message))
         self.close()
 
@@ -155,11 +181,12 @@ class ServerTunnel(TunnelProtocol):
     def stream_refused(self, stream_id: int, event: OpenRefused) -> None:
         entry = self._opening.pop(stream_id, None)
         if entry is not None:
-            entry[0].errback(OpenFailed(event.reason, event.message))
+            entry[0].errback(OpenFailed(event.reason, event.message, self.name))
 
     # Life cycle.
 
     def replaced(self) -> None:
+        self.close_reason = "replaced by a newer registration under the same name"
         if self.mux is not None:
             self.mux.goaway(ErrorCode.REPLACED, "a newer tunnel registered under this name")
             self.flush()
@@ -183,7 +210,36 @@ class ServerTunnel(TunnelProtocol):
         if self.registered:
             self.registered = False
             self.context.registry.unregister(self)
-            self.log.info("agent {agent} disconnected: {reason}", agent=self.name, reason=reason.getErrorMessage())
+            why = self.close_reason or reason.getErrorMessage()
+            self.log.info("agent {agent} disconnected: {reason}", agent=self.name, reason=why)
+            self.context.audit.unregistered(self.name, why, self.context.clock.seconds() - self.registered_at)
+
+    def pong_received(self, opaque: bytes) -> None:
+        super().pong_received(opaque)
+        if self.rtt is not None and self.registered:
+            self.context.audit.rtt(self.name, self.rtt)
+
+    def abort(self, why: str) -> None:
+        self.close_reason = why
+        super().abort(why)
+
+    def describe(self) -> dict[str, object]:
+        """What the admin API shows about this tunnel."""
+        return {
+            "name": self.name,
+            "tags": self.tags,
+            "address": self.address,
+            "connected_since": self.registered_at,
+            "protocol_version": VERSION,
+            "agent_version": self.meta.get("version", ""),
+            "status": "draining" if self.draining else "connected",
+            "active_streams": self.open_streams(),
+            "bytes_to_agent": self.bytes_sent,
+            "bytes_from_agent": self.bytes_received,
+            "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 3),
+            "tls": self.tls_version,
+            "client_certificate": None,
+        }
 
 
 class ServerTunnelFactory(Factory):

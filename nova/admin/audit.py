@@ -1,0 +1,105 @@
+"""
+The one place where NOVAS's notable events go: each becomes a structured
+log event, an audit record and a metric update.  The rest of the server
+calls these methods and knows nothing of stores or Prometheus.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from twisted.logger import Logger
+
+from .metrics import Metrics
+from .store import AuditStore, Record
+
+
+class Audit:
+    log = Logger(namespace="nova.audit")
+
+    def __init__(
+        self,
+        store: AuditStore | None = None,
+        metrics: Metrics | None = None,
+        server: str = "",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.metrics = metrics or Metrics()
+        self.server = server
+        self.clock = clock
+
+    def _record(self, kind: str, agent: str, **data: Any) -> None:
+        if self.store is not None:
+            self.store.record(Record(kind, self.clock(), agent, self.server, data))
+
+    # Tunnels.
+
+    def registered(self, agent: str, **data: Any) -> None:
+        self.metrics.registrations.inc()
+        self.metrics.tunnels.inc()
+        self._record("tunnel_registered", agent, **data)
+
+    def unregistered(self, agent: str, reason: str, duration: float) -> None:
+        self.metrics.tunnels.dec()
+        try:
+            self.metrics.rtt.remove(agent)
+        except KeyError:
+            pass
+        self._record("tunnel_unregistered", agent, reason=reason, duration=round(duration, 3))
+
+    def auth_failed(self, source: str, claimed_name: str, code: str, reason: str) -> None:
+        self.metrics.auth_failures.labels(code).inc()
+        self._record("auth_failed", claimed_name[:64], source=source, code=code, reason=reason)
+
+    def rtt(self, agent: str, seconds: float) -> None:
+        self.metrics.rtt.labels(agent).set(seconds)
+
+    # Streams.
+
+    def stream_opened(self, agent: str, entry: str, requester: str, target: str, latency: float) -> None:
+        self.metrics.streams_active.inc()
+        self.metrics.streams_opened.labels(entry.split(" ", 1)[0]).inc()
+        self.metrics.open_latency.observe(latency)
+        self._record("stream_opened", agent, entry=entry, requester=requester, target=target)
+        self.log.info(
+            "stream opened: {requester} -> {agent} -> {target} ({entry})",
+            requester=requester,
+            agent=agent,
+            target=target,
+            entry=entry,
+        )
+
+    def stream_closed(
+        self,
+        agent: str,
+        entry: str,
+        requester: str,
+        target: str,
+        bytes_up: int,
+        bytes_down: int,
+        duration: float,
+        reason: str,
+    ) -> None:
+        self.metrics.streams_active.dec()
+        self.metrics.bytes.labels("up").inc(bytes_up)
+        self.metrics.bytes.labels("down").inc(bytes_down)
+        self._record(
+            "stream_closed",
+            agent,
+            entry=entry,
+            requester=requester,
+            target=target,
+            bytes_up=bytes_up,
+            bytes_down=bytes_down,
+            duration=round(duration, 3),
+            reason=reason,
+        )
+
+    def open_failed(self, agent: str, entry: str, requester: str, target: str, reason: str, message: str) -> None:
+        self.metrics.streams_failed.labels(reason).inc()
+        self._record(
+            "open_failed", agent, entry=entry, requester=requester, target=target, reason=reason, message=message
+        )

@@ -1,0 +1,212 @@
+"""
+The admin HTTP interface (twisted.web): the Reverse Tunnels page, the JSON
+API, Prometheus metrics and health probes.
+
+Everything but C{/healthz} and C{/readyz} needs C{Authorization: Bearer
+TOKEN}.  The page itself carries no data; its script asks for the token and
+sends it with each API call.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Callable
+from importlib import resources
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from .metrics import Metrics
+from .store import AuditStore, Query
+
+PAGE = resources.files("nova.admin").joinpath("page.html").read_bytes()
+MAX_LIMIT = 1000
+
+
+def _send_json(request: Request, body: object, code: int = 200) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class _Leaf(Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        Resource.__init__(self)  # type: ignore[no-untyped-call]
+
+
+class Guarded(_Leaf):
+    """A resource behind the bearer token."""
+
+    def __init__(self, token: bytes | None) -> None:
+        super().__init__()
+        self._token = token
+
+    def render(self, request: Request) -> bytes | int:
+        if self._token is None:
+            return _send_json(request, {"error": "the admin API is off: set NOVAS_ADMIN_TOKEN"}, 403)
+        header = request.getHeader(b"authorization") or b""
+        scheme, _, given = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self._token):
+            request.setHeader(b"www-authenticate", b'Bearer realm="nova"')
+            return _send_json(request, {"error": "a valid bearer token is required"}, 401)
+        if request.method not in (b"GET", b"HEAD"):
+            return _send_json(request, {"error": "method not allowed"}, 405)
+        return self.render_authorized(request)
+
+    def render_authorized(self, request: Request) -> bytes | int:
+        raise NotImplementedError
+
+
+class Tunnels(Guarded):
+    def __init__(self, token: bytes | None, tunnels: Callable[[], list[dict[str, Any]]], server: str) -> None:
+        super().__init__(token)
+        self._tunnels = tunnels
+        self._server = server
+
+    def render_authorized(self, request: Request) -> bytes:
+        return _send_json(request, {"server": self._server, "tunnels": self._tunnels()})
+
+
+class Events(Guarded):
+    def __init__(self, token: bytes | None, store: AuditStore | None) -> None:
+        super().__init__(token)
+        self._store = store
+
+    def render_authorized(self, request: Request) -> bytes | int:
+        try:
+            q = parse_query(request.args)
+        except ValueError as e:
+            return _send_json(request, {"error": str(e)}, 400)
+        if self._store is None:
+            return _send_json(request, {"total": 0, "limit": q.limit, "offset": q.offset, "events": []})
+        d = deferToThread(self._store.query, q)
+
+        def done(result: tuple[int, list[dict[str, Any]]]) -> None:
+            total, events = result
+            request.write(_send_json(request, {"total": total, "limit": q.limit, "offset": q.offset, "events": events}))
+            request.finish()
+
+        def failed(failure: Failure) -> None:
+            request.write(_send_json(request, {"error": "the audit store could not be read"}, 503))
+            request.finish()
+
+        d.addCallbacks(done, failed)
+        return NOT_DONE_YET
+
+
+def parse_query(args: dict[bytes, list[bytes]]) -> Query:
+    def one(name: str) -> str | None:
+        values = args.get(name.encode())
+        return values[0].decode("utf-8", "replace") if values else None
+
+    def number(name: str) -> float | None:
+        raw = one(name)
+        if raw is None or raw == "":
+            return None
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"{name} must be a number (seconds since the epoch)") from None
+
+    def count(name: str, default: int, high: int) -> int:
+        raw = one(name)
+        if raw is None or raw == "":
+            return default
+        if not raw.isdigit() or not 0 <= int(raw) <= high:
+            raise ValueError(f"{name} must be a whole number from 0 to {high}")
+        return int(raw)
+
+    return Query(
+        since=number("since"),
+        until=number("until"),
+        agent=one("agent") or None,
+        kind=one("kind") or None,
+        limit=count("limit", 100, MAX_LIMIT),
+        offset=count("offset", 0, 10**9),
+    )
+
+
+class MetricsPage(Guarded):
+    def __init__(self, token: bytes | None, metrics: Metrics) -> None:
+        super().__init__(token)
+        self._metrics = metrics
+
+    def render_authorized(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return generate_latest(self._metrics.registry)
+
+
+class Probe(_Leaf):
+    def __init__(self, check: Callable[[], bool], what: str) -> None:
+        super().__init__()
+        self._check = check
+        self._what = what
+
+    def render_GET(self, request: Request) -> bytes:
+        ok = self._check()
+        request.setResponseCode(200 if ok else 503)
+        request.setHeader(b"content-type", b"text/plain")
+        return b"ok\n" if ok else f"not ready: {self._what}\n".encode()
+
+
+class Page(_Leaf):
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(
+            b"content-security-policy",
+            b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'",
+        )
+        return PAGE
+
+
+class NotFound(_Leaf):
+    def render(self, request: Request) -> bytes:
+        return _send_json(request, {"error": "not found"}, 404)
+
+
+class Root(Resource):
+    def __init__(self, children: dict[bytes, Resource]) -> None:
+        Resource.__init__(self)  # type: ignore[no-untyped-call]
+        self._children = children
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        if path == b"":
+            return Page()
+        if path == b"api":
+            rest = b"/".join(request.postpath or [])
+            request.postpath = []
+            return self._children.get(b"api/" + rest, NotFound())
+        return self._children.get(path, NotFound())
+
+
+def admin_resource(
+    token: bytes | None,
+    tunnels: Callable[[], list[dict[str, Any]]],
+    server: str,
+    store: AuditStore | None,
+    metrics: Metrics,
+    ready: Callable[[], bool],
+) -> Resource:
+    return Root(
+        {
+            b"api/v1/tunnels": Tunnels(token, tunnels, server),
+            b"api/v1/events": Events(token, store),
+            b"metrics": MetricsPage(token, metrics),
+            b"healthz": Probe(lambda: True, "alive"),
+            b"readyz": Probe(ready, "the agent port is not listening"),
+        }
+    )
+
+
+def health_resource(ready: Callable[[], bool], what: str) -> Resource:
+    """NOVAC's probes: /healthz (alive) and /readyz."""
+    return Root({b"healthz": Probe(lambda: True, "alive"), b"readyz": Probe(ready, what)})
