@@ -38,6 +38,7 @@ from .core import (
     WindowOpened,
 )
 from .lifecycle import DEFAULT_DEAD_TIMEOUT, DEFAULT_KEEPALIVE, Session, SessionCore, start_session
+from .splice import no_delay
 from .stream import StreamTransport
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
@@ -99,6 +100,7 @@ class TunnelProtocol(Protocol):
 
     def connectionMade(self) -> None:
         assert self.transport is not None
+        no_delay(self.transport)
         self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         self.session = start_session(self.core)
         self.handshake_started()
