@@ -44,6 +44,15 @@ def _free_port() -> int:
         return port
 
 
+def _is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def _wait_for(log: Path, needle: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -60,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="fetch once through the tunnel and exit")
     parser.add_argument("--route-port", type=int, default=0, help="local port of the route (default: a free one)")
+    parser.add_argument("--admin-port", type=int, default=0, help="admin port (default: a free one)")
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="nova-demo-"))
@@ -68,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=target.serve_forever, daemon=True).start()
     target_port = target.server_address[1]
     agent_port, route_port = _free_port(), args.route_port or _free_port()
+    admin_port = args.admin_port or (9023 if _is_free(9023) else _free_port())
+    admin_token = secrets.token_urlsafe(18)
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("NOVAS_", "NOVAC_"))}
     twist = [sys.executable, "-m", "twisted", "--log-format=text"]
 
@@ -81,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             "NOVAS_AGENT_BIND": "127.0.0.1",
             "NOVAS_STATE_DIR": str(work / "state"),
             "NOVAS_ROUTES": f"{route_port}:127.0.0.1:{target_port}@env=demo",
+            "NOVAS_ADMIN_PORT": str(admin_port),
+            "NOVAS_ADMIN_TOKEN": admin_token,
         },
         stdout=novas_log.open("wb"),
         stderr=subprocess.STDOUT,
@@ -121,6 +135,13 @@ NOVA demo is running (files in {work}).
 Try it, in another terminal:
 
   curl {url}
+
+Then see the tunnel and every connection made through it:
+
+  export NOVAS_ADMIN_TOKEN={admin_token}
+  curl -H "Authorization: Bearer $NOVAS_ADMIN_TOKEN" http://127.0.0.1:{admin_port}/api/v1/tunnels
+  curl -H "Authorization: Bearer $NOVAS_ADMIN_TOKEN" http://127.0.0.1:{admin_port}/api/v1/events
+  open http://127.0.0.1:{admin_port}/#token={admin_token}   (the Reverse Tunnels page)
 
 Logs: tail -f {novas_log} {novac_log}
 """,
