@@ -30,10 +30,14 @@ class Setting:
     flag: bool = False
     repeat: bool = False
     env_separator: str = ","
+    secret: bool = False
 
     def doc(self) -> str:
         if self.flag:
             where = f"[env {self.env}]"
+        elif self.secret:
+            # Never the value: only whether the environment sets it.
+            where = f"[env {self.env}; {'set' if os.environ.get(self.env) else 'unset'}]"
         else:
             shown = "none" if self.default is None else (self.default or '""')
             where = f"[env {self.env}; default {shown}]"

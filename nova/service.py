@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -63,5 +64,15 @@ def exit_zero_on_sigterm(reactor: Any, log: Logger) -> None:
             reactor.callFromThread(reactor.stop)
 
         signal.signal(signal.SIGTERM, on_sigterm)
+
+    reactor.callWhenRunning(install)
+
+
+def on_signal(reactor: Any, signum: int, action: Callable[[], None]) -> None:
+    """Run C{action} in the reactor thread whenever C{signum} arrives."""
+
+    def install() -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signum, lambda s, f: reactor.callFromThread(action))
 
     reactor.callWhenRunning(install)

@@ -131,8 +131,11 @@ def _write_self_signed(cert_path: Path, key_path: Path) -> None:
     os.replace(tmp_cert, cert_path)
 
 
-def server_options(cert_path: Path, key_path: Path) -> ssl.CertificateOptions:
-    """TLS 1.3 server options from PEM files (the cert file may hold a chain)."""
+def server_options(cert_path: Path, key_path: Path, client_ca: Path | None = None) -> ssl.CertificateOptions:
+    """
+    TLS 1.3 server options from PEM files (the cert file may hold a chain).
+    With C{client_ca}, clients must present a certificate it issued.
+    """
     certs = _load_certs(cert_path, "certificate")
     try:
         key_pem = key_path.read_bytes()
@@ -143,11 +146,16 @@ def server_options(cert_path: Path, key_path: Path) -> ssl.CertificateOptions:
     except crypto.Error:
         raise TLSConfigError(f"key {key_path} is not a PEM private key (or it is encrypted)") from None
     leaf, *chain = (crypto.X509.from_cryptography(c) for c in certs)
+    client: dict[str, Any] = {}
+    if client_ca is not None:
+        cas = [crypto.X509.from_cryptography(c) for c in _load_certs(client_ca, "client CA file")]
+        client = {"verify": True, "caCerts": cas, "requireCertificate": True}
     options = ssl.CertificateOptions(
         privateKey=key,
         certificate=leaf,
         extraCertChain=chain,
         raiseMinimumTo=TLSVersion.TLSv1_3,
+        **client,
     )
     try:
         options.getContext()
@@ -228,3 +236,23 @@ def tls_version(transport: Any) -> str | None:
         return None
     version: str = handle.get_protocol_version_name()
     return version
+
+
+def client_identity(transport: Any) -> tuple[str | None, set[str]]:
+    """
+    The verified client certificate's subject and the names it carries
+    (common name and DNS subject alternative names), or (None, empty).
+    """
+    handle = transport.getHandle() if hasattr(transport, "getHandle") else None
+    if not isinstance(handle, SSL.Connection):
+        return None, set()
+    peer = handle.get_peer_certificate(as_cryptography=True)
+    if peer is None:
+        return None, set()
+    names = {a.value for a in peer.subject.get_attributes_for_oid(NameOID.COMMON_NAME) if isinstance(a.value, str)}
+    try:
+        san = peer.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names |= set(san.get_values_for_type(x509.DNSName))
+    except x509.ExtensionNotFound:
+        pass
+    return peer.subject.rfc4514_string(), names

@@ -127,7 +127,7 @@ def test_selector_picks_the_agent_with_the_tags(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("plugin", "env", "message"),
     [
-        ("novas", {}, "--agent-token / NOVAS_AGENT_TOKEN is required"),
+        ("novas", {}, "--agent-token / NOVAS_AGENT_TOKEN (or --agent-token-file) is required"),
         ("novas", {"NOVAS_AGENT_TOKEN": TOKEN, "NOVAS_AGENT_PORT": "99999"}, "between 1 and 65535"),
         ("novas", {"NOVAS_AGENT_TOKEN": TOKEN, "NOVAS_ROUTES": "5432:db"}, "is not [BIND:]PORT:HOST:HOSTPORT"),
         ("novac", {"NOVAC_TOKEN": TOKEN}, "--server / NOVAC_SERVER is required"),

@@ -229,11 +229,12 @@ class TunnelProtocol(Protocol):
     def open_streams(self) -> int:
         return len(self.streams) + self.pending_streams()
 
-    def abort(self, why: str) -> None:
+    def abort(self, why: str, quiet: bool = False) -> None:
         """Drop the connection now; every stream is reset."""
         if self.transport is None or self.closed:
             return
-        self.log.warn("dropping the tunnel with {peer}: {why}", peer=self.peer_label, why=why)
+        if not quiet:
+            self.log.warn("dropping the tunnel with {peer}: {why}", peer=self.peer_label, why=why)
         self.closed = True
         self.transport.abortConnection()  # type: ignore[attr-defined]
 

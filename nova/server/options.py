@@ -6,7 +6,7 @@ variable (see README.md).
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +18,28 @@ from nova.config import (
     parse_port,
     parse_seconds,
     parse_timing,
-    read_secret,
     timing_settings,
 )
 from nova.wire.frames import DEFAULT_INITIAL_WINDOW, MAX_WINDOW, MIN_INITIAL_WINDOW
 
 from .routes import Route, parse_route
+from .security import Limits, parse_tokens, read_token_file
 
-TOKEN = Setting("agent-token", "NOVAS_AGENT_TOKEN", None, "Shared secret agents prove (required).")
+TOKEN = Setting(
+    "agent-token", "NOVAS_AGENT_TOKEN", None, "Secret(s) agents prove, ','-separated for rotation.", secret=True
+)
+TOKEN_FILE = Setting(
+    "agent-token-file", "NOVAS_AGENT_TOKEN_FILE", None, "File of agent tokens, one per line; re-read on SIGHUP."
+)
 
 SETTINGS = (
     Setting("agent-port", "NOVAS_AGENT_PORT", "9022", "Port agents dial."),
     Setting("agent-bind", "NOVAS_AGENT_BIND", "0.0.0.0", "Address the agent port listens on."),
     TOKEN,
+    TOKEN_FILE,
     Setting("tls-cert", "NOVAS_TLS_CERT", None, "Server certificate (PEM, may include the chain)."),
     Setting("tls-key", "NOVAS_TLS_KEY", None, "Server private key (PEM)."),
+    Setting("tls-client-ca", "NOVAS_TLS_CLIENT_CA", None, "Require agent certificates from this CA; name = cert name."),
     Setting("no-tls", "NOVAS_TLS", None, "Plaintext agent port (NOVAS_TLS=off); only for trusted networks.", flag=True),
     Setting("state-dir", "NOVAS_STATE_DIR", "/var/lib/nova", "Directory for the generated certificate."),
     Setting(
@@ -48,12 +55,19 @@ SETTINGS = (
     *timing_settings("NOVAS"),
     Setting("socks-port", "NOVAS_SOCKS_PORT", None, "SOCKS5 entry port (off unless set); username = SELECTOR."),
     Setting("socks-bind", "NOVAS_SOCKS_BIND", "127.0.0.1", "Address the SOCKS5 port listens on."),
-    Setting("socks-password", "NOVAS_SOCKS_PASSWORD", None, "SOCKS5 password (required beyond loopback)."),
+    Setting("socks-password", "NOVAS_SOCKS_PASSWORD", None, "SOCKS5 password (required beyond loopback).", secret=True),
     Setting("admin-port", "NOVAS_ADMIN_PORT", "9023", "Admin API and page, /metrics, /healthz, /readyz ('off': none)."),
     Setting("admin-bind", "NOVAS_ADMIN_BIND", "127.0.0.1", "Address the admin port listens on."),
-    Setting("admin-token", "NOVAS_ADMIN_TOKEN", None, "Bearer token for the admin API and page (API off if unset)."),
+    Setting(
+        "admin-token", "NOVAS_ADMIN_TOKEN", None, "Bearer token for the admin API and page (off if unset).", secret=True
+    ),
     Setting("audit-db", "NOVAS_AUDIT_DB", None, "Audit store: postgresql://... (default: SQLite in the state dir)."),
     Setting("audit-retention-days", "NOVAS_AUDIT_RETENTION_DAYS", "30", "Days of audit history to keep."),
+    Setting("max-tunnels", "NOVAS_MAX_TUNNELS", "10000", "Registered tunnels at most."),
+    Setting("max-pending-handshakes", "NOVAS_MAX_PENDING_HANDSHAKES", "1000", "Unfinished handshakes at most."),
+    Setting("max-streams-per-tunnel", "NOVAS_MAX_STREAMS_PER_TUNNEL", "4096", "Streams open at once per tunnel."),
+    Setting("auth-block-after", "NOVAS_AUTH_BLOCK_AFTER", "20", "Failed handshakes per address before a block."),
+    Setting("auth-block-seconds", "NOVAS_AUTH_BLOCK_SECONDS", "300", "How long a blocked address stays blocked."),
 )
 
 
@@ -61,7 +75,7 @@ SETTINGS = (
 class ServerConfig:
     agent_port: int
     agent_bind: str
-    token: bytes
+    tokens: tuple[bytes, ...]
     tls: bool
     tls_cert: Path | None
     tls_key: Path | None
@@ -81,6 +95,10 @@ class ServerConfig:
     admin_token: bytes | None = None
     audit_db: str | None = None
     audit_retention_days: float = 30.0
+    token_file: Path | None = None
+    env_tokens: tuple[bytes, ...] = ()  # from --agent-token itself; the file's are re-read on SIGHUP
+    client_ca: Path | None = None
+    limits: Limits = field(default_factory=Limits)
 
     def __repr__(self) -> str:
         # Never show the token.
@@ -100,6 +118,14 @@ def build_config(v: dict[str, Any]) -> ServerConfig:
             raise ConfigError(f"routes {seen[(r.bind, r.port)]} and {r} listen on the same port")
         seen[(r.bind, r.port)] = r
     keepalive, dead, drain = parse_timing(v, "NOVAS")
+    env_tokens = tuple(parse_tokens(v["agent-token"] or ""))
+    token_file = Path(v["agent-token-file"]) if v["agent-token-file"] else None
+    tokens = load_tokens(env_tokens, token_file)
+    if v["tls-client-ca"] and v["no-tls"]:
+        raise ConfigError("--tls-client-ca / NOVAS_TLS_CLIENT_CA needs TLS")
+    if v["tls-client-ca"] and not Path(v["tls-client-ca"]).is_file():
+        raise ConfigError(f"--tls-client-ca / NOVAS_TLS_CLIENT_CA: {v['tls-client-ca']} is not a readable file")
+    block_after = parse_int(v["auth-block-after"], "--auth-block-after / NOVAS_AUTH_BLOCK_AFTER", 1, 10**6)
     socks_port = parse_port(v["socks-port"], "--socks-port / NOVAS_SOCKS_PORT", True) if v["socks-port"] else None
     socks_password = v["socks-password"].encode("utf-8") if v["socks-password"] else None
     if socks_port is not None and socks_password is None and not is_loopback(v["socks-bind"]):
@@ -122,7 +148,22 @@ def build_config(v: dict[str, Any]) -> ServerConfig:
     return ServerConfig(
         agent_port=parse_port(v["agent-port"], "--agent-port / NOVAS_AGENT_PORT", allow_zero=True),
         agent_bind=v["agent-bind"],
-        token=read_secret(v["agent-token"], TOKEN),
+        tokens=tokens,
+        token_file=token_file,
+        env_tokens=env_tokens,
+        client_ca=Path(v["tls-client-ca"]) if v["tls-client-ca"] else None,
+        limits=Limits(
+            max_tunnels=parse_int(v["max-tunnels"], "--max-tunnels / NOVAS_MAX_TUNNELS", 1, 10**7),
+            max_pending_handshakes=parse_int(
+                v["max-pending-handshakes"], "--max-pending-handshakes / NOVAS_MAX_PENDING_HANDSHAKES", 1, 10**6
+            ),
+            max_streams_per_tunnel=parse_int(
+                v["max-streams-per-tunnel"], "--max-streams-per-tunnel / NOVAS_MAX_STREAMS_PER_TUNNEL", 1, 10**6
+            ),
+            failures_before_block=block_after,
+            failures_before_delay=min(5, block_after),
+            block_seconds=parse_seconds(v["auth-block-seconds"], "--auth-block-seconds / NOVAS_AUTH_BLOCK_SECONDS"),
+        ),
         tls=not v["no-tls"],
         tls_cert=Path(cert) if cert else None,
         tls_key=Path(key) if key else None,
@@ -143,6 +184,24 @@ def build_config(v: dict[str, Any]) -> ServerConfig:
         audit_db=audit_db,
         audit_retention_days=retention,
     )
+
+
+def load_tokens(env_tokens: tuple[bytes, ...], path: Path | None) -> tuple[bytes, ...]:
+    """The agent tokens: those of the setting, then those of the token file."""
+    tokens = list(env_tokens)
+    if path is not None:
+        what = "--agent-token-file / NOVAS_AGENT_TOKEN_FILE"
+        try:
+            tokens += read_token_file(path)
+        except OSError as e:
+            raise ConfigError(f"{what}: cannot read {path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{what}: {path} is not UTF-8 text") from None
+    if not tokens:
+        raise ConfigError("--agent-token / NOVAS_AGENT_TOKEN (or --agent-token-file) is required")
+    if any(len(t) < 8 for t in tokens):
+        raise ConfigError("every agent token must be at least 8 characters")
+    return tuple(tokens)
 
 
 def is_loopback(address: str) -> bool:

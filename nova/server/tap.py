@@ -4,6 +4,7 @@ C{twist novas}: build the server's service tree from its options.
 
 from __future__ import annotations
 
+import signal
 import socket
 
 from twisted.application.service import IService, MultiService
@@ -18,13 +19,15 @@ from nova.admin.audit import Audit
 from nova.admin.metrics import Metrics
 from nova.admin.store import AuditStore, backend_for
 from nova.admin.web import admin_resource
+from nova.config import ConfigError
 from nova.mux.tunnel import Timing
-from nova.service import ListenerService, exit_zero_on_sigterm
+from nova.service import ListenerService, exit_zero_on_sigterm, on_signal
 from nova.tls import TLSConfigError, ensure_server_certificate, server_options
 from nova.wire.errors import ErrorCode
 
 from .listener import RouteFactory
-from .options import Options, ServerConfig
+from .options import Options, ServerConfig, load_tokens
+from .security import TokenSet
 from .socks import SocksFactory
 from .tunnel import ServerContext, ServerTunnel, ServerTunnelFactory
 
@@ -49,7 +52,10 @@ class NovasService(MultiService):
         )
         self.context = ServerContext(
             audit=Audit(self.store, self.metrics, server=socket.gethostname()),
-            token=config.token,
+            token=None,
+            tokens=TokenSet(config.tokens),
+            limits=config.limits,
+            client_ca=config.client_ca is not None,
             tls=config.tls,
             clock=reactor,  # type: ignore[arg-type]
             window=config.window,
@@ -115,11 +121,11 @@ class NovasService(MultiService):
             return _tcp_endpoint(reactor, c.agent_bind, c.agent_port)
         try:
             if c.tls_cert is not None and c.tls_key is not None:
-                options = server_options(c.tls_cert, c.tls_key)
+                options = server_options(c.tls_cert, c.tls_key, c.client_ca)
                 self._fingerprint_note = None
             else:
                 made = ensure_server_certificate(c.state_dir)
-                options = server_options(made.cert_path, made.key_path)
+                options = server_options(made.cert_path, made.key_path, c.client_ca)
                 self._fingerprint_note = (
                     f"{'generated' if made.generated else 'using'} self-signed certificate {made.cert_path};"
                     f" pin it on agents with NOVAC_TLS_FINGERPRINT={made.fingerprint}"
@@ -178,6 +184,29 @@ class NovasService(MultiService):
                 auth="password required" if c.socks_password else "no password: loopback only",
             )
         exit_zero_on_sigterm(self.reactor, log)
+        if c.token_file is not None:
+            on_signal(self.reactor, signal.SIGHUP, self.reload_tokens)
+
+    def reload_tokens(self) -> None:
+        """Re-read the token file; close tunnels whose token is gone."""
+        c = self.config
+        assert c.token_file is not None and self.context.tokens is not None
+        try:
+            tokens = load_tokens(c.env_tokens, c.token_file)
+        except ConfigError as e:
+            log.error("token reload failed, keeping the current tokens: {error}", error=str(e))
+            return
+        self.context.tokens.replace(tokens)
+        valid = self.context.tokens.ids
+        revoked = [t for t in self.context.registry if isinstance(t, ServerTunnel) and t.token_id not in valid]
+        log.info(
+            "reloaded {n} agent token(s) from {path}; closing {m} tunnel(s) whose token was removed",
+            n=len(tokens),
+            path=str(c.token_file),
+            m=len(revoked),
+        )
+        for tunnel in revoked:
+            tunnel.revoke("its token was revoked")
 
     def stopService(self) -> Deferred[None]:
         """

@@ -16,12 +16,13 @@ from nova.admin.audit import Audit
 from nova.mux.core import OpenRefused, Role
 from nova.mux.stream import StreamTransport
 from nova.mux.tunnel import Timing, TunnelProtocol
-from nova.tls import channel_binding, tls_version
+from nova.tls import channel_binding, client_identity, tls_version
 from nova.wire.errors import ErrorCode, OpenFailReason, ProtocolError
 from nova.wire.frames import VERSION, Auth, Frame, Hello, Reject, Welcome
-from nova.wire.handshake import name_problem, new_nonce, tags_problem, verify_auth, window_problem
+from nova.wire.handshake import name_problem, new_nonce, tags_problem, window_problem
 
 from .registry import Registry
+from .security import Limits, Throttle, TokenSet
 
 META_PREFIX = "nova/"
 
@@ -40,9 +41,13 @@ class TunnelGone(Exception):
     """The tunnel closed before the stream was opened."""
 
 
+class TunnelBusy(TunnelGone):
+    """The tunnel has as many streams as the server allows it."""
+
+
 @dataclass
 class ServerContext:
-    token: bytes
+    token: bytes | None
     tls: bool
     clock: IReactorTime
     registry: Registry = field(default_factory=Registry)
@@ -50,6 +55,20 @@ class ServerContext:
     timing: Timing = field(default_factory=Timing)
     server_id: str = "novas"
     audit: Audit = field(default_factory=Audit)
+    tokens: TokenSet | None = None
+    limits: Limits = field(default_factory=Limits)
+    throttle: Throttle | None = None
+    client_ca: bool = False  # agents present certificates whose names bind their agent names
+    pending: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tokens is None:
+            if self.token is None:
+                raise ValueError("a token or a token set is needed")
+            self.tokens = TokenSet([self.token])
+        self.token = None  # only the token set keeps it
+        if self.throttle is None:
+            self.throttle = Throttle(self.limits)
 
 
 class ServerTunnel(TunnelProtocol):
@@ -67,6 +86,10 @@ class ServerTunnel(TunnelProtocol):
         self.address = ""
         self.tls_version: str | None = None
         self.close_reason = ""
+        self.token_id = ""
+        self.source = ""
+        self.client_subject: str | None = None
+        self._pending = False
         self._nonce = b""
         self._opening: dict[int, tuple[Deferred[StreamTransport], str, int]] = {}
 
@@ -81,10 +104,46 @@ class ServerTunnel(TunnelProtocol):
     # Handshake.
 
     def handshake_started(self) -> None:
-        self.connected_at = self.context.clock.seconds()
+        c = self.context
+        assert c.throttle is not None and self.transport is not None
+        now = self.connected_at = c.clock.seconds()
         self.address = TunnelProtocol.peer_label.fget(self)  # type: ignore[attr-defined]
+        self.source = str(getattr(self.transport.getPeer(), "host", self.address))
+        if c.throttle.blocked(self.source, now):
+            self._refuse("BLOCKED", "too many failed handshakes from this address; blocked for a while")
+            return
+        if c.pending >= c.limits.max_pending_handshakes:
+            self._refuse("OVERLOADED", f"{c.pending} handshakes already pending")
+            return
+        c.pending += 1
+        self._pending = True
+        delay = c.throttle.delay(self.source, now)
+        if delay:
+            self.log.info(
+                "delaying the handshake of {peer} by {delay:g}s after repeated failures",
+                peer=self.address,
+                delay=delay,
+            )
+            c.clock.callLater(delay, self._hello)
+        else:
+            self._hello()
+
+    def _hello(self) -> None:
+        if self.closed:
+            return
         self._nonce = new_nonce()
         self.send_frame(Hello(self._nonce))
+
+    def _refuse(self, code: str, why: str) -> None:
+        """Close a connection before the handshake, with one log line."""
+        self.log.warn("refusing the connection from {peer}: {why}", peer=self.address, why=why, code=code)
+        self.context.audit.auth_failed(self.address, "", code, why)
+        self.abort(why, quiet=True)
+
+    def _not_pending(self) -> None:
+        if self._pending:
+            self._pending = False
+            self.context.pending -= 1
 
     def handshake_frame(self, frame: Frame) -> None:
         if not isinstance(frame, Auth):
@@ -93,13 +152,31 @@ class ServerTunnel(TunnelProtocol):
         if self.context.tls and binding is None:
             self._reject(ErrorCode.INTERNAL_ERROR, "TLS is required but the connection is not TLS", frame.name)
             return
-        if not verify_auth(self.context.token, self._nonce, binding or b"", frame):
+        c = self.context
+        assert c.tokens is not None and c.throttle is not None
+        if not self._nonce:
+            raise ProtocolError("AUTH before HELLO")
+        token = c.tokens.match(self._nonce, binding or b"", frame)
+        if token is None:
+            c.throttle.failed(self.source, c.clock.seconds())
             self._reject(ErrorCode.AUTH_FAILED, "the token proof did not verify", frame.name)
             return
         problem = name_problem(frame.name) or tags_problem(frame.tags) or window_problem(frame.initial_window)
         if problem is not None:
             self._reject(ErrorCode.BAD_NAME, problem, frame.name)
             return
+        if c.client_ca:
+            self.client_subject, names = client_identity(self.transport)
+            if frame.name not in names:
+                c.throttle.failed(self.source, c.clock.seconds())
+                self._reject(ErrorCode.BAD_NAME, "the client certificate does not name this agent", frame.name)
+                return
+        if c.registry.get(frame.name) is None and len(c.registry) >= c.limits.max_tunnels:
+            self._reject(ErrorCode.OVERLOADED, f"the server already carries {len(c.registry)} tunnels", frame.name)
+            return
+        c.throttle.succeeded(self.source)
+        self._not_pending()
+        self.token_id = token
         self.name = frame.name
         self.tags = {k: v for k, v in frame.tags if not k.startswith(META_PREFIX)}
         self.meta = {k[len(META_PREFIX) :]: v for k, v in frame.tags if k.startswith(META_PREFIX)}
@@ -123,6 +200,14 @@ class ServerTunnel(TunnelProtocol):
             agent_version=self.meta.get("version", ""),
             tls=self.tls_version or "off",
         )
+
+    def revoke(self, why: str) -> None:
+        """The token this tunnel proved is no longer valid: close it."""
+        self.close_reason = why
+        if self.mux is not None:
+            self.mux.goaway(ErrorCode.AUTH_FAILED, why)
+            self.flush()
+        self.close()
 
     def _reject(self, code: ErrorCode, message: str, claimed_name: str) -> None:
         self.log.warn(
@@ -159,6 +244,8 @@ class ServerTunnel(TunnelProtocol):
         """
         if self.mux is None or self.closed:
             raise TunnelGone("tunnel is not open")
+        if self.open_streams() >= self.context.limits.max_streams_per_tunnel:
+            raise TunnelBusy(f"agent {self.name} has {self.open_streams()} streams, the most allowed")
         sid = self.mux.open(host, port)
 
         def cancel(d: Deferred[StreamTransport]) -> None:
@@ -203,6 +290,7 @@ class ServerTunnel(TunnelProtocol):
         self.draining = True
 
     def tunnel_closed(self, reason: Failure) -> None:
+        self._not_pending()
         opening, self._opening = self._opening, {}
         for d, _host, _port in opening.values():
             if not d.called:
@@ -219,9 +307,9 @@ class ServerTunnel(TunnelProtocol):
         if self.rtt is not None and self.registered:
             self.context.audit.rtt(self.name, self.rtt)
 
-    def abort(self, why: str) -> None:
+    def abort(self, why: str, quiet: bool = False) -> None:
         self.close_reason = why
-        super().abort(why)
+        super().abort(why, quiet)
 
     def describe(self) -> dict[str, object]:
         """What the admin API shows about this tunnel."""
@@ -238,7 +326,7 @@ class ServerTunnel(TunnelProtocol):
             "bytes_from_agent": self.bytes_received,
             "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 3),
             "tls": self.tls_version,
-            "client_certificate": None,
+            "client_certificate": self.client_subject,
         }
 
 

@@ -24,6 +24,7 @@ class ErrorCode(IntEnum):
     REPLACED = 11
     SHUTDOWN = 12
     TOO_MANY_STREAMS = 13
+    OVERLOADED = 14
 
     @classmethod
     def lenient(cls, value: int) -> ErrorCode:

@@ -21,7 +21,7 @@ _CONTEXT = b"nova-auth-v1\x00"
 MAX_TAGS = 32
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,62}")
 _TAG_KEY = re.compile(r"[A-Za-z0-9._/-]{1,63}")
-_TAG_VALUE_FORBIDDEN = re.compile(r"[;=,\x00-\x1f\x7f]")
+_TAG_VALUE_FORBIDDEN = re.compile(r"[;=,\x00-\x1f\x7f-\x9f]")
 
 
 def new_nonce() -> bytes:
@@ -50,9 +50,17 @@ def verify_auth(token: bytes, nonce: bytes, binding: bytes, auth: Auth) -> bool:
     return hmac.compare_digest(expected, auth.mac)
 
 
+def _utf8_len(text: str) -> int | None:
+    """Length in UTF-8, or None for text that has no UTF-8 form (lone surrogates)."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return None
+
+
 def name_problem(name: str) -> str | None:
     """Why C{name} is not a valid agent name, or None if it is."""
-    if len(name.encode("utf-8")) > 63 or not _NAME.fullmatch(name):
+    if _NAME.fullmatch(name) is None or (_utf8_len(name) or 64) > 63:
         return "agent name must be 1-63 characters of A-Z a-z 0-9 . _ - and not start with . or -"
     return None
 
@@ -68,7 +76,8 @@ def tags_problem(tags: tuple[tuple[str, str], ...]) -> str | None:
         if key in seen:
             return f"tag key {key!r} is given twice"
         seen.add(key)
-        if len(value.encode("utf-8")) > 255 or _TAG_VALUE_FORBIDDEN.search(value):
+        size = _utf8_len(value)
+        if size is None or size > 255 or _TAG_VALUE_FORBIDDEN.search(value):
             return f"tag {key!r} has a value that is too long or contains ; = , or control characters"
     return None
 
