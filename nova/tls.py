@@ -179,12 +179,17 @@ class PinnedServerCreator:
     fingerprint is pinned; the chain and the name are not consulted.
     """
 
-    def __init__(self, fingerprint: bytes, server_name: str | None) -> None:
+    def __init__(
+        self, fingerprint: bytes, server_name: str | None, client: ssl.PrivateCertificate | None = None
+    ) -> None:
         self._fingerprint = fingerprint
         self._server_name = server_name
         self._context = SSL.Context(SSL.TLS_CLIENT_METHOD)
         self._context.set_min_proto_version(SSL.TLS1_3_VERSION)
         self._context.set_verify(SSL.VERIFY_PEER, self._verify)
+        if client is not None:
+            self._context.use_certificate(client.original)
+            self._context.use_privatekey(client.privateKey.original)
 
     def _verify(self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
         if depth != 0:
@@ -201,18 +206,40 @@ class PinnedServerCreator:
         return conn
 
 
+def load_client_certificate(cert_path: Path, key_path: Path) -> ssl.PrivateCertificate:
+    """An agent's certificate and key, for servers that require one."""
+    certs = _load_certs(cert_path, "client certificate")
+    try:
+        key_pem = key_path.read_bytes()
+    except OSError as e:
+        raise TLSConfigError(f"cannot read key {key_path}: {e.strerror}") from None
+    cert_pem = certs[0].public_bytes(serialization.Encoding.PEM)
+    try:
+        loaded: ssl.PrivateCertificate = ssl.PrivateCertificate.loadPEM(cert_pem + key_pem)
+        return loaded
+    except Exception:
+        raise TLSConfigError(f"key {key_path} is not a PEM private key matching {cert_path}") from None
+
+
 def client_creator(
-    server_name: str, ca_path: Path | None = None, fingerprint: bytes | None = None
+    server_name: str,
+    ca_path: Path | None = None,
+    fingerprint: bytes | None = None,
+    client_cert: tuple[Path, Path] | None = None,
 ) -> IOpenSSLClientConnectionCreator:
     """The agent's TLS: verify against a CA and C{server_name}, or a pin."""
+    client = load_client_certificate(*client_cert) if client_cert is not None else None
     if fingerprint is not None:
-        return PinnedServerCreator(fingerprint, server_name)
+        return PinnedServerCreator(fingerprint, server_name, client)
     if ca_path is None:
         raise TLSConfigError("TLS needs a CA (NOVAC_TLS_CA) or a pinned fingerprint (NOVAC_TLS_FINGERPRINT)")
     roots = [ssl.Certificate(crypto.X509.from_cryptography(c)) for c in _load_certs(ca_path, "CA file")]
     trust = ssl.trustRootFromCertificates(roots)
     creator: IOpenSSLClientConnectionCreator = ssl.optionsForClientTLS(
-        server_name, trustRoot=trust, extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_3}
+        server_name,
+        trustRoot=trust,
+        clientCertificate=client,
+        extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_3},
     )
     return creator
 

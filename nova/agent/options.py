@@ -6,7 +6,7 @@ variable (see README.md).
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from nova.config import (
     EnvOptions,
     Setting,
     parse_int,
+    parse_port,
     parse_seconds,
     parse_tags,
     parse_timing,
@@ -26,7 +27,9 @@ from nova.tls import parse_fingerprint
 from nova.wire.frames import DEFAULT_INITIAL_WINDOW, MAX_WINDOW, MIN_INITIAL_WINDOW
 from nova.wire.handshake import name_problem, tags_problem
 
-TOKEN = Setting("token", "NOVAC_TOKEN", None, "Shared secret (NOVAS's agent token).")
+from .policy import Policy, PolicyError, parse_policy
+
+TOKEN = Setting("token", "NOVAC_TOKEN", None, "Shared secret (NOVAS's agent token).", secret=True)
 
 SETTINGS = (
     Setting("server", "NOVAC_SERVER", None, "HOST:PORT[,HOST:PORT...]: register with every one (required)."),
@@ -40,6 +43,19 @@ SETTINGS = (
     Setting("window", "NOVAC_WINDOW", str(DEFAULT_INITIAL_WINDOW), "Per-stream receive window in bytes."),
     Setting("connect-timeout", "NOVAC_CONNECT_TIMEOUT", "10", "Seconds to connect to a server or a target."),
     Setting("max-streams", "NOVAC_MAX_STREAMS", "1024", "Streams open at once per tunnel."),
+    Setting("tls-cert", "NOVAC_TLS_CERT", None, "Client certificate (PEM) for servers that require one."),
+    Setting("tls-key", "NOVAC_TLS_KEY", None, "Client certificate's private key (PEM)."),
+    Setting("health-port", "NOVAC_HEALTH_PORT", None, "Port for /healthz and /readyz probes (off unless set)."),
+    Setting("health-bind", "NOVAC_HEALTH_BIND", "0.0.0.0", "Address the probe port listens on."),
+    Setting(
+        "allow",
+        "NOVAC_ALLOW",
+        None,
+        "Targets this agent may dial: CIDR, IP, host-name pattern (*.internal) or *, with optional"
+        " :PORT or :LOW-HIGH; repeatable (variable: ,-separated). Without it, anything but"
+        " link-local/metadata addresses.",
+        repeat=True,
+    ),
     *timing_settings("NOVAC"),
     Setting("reconnect-initial", "NOVAC_RECONNECT_INITIAL", "1", "Seconds: the first reconnect waits up to this."),
     Setting("reconnect-max", "NOVAC_RECONNECT_MAX", "30", "Seconds: no reconnect waits longer than this."),
@@ -64,6 +80,10 @@ class AgentConfig:
     drain_timeout: float = 30.0
     reconnect_initial: float = 1.0
     reconnect_max: float = 30.0
+    policy: Policy = field(default_factory=Policy)
+    client_cert: tuple[Path, Path] | None = None
+    health_port: int | None = None
+    health_bind: str = "0.0.0.0"
 
     def __repr__(self) -> str:
         return f"<AgentConfig {self.name} -> {len(self.servers)} server(s), tls={self.tls}>"
@@ -102,7 +122,16 @@ def build_config(v: dict[str, Any]) -> AgentConfig:
         raise ConfigError(f"--ca / NOVAC_TLS_CA: {ca} is not a readable file")
     if not tls and (ca is not None or fingerprint is not None):
         raise ConfigError("--no-tls / NOVAC_TLS=off contradicts --ca / --server-fingerprint")
+    try:
+        policy = parse_policy(v.get("allow") or [])
+    except PolicyError as e:
+        raise ConfigError(f"--allow / NOVAC_ALLOW: {e}") from None
     keepalive, dead, drain = parse_timing(v, "NOVAC")
+    if bool(v["tls-cert"]) != bool(v["tls-key"]):
+        raise ConfigError("--tls-cert and --tls-key (NOVAC_TLS_CERT, NOVAC_TLS_KEY) go together")
+    client_cert = (Path(v["tls-cert"]), Path(v["tls-key"])) if v["tls-cert"] else None
+    if client_cert is not None and not tls:
+        raise ConfigError("--tls-cert / NOVAC_TLS_CERT needs TLS")
     initial = parse_seconds(v["reconnect-initial"], "--reconnect-initial / NOVAC_RECONNECT_INITIAL")
     cap = parse_seconds(v["reconnect-max"], "--reconnect-max / NOVAC_RECONNECT_MAX")
     if cap < initial:
@@ -124,6 +153,12 @@ def build_config(v: dict[str, Any]) -> AgentConfig:
         drain_timeout=drain,
         reconnect_initial=initial,
         reconnect_max=cap,
+        policy=policy,
+        client_cert=client_cert,
+        health_port=(
+            parse_port(v["health-port"], "--health-port / NOVAC_HEALTH_PORT", True) if v["health-port"] else None
+        ),
+        health_bind=v["health-bind"],
     )
 
 

@@ -10,8 +10,7 @@ from twisted.application.internet import ClientService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
 from nova.mux.tunnel import Timing
@@ -19,7 +18,9 @@ from nova.service import exit_zero_on_sigterm
 from nova.tls import TLSConfigError, client_creator
 from nova.wire.errors import ErrorCode
 
+from .health import health_service
 from .options import AgentConfig, Options
+from .policy import Dialer, reactor_resolver, tcp_connector
 from .reconnect import Backoff, reconnecting
 from .tunnel import AgentContext, AgentTunnelFactory
 
@@ -32,9 +33,10 @@ class NovacService(MultiService):
         self.config = config
         self.reactor = reactor
 
-        def connect_target(host: str, port: int, protocol: IProtocol) -> Deferred[IProtocol]:
-            endpoint = HostnameEndpoint(reactor, host, port, timeout=config.connect_timeout)
-            return endpoint.connect(_OneShot(protocol))
+        # Names are resolved once and only the addresses the policy allows are
+        # dialled (no DNS rebinding between the check and the connection).
+        dialer = Dialer(config.policy, reactor_resolver(reactor), tcp_connector(reactor, config.connect_timeout))
+        connect_target = dialer.connect
 
         self.context = AgentContext(
             name=config.name,
@@ -46,6 +48,7 @@ class NovacService(MultiService):
             window=config.window,
             timing=Timing(config.connect_timeout, config.keepalive, config.dead_timeout),
             max_streams=config.max_streams,
+            policy=config.policy,
         )
         # One independent reconnecting tunnel per server: a server that is
         # down delays none of the others.
@@ -58,13 +61,21 @@ class NovacService(MultiService):
             )
             client.setServiceParent(self)
             self.clients[label] = client
+        if config.health_port is not None:
+            health_service(reactor, config.health_bind, config.health_port, self.ready).setServiceParent(  # type: ignore[no-untyped-call]
+                self
+            )
+
+    def ready(self) -> bool:
+        """Registered with at least one server."""
+        return any(t.mux is not None and not t.closed for t in self.context.tunnels)
 
     def _endpoint(self, host: str, port: int) -> IStreamClientEndpoint:
         c = self.config
         endpoint: IStreamClientEndpoint = HostnameEndpoint(self.reactor, host, port, timeout=c.connect_timeout)
         if c.tls:
             try:
-                creator = client_creator(c.server_name or host, c.ca, c.fingerprint)
+                creator = client_creator(c.server_name or host, c.ca, c.fingerprint, c.client_cert)
             except TLSConfigError as e:
                 raise SystemExit(f"novac: error: {e}") from None
             endpoint = wrapClientTLS(creator, endpoint)
@@ -79,6 +90,7 @@ class NovacService(MultiService):
             agent=c.name,
             servers=", ".join(self.clients),
         )
+        log.info("destination policy: {policy}", policy=str(c.policy))
         super().startService()  # type: ignore[no-untyped-call]
 
         exit_zero_on_sigterm(self.reactor, log)
@@ -111,18 +123,6 @@ class NovacService(MultiService):
         # inside their own state machines.)
         d: Deferred[None] = gatherResults(stops).addCallback(lambda _: Service.stopService(self))
         return d
-
-
-class _OneShot(Factory):
-    """Hands out one given protocol (like connectProtocol's, but quiet)."""
-
-    noisy = False
-
-    def __init__(self, protocol: IProtocol) -> None:
-        self.protocol_ = protocol
-
-    def buildProtocol(self, addr: Any) -> Any:
-        return self.protocol_
 
 
 def _then_stop(_: object, client: ClientService) -> Deferred[None]:

@@ -14,6 +14,7 @@ from twisted.internet.interfaces import IProtocol, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
+from nova import __version__
 from nova.mux.core import OpenRefused, Role
 from nova.mux.splice import Pipe, splice
 from nova.mux.tunnel import Timing, TunnelProtocol
@@ -22,10 +23,13 @@ from nova.wire.errors import ErrorCode, OpenFailReason, ProtocolError
 from nova.wire.frames import Frame, Hello, Reject, Welcome
 from nova.wire.handshake import make_auth, window_problem
 
+from .policy import Policy, PolicyDenied
 from .reconnect import Backoff
 
 # connect(host, port, protocol) -> Deferred firing with the protocol once connected.
 TargetConnector = Callable[[str, int, IProtocol], "Deferred[IProtocol]"]
+# on_denied(server, denial): called for every stream the policy refuses (the audit hook).
+DenialHook = Callable[[str, PolicyDenied], None]
 
 
 class Rejected(Exception):
@@ -48,10 +52,16 @@ class AgentContext:
     timing: Timing = field(default_factory=Timing)
     max_streams: int = 1024
     tunnels: set[AgentTunnel] = field(default_factory=set)
+    # Checked before connect_target is called; connect_target checks the
+    # resolved addresses (see nova.agent.policy.Dialer).
+    policy: Policy = field(default_factory=Policy)
+    on_denied: DenialHook | None = None
 
 
 def classify(failure: Failure) -> OpenFailReason:
     """The OPEN_FAIL reason for a failed connection to a target."""
+    if failure.check(PolicyDenied):
+        return OpenFailReason.DENIED
     if failure.check(error.DNSLookupError):
         return OpenFailReason.DNS_FAILURE
     if failure.check(error.ConnectionRefusedError):
@@ -105,7 +115,7 @@ class AgentTunnel(TunnelProtocol):
                     frame.nonce,
                     binding or b"",
                     self.context.name,
-                    self.context.tags,
+                    (*self.context.tags, ("nova/version", __version__)),
                     self.local_window,
                 )
             )
@@ -182,6 +192,11 @@ class AgentTunnel(TunnelProtocol):
             assert self.mux is not None
             self.mux.refuse(stream_id, OpenFailReason.DRAINING, "the agent is shutting down")
             return
+        decision = self.context.policy.check_name(host, port)
+        if not decision.allowed:
+            # Denied before anything is resolved or dialled.
+            self._denied(stream_id, PolicyDenied(host, port, decision.why))
+            return
         target = TargetPipe()
         d = self.context.connect_target(host, port, target)
         self._dialing[stream_id] = d
@@ -207,6 +222,10 @@ class AgentTunnel(TunnelProtocol):
         self._dialing.pop(stream_id, None)
         if self.mux is None or self.closed:
             return
+        if isinstance(failure.value, PolicyDenied):
+            self._denied(stream_id, failure.value)
+            self.flush()
+            return
         reason = classify(failure)
         if reason is OpenFailReason.TIMEOUT and stream_id not in self.mux:
             return  # cancelled because the server gave up on the stream
@@ -220,6 +239,26 @@ class AgentTunnel(TunnelProtocol):
         )
         self.mux.refuse(stream_id, reason, message)
         self.flush()
+
+    def _denied(self, stream_id: int, denial: PolicyDenied) -> None:
+        """Refuse a stream the policy forbids: OPEN_FAIL DENIED, logged and audited."""
+        assert self.mux is not None
+        self.log.warn(
+            "policy denied {target} for {server}: DENIED ({message})",
+            event="stream_denied",
+            agent=self.context.name,
+            target=denial.target,
+            server=self.server,
+            reason=denial.why,
+            addresses=[str(a) for a in denial.addresses],
+            message=denial.message,
+        )
+        if self.context.on_denied is not None:
+            try:
+                self.context.on_denied(self.server, denial)
+            except Exception:
+                self.log.failure("the on_denied hook failed for {target}", target=denial.target)
+        self.mux.refuse(stream_id, OpenFailReason.DENIED, denial.message)
 
     def stream_refused(self, stream_id: int, event: OpenRefused) -> None:
         # The server reset a stream we are still dialing: stop dialing.

@@ -161,7 +161,7 @@ def build_config(v: dict[str, Any]) -> ServerConfig:
                 v["max-streams-per-tunnel"], "--max-streams-per-tunnel / NOVAS_MAX_STREAMS_PER_TUNNEL", 1, 10**6
             ),
             failures_before_block=block_after,
-            failures_before_delay=min(5, block_after),
+            failures_before_delay=max(1, block_after // 4),
             block_seconds=parse_seconds(v["auth-block-seconds"], "--auth-block-seconds / NOVAS_AUTH_BLOCK_SECONDS"),
         ),
         tls=not v["no-tls"],

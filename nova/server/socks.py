@@ -17,7 +17,7 @@ from enum import IntEnum
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IProtocol, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IProtocol, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -93,6 +93,22 @@ class SocksClient(Pipe):
         self._selector = Selector()
         self._opening: Deferred[IProtocol] | None = None
         self._target = ""
+
+    def connectionMade(self) -> None:
+        # A client that never finishes negotiating is closed, not kept.
+        self._deadline: IDelayedCall | None = self.factory.clock.callLater(
+            self.factory.negotiation_timeout, self._too_slow
+        )
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self._state in ("greeting", "auth", "request"):
+            self._refuse(f"no complete request within {self.factory.negotiation_timeout:g}s")
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
 
     def dataReceived(self, data: bytes) -> None:
         if self._state == "relay":
@@ -207,6 +223,7 @@ class SocksClient(Pipe):
 
     def _connect(self, host: str, port: int) -> None:
         assert self.transport is not None
+        self._stop_deadline()
         self._state = "connecting"
         self._target = f"{host}:{port}"
         self.transport.pauseProducing()  # type: ignore[attr-defined]
@@ -265,6 +282,7 @@ class SocksClient(Pipe):
             self.transport.write(data)
 
     def _close(self, why: str) -> None:
+        self._stop_deadline()
         self._state = "closed"
         self.log.warn(
             "socks: {client}: {why}; closing",
@@ -275,6 +293,7 @@ class SocksClient(Pipe):
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = Failure(CancelledError())) -> None:  # noqa: B008
+        self._stop_deadline()
         super().connectionLost(reason)
         if self._opening is not None:
             self._opening.cancel()
@@ -290,8 +309,10 @@ class SocksFactory(Factory):
         password: bytes | None,
         open_timeout: float = DEFAULT_OPEN_TIMEOUT,
         audit: Audit | None = None,
+        negotiation_timeout: float = 10.0,
     ) -> None:
         self.audit = audit or Audit()
+        self.negotiation_timeout = negotiation_timeout
         self.registry = registry
         self.clock = clock
         self.password = password

@@ -111,6 +111,7 @@ class NovasService(MultiService):
                     config.socks_password,
                     config.open_timeout,
                     self.context.audit,
+                    config.handshake_timeout,
                 ),
             )
             self.socks_listener.setServiceParent(self)  # type: ignore[no-untyped-call]

@@ -90,6 +90,7 @@ class ServerTunnel(TunnelProtocol):
         self.source = ""
         self.client_subject: str | None = None
         self._pending = False
+        self._rejected = False
         self._nonce = b""
         self._opening: dict[int, tuple[Deferred[StreamTransport], str, int]] = {}
 
@@ -218,6 +219,7 @@ class ServerTunnel(TunnelProtocol):
             message=message,
         )
         self.context.audit.auth_failed(self.address, claimed_name, code.name, message)
+        self._rejected = True
         self.send_frame(Reject(code, message))
         self.close()
 
@@ -232,6 +234,8 @@ class ServerTunnel(TunnelProtocol):
 
     def handshake_timed_out(self) -> None:
         super().handshake_timed_out()
+        self._rejected = True
+        self.context.audit.auth_failed(self.address, "", "HANDSHAKE_TIMEOUT", "the handshake took too long")
         self.send_frame(Reject(ErrorCode.HANDSHAKE_TIMEOUT, "the handshake took too long"))
 
     # Streams.
@@ -290,6 +294,13 @@ class ServerTunnel(TunnelProtocol):
         self.draining = True
 
     def tunnel_closed(self, reason: Failure) -> None:
+        if self._pending and not self._rejected:
+            # Closed mid-handshake without a REJECT: TLS failed, or the peer left.
+            self.log.warn(
+                "connection from {peer} closed before registering: {reason}",
+                peer=self.address,
+                reason=reason.getErrorMessage(),
+            )
         self._not_pending()
         opening, self._opening = self._opening, {}
         for d, _host, _port in opening.values():

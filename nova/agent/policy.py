@@ -1,0 +1,431 @@
+"""
+The agent's destination policy (C{--allow} / C{NOVAC_ALLOW}): which targets
+this agent may dial for NOVAS.  See docs/policy.md.
+
+A policy is a list of rules, each C{TARGET[:PORTS]}:
+
+    10.0.0.0/8:5432, 192.168.1.5, [fd00::/8]:443, fd00::/8,
+    db.internal:5432, *.internal:8000-8080, *:443, *
+
+Link-local and cloud metadata addresses (169.254.0.0/16, fe80::/10,
+fd00:ec2::254) are denied unless a CIDR rule that lies inside those ranges
+allows them, even with no rules at all and even with C{*}.
+
+Names are checked twice: L{Policy.check_name} before resolving (can any rule
+allow this name and port?), then L{Policy.check_address} for every address
+the name resolved to.  L{Dialer} resolves once, keeps only the addresses the
+policy allows and connects to those very addresses, so a DNS answer cannot
+change between the check and the connection (no DNS rebinding).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.error import DNSLookupError
+from twisted.internet.interfaces import IAddress, IHostResolution, IProtocol, IResolutionReceiver
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from zope.interface import implementer
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# resolve(host) -> Deferred firing with the host's addresses (empty: no such name).
+Resolver = Callable[[str], "Deferred[Sequence[IPAddress]]"]
+# connect(address, port, protocol) -> Deferred firing with the protocol once connected.
+AddressConnector = Callable[[IPAddress, int, IProtocol], "Deferred[IProtocol]"]
+
+LINK_LOCAL: tuple[IPNetwork, ...] = (
+    ipaddress.ip_network("169.254.0.0/16"),
+    ipaddress.ip_network("fe80::/10"),
+)
+METADATA: tuple[IPNetwork, ...] = (
+    ipaddress.ip_network("169.254.169.254/32"),  # AWS, GCP, Azure, OCI, ...
+    ipaddress.ip_network("fd00:ec2::254/128"),  # AWS over IPv6
+)
+SENSITIVE: tuple[IPNetwork, ...] = LINK_LOCAL + METADATA
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+WHY_SENSITIVE = "link-local/metadata addresses need an explicit --allow rule"
+WHY_NO_RULE = "no --allow rule matches"
+
+ALL_PORTS = (0, 65535)
+
+log = Logger()
+
+
+class PolicyError(ValueError):
+    """A rule that does not parse; the message names the rule, on one line."""
+
+
+class PolicyDenied(Exception):
+    """The policy forbids this target; carried to NOVAS as OPEN_FAIL DENIED."""
+
+    def __init__(self, host: str, port: int, why: str, addresses: Sequence[IPAddress] = ()) -> None:
+        self.host = host
+        self.port = port
+        self.why = why
+        self.addresses = tuple(addresses)
+        super().__init__(self.message)
+
+    @property
+    def target(self) -> str:
+        return _join(self.host, self.port)
+
+    @property
+    def message(self) -> str:
+        if self.addresses and (len(self.addresses) > 1 or str(self.addresses[0]) != self.host):
+            shown = ", ".join(str(a) for a in self.addresses[:4]) + (", ..." if len(self.addresses) > 4 else "")
+            return f"policy denies {self.target}: it resolves to {shown} ({self.why})"
+        return f"policy denies {self.target} ({self.why})"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def normalize(address: IPAddress) -> IPAddress:
+    """An IPv4-mapped IPv6 address (::ffff:a.b.c.d) is the IPv4 address it reaches."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def parse_ip(host: str) -> IPAddress | None:
+    """C{host} as an IP address if it is a literal one (brackets allowed), else None."""
+    text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        return normalize(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
+def is_sensitive(address: IPAddress) -> bool:
+    """Link-local or a cloud metadata address."""
+    address = normalize(address)
+    return any(address in network for network in SENSITIVE)
+
+
+def _inside_sensitive(network: IPNetwork) -> bool:
+    return any(network.version == s.version and network.subnet_of(s) for s in SENSITIVE)  # type: ignore[arg-type]
+
+
+_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
+_NAME_CHARS = "[a-z0-9_-]+"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One C{TARGET[:PORTS]} of the allow list."""
+
+    text: str
+    kind: Literal["any", "network", "name"]
+    ports: tuple[int, int] = ALL_PORTS
+    network: IPNetwork | None = None
+    pattern: re.Pattern[str] | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+    @property
+    def explicit(self) -> bool:
+        """Does this rule name link-local/metadata addresses on purpose (a CIDR inside those ranges)?"""
+        return self.network is not None and _inside_sensitive(self.network)
+
+    def covers_port(self, port: int) -> bool:
+        return self.ports[0] <= port <= self.ports[1]
+
+    def allows_address(self, address: IPAddress, port: int) -> bool:
+        if not self.covers_port(port):
+            return False
+        if self.kind == "any":
+            return not is_sensitive(address)
+        if self.kind == "network":
+            assert self.network is not None
+            if address.version != self.network.version or address not in self.network:
+                return False
+            return self.explicit or not is_sensitive(address)
+        return False
+
+    def matches_name(self, host: str, port: int) -> bool:
+        if self.pattern is None or not self.covers_port(port):
+            return False
+        return self.pattern.fullmatch(host.lower().rstrip(".")) is not None
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    why: str
+    rule: Rule | None = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """
+    The allow list.  With no rules, everything is allowed except link-local
+    and metadata addresses.
+    """
+
+    rules: tuple[Rule, ...] = ()
+
+    def __str__(self) -> str:
+        if not self.rules:
+            return "any target except link-local/metadata addresses"
+        return ", ".join(str(r) for r in self.rules)
+
+    def check_name(self, host: str, port: int) -> Decision:
+        """
+        Before resolving: may C{host:port} be dialled at all?  An IP literal
+        is decided here and now; a name passes when a name rule matches it or
+        an address rule covers the port (its addresses are checked later, by
+        L{check_address}).
+        """
+        literal = parse_ip(host)
+        if literal is not None:
+            return self.check_address(literal, port)
+        if not self.rules:
+            return Decision(True, "no allow list")
+        for rule in self.rules:
+            if rule.matches_name(host, port):
+                return Decision(True, f"allowed by {rule}", rule)
+        for rule in self.rules:
+            if rule.kind != "name" and rule.covers_port(port):
+                return Decision(True, f"addresses to be checked against {rule}", rule)
+        return Decision(False, WHY_NO_RULE)
+
+    def check_address(self, address: IPAddress, port: int, host: str | None = None) -> Decision:
+        """
+        May C{address:port} be dialled, C{host} being the name NOVAS asked
+        for (None for an IP literal)?
+        """
+        address = normalize(address)
+        sensitive = is_sensitive(address)
+        if not self.rules:
+            return Decision(False, WHY_SENSITIVE) if sensitive else Decision(True, "no allow list")
+        for rule in self.rules:
+            if rule.allows_address(address, port):
+                return Decision(True, f"allowed by {rule}", rule)
+        if host is not None and not sensitive:
+            for rule in self.rules:
+                if rule.matches_name(host, port):
+                    return Decision(True, f"allowed by {rule}", rule)
+        return Decision(False, WHY_SENSITIVE if sensitive else WHY_NO_RULE)
+
+
+def parse_ports(text: str) -> tuple[int, int]:
+    """C{5432}, C{8000-8080} or C{*}."""
+    text = text.strip()
+    if text == "*":
+        return ALL_PORTS
+    low_text, dash, high_text = text.partition("-")
+    try:
+        low = int(low_text)
+        high = int(high_text) if dash else low
+    except ValueError:
+        raise PolicyError(f"{text!r} is not a port, a port range LOW-HIGH or *") from None
+    if not (1 <= low <= 65535 and 1 <= high <= 65535):
+        raise PolicyError(f"ports must be between 1 and 65535, not {text!r}")
+    if low > high:
+        raise PolicyError(f"port range {text!r} is backwards")
+    return low, high
+
+
+def _name_pattern(target: str) -> re.Pattern[str]:
+    name = target.lower().rstrip(".")
+    labels = name.split(".")
+    if len(name) > 253 or not all(label == "*" or _LABEL.fullmatch(label) for label in labels):
+        raise PolicyError(f"{target!r} is not an IP address, a CIDR, a host name pattern or *")
+    if labels[-1].isdigit():
+        raise PolicyError(f"{target!r} is not a valid IP address or CIDR")
+    if labels[-1] == "*":
+        raise PolicyError(f"{target!r}: a * must be followed by a domain (like *.internal); use * alone for any")
+    # A * label stands for one or more labels.
+    parts = [f"{_NAME_CHARS}(?:\\.{_NAME_CHARS})*" if label == "*" else re.escape(label) for label in labels]
+    return re.compile("\\.".join(parts))
+
+
+def parse_rule(text: str) -> Rule:
+    """One C{TARGET[:PORTS]}; raises L{PolicyError}."""
+    t = text.strip()
+    try:
+        if t.startswith("["):
+            target, sep, rest = t[1:].partition("]")
+            if not sep:
+                raise PolicyError("missing ]")
+            if rest and not rest.startswith(":"):
+                raise PolicyError("expected :PORTS after ]")
+            ports_text = rest[1:] if rest else "*"
+            if ":" not in target:
+                raise PolicyError("brackets are for IPv6 addresses only")
+        elif t.count(":") >= 2:
+            target, ports_text = t, "*"  # a bare IPv6 address or CIDR: no ports
+        else:
+            target, sep, ports_text = t.partition(":")
+            if not sep:
+                ports_text = "*"
+        target = target.strip()
+        if not target:
+            raise PolicyError("no target")
+        ports = parse_ports(ports_text)
+        if target == "*":
+            return Rule(t, "any", ports)
+        if "/" in target or ":" in target or parse_ip(target) is not None:
+            try:
+                network = ipaddress.ip_network(target, strict=True)
+            except ValueError as e:
+                hint = "; IPv6 with ports goes in brackets, like [fd00::/8]:443" if t.count(":") >= 2 else ""
+                raise PolicyError(f"{e}{hint}") from None
+            if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):
+                raise PolicyError("write IPv4-mapped addresses in their IPv4 form")
+            return Rule(t, "network", ports, network=network)
+        return Rule(t, "name", ports, pattern=_name_pattern(target))
+    except PolicyError as e:
+        raise PolicyError(f"rule {t!r}: {e}") from None
+
+
+def parse_policy(rules: str | Iterable[str]) -> Policy:
+    """
+    Comma-separated rules (or several such strings, one per C{--allow});
+    empty means the default policy.
+    """
+    texts = [rules] if isinstance(rules, str) else list(rules)
+    parsed = [parse_rule(part) for text in texts for part in text.split(",") if part.strip()]
+    return Policy(tuple(parsed))
+
+
+class Dialer:
+    """
+    Connects to C{host:port} as the policy allows: the name is checked,
+    resolved once, every address checked, and only the allowed addresses
+    are dialled, in order, until one connects.  Fails with L{PolicyDenied},
+    L{DNSLookupError}, or the last address's connection error.
+    """
+
+    def __init__(self, policy: Policy, resolve: Resolver, connect: AddressConnector) -> None:
+        self.policy = policy
+        self.resolve = resolve
+        self.connect_address = connect
+
+    def connect(self, host: str, port: int, protocol: IProtocol) -> Deferred[IProtocol]:
+        return Deferred.fromCoroutine(self._dial(host, port, protocol))
+
+    async def _dial(self, host: str, port: int, protocol: IProtocol) -> IProtocol:
+        decision = self.policy.check_name(host, port)
+        if not decision.allowed:
+            raise PolicyDenied(host, port, decision.why)
+        literal = parse_ip(host)
+        if literal is not None:
+            addresses: list[IPAddress] = [literal]
+        else:
+            addresses = _unique(normalize(a) for a in await self.resolve(host))
+            if not addresses:
+                raise DNSLookupError(host)
+        allowed: list[IPAddress] = []
+        denied: list[tuple[IPAddress, Decision]] = []
+        for address in addresses:
+            d = self.policy.check_address(address, port, None if literal is not None else host)
+            if d.allowed:
+                allowed.append(address)
+            else:
+                denied.append((address, d))
+        if not allowed:
+            reasons = {d.why for _, d in denied}
+            why = WHY_SENSITIVE if WHY_SENSITIVE in reasons else WHY_NO_RULE
+            raise PolicyDenied(host, port, why, addresses)
+        if denied:
+            log.warn(
+                "policy skips {denied} of {target}: {why}; trying {allowed}",
+                event="addresses_denied",
+                target=_join(host, port),
+                denied=", ".join(str(a) for a, _ in denied),
+                allowed=", ".join(str(a) for a in allowed),
+                why="; ".join(sorted({d.why for _, d in denied})),
+            )
+        last: BaseException | None = None
+        for address in allowed:
+            try:
+                return await self.connect_address(address, port, protocol)
+            except CancelledError:
+                raise  # the stream is no longer wanted: try nothing else
+            except Exception as e:
+                last = e
+        assert last is not None
+        raise last
+
+
+def _unique(addresses: Iterable[IPAddress]) -> list[IPAddress]:
+    seen: set[IPAddress] = set()
+    out: list[IPAddress] = []
+    for a in addresses:
+        if a not in seen:
+            seen.add(a)
+            out.append(a)
+    return out
+
+
+@implementer(IResolutionReceiver)
+class _Collect:
+    def __init__(self, result: Deferred[Sequence[IPAddress]]) -> None:
+        self.result = result
+        self.addresses: list[IPAddress] = []
+
+    def resolutionBegan(self, resolutionInProgress: IHostResolution) -> None:
+        pass
+
+    def addressResolved(self, address: IAddress) -> None:
+        host = getattr(address, "host", None)
+        if isinstance(host, str):
+            try:
+                self.addresses.append(ipaddress.ip_address(host))
+            except ValueError:
+                pass
+
+    def resolutionComplete(self) -> None:
+        if not self.result.called:
+            self.result.callback(self.addresses)
+
+
+def reactor_resolver(reactor: Any) -> Resolver:
+    """Resolves with the reactor's C{nameResolver} (getaddrinfo in a thread), TCP addresses of both families."""
+
+    def resolve(host: str) -> Deferred[Sequence[IPAddress]]:
+        d: Deferred[Sequence[IPAddress]] = Deferred()
+        reactor.nameResolver.resolveHostName(_Collect(d), host, 0, None, "TCP")
+        return d
+
+    return resolve
+
+
+class _OneShot(Factory):
+    """Hands out one given protocol, quietly."""
+
+    noisy = False
+
+    def __init__(self, protocol: IProtocol) -> None:
+        self.protocol_ = protocol
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return self.protocol_
+
+
+def tcp_connector(reactor: Any, timeout: float) -> AddressConnector:
+    """Connects to one concrete address, with C{timeout} seconds for the attempt."""
+
+    def connect(address: IPAddress, port: int, protocol: IProtocol) -> Deferred[IProtocol]:
+        endpoint_type = TCP4ClientEndpoint if address.version == 4 else TCP6ClientEndpoint
+        endpoint = endpoint_type(reactor, str(address), port, timeout=timeout)
+        d: Deferred[IProtocol] = endpoint.connect(_OneShot(protocol))
+        return d
+
+    return connect
