@@ -6,6 +6,7 @@ thing they mean to.
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 from typing import Any
@@ -23,17 +24,40 @@ class RawAgent:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.conn: Any = self.sock
         self.tls = tls
+        self.handshake_failed = False
         if tls:
             ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
             ctx.set_verify(SSL.VERIFY_NONE, lambda *a: True)
             self.conn = SSL.Connection(ctx, self.sock)
             self.conn.set_connect_state()
-            self.conn.do_handshake()
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    self.conn.do_handshake()
+                    break
+                except SSL.WantReadError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("TLS handshake") from None
+                    select.select([self.sock], [], [], 0.1)
+                except (SSL.Error, OSError):
+                    # The server refused us before or during the TLS handshake.
+                    self.handshake_failed = True
+                    break
         self.decoder = FrameDecoder()
         self.pending: list[Frame] = []
 
     def send(self, data: bytes) -> None:
-        self.conn.sendall(data)
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self.conn.send(view[:16384])
+            except SSL.WantWriteError:
+                select.select([], [self.sock], [], 0.1)
+                continue
+            except SSL.WantReadError:
+                select.select([self.sock], [], [], 0.1)
+                continue
+            view = view[sent:]
 
     def send_frame(self, frame: Frame) -> None:
         self.send(b"".join(encode(frame)))
@@ -61,6 +85,7 @@ class RawAgent:
             try:
                 data = self._recv()
             except (TimeoutError, SSL.WantReadError):
+                select.select([self.sock], [], [], 0.05)
                 continue
             if not data:
                 return None
@@ -84,6 +109,8 @@ class RawAgent:
 
     def closed_by_server(self, timeout: float = 10.0) -> bool:
         """Read (discarding frames) until the server closes; False on timeout."""
+        if self.handshake_failed:
+            return True
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.sock.settimeout(max(0.05, deadline - time.monotonic()))
@@ -91,6 +118,7 @@ class RawAgent:
                 if not self._recv():
                     return True
             except (TimeoutError, SSL.WantReadError):
+                select.select([self.sock], [], [], 0.05)
                 continue
             except OSError:
                 return True

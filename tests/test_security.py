@@ -1,0 +1,496 @@
+"""
+Security: token rotation, mutual TLS, throttling (unit and with real
+processes), and the bad-input suite: every hostile or careless input gets
+one clear log line and a closed connection, disturbs no other tunnel, and
+leaves memory bounded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import sqlite3
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from twisted.trial.unittest import SynchronousTestCase
+
+from nova.server.security import Limits, Throttle, TokenSet, token_id
+from nova.wire.errors import ErrorCode
+from nova.wire.frames import (
+    HEADER,
+    Data,
+    Fin,
+    Open,
+    OpenOk,
+    Reject,
+    Welcome,
+    WindowUpdate,
+)
+from nova.wire.handshake import make_auth
+
+from .pki import CA
+from .processes import ADMIN_TOKEN, TOKEN, Proc, echo_roundtrip, fingerprint, free_port, novac, novas, target, wait_for
+from .rawagent import RawAgent
+
+
+class TokenSetTests(SynchronousTestCase):
+    def test_any_listed_token_proves_and_ids_are_not_secrets(self) -> None:
+        tokens = TokenSet([b"old-token-123", b"new-token-456"])
+        nonce = b"n" * 32
+        for t in (b"old-token-123", b"new-token-456"):
+            auth = make_auth(t, nonce, b"", "a1", (), 65536)
+            self.assertEqual(tokens.match(nonce, b"", auth), token_id(t))
+            self.assertNotIn(t.decode(), token_id(t))
+        self.assertIsNone(tokens.match(nonce, b"", make_auth(b"other-token", nonce, b"", "a1", (), 65536)))
+        tokens.replace([b"new-token-456"])
+        self.assertIsNone(tokens.match(nonce, b"", make_auth(b"old-token-123", nonce, b"", "a1", (), 65536)))
+
+
+class ThrottleTests(SynchronousTestCase):
+    def test_delay_grows_then_blocks_then_forgives(self) -> None:
+        t = Throttle(Limits(failures_before_delay=3, failures_before_block=6, block_seconds=60, max_delay=30))
+        now = 1000.0
+        delays = []
+        for _ in range(5):
+            t.failed("10.0.0.1", now)
+            delays.append(t.delay("10.0.0.1", now))
+        self.assertEqual(delays, [0.0, 0.0, 1.0, 2.0, 4.0])
+        self.assertFalse(t.blocked("10.0.0.1", now))
+        t.failed("10.0.0.1", now)
+        self.assertTrue(t.blocked("10.0.0.1", now))
+        self.assertFalse(t.blocked("10.0.0.2", now))
+        self.assertFalse(t.blocked("10.0.0.1", now + 61))
+        self.assertEqual(t.delay("10.0.0.1", now + 61), 0.0)
+
+    def test_success_clears_and_memory_is_bounded(self) -> None:
+        t = Throttle(Limits(), max_sources=100)
+        for i in range(10_000):
+            t.failed(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 5.0)
+        self.assertEqual(len(t), 100)
+        t.failed("192.0.2.1", 5.0)
+        t.succeeded("192.0.2.1")
+        self.assertEqual(t.delay("192.0.2.1", 5.0), 0.0)
+
+
+def _pin(server: Proc, port: int) -> dict[str, str]:
+    return {"NOVAC_SERVER": f"127.0.0.1:{port}", "NOVAC_TLS_FINGERPRINT": fingerprint(server)}
+
+
+@pytest.mark.integration
+def test_token_rotation_with_sighup(tmp_path: Path) -> None:
+    token_file = tmp_path / "tokens"
+    token_file.write_text("# rotation\nold-token-aaaa\nnew-token-bbbb\n")
+    env = {"NOVAS_AGENT_TOKEN_FILE": str(token_file), "NOVAS_AGENT_TOKEN": ""}
+    with novas(tmp_path, [], env) as (server, port):
+        with (
+            novac(tmp_path, _pin(server, port) | {"NOVAC_TOKEN": "old-token-aaaa"}, name="old"),
+            novac(tmp_path, _pin(server, port) | {"NOVAC_TOKEN": "new-token-bbbb"}, name="new"),
+        ):
+            server.wait_log("agent old registered")
+            server.wait_log("agent new registered")
+            token_file.write_text("new-token-bbbb\n")
+            server.proc.send_signal(signal.SIGHUP)
+            server.wait_log("closing 1 tunnel(s) whose token was removed")
+            server.wait_log("agent old disconnected: its token was revoked")
+            time.sleep(1)
+            assert "agent new disconnected" not in server.text()
+    for log in tmp_path.glob("*.log"):
+        text = log.read_text()
+        assert "old-token-aaaa" not in text and "new-token-bbbb" not in text
+
+
+@pytest.mark.integration
+def test_mutual_tls_binds_names_to_certificates(tmp_path: Path) -> None:
+    ca = CA()
+    cert, key = ca.issue("localhost", "127.0.0.1").write(tmp_path, "server")
+    clients = CA("agents")
+    agent_cert, agent_key = clients.issue("db-agent-0").write(tmp_path, "db-agent-0")
+    env = {"NOVAS_TLS_CERT": str(cert), "NOVAS_TLS_KEY": str(key), "NOVAS_TLS_CLIENT_CA": str(clients.write(tmp_path))}
+    (tmp_path / "ca").mkdir()
+    server_ca = ca.write(tmp_path / "ca")
+    with novas(tmp_path, [], env) as (server, port):
+        base = {"NOVAC_SERVER": f"127.0.0.1:{port}", "NOVAC_TLS_CA": str(server_ca)}
+        certs = {"NOVAC_TLS_CERT": str(agent_cert), "NOVAC_TLS_KEY": str(agent_key)}
+        with novac(tmp_path, base | certs, name="db-agent-0"):
+            server.wait_log("agent db-agent-0 registered")
+            status_names = server.text()
+            assert "db-agent-0" in status_names
+        # The certificate does not name this agent.
+        with novac(tmp_path, base | certs, name="web-agent") as impostor:
+            impostor.wait_log("BAD_NAME")
+            server.wait_log("the client certificate does not name this agent")
+        # No certificate at all: the TLS handshake fails.
+        with novac(tmp_path, base, name="no-cert") as bare:
+            bare.wait_log("ended before registration")
+        assert "agent no-cert registered" not in server.text()
+
+
+@pytest.mark.integration
+def test_repeated_failures_are_delayed_then_blocked(tmp_path: Path) -> None:
+    # Block after 4 failures; from the first one on, each handshake waits 1, 2, 4 s.
+    env = {"NOVAS_AUTH_BLOCK_AFTER": "4", "NOVAS_AUTH_BLOCK_SECONDS": "300"}
+    with novas(tmp_path, [], env) as (server, port):
+        for i in range(4):
+            agent = RawAgent(port)
+            answer = agent.register(b"wrong-token-xyz", f"guess-{i}")
+            assert isinstance(answer, Reject) and answer.code == ErrorCode.AUTH_FAILED
+            agent.close()
+        server.wait_log("delaying the handshake of 127.0.0.1")
+        blocked = RawAgent(port)
+        assert blocked.closed_by_server(5)
+        server.wait_log("blocked for a while")
+
+
+# The bad-input suite.
+
+
+class Stage:
+    """NOVAS (TLS and plaintext), a healthy agent, and a transfer running throughout."""
+
+    def __init__(self, tmp: Path, server: Proc, port: int, plain: Proc, plain_port: int, route: int, socks: int):
+        self.tmp, self.server, self.port = tmp, server, port
+        self.plain, self.plain_port = plain, plain_port
+        self.route, self.socks = route, socks
+        self.stop = threading.Event()
+        self.sent = hashlib.sha256()
+        self.received = hashlib.sha256()
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._transfer, daemon=True)
+        self.cleanup: list[socket.socket] = []
+
+    def _transfer(self) -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", self.route), timeout=60) as s:
+                reader = threading.Thread(target=self._read, args=(s,), daemon=True)
+                reader.start()
+                while not self.stop.is_set():
+                    chunk = os.urandom(64 * 1024)
+                    self.sent.update(chunk)
+                    s.sendall(chunk)
+                    time.sleep(0.01)
+                s.shutdown(socket.SHUT_WR)
+                reader.join(60)
+        except BaseException as e:
+            self.error = e
+
+    def _read(self, s: socket.socket) -> None:
+        while data := s.recv(1 << 20):
+            self.received.update(data)
+        self.done.set()
+
+    def count(self, needle: str) -> int:
+        return self.server.text().count(needle)
+
+
+def expect_logged(proc: Proc, needle: str, before: int, timeout: float = 15) -> None:
+    wait_for(lambda: proc.text().count(needle) > before, timeout, f"{needle!r} logged once more")
+
+
+def tls_bytes(stage: Stage, data: bytes) -> RawAgent:
+    agent = RawAgent(stage.port)
+    agent.hello()
+    agent.send(data)
+    return agent
+
+
+def header(type_byte: int, stream_id: int, length: int, version: int = 1) -> bytes:
+    return HEADER.pack(version, type_byte, 0, 0, stream_id, length)
+
+
+def registered(stage: Stage, name: str) -> RawAgent:
+    agent = RawAgent(stage.port)
+    welcome = agent.register(TOKEN.encode(), name)
+    assert isinstance(welcome, Welcome), welcome
+    return agent
+
+
+def opened_stream(stage: Stage, name: str) -> tuple[RawAgent, int, socket.socket]:
+    """A hostile agent registered under C{name}, and a user stream NOVAS opened through it."""
+    agent = registered(stage, name)
+    user = socket.socket()
+    user.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a user that reads nothing, quickly full
+    user.settimeout(10)
+    user.connect(("127.0.0.1", stage.socks))
+    user.sendall(b"\x05\x01\x02")
+    assert user.recv(2) == b"\x05\x02"
+    selector = f"name:{name}".encode()
+    user.sendall(b"\x01" + bytes([len(selector)]) + selector + b"\x00")
+    assert user.recv(2) == b"\x01\x00"
+    user.sendall(b"\x05\x01\x00\x01\x7f\x00\x00\x01" + struct.pack(">H", 9))
+    frame = agent.next_frame()
+    while not isinstance(frame, Open):
+        frame = agent.next_frame()
+    agent.send_frame(OpenOk(frame.stream_id))
+    return agent, frame.stream_id, user
+
+
+def case_garbage(stage: Stage) -> tuple[RawAgent | socket.socket, str]:
+    return tls_bytes(stage, b"\xff" + os.urandom(200)), "UNSUPPORTED_VERSION"
+
+
+def case_http(stage: Stage) -> tuple[RawAgent | socket.socket, str]:
+    return tls_bytes(stage, b"GET / HTTP/1.1\r\nHost: novas\r\n\r\n"), "UNSUPPORTED_VERSION"
+
+
+def case_tls_to_plaintext(stage: Stage) -> tuple[RawAgent | socket.socket, str]:
+    hello = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO())
+    try:
+        hello.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    s = socket.create_connection(("127.0.0.1", stage.plain_port), timeout=10)
+    s.sendall(out.read())
+    return s, "plain:UNSUPPORTED_VERSION"
+
+
+def case_plaintext_to_tls(stage: Stage) -> tuple[RawAgent | socket.socket, str]:
+    s = socket.create_connection(("127.0.0.1", stage.port), timeout=10)
+    s.sendall(header(0x02, 0, 40) + bytes(40))
+    return s, "closed before registering"
+
+
+def case_slow_handshake(stage: Stage) -> tuple[RawAgent | socket.socket, str]:
+    agent = RawAgent(stage.port)
+    agent.hello()
+    for b in header(0x02, 0, 64)[:3]:
+        agent.send(bytes([b]))
+        time.sleep(1)
+    return agent, "did not finish within"
+
+
+def case_oversized(stage: Stage) -> tuple[RawAgent | socket.socket, str]:
+    return tls_bytes(stage, header(0x02, 0, 10_000_000)), "FRAME_TOO_LARGE"
+
+
+def case_unknown_type(stage: Stage) -> tuple[RawAgent | socket.socket, str]:
+    return tls_bytes(stage, header(0x7E, 0, 0)), "unknown frame type 0x7e"
+
+
+def case_unknown_type_after_registration(stage: Stage) -> tuple[RawAgent | socket.socket, str]:
+    agent = registered(stage, "evil-type")
+    agent.send(header(0x55, 3, 0))
+    return agent, "unknown frame type 0x55"
+
+
+def case_stream_id_never_opened(stage: Stage) -> tuple[RawAgent | socket.socket, str]:
+    agent = registered(stage, "evil-id")
+    agent.send_frame(OpenOk(999))
+    return agent, "OPEN_OK for stream 999, which was never opened"
+
+
+def case_agent_opens(stage: Stage) -> tuple[RawAgent | socket.socket, str]:
+    agent = registered(stage, "evil-open")
+    agent.send_frame(Open(1, "10.0.0.1", 22))
+    return agent, "only the server may open streams"
+
+
+def case_data_beyond_window(stage: Stage) -> tuple[RawAgent | socket.socket, str]:
+    agent, sid, user = opened_stream(stage, "evil-window")
+    # Ignore every WINDOW_UPDATE and keep sending: once the user's socket is
+    # full, NOVAS stops returning credit and the window runs out.
+    try:
+        for _ in range(16 * 1024 * 1024 // 65536):
+            agent.send_frame(Data(sid, bytes(65536)))
+    except (OSError, Exception):
+        pass
+    stage.cleanup.append(user)
+    return agent, "FLOW_CONTROL_ERROR"
+
+
+def case_window_overflow(stage: Stage) -> tuple[RawAgent | socket.socket, str]:
+    agent, sid, user = opened_stream(stage, "evil-overflow")
+    agent.send_frame(WindowUpdate(sid, 2**31 - 1))
+    user.close()
+    return agent, "would exceed 2147483647"
+
+
+def case_data_after_fin(stage: Stage) -> None:
+    agent, sid, user = opened_stream(stage, "evil-fin")
+    agent.send_frame(Fin(sid))
+    agent.send_frame(Data(sid, b"late"))
+    # A stream error: the user's connection is closed, the tunnel lives on.
+    user.settimeout(10)
+    try:
+        while user.recv(4096):
+            pass
+    except ConnectionResetError:
+        pass
+    user.close()
+    # The hostile tunnel itself is still registered.
+    time.sleep(0.5)
+    assert "agent evil-fin disconnected" not in stage.server.text()
+    agent.close()
+
+
+def case_replay(stage: Stage) -> tuple[RawAgent | socket.socket, str]:
+    first = RawAgent(stage.port)
+    nonce = first.hello()
+    captured = make_auth(TOKEN.encode(), nonce, first.binding(), "replayed", (), 65536)
+    first.send_frame(captured)
+    assert isinstance(first.next_frame(), Welcome)
+    second = RawAgent(stage.port)
+    second.hello()
+    second.send_frame(captured)
+    first.close()
+    return second, "rejected agent 'replayed'"
+
+
+def case_wrong_token(stage: Stage) -> tuple[RawAgent | socket.socket, str]:
+    agent = RawAgent(stage.port)
+    answer = agent.register(b"definitely-wrong", "wrong-token")
+    assert isinstance(answer, Reject) and answer.code == ErrorCode.AUTH_FAILED
+    return agent, "rejected agent 'wrong-token'"
+
+
+def case_name_too_long(stage: Stage) -> tuple[RawAgent | socket.socket, str]:
+    agent = RawAgent(stage.port)
+    answer = agent.register(TOKEN.encode(), "x" * 64)
+    assert isinstance(answer, Reject) and answer.code == ErrorCode.BAD_NAME
+    return agent, "agent name must be 1-63 characters"
+
+
+def case_name_not_utf8(stage: Stage) -> tuple[RawAgent | socket.socket, str]:
+    agent = RawAgent(stage.port)
+    agent.hello()
+    body = struct.pack(">I", 65536) + struct.pack(">H", 3) + b"\xff\xfe\xfd" + struct.pack(">H", 0)
+    agent.send(header(0x02, 0, 32 + len(body)) + bytes(32) + body)
+    return agent, "carries a string that is not UTF-8"
+
+
+def case_tag_with_separator(stage: Stage) -> tuple[RawAgent | socket.socket, str]:
+    agent = RawAgent(stage.port)
+    answer = agent.register(TOKEN.encode(), "tagged", (("env", "prod;team=db"),))
+    assert isinstance(answer, Reject) and answer.code == ErrorCode.BAD_NAME
+    return agent, "contains ; = , or control characters"
+
+
+def case_socks_malformed(stage: Stage) -> tuple[RawAgent | socket.socket, str]:
+    s = socket.create_connection(("127.0.0.1", stage.socks), timeout=10)
+    s.sendall(b"\x05\x01\x00\x05\x01\x00\x09\x00\x00")
+    return s, "address type 9 not supported"
+
+
+def case_socks_truncated(stage: Stage) -> tuple[RawAgent | socket.socket, str]:
+    s = socket.create_connection(("127.0.0.1", stage.socks), timeout=10)
+    s.sendall(b"\x05\x01")
+    return s, "no complete request within 2s"
+
+
+CASES: list[Callable[[Stage], tuple[RawAgent | socket.socket, str]]] = [
+    case_garbage,
+    case_http,
+    case_tls_to_plaintext,
+    case_plaintext_to_tls,
+    case_slow_handshake,
+    case_oversized,
+    case_unknown_type,
+    case_unknown_type_after_registration,
+    case_stream_id_never_opened,
+    case_agent_opens,
+    case_data_beyond_window,
+    case_window_overflow,
+    case_replay,
+    case_wrong_token,
+    case_name_too_long,
+    case_name_not_utf8,
+    case_tag_with_separator,
+    case_socks_malformed,
+    case_socks_truncated,
+]
+
+
+def closed(conn: RawAgent | socket.socket) -> bool:
+    if isinstance(conn, RawAgent):
+        return conn.closed_by_server(15)
+    conn.settimeout(15)
+    try:
+        while conn.recv(4096):
+            pass
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        return False
+    return True
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.integration
+def test_bad_input_suite(tmp_path: Path) -> None:
+    route, socks = free_port(), free_port()
+    (tmp_path / "plain").mkdir()
+    fast = {"NOVAS_HANDSHAKE_TIMEOUT": "2", "NOVAS_AUTH_BLOCK_AFTER": "1000"}
+    with (
+        target("echo") as echo,
+        novas(tmp_path, [f"{route}:127.0.0.1:{echo}@role=good"], fast | {"NOVAS_SOCKS_PORT": str(socks)}) as (
+            server,
+            port,
+        ),
+        novas(tmp_path / "plain", [], fast | {"NOVAS_TLS": "off"}) as (plain, plain_port),
+    ):
+        with novac(tmp_path, _pin(server, port) | {"NOVAC_TAGS": "role=good"}, name="good"):
+            server.wait_log("agent good registered")
+            stage = Stage(tmp_path, server, port, plain, plain_port, route, socks)
+            stage.thread.start()
+            time.sleep(0.5)
+            for case in CASES:
+                before_server, before_plain = server.text(), plain.text()
+                conn, needle = case(stage)
+                proc = plain if needle.startswith("plain:") else server
+                needle = needle.removeprefix("plain:")
+                before = (before_plain if proc is plain else before_server).count(needle)
+                assert closed(conn), f"{case.__name__}: the connection was not closed"
+                expect_logged(proc, needle, before)
+                # The healthy tunnel is undisturbed.
+                assert echo_roundtrip(route, b"still fine", timeout=10) == b"still fine", case.__name__
+            # DATA after FIN: a stream error that closes the user's connection only.
+            case_data_after_fin(stage)
+            stage.stop.set()
+            assert stage.done.wait(60) and stage.error is None
+            assert stage.sent.hexdigest() == stage.received.hexdigest()
+
+            # Memory: 10,000 bad connections leave NOVAS where it was.
+            def flood(n: int) -> None:
+                for _ in range(n):
+                    with socket.create_connection(("127.0.0.1", plain_port), timeout=10) as s:
+                        s.sendall(b"\xffgarbage" * 8)
+                        try:
+                            s.recv(64)
+                        except OSError:
+                            pass
+
+            flood(500)  # warm up: caches, allocator pools, the audit queue
+            time.sleep(1)
+            start = rss_kib(plain.proc.pid)
+            workers = [threading.Thread(target=flood, args=(2500,)) for _ in range(4)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join(300)
+            time.sleep(1)
+            grown = rss_kib(plain.proc.pid) - start
+            assert grown < 16 * 1024, f"NOVAS grew by {grown} KiB over 10,000 bad connections"
+            assert echo_roundtrip(route, b"after the flood") == b"after the flood"
+    # No secret anywhere in what the run wrote.
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path.suffix in (".log", ".sqlite3"):
+            data = path.read_bytes()
+            assert TOKEN.encode() not in data and ADMIN_TOKEN.encode() not in data, path
+    db = tmp_path / "state" / "audit.sqlite3"
+    with sqlite3.connect(db) as conn:
+        kinds = {k for (k,) in conn.execute("SELECT DISTINCT kind FROM events")}
+    assert {"auth_failed", "tunnel_registered"} <= kinds
