@@ -319,3 +319,27 @@ def test_reverse_tunnels_page_in_a_real_browser(tmp_path: Path) -> None:
                 assert requests and all(u.startswith(f"http://127.0.0.1:{admin}/") for u in requests)
             finally:
                 browser.close()
+
+
+@pytest.mark.integration
+def test_novac_health_probes(tmp_path: Path) -> None:
+    health = free_port()
+    server_port = free_port()
+    env = {
+        "NOVAC_SERVER": f"127.0.0.1:{server_port}",
+        "NOVAC_TLS": "off",
+        "NOVAC_HEALTH_PORT": str(health),
+        "NOVAC_HEALTH_BIND": "127.0.0.1",
+        "NOVAC_RECONNECT_MAX": "2",
+    }
+    with novac(tmp_path, env) as agent:
+        agent.wait_log("health probes on 127.0.0.1")
+        wait_for(lambda: get(health, "/healthz", None)[0] == 200, 10, "/healthz")
+        status, body, _ = get(health, "/readyz", None)
+        assert status == 503 and b"not registered" in body  # no server yet
+        plain = {"NOVAS_TLS": "off", "NOVAS_AGENT_PORT": str(server_port)}
+        (tmp_path / "s").mkdir()
+        with novas(tmp_path / "s", [], plain) as (server, _):
+            server.wait_log("agent agent-1 registered", timeout=40)
+            wait_for(lambda: get(health, "/readyz", None)[0] == 200, 10, "/readyz to turn ready")
+        wait_for(lambda: get(health, "/readyz", None)[0] == 503, 20, "/readyz to turn unready")

@@ -91,6 +91,8 @@ class NovacService(MultiService):
             servers=", ".join(self.clients),
         )
         log.info("destination policy: {policy}", policy=str(c.policy))
+        if c.health_port is not None:
+            log.info("health probes on {bind}:{port} (/healthz, /readyz)", bind=c.health_bind, port=c.health_port)
         super().startService()  # type: ignore[no-untyped-call]
 
         exit_zero_on_sigterm(self.reactor, log)
