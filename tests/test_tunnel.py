@@ -427,3 +427,18 @@ class LifeCycleTests(SynchronousTestCase):
         h.flush()
         self.successResultOf(done)
         self.assertIsNone(h.server_context.registry.get("db-agent"))
+
+
+class OpenRateTests(SynchronousTestCase):
+    def test_a_server_opening_too_fast_is_refused_then_allowed_again(self) -> None:
+        h = Harness()
+        h.agent_context.max_open_rate = 5
+        h.agent._open_tokens = 5
+        results = [h.open(f"t{i}.internal", 80)[0] for i in range(8)]
+        refused = [r for r in results if isinstance(r, Failure)]
+        self.assertEqual(len(refused), 3)
+        for failure in refused:
+            self.assertEqual(failure.value.reason, OpenFailReason.OVERLOADED)
+        self.assertEqual(h.agent.refused_for_rate, 3)
+        h.clock.advance(1)
+        self.assertNotIsInstance(h.open("later.internal", 80)[0], Failure)

@@ -56,6 +56,9 @@ class AgentContext:
     # resolved addresses (see nova.agent.policy.Dialer).
     policy: Policy = field(default_factory=Policy)
     on_denied: DenialHook | None = None
+    # OPENs per second a server may ask of this agent (a token bucket whose
+    # burst is one second's worth); beyond it OPEN_FAIL OVERLOADED.
+    max_open_rate: float = 200.0
 
 
 def classify(failure: Failure) -> OpenFailReason:
@@ -92,6 +95,9 @@ class AgentTunnel(TunnelProtocol):
         self._outcome: AgentTunnel | Failure | None = None
         self._waiters: list[Deferred[AgentTunnel]] = []
         self._dialing: dict[int, Deferred[IProtocol]] = {}
+        self._open_tokens = context.max_open_rate
+        self._open_refilled = context.clock.seconds()
+        self.refused_for_rate = 0
         self._saw_hello = False
 
     @property
@@ -187,10 +193,32 @@ class AgentTunnel(TunnelProtocol):
             message=message,
         )
 
+    def _take_open_token(self) -> bool:
+        """The OPEN rate limit: refill, then take one token if there is one."""
+        rate = self.context.max_open_rate
+        now = self.clock.seconds()
+        self._open_tokens = min(rate, self._open_tokens + (now - self._open_refilled) * rate)
+        self._open_refilled = now
+        if self._open_tokens >= 1:
+            self._open_tokens -= 1
+            return True
+        return False
+
     def stream_requested(self, stream_id: int, host: str, port: int) -> None:
+        assert self.mux is not None
         if self.draining:
-            assert self.mux is not None
             self.mux.refuse(stream_id, OpenFailReason.DRAINING, "the agent is shutting down")
+            return
+        if not self._take_open_token():
+            self.refused_for_rate += 1
+            if self.refused_for_rate == 1 or self.refused_for_rate % 1000 == 0:
+                self.log.warn(
+                    "server {server} opens streams faster than {rate:g}/s; refused {n} so far",
+                    server=self.server,
+                    rate=self.context.max_open_rate,
+                    n=self.refused_for_rate,
+                )
+            self.mux.refuse(stream_id, OpenFailReason.OVERLOADED, "open rate limit")
             return
         decision = self.context.policy.check_name(host, port)
         if not decision.allowed:
