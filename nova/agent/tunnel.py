@@ -58,7 +58,7 @@ class AgentContext:
     on_denied: DenialHook | None = None
     # OPENs per second a server may ask of this agent (a token bucket whose
     # burst is one second's worth); beyond it OPEN_FAIL OVERLOADED.
-    max_open_rate: float = 200.0
+    max_open_rate: float = 5000.0
 
 
 def classify(failure: Failure) -> OpenFailReason:

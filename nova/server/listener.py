@@ -101,60 +101,52 @@ class PipeFactory(Factory):
         return Pipe()
 
 
-class RouteClient(Pipe):
-    """A user's connection to a route port."""
+class EntryConnection(Pipe):
+    """
+    A user's connection at an entry point (a route, SOCKS): it opens a stream
+    through a tunnel endpoint, audits it, then splices itself to the stream.
+    Subclasses say what to do once the stream is open or has failed.
+    """
 
     log = Logger()
 
-    def __init__(self, factory: RouteFactory) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.factory = factory
         self._opening: Deferred[IProtocol] | None = None
+        self.watch: StreamWatch | None = None
 
-    def connectionMade(self) -> None:
+    def open_stream(self, endpoint: TunnelEndpoint, watch: StreamWatch) -> None:
+        """Pause this connection and open its stream through C{endpoint}."""
         assert self.transport is not None
         self.transport.pauseProducing()  # type: ignore[attr-defined]
-        route = self.factory.route
-        self.watch = StreamWatch(
-            self.factory.audit,
-            self.factory.clock,
-            f"route {route.bind}:{route.port}",
-            address(self.transport.getPeer()),
-            f"{route.host}:{route.host_port}",
-        )
-        d = self.factory.endpoint.connect(PipeFactory())
+        self.watch = watch
+        d = endpoint.connect(PipeFactory())
         d.addCallbacks(self._opened, self._failed)
         if not d.called:
             self._opening = d
 
     def _opened(self, other: IProtocol) -> None:
         self._opening = None
-        assert isinstance(other, Pipe) and other.transport is not None
+        assert isinstance(other, Pipe) and other.transport is not None and self.watch is not None
         if self.lost or self.transport is None:
             other.transport.abortConnection()  # type: ignore[attr-defined]
             return
-        agent = self.watch.opened(other)
-        self.log.info(
-            "route {route}: {client} connected through {agent}",
-            route=str(self.factory.route),
-            client=self.watch.requester,
-            agent=agent,
-        )
+        self.stream_ready(self.watch.opened(other))
         splice(self, other)
 
     def _failed(self, failure: Failure) -> None:
         self._opening = None
         if failure.check(CancelledError) and self.lost:
             return
+        assert self.watch is not None
         self.watch.failed(failure)
-        route = self.factory.route
-        self.log.warn(
-            "route {route}: cannot reach {target} for {client}: {why}; closing the connection",
-            route=str(route),
-            target=f"{route.host}:{route.host_port}",
-            client=address(self.transport.getPeer()) if self.transport is not None else "?",
-            why=failure.getErrorMessage(),
-        )
+        self.stream_failed(failure)
+
+    def stream_ready(self, agent: str) -> None:
+        """The stream is open through C{agent}; the splice follows."""
+
+    def stream_failed(self, failure: Failure) -> None:
+        """No stream: tell the user and close."""
         if self.transport is not None and not self.lost:
             self.transport.loseConnection()
 
@@ -162,6 +154,46 @@ class RouteClient(Pipe):
         super().connectionLost(reason)
         if self._opening is not None:
             self._opening.cancel()
+
+
+class RouteClient(EntryConnection):
+    """A user's connection to a route port."""
+
+    def __init__(self, factory: RouteFactory) -> None:
+        super().__init__()
+        self.factory = factory
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        route = self.factory.route
+        watch = StreamWatch(
+            self.factory.audit,
+            self.factory.clock,
+            f"route {route.bind}:{route.port}",
+            address(self.transport.getPeer()),
+            f"{route.host}:{route.host_port}",
+        )
+        self.open_stream(self.factory.endpoint, watch)
+
+    def stream_ready(self, agent: str) -> None:
+        assert self.watch is not None
+        self.log.info(
+            "route {route}: {client} connected through {agent}",
+            route=str(self.factory.route),
+            client=self.watch.requester,
+            agent=agent,
+        )
+
+    def stream_failed(self, failure: Failure) -> None:
+        assert self.watch is not None
+        self.log.warn(
+            "route {route}: cannot reach {target} for {client}: {why}; closing the connection",
+            route=str(self.factory.route),
+            target=self.watch.target,
+            client=self.watch.requester,
+            why=failure.getErrorMessage(),
+        )
+        super().stream_failed(failure)
 
 
 class RouteFactory(Factory):

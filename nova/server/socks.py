@@ -16,19 +16,18 @@ import struct
 from enum import IntEnum
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall, IProtocol, IReactorTime
+from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from nova.admin.audit import Audit
 from nova.config import ConfigError
-from nova.mux.splice import Pipe, splice
 from nova.wire.errors import OpenFailReason
 
 from .endpoint import DEFAULT_OPEN_TIMEOUT, NoAgent, TunnelEndpoint
-from .listener import PipeFactory, StreamWatch, address
+from .listener import EntryConnection, StreamWatch, address
 from .registry import Registry
 from .routes import Selector, parse_selector
 from .tunnel import OpenFailed
@@ -80,7 +79,7 @@ class Malformed(Exception):
     pass
 
 
-class SocksClient(Pipe):
+class SocksClient(EntryConnection):
     """One SOCKS5 client connection: negotiate, then relay."""
 
     log = Logger()
@@ -91,7 +90,6 @@ class SocksClient(Pipe):
         self._buffer = bytearray()
         self._state = "greeting"
         self._selector = Selector()
-        self._opening: Deferred[IProtocol] | None = None
         self._target = ""
 
     def connectionMade(self) -> None:
@@ -226,29 +224,20 @@ class SocksClient(Pipe):
         self._stop_deadline()
         self._state = "connecting"
         self._target = f"{host}:{port}"
-        self.transport.pauseProducing()  # type: ignore[attr-defined]
-        self.watch = StreamWatch(
+        endpoint = TunnelEndpoint(
+            self.factory.registry, self._selector, host, port, self.factory.clock, self.factory.open_timeout
+        )
+        watch = StreamWatch(
             self.factory.audit,
             self.factory.clock,
             f"socks {self._selector}",
             address(self.transport.getPeer()),
             self._target,
         )
-        endpoint = TunnelEndpoint(
-            self.factory.registry, self._selector, host, port, self.factory.clock, self.factory.open_timeout
-        )
-        d = endpoint.connect(PipeFactory())
-        d.addCallbacks(self._opened, self._failed)
-        if not d.called:
-            self._opening = d
+        self.open_stream(endpoint, watch)
 
-    def _opened(self, other: IProtocol) -> None:
-        self._opening = None
-        assert isinstance(other, Pipe) and other.transport is not None
-        if self.lost or self.transport is None:
-            other.transport.abortConnection()  # type: ignore[attr-defined]
-            return
-        agent = self.watch.opened(other)
+    def stream_ready(self, agent: str) -> None:
+        assert self.watch is not None
         self.log.info(
             "socks: {client} connected to {target} through {agent} (selector {selector})",
             client=self.watch.requester,
@@ -259,18 +248,18 @@ class SocksClient(Pipe):
         self._send(reply(Reply.SUCCEEDED))
         self._state = "relay"
         early, self._buffer = bytes(self._buffer), bytearray()
-        splice(self, other)
         if early:
-            other.transport.write(early)
+            # Bytes the client sent before our reply go first, once spliced.
+            self.factory.clock.callLater(0, self._forward_early, early)
 
-    def _failed(self, failure: Failure) -> None:
-        self._opening = None
-        if failure.check(CancelledError) and self.lost:
-            return
-        self.watch.failed(failure)
+    def _forward_early(self, early: bytes) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.write(early)
+
+    def stream_failed(self, failure: Failure) -> None:
         code = reply_for(failure)
         self._send(reply(code))
-        self._close(f"cannot reach {self._target} ({self._selector!s}): {failure.getErrorMessage()} -> {code.name}")
+        self._close(f"cannot reach {self._target} ({self._selector}): {failure.getErrorMessage()} -> {code.name}")
 
     def _refuse(self, why: str) -> None:
         if self._state == "request":
@@ -295,8 +284,6 @@ class SocksClient(Pipe):
     def connectionLost(self, reason: Failure = Failure(CancelledError())) -> None:  # noqa: B008
         self._stop_deadline()
         super().connectionLost(reason)
-        if self._opening is not None:
-            self._opening.cancel()
 
 
 class SocksFactory(Factory):
