@@ -141,6 +141,8 @@ class _DigestAfterEof(socketserver.BaseRequestHandler):
 class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default backlog of 5 resets connections under a burst.
+    request_queue_size = 1024
 
 
 @contextmanager
