@@ -504,6 +504,44 @@ def test_credit_is_returned_in_batches_of_half_the_window(stream: tuple[Multiple
     assert agent.receive_window(sid) == WINDOW
 
 
+def test_coalescing_never_exceeds_the_window(stream: tuple[Multiplexer, Multiplexer, int]) -> None:
+    server, _agent, sid = stream
+    server.send(sid, b"a" * (WINDOW - 4))
+    server.send(sid, b"b" * 5)
+    # The second write does not fit beside the first: it is split to use the
+    # last 4 bytes of window exactly, and its last byte waits.
+    assert frames_of(server) == [Data(sid, b"a" * (WINDOW - 4)), Data(sid, b"bbbb")]
+    assert server.send_window(sid) == 0
+    assert server.outbox_bytes(sid) == 1
+
+
+def test_coalescing_never_exceeds_the_frame_limit() -> None:
+    server, agent = make_pair(agent_window=1_000_000)
+    sid = open_stream(server, agent)
+    server.send(sid, b"a" * (MAX_DATA_PAYLOAD - 6))
+    server.send(sid, b"b" * 10)
+    server.send(sid, b"c" * 10)
+    assert frames_of(server) == [Data(sid, b"a" * (MAX_DATA_PAYLOAD - 6)), Data(sid, b"b" * 10 + b"c" * 10)]
+
+
+def test_fin_does_not_need_window(stream: tuple[Multiplexer, Multiplexer, int]) -> None:
+    server, _agent, sid = stream
+    server.send(sid, b"x" * WINDOW)
+    server.close_send(sid)
+    assert frames_of(server) == [Data(sid, b"x" * WINDOW), Fin(sid)]
+
+
+def test_no_credit_is_returned_after_the_peers_fin(stream: tuple[Multiplexer, Multiplexer, int]) -> None:
+    server, agent, sid = stream
+    server.send(sid, b"x" * (WINDOW // 2))
+    pump(server, agent)
+    server.send(sid, b"y" * (WINDOW // 2))
+    server.close_send(sid)
+    assert pump(server, agent) == [DataAvailable(sid), StreamEnded(sid)]
+    assert take_all(agent, sid) == b"x" * (WINDOW // 2) + b"y" * (WINDOW // 2)
+    assert frames_of(agent) == []  # the server will send no more DATA: credit would be wasted
+
+
 def test_window_opened_only_when_the_sender_was_blocked(stream: tuple[Multiplexer, Multiplexer, int]) -> None:
     server, _agent, sid = stream
     assert server.receive(WindowUpdate(sid, 100)) == []

@@ -267,6 +267,16 @@ def test_unknown_codes_are_mapped_not_rejected() -> None:
     ]
 
 
+def test_decoder_leaves_handshake_limits_to_the_handshake() -> None:
+    # 40 tags and a 100-byte name are bad AUTH values (§4) but a well-formed
+    # frame (§2): the decoder passes them on for the server to REJECT.
+    auth = Auth(b"m" * 32, 1, "n" * 100, tuple((f"k{i}", f"v{i}") for i in range(40)))
+    assert FrameDecoder().feed(wire(auth)) == [auth]
+    assert tags_problem(auth.tags) is not None
+    assert name_problem(auth.name) is not None
+    assert window_problem(auth.initial_window) is not None
+
+
 def test_limits_are_inclusive() -> None:
     biggest = [
         Data(1, b"d" * MAX_DATA_PAYLOAD),
