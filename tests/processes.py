@@ -303,3 +303,190 @@ def sshd(tmp: Path) -> Iterator[tuple[int, Path]]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# Helpers for the end-to-end suite (tests/test_e2e.py, tests/test_soak.py).
+
+_ECHO_SERVER = """
+import asyncio, sys
+
+async def echo(reader, writer):
+    try:
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+async def main():
+    server = await asyncio.start_server(echo, "127.0.0.1", 0, backlog=1024)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+
+@contextmanager
+def echo_process() -> Iterator[int]:
+    """An echo server in its own process, so it does not compete with the test for the GIL."""
+    proc = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        yield int(proc.stdout.readline())
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextmanager
+def sshd_sftp(tmp: Path) -> Iterator[tuple[int, Path]]:
+    """
+    Like L{sshd}, with the SFTP subsystem that scp uses by default since
+    OpenSSH 9.0 (L{sshd} has none, so only C{scp -O} works against it).
+    """
+    keys = tmp / "sshd-sftp"
+    keys.mkdir()
+    for name in ("host", "user"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / name)], check=True)
+    (keys / "authorized_keys").write_bytes((keys / "user.pub").read_bytes())
+    port = free_port()
+    config = keys / "sshd_config"
+    config.write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {keys / 'host'}\n"
+        f"AuthorizedKeysFile {keys / 'authorized_keys'}\nPidFile none\nUsePAM no\nStrictModes no\n"
+        "PermitRootLogin prohibit-password\nPasswordAuthentication no\nSubsystem sftp internal-sftp\n"
+    )
+    if os.geteuid() == 0:
+        os.makedirs("/run/sshd", exist_ok=True)
+    proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)], stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _listening(port), 20, "sshd to listen")
+        yield port, keys / "user"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def ssh_options(key: Path) -> list[str]:
+    """Options for ssh/scp against L{sshd} or L{sshd_sftp}: no config, no host key prompts, no passwords."""
+    return ["-F", "/dev/null", "-i", str(key), "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]  # fmt: skip
+
+
+@contextmanager
+def postgres_server() -> Iterator[tuple[int, Path]]:
+    """A throwaway PostgreSQL server on loopback (user C{nova}, trust); yields its port and bin dir."""
+    import shutil
+    import tempfile
+
+    bindir = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
+    assert bindir is not None, ".ci/run installs postgresql"
+    # pytest's tmp_path is private to root; PostgreSQL runs as its own user.
+    home = Path(tempfile.mkdtemp(prefix="nova-pg-"))
+    data = home / "pgdata"
+    data.mkdir()
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        shutil.chown(home, "postgres")
+        shutil.chown(data, "postgres")
+        run_as = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "nova"], check=True,
+                   capture_output=True)  # fmt: skip
+    port = free_port()
+    proc = subprocess.Popen(
+        [*run_as, str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-h", "127.0.0.1", "-k", str(home),
+         "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        ready = [str(bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)]
+        wait_for(lambda: subprocess.run(ready).returncode == 0, 30, "PostgreSQL to start")
+        yield port, bindir
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@contextmanager
+def redis_server() -> Iterator[int]:
+    """A throwaway Redis server on loopback, persisting nothing."""
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        ping = ["redis-cli", "-p", str(port), "ping"]
+        wait_for(lambda: subprocess.run(ping, capture_output=True).stdout.strip() == b"PONG", 20, "redis")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def admin_api(admin_port: int, path: str) -> object:
+    """GET an admin API path of a L{novas} with its token; the decoded JSON."""
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:{admin_port}{path}")
+    request.add_header("Authorization", f"Bearer {ADMIN_TOKEN}")
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def tunnels(server: Proc) -> list[dict[str, object]]:
+    """The tunnels a L{novas} shows on /api/v1/tunnels."""
+    body = admin_api(server.admin_port, "/api/v1/tunnels")
+    return body["tunnels"]  # type: ignore[index,no-any-return]
+
+
+def fd_count(pid: int) -> int:
+    """Open file descriptors of a process (Linux)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process in KiB (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def metric_total(server: Proc, name: str, **labels: str) -> float:
+    """The sum of a L{novas}'s /metrics samples called C{name} that carry C{labels}."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    request = urllib.request.Request(f"http://127.0.0.1:{server.admin_port}/metrics")
+    request.add_header("Authorization", f"Bearer {ADMIN_TOKEN}")
+    with urllib.request.urlopen(request, timeout=10) as r:
+        text = r.read().decode()
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )

@@ -64,7 +64,8 @@ class Audit:
         self.metrics.streams_opened.labels(entry.split(" ", 1)[0]).inc()
         self.metrics.open_latency.observe(latency)
         self._record("stream_opened", agent, entry=entry, requester=requester, target=target)
-        self.log.info(
+        # The entry point logs the open at info level; this is the same event for debugging.
+        self.log.debug(
             "stream opened: {requester} -> {agent} -> {target} ({entry})",
             requester=requester,
             agent=agent,
