@@ -19,7 +19,7 @@ def _rows() -> dict[str, list[str]]:
     rows = {}
     for line in README.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 4 and cells[0].startswith("`--"):
+        if len(cells) == 4 and cells[0].startswith("`--") and cells[1].startswith("`"):
             rows[cells[1].strip("`").split("=")[0]] = cells
     return rows
 

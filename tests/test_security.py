@@ -494,3 +494,12 @@ def test_bad_input_suite(tmp_path: Path) -> None:
     with sqlite3.connect(db) as conn:
         kinds = {k for (k,) in conn.execute("SELECT DISTINCT kind FROM events")}
     assert {"auth_failed", "tunnel_registered"} <= kinds
+
+
+class ThrottleOffTests(SynchronousTestCase):
+    def test_zero_turns_throttling_off(self) -> None:
+        t = Throttle(Limits(failures_before_block=0, failures_before_delay=0))
+        for _ in range(100):
+            t.failed("10.0.0.9", 1.0)
+        self.assertFalse(t.blocked("10.0.0.9", 1.0))
+        self.assertEqual(t.delay("10.0.0.9", 1.0), 0.0)

@@ -171,3 +171,15 @@ class Options(EnvOptions):
 
     def build(self, values: dict[str, Any]) -> AgentConfig:
         return build_config(values)
+
+    def opt_check(self) -> None:
+        """Check every server (DNS, TCP, TLS, registration, round trip), one line per step; exit 0 if all pass."""
+        self["check"] = True
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        if self.get("check"):
+            # A one-off run instead of a service: never returns.
+            from .check import run
+
+            run(self.config)

@@ -66,7 +66,9 @@ SETTINGS = (
     Setting("max-tunnels", "NOVAS_MAX_TUNNELS", "10000", "Registered tunnels at most."),
     Setting("max-pending-handshakes", "NOVAS_MAX_PENDING_HANDSHAKES", "1000", "Unfinished handshakes at most."),
     Setting("max-streams-per-tunnel", "NOVAS_MAX_STREAMS_PER_TUNNEL", "4096", "Streams open at once per tunnel."),
-    Setting("auth-block-after", "NOVAS_AUTH_BLOCK_AFTER", "20", "Failed handshakes per address before a block."),
+    Setting(
+        "auth-block-after", "NOVAS_AUTH_BLOCK_AFTER", "20", "Failed handshakes per address before a block; 0: off."
+    ),
     Setting("auth-block-seconds", "NOVAS_AUTH_BLOCK_SECONDS", "300", "How long a blocked address stays blocked."),
 )
 
@@ -125,7 +127,7 @@ def build_config(v: dict[str, Any]) -> ServerConfig:
         raise ConfigError("--tls-client-ca / NOVAS_TLS_CLIENT_CA needs TLS")
     if v["tls-client-ca"] and not Path(v["tls-client-ca"]).is_file():
         raise ConfigError(f"--tls-client-ca / NOVAS_TLS_CLIENT_CA: {v['tls-client-ca']} is not a readable file")
-    block_after = parse_int(v["auth-block-after"], "--auth-block-after / NOVAS_AUTH_BLOCK_AFTER", 1, 10**6)
+    block_after = parse_int(v["auth-block-after"], "--auth-block-after / NOVAS_AUTH_BLOCK_AFTER", 0, 10**6)
     socks_port = parse_port(v["socks-port"], "--socks-port / NOVAS_SOCKS_PORT", True) if v["socks-port"] else None
     socks_password = v["socks-password"].encode("utf-8") if v["socks-password"] else None
     if socks_port is not None and socks_password is None and not is_loopback(v["socks-bind"]):

@@ -97,7 +97,13 @@ class Throttle:
             times.popleft()
         return times
 
+    @property
+    def enabled(self) -> bool:
+        return self.limits.failures_before_block > 0
+
     def failed(self, source: str, now: float) -> None:
+        if not self.enabled:
+            return
         times = self._recent(source, now)
         times.append(now)
         self._failures[source] = times
@@ -124,6 +130,8 @@ class Throttle:
 
     def delay(self, source: str, now: float) -> float:
         """How long this source's next handshake should wait."""
+        if not self.enabled:
+            return 0.0
         n = len(self._recent(source, now))
         excess = n - self.limits.failures_before_delay
         if excess < 0:
