@@ -59,6 +59,7 @@ def test_server_killed_mid_transfer_then_back(tmp_path: Path) -> None:
                     "NOVAS_AGENT_PORT": str(port),
                     "NOVAS_STATE_DIR": str(tmp_path / "state"),
                     "NOVAS_ROUTES": f"{route}:127.0.0.1:{echo}",
+                    "NOVAS_ADMIN_PORT": "off",
                 }
                 again = Proc("novas", [], env, tmp_path / "novas-again.log")
                 try:
