@@ -196,6 +196,7 @@ def test_novas_sigterm_exits_zero_and_agents_come_back_promptly(tmp_path: Path) 
                 "NOVAS_AGENT_TOKEN": TOKEN,
                 "NOVAS_AGENT_PORT": str(port),
                 "NOVAS_STATE_DIR": str(tmp_path / "state"),
+                "NOVAS_ADMIN_PORT": "off",
             }
             again = Proc("novas", [], env, tmp_path / "novas-again.log")
             try:
