@@ -442,3 +442,29 @@ class OpenRateTests(SynchronousTestCase):
         self.assertEqual(h.agent.refused_for_rate, 3)
         h.clock.advance(1)
         self.assertNotIsInstance(h.open("later.internal", 80)[0], Failure)
+
+
+class TunnelLossTests(SynchronousTestCase):
+    def test_finished_stream_still_delivers_to_a_slow_reader_after_the_tunnel_closes(self) -> None:
+        h = Harness()
+        stream, user, _target_transport, target = h.open()
+        stream.pauseProducing()  # the user's socket is full
+        stream.loseWriteConnection()
+        target.dataReceived(b"the last rows")
+        target.readConnectionLost()  # type: ignore[attr-defined]
+        h.flush()
+        self.assertEqual(user.received, b"")
+        # The agent's side is done with every stream, so it closes the tunnel.
+        h.client_tls.transport.loseConnection()
+        h.flush()
+        self.assertIsNone(user.lost)
+        stream.resumeProducing()
+        self.assertEqual(user.received, b"the last rows")
+        self.assertTrue(user.lost.check(error.ConnectionDone))  # type: ignore[union-attr]
+
+    def test_unfinished_stream_is_cut_when_the_tunnel_goes(self) -> None:
+        h = Harness()
+        _stream, user, _target_transport, _ = h.open()
+        h.client_tls.transport.loseConnection()
+        h.flush()
+        self.assertTrue(user.lost.check(error.ConnectionLost))  # type: ignore[union-attr]

@@ -215,6 +215,16 @@ class StreamTransport:
         self._lost(ConnectionLost(f"stream reset by the peer ({code.name})"))
 
     def tunnel_lost(self, reason: Failure) -> None:
+        """
+        The tunnel is gone.  A stream that had already ended both ways (both
+        FINs) but still holds received bytes for a slow local reader keeps
+        delivering them, then closes cleanly: the peer may close the tunnel as
+        soon as its side of every stream is done (a draining agent does).
+        Any other stream is cut.
+        """
+        if self._remote_ended and self._fin_sent and not self.disconnected:
+            self._deliver()
+            return
         self._lost(ConnectionLost(f"tunnel lost: {reason.getErrorMessage()}"))
 
     # Internals.
