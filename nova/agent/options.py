@@ -43,6 +43,7 @@ SETTINGS = (
     Setting("window", "NOVAC_WINDOW", str(DEFAULT_INITIAL_WINDOW), "Per-stream receive window in bytes."),
     Setting("connect-timeout", "NOVAC_CONNECT_TIMEOUT", "10", "Seconds to connect to a server or a target."),
     Setting("max-streams", "NOVAC_MAX_STREAMS", "1024", "Streams open at once per tunnel."),
+    Setting("max-open-rate", "NOVAC_MAX_OPEN_RATE", "5000", "Stream opens per second a server may ask for."),
     Setting("tls-cert", "NOVAC_TLS_CERT", None, "Client certificate (PEM) for servers that require one."),
     Setting("tls-key", "NOVAC_TLS_KEY", None, "Client certificate's private key (PEM)."),
     Setting("health-port", "NOVAC_HEALTH_PORT", None, "Port for /healthz and /readyz probes (off unless set)."),
@@ -75,6 +76,7 @@ class AgentConfig:
     window: int
     connect_timeout: float
     max_streams: int
+    max_open_rate: int = 5000
     keepalive: float = 15.0
     dead_timeout: float = 45.0
     drain_timeout: float = 30.0
@@ -148,6 +150,7 @@ def build_config(v: dict[str, Any]) -> AgentConfig:
         window=parse_int(v["window"], "--window / NOVAC_WINDOW", MIN_INITIAL_WINDOW, MAX_WINDOW),
         connect_timeout=parse_seconds(v["connect-timeout"], "--connect-timeout / NOVAC_CONNECT_TIMEOUT"),
         max_streams=parse_int(v["max-streams"], "--max-streams / NOVAC_MAX_STREAMS", 1, 65536),
+        max_open_rate=parse_int(v["max-open-rate"], "--max-open-rate / NOVAC_MAX_OPEN_RATE", 1, 10**6),
         keepalive=keepalive,
         dead_timeout=dead,
         drain_timeout=drain,

@@ -48,6 +48,7 @@ class NovacService(MultiService):
             window=config.window,
             timing=Timing(config.connect_timeout, config.keepalive, config.dead_timeout),
             max_streams=config.max_streams,
+            max_open_rate=float(config.max_open_rate),
             policy=config.policy,
         )
         # One independent reconnecting tunnel per server: a server that is
