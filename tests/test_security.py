@@ -191,7 +191,7 @@ class Stage:
         return self.server.text().count(needle)
 
 
-def expect_logged(proc: Proc, needle: str, before: int, timeout: float = 15) -> None:
+def expect_logged(proc: Proc, needle: str, before: int, timeout: float = 30) -> None:
     wait_for(lambda: proc.text().count(needle) > before, timeout, f"{needle!r} logged once more")
 
 
@@ -410,8 +410,8 @@ CASES: list[Callable[[Stage], tuple[RawAgent | socket.socket, str]]] = [
 
 def closed(conn: RawAgent | socket.socket) -> bool:
     if isinstance(conn, RawAgent):
-        return conn.closed_by_server(15)
-    conn.settimeout(15)
+        return conn.closed_by_server(30)
+    conn.settimeout(30)
     try:
         while conn.recv(4096):
             pass
