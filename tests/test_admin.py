@@ -94,6 +94,24 @@ class StoreTests(SynchronousTestCase):
         release.set()
         store.stop()
 
+    def test_a_burst_of_records_is_written_in_one_transaction(self) -> None:
+        inserts: list[int] = []
+
+        class Counting(SQLiteBackend):
+            def insert(self, records: Any) -> None:
+                inserts.append(len(records))
+                super().insert(records)
+
+        store = AuditStore(Counting(Path(self.mktemp()) / "a.db"), retention=None, linger=1.0)
+        store.start()
+        store.record(Record("stream_opened", 1.0))
+        time.sleep(0.1)  # the writer has the first record and waits for more
+        for i in range(99):
+            store.record(Record("stream_closed", 2.0 + i))
+        store.stop()
+        self.assertEqual(inserts, [100])
+        self.assertEqual(store.query(Query())[0], 100)
+
     def test_retention_prunes_old_records(self) -> None:
         now = 10_000_000.0
         store = AuditStore(SQLiteBackend(Path(self.mktemp()) / "a.db"), retention=86400, clock=lambda: now)
