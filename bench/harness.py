@@ -241,17 +241,21 @@ def run_tool(argv: Sequence[str], timeout: float, what: str) -> subprocess.Compl
 @contextmanager
 def profiled(procs: Mapping[str, Proc], out_dir: Path, label: str) -> Iterator[None]:
     """
-    Record a py-spy flame graph of each process while the block runs
-    (C{OUT_DIR/LABEL-NAME.svg}).  py-spy samples without pausing the target.
+    Record a py-spy profile of each process while the block runs: a flame
+    graph (C{OUT_DIR/LABEL-NAME.svg}) and the same samples as collapsed
+    stacks (C{LABEL-NAME.folded}, one "frame;frame;... count" line per
+    stack, for C{bench/profile_top.py}).  py-spy samples without pausing
+    the target.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     spies: list[tuple[str, subprocess.Popen[bytes]]] = []
     for name, proc in procs.items():
-        argv = ["py-spy", "record", "--nonblocking", "--rate", "200", "--pid", str(proc.pid)]
-        argv += ["--output", str(out_dir / f"{label}-{name}.svg")]
-        spy_log = open(out_dir / f"{label}-{name}.log", "wb")  # handed to py-spy; closed below
-        spies.append((name, subprocess.Popen(argv, stdout=spy_log, stderr=spy_log, start_new_session=True)))
-        spy_log.close()
+        for fmt, ext in (("flamegraph", "svg"), ("raw", "folded")):
+            argv = ["py-spy", "record", "--nonblocking", "--rate", "200", "--pid", str(proc.pid)]
+            argv += ["--format", fmt, "--output", str(out_dir / f"{label}-{name}.{ext}")]
+            spy_log = open(out_dir / f"{label}-{name}-{ext}.log", "wb")  # handed to py-spy; closed below
+            spies.append((name, subprocess.Popen(argv, stdout=spy_log, stderr=spy_log, start_new_session=True)))
+            spy_log.close()
     try:
         time.sleep(0.5)  # py-spy attaches
         yield
