@@ -4,8 +4,18 @@ The incremental frame decoder: bytes in, frames out, no I/O.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .errors import ProtocolError
-from .frames import HEADER, HEADER_SIZE, Frame, FrameType, check_header, parse_payload
+from .frames import HEADER, HEADER_SIZE, MAX_DATA_PAYLOAD, VERSION, Frame, FrameType, check_header, parse_payload
+
+_DATA = FrameType.DATA
+_DATA_BYTE = int(FrameType.DATA)
+
+# feed_into's callbacks; each returns False to stop decoding (the rest of the
+# bytes are dropped: the connection is going away).
+DataSink = Callable[[int, list[bytes], int], bool]
+FrameSink = Callable[[Frame], bool]
 
 
 class FrameDecoder:
@@ -21,15 +31,21 @@ class FrameDecoder:
         self._buffer = bytearray()
         self._header: tuple[FrameType, int, int] | None = None
         self._error: ProtocolError | None = None
+        # feed_into() keeps a DATA payload as the pieces it arrived in.
+        self._pieces: list[bytes] = []
+        self._have = 0
 
     @property
     def buffered(self) -> int:
         """Bytes held that do not yet make a whole frame."""
-        return len(self._buffer)
+        return len(self._buffer) + self._have
 
     def feed(self, data: bytes) -> list[Frame]:
         if self._error is not None:
             raise self._error
+        if self._pieces:
+            self._buffer += b"".join(self._pieces)
+            self._pieces, self._have = [], 0
         frames: list[Frame] = []
         view = memoryview(data)
         try:
@@ -62,3 +78,95 @@ class FrameDecoder:
             self._buffer.clear()
             raise
         return frames
+
+    def feed_into(self, data: bytes, on_data: DataSink, on_frame: FrameSink) -> None:
+        """
+        Like L{feed}, with the same checks, but each frame is handed over as
+        soon as it is complete: C{on_data(stream_id, pieces, length)} for
+        DATA, whose payload is the concatenation of C{pieces} (the received
+        byte strings themselves where a piece spans one whole read, so a
+        payload is never copied twice), and C{on_frame(frame)} for the
+        others.  A callback that returns False stops decoding.
+        """
+        if self._error is not None:
+            raise self._error
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        try:
+            self._feed_into(data, on_data, on_frame)
+        except ProtocolError as e:
+            self._error = e
+            self._buffer.clear()
+            self._pieces, self._have = [], 0
+            raise
+
+    def _feed_into(self, data: bytes, on_data: DataSink, on_frame: FrameSink) -> None:
+        buf = self._buffer
+        pos, end = 0, len(data)
+        header = self._header
+        if header is not None and header[0] is _DATA and buf:
+            # A DATA payload that feed() began: continue it as pieces.
+            self._pieces, self._have = [bytes(buf)], len(buf)
+            buf.clear()
+        while True:
+            if header is None:
+                if buf:
+                    take = HEADER_SIZE - len(buf)
+                    buf += data[pos : pos + take]
+                    pos += take
+                    if len(buf) < HEADER_SIZE:
+                        return
+                    version, type_byte, _flags, _reserved, stream_id, length = HEADER.unpack(buf)
+                    buf.clear()
+                elif end - pos >= HEADER_SIZE:
+                    version, type_byte, _flags, _reserved, stream_id, length = HEADER.unpack_from(data, pos)
+                    pos += HEADER_SIZE
+                else:
+                    if pos < end:
+                        buf += data[pos:]
+                    return
+                if type_byte == _DATA_BYTE and version == VERSION and stream_id and 0 < length <= MAX_DATA_PAYLOAD:
+                    frame_type = _DATA
+                else:
+                    frame_type = check_header(version, type_byte, stream_id, length)
+                    if frame_type is _DATA:
+                        raise ProtocolError("empty DATA frame")
+                header = self._header = (frame_type, stream_id, length)
+            else:
+                frame_type, stream_id, length = header
+            avail = end - pos
+            if frame_type is _DATA:
+                need = length - self._have
+                if avail < need:
+                    if avail:
+                        self._pieces.append(data if avail == end else data[pos:])
+                        self._have += avail
+                    return
+                piece = data if need == end else data[pos : pos + need]
+                pos += need
+                pieces = self._pieces
+                if pieces:
+                    pieces.append(piece)
+                    self._pieces, self._have = [], 0
+                else:
+                    pieces = [piece]
+                header = self._header = None
+                if not on_data(stream_id, pieces, length):
+                    return
+            else:
+                if not buf and avail >= length:
+                    payload = data[pos : pos + length]
+                    pos += length
+                else:
+                    take = length - len(buf)
+                    buf += data[pos : pos + take]
+                    pos += take
+                    if len(buf) < length:
+                        return
+                    payload = bytes(buf)
+                    buf.clear()
+                header = self._header = None
+                if not on_frame(parse_payload(frame_type, stream_id, payload)):
+                    return
+            if pos >= end:
+                return
