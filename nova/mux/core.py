@@ -16,12 +16,15 @@ from dataclasses import dataclass, field
 
 from nova.wire.errors import ErrorCode, FlowControlError, OpenFailReason, ProtocolError
 from nova.wire.frames import (
+    HEADER,
     MAX_DATA_PAYLOAD,
     MAX_STREAM_ID,
     MAX_WINDOW,
+    VERSION,
     Data,
     Fin,
     Frame,
+    FrameType,
     GoAway,
     Open,
     OpenFail,
@@ -30,7 +33,16 @@ from nova.wire.frames import (
     Pong,
     Rst,
     WindowUpdate,
+    encode,
 )
+
+# A payload piece: a received or written byte string, or a view of a part of
+# one (a long write split into frames).
+Buffer = bytes | memoryview
+
+_pack_header = HEADER.pack
+_DATA = int(FrameType.DATA)
+_FIN = int(FrameType.FIN)
 
 
 class Role(enum.Enum):
@@ -107,13 +119,13 @@ Event = (
 )
 
 
-@dataclass
+@dataclass(slots=True)
 class _Stream:
     stream_id: int
     send_window: int
     recv_window: int
     opened: bool = False
-    outbox: deque[bytes] = field(default_factory=deque)
+    outbox: deque[Buffer] = field(default_factory=deque)
     outbox_bytes: int = 0
     fin_wanted: bool = False
     local_closed: bool = False
@@ -242,6 +254,32 @@ class Multiplexer:
         self._forget_if_done(s)
         return chunk
 
+    def take_upto(self, stream_id: int, limit: int) -> list[bytes]:
+        """
+        Take chunks from the stream's inbox, oldest first, until at least
+        C{limit} bytes are taken or it is empty: several L{take}s at once.
+        """
+        s = self._streams.get(stream_id)
+        if s is None or not s.inbox:
+            return []
+        inbox = s.inbox
+        chunks = [inbox.popleft()]
+        n = len(chunks[0])
+        while inbox and n < limit:
+            chunk = inbox.popleft()
+            chunks.append(chunk)
+            n += len(chunk)
+        s.inbox_bytes -= n
+        if not s.remote_closed:
+            s.unreturned += n
+            if s.unreturned >= self.local_window // 2:
+                s.recv_window += s.unreturned
+                self._control.append(WindowUpdate(stream_id, s.unreturned))
+                s.unreturned = 0
+        if not inbox and s.local_closed and s.remote_closed:
+            self._streams.pop(stream_id, None)
+        return chunks
+
     def ping(self, opaque: bytes) -> None:
         self._control.append(Ping(opaque))
 
@@ -249,6 +287,83 @@ class Multiplexer:
         self._control.append(GoAway(code, message[:1000]))
 
     # Output.
+
+    def has_output(self) -> bool:
+        """
+        Whether a control frame, or a stream's DATA or FIN, may be waiting:
+        never False when something is; True at most once too often (a
+        stream reset since it was scheduled, which L{pull} then drops).
+        """
+        return bool(self._control or self._ready)
+
+    def pull(self, out: list[Buffer], limit: int, data_allowed: bool = True) -> tuple[int, list[int]]:
+        """
+        Encode what is ready into C{out} (headers and payloads as separate
+        byte strings): every control frame, then DATA and FIN round robin
+        across the streams, at most one frame per stream per round, until
+        about C{limit} bytes of DATA payload are taken (one more frame may
+        go over it).  The same order as repeated L{next_frame} calls.
+
+        Returns the DATA payload bytes taken and the ids of the streams whose
+        FIN was taken.
+        """
+        control = self._control
+        while control:
+            out += encode(control.popleft())
+        fins: list[int] = []
+        if not data_allowed:
+            return 0, fins
+        ready = self._ready
+        streams = self._streams
+        taken = 0
+        while ready and taken < limit:
+            sid = ready.popleft()
+            s = streams.get(sid)
+            if s is None:
+                continue
+            s.scheduled = False
+            if not s.opened or s.local_closed:
+                continue
+            outbox = s.outbox
+            if outbox:
+                budget = s.send_window
+                if budget <= 0:
+                    continue
+                if budget > MAX_DATA_PAYLOAD:
+                    budget = MAX_DATA_PAYLOAD
+                first = outbox[0]
+                n = len(first)
+                if n <= budget:
+                    outbox.popleft()
+                    header_at = len(out)
+                    out.append(b"")
+                    out.append(first)
+                    # Small writes go out in one frame, header and pieces
+                    # written as a sequence.
+                    while outbox and n + len(outbox[0]) <= budget:
+                        chunk = outbox.popleft()
+                        out.append(chunk)
+                        n += len(chunk)
+                    out[header_at] = _pack_header(VERSION, _DATA, 0, 0, sid, n)
+                else:
+                    n = budget
+                    view = first if isinstance(first, memoryview) else memoryview(first)
+                    out.append(_pack_header(VERSION, _DATA, 0, 0, sid, n))
+                    out.append(view[:n])
+                    outbox[0] = view[n:]
+                s.outbox_bytes -= n
+                s.send_window -= n
+                taken += n
+                if (outbox and s.send_window > 0) or (not outbox and s.fin_wanted):
+                    s.scheduled = True
+                    ready.append(sid)
+            elif s.fin_wanted:
+                s.local_closed = True
+                out.append(_pack_header(VERSION, _FIN, 0, 0, sid, 0))
+                fins.append(sid)
+                if s.remote_closed and not s.inbox:
+                    del streams[sid]
+        return taken, fins
 
     def next_frame(self, data_allowed: bool = True) -> Frame | None:
         """
@@ -280,6 +395,8 @@ class Multiplexer:
             if budget <= 0:
                 return None
             first = s.outbox[0]
+            if not isinstance(first, bytes):
+                first = s.outbox[0] = bytes(first)
             if len(first) <= budget:
                 s.outbox.popleft()
                 chunk = first
@@ -291,7 +408,7 @@ class Multiplexer:
                 s.outbox[0] = first[budget:]
             s.outbox_bytes -= len(chunk)
             s.send_window -= len(chunk)
-            return Data(s.stream_id, chunk)
+            return Data(s.stream_id, bytes(chunk))
         if s.fin_wanted:
             s.local_closed = True
             self._forget_if_done(s)
@@ -313,6 +430,31 @@ class Multiplexer:
             self._streams.pop(s.stream_id, None)
 
     # Input.
+
+    def receive_data(self, stream_id: int, pieces: list[bytes], n: int) -> bool | StreamReset:
+        """
+        DATA from the peer, as the decoder's pieces (L{receive} for a
+        L{Data} frame, without the frame): True when the stream has new
+        bytes to deliver, False when the frame was discarded, a
+        L{StreamReset} for a stream error.
+        """
+        s = self._streams.get(stream_id)
+        if s is None:
+            if stream_id > self._highest_id:
+                raise ProtocolError(f"DATA for stream {stream_id}, which was never opened")
+            return False
+        if not s.opened:
+            raise ProtocolError(f"DATA on stream {stream_id} before it was opened")
+        if s.remote_closed:
+            del self._streams[stream_id]
+            self._control.append(Rst(stream_id, ErrorCode.STREAM_CLOSED))
+            return StreamReset(stream_id, ErrorCode.STREAM_CLOSED)
+        if n > s.recv_window:
+            raise FlowControlError(f"{n} bytes of DATA on stream {stream_id} with a window of {s.recv_window}")
+        s.recv_window -= n
+        s.inbox.extend(pieces)
+        s.inbox_bytes += n
+        return True
 
     def receive(self, frame: Frame) -> list[Event]:
         """
