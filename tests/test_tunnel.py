@@ -5,6 +5,7 @@ handshake, and streams to fake targets, all driven by iosim and a Clock.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -468,3 +469,30 @@ class TunnelLossTests(SynchronousTestCase):
         h.client_tls.transport.loseConnection()
         h.flush()
         self.assertTrue(user.lost.check(error.ConnectionLost))  # type: ignore[union-attr]
+
+
+class FrameWriterPathTests(SynchronousTestCase):
+    def test_tunnels_over_twisted_tls_take_the_raw_tls_path(self) -> None:
+        # If a Twisted or pyOpenSSL release renames what the raw path relies
+        # on, the writer falls back to Twisted's path: correct but slower.
+        # This test is how that fallback gets noticed.
+        h = Harness()
+        for tunnel in (h.server, h.agent):
+            writer = tunnel._writer
+            assert writer is not None
+            self.assertTrue(writer.raw_tls, f"{tunnel!r} fell back to Twisted's TLS path")
+        stream, _recorder, target_transport, _target = h.open()
+        payload = os.urandom(300_000)
+        stream.write(payload)
+        h.flush()
+        self.assertEqual(target_transport.value(), payload)
+
+    def test_a_transport_without_the_private_names_gets_write_sequence(self) -> None:
+        from nova.mux.fastpath import FrameWriter, raw_tls_supported
+
+        transport = StringTransport()
+        self.assertFalse(raw_tls_supported(transport))
+        writer = FrameWriter(transport)
+        self.assertFalse(writer.raw_tls)
+        writer.write([b"head", memoryview(b"payload"), b"tail"])
+        self.assertEqual(transport.value(), b"headpayloadtail")

@@ -8,11 +8,18 @@ pauses the writer on the other.
 
 from __future__ import annotations
 
+from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, ITransport
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from .fastpath import write_tcp, writev_tcp
+
+# How much one read of a TCP connection may return (Twisted's default is
+# 64 KiB): fewer, larger reads when a lot is waiting.
+READ_SIZE = 256 * 1024
 
 
 @implementer(IHalfCloseableProtocol)
@@ -27,10 +34,24 @@ class Pipe(Protocol):
         self.read_done = False
         self.write_done = False
         self.lost = False
+        self._tcp: tcp.Connection | None = None  # our transport, when it is TCP
 
     def dataReceived(self, data: bytes) -> None:
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.write(data)
+        peer = self.peer
+        if peer is not None:
+            if peer._tcp is not None:
+                write_tcp(peer._tcp, data)
+            elif peer.transport is not None:
+                peer.transport.write(data)
+
+    def parts_received(self, parts: list[bytes]) -> None:
+        """L{dataReceived} for the concatenation of C{parts}."""
+        peer = self.peer
+        if peer is not None:
+            if peer._tcp is not None:
+                writev_tcp(peer._tcp, parts)
+            elif peer.transport is not None:
+                peer.transport.writeSequence(parts)
 
     def readConnectionLost(self) -> None:
         """Our side sent EOF: half-close the other side's write direction."""
@@ -79,6 +100,12 @@ def no_delay(transport: object) -> None:
         seen += 1
 
 
+def read_size(transport: tcp.Connection | None, size: int = READ_SIZE) -> None:
+    """Let C{transport} read up to C{size} bytes at a time."""
+    if transport is not None:
+        transport.bufferSize = size
+
+
 def splice(a: Pipe, b: Pipe) -> None:
     """
     Join two connected pipes and start the flow: each transport becomes the
@@ -88,6 +115,10 @@ def splice(a: Pipe, b: Pipe) -> None:
     a.peer, b.peer = b, a
     no_delay(a.transport)
     no_delay(b.transport)
+    for pipe in (a, b):
+        if isinstance(pipe.transport, tcp.Connection):
+            pipe._tcp = pipe.transport
+            read_size(pipe._tcp)
     ta: ITransport = a.transport
     tb: ITransport = b.transport
     ta.registerProducer(tb, True)  # type: ignore[attr-defined]

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet import tcp
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
     IAddress,
@@ -27,6 +28,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nova.wire.errors import ErrorCode
+from nova.wire.frames import DEFAULT_INITIAL_WINDOW
+
+# The most bytes handed to the stream's protocol in one call.
+_HANDOVER = DEFAULT_INITIAL_WINDOW
 
 if TYPE_CHECKING:
     from .tunnel import TunnelProtocol
@@ -72,6 +77,11 @@ class StreamTransport:
         self.bytes_written = 0  # by our protocol, toward the peer
         self.bytes_delivered = 0  # from the peer, to our protocol
         self.on_close: list[Callable[[StreamTransport, Failure], None]] = []
+        self._high_water = max(4096, min(65536, tunnel.peer_window // 2))
+        # A protocol that takes a received chunk as pieces (a Pipe: one
+        # sendmsg() instead of a join or several writes).
+        self._parts_received: Callable[[list[bytes]], None] | None = None
+        self._producer_tcp: tcp.Connection | None = None
 
     def __repr__(self) -> str:
         return f"<StreamTransport {self._address}>"
@@ -80,28 +90,41 @@ class StreamTransport:
 
     def makeConnection(self, protocol: IProtocol) -> None:
         self.protocol = protocol
+        self._parts_received = getattr(protocol, "parts_received", None)
         protocol.makeConnection(self)
         self._deliver()
 
     @property
     def high_water(self) -> int:
         """Queued unsent bytes at which a registered producer is paused."""
-        return max(4096, min(65536, self._tunnel.peer_window // 2))
+        return self._high_water
 
     # ITransport.
 
     def write(self, data: bytes) -> None:
         if self._write_closed or self.disconnected or not data:
             return
-        mux = self._tunnel.mux
+        tunnel = self._tunnel
+        mux = tunnel.mux
         assert mux is not None
-        mux.send(self.stream_id, bytes(data))
+        mux.send(self.stream_id, data if type(data) is bytes else bytes(data))
         self.bytes_written += len(data)
-        self._tunnel.flush()
+        quantum = tunnel.note_active(self.stream_id)
+        if self._producer_tcp is not None:
+            self._producer_tcp.bufferSize = quantum  # how much it reads at a time
+        # Small writes wait for the end of the reactor turn, to go out with
+        # everything else written meanwhile; a queue at the high-water mark
+        # goes at once (and pauses the producer only if it stays there).
+        queued = mux.outbox_bytes(self.stream_id)
+        if queued >= self._high_water:
+            tunnel.flush()
+            queued = mux.outbox_bytes(self.stream_id)
+        else:
+            tunnel._flush_soon()
         if (
             self._producer is not None
             and not self._producer_paused
-            and (not self._streaming or mux.outbox_bytes(self.stream_id) >= self.high_water)
+            and (not self._streaming or queued >= self._high_water)
         ):
             self._producer_paused = True
             self._tunnel.blocked.add(self)
@@ -118,7 +141,7 @@ class StreamTransport:
         self._write_closed = True
         assert self._tunnel.mux is not None
         self._tunnel.mux.close_send(self.stream_id)
-        self._tunnel.flush()
+        self._tunnel._flush_soon()
 
     def loseConnection(self) -> None:
         """
@@ -156,6 +179,7 @@ class StreamTransport:
             producer.stopProducing()
             return
         self._producer = producer
+        self._producer_tcp = producer if isinstance(producer, tcp.Connection) else None
         self._streaming = streaming
         self._producer_paused = False
         if not streaming:
@@ -163,6 +187,7 @@ class StreamTransport:
 
     def unregisterProducer(self) -> None:
         self._producer = None
+        self._producer_tcp = None
         self._tunnel.blocked.discard(self)
 
     # IPushProducer: the flow of received data into our protocol.
@@ -205,7 +230,7 @@ class StreamTransport:
         mux = self._tunnel.mux
         if self._producer is None or mux is None or self.disconnected:
             return False
-        if mux.outbox_bytes(self.stream_id) > self.high_water // 2:
+        if mux.outbox_bytes(self.stream_id) > self._high_water // 2:
             return True
         self._producer_paused = False
         self._producer.resumeProducing()  # type: ignore[attr-defined]
@@ -235,14 +260,26 @@ class StreamTransport:
             return
         self._delivering = True
         try:
+            sid = self.stream_id
             while not self._reading_paused and not self.disconnected:
-                chunk = mux.take(self.stream_id)
-                if chunk is None:
+                # What arrived in one read, up to a window's worth, in one
+                # hand-over (one sendmsg() for a Pipe).
+                chunks = mux.take_upto(sid, _HANDOVER)
+                if not chunks:
                     break
                 if not self._closing:
-                    self.bytes_delivered += len(chunk)
-                    self.protocol.dataReceived(chunk)
-            self._tunnel.flush()
+                    self._tunnel.note_active(sid)
+                    if len(chunks) == 1:
+                        self.bytes_delivered += len(chunks[0])
+                        self.protocol.dataReceived(chunks[0])
+                    else:
+                        self.bytes_delivered += sum(map(len, chunks))
+                        if self._parts_received is not None:
+                            self._parts_received(chunks)
+                        else:
+                            self.protocol.dataReceived(b"".join(chunks))
+            if mux.has_output():
+                self._tunnel._flush_soon()
             if (
                 self._remote_ended
                 and not self._read_closed

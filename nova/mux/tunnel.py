@@ -4,7 +4,8 @@ multiplexer behind them, and a L{StreamTransport} per stream.
 
 L{TunnelProtocol} is shared by both ends; the server and the agent subclass
 it for their half of the handshake (L{nova.server.tunnel},
-L{nova.agent.tunnel}).
+L{nova.agent.tunnel}).  How data moves through it (batched flushes, the
+quantum, the raw TLS path) is described in docs/datapath.md.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import struct
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -21,9 +22,10 @@ from zope.interface import implementer
 
 from nova.wire.codec import FrameDecoder
 from nova.wire.errors import ErrorCode, OpenFailReason, ProtocolError
-from nova.wire.frames import Data, Fin, Frame, encode
+from nova.wire.frames import Data, Frame, encode
 
 from .core import (
+    Buffer,
     DataAvailable,
     Event,
     GoAwayReceived,
@@ -37,11 +39,27 @@ from .core import (
     StreamReset,
     WindowOpened,
 )
+from .fastpath import FrameWriter, set_notsent_lowat
 from .lifecycle import DEFAULT_DEAD_TIMEOUT, DEFAULT_KEEPALIVE, Session, SessionCore, start_session
-from .splice import no_delay
+from .splice import READ_SIZE, no_delay, read_size
 from .stream import StreamTransport
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+
+# The quantum: about the most DATA payload a stream's local connection
+# reads, and the tunnel writes, in one reactor turn (what is left goes on the
+# next turn, after the reactor has read what arrived meanwhile).  Large while
+# one stream moves data (fewer, larger reads and writes); small while several
+# do, so that a bulk stream's turn is short and an interactive stream's
+# request does not wait long behind it (see note_active).
+QUANTUM = READ_SIZE
+SHARED_QUANTUM = 32 * 1024
+ACTIVE_WINDOW = 0.05  # seconds: "moved data recently"
+
+# A write to an idle tunnel is flushed at once (a lone request should not wait
+# for the end of the reactor turn); one within this many seconds of the last
+# flush waits for the end of the turn, to go out with everything else.
+QUIET = 0.0001
 
 
 @dataclass(frozen=True)
@@ -77,9 +95,20 @@ class TunnelProtocol(Protocol):
         self.blocked: set[StreamTransport] = set()
         self.closed = False
         self._decoder = FrameDecoder()
+        self._writer: FrameWriter | None = None
         self._paused = False
         self._flushing = False
         self._flush_again = False
+        self._flush_call: IDelayedCall | None = None
+        self._flushed_at = 0.0
+        # The most DATA a stream reads, and the tunnel writes, per reactor
+        # turn: large while one stream is busy, smaller while several are,
+        # so that a bulk stream's turn is short (see note_active).
+        self.quantum = QUANTUM
+        self._active: dict[int, float] = {}
+        self._active_checked = 0.0
+        # Streams with DATA received in the current read (see begin_read).
+        self._arrived: dict[int, None] | None = None
         self.core = SessionCore(
             clock,
             self,
@@ -101,6 +130,9 @@ class TunnelProtocol(Protocol):
     def connectionMade(self) -> None:
         assert self.transport is not None
         no_delay(self.transport)
+        self._writer = FrameWriter(self.transport)
+        set_notsent_lowat(self._writer.tcp)
+        read_size(self._writer.tcp, self.quantum)
         self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         self.session = start_session(self.core)
         self.handshake_started()
@@ -109,6 +141,20 @@ class TunnelProtocol(Protocol):
         if self.closed:
             return
         self.core.heard()
+        mux = self.mux
+        if mux is not None:
+            batch = self._arrived is None
+            if batch:
+                self.begin_read()
+            try:
+                self._decoder.feed_into(data, self._data_received, self._frame_received)
+            except ProtocolError as e:
+                self.protocol_error(e)
+                return
+            finally:
+                if batch:
+                    self.end_read()
+            return
         try:
             for frame in self._decoder.feed(data):
                 if self.closed:
@@ -124,8 +170,66 @@ class TunnelProtocol(Protocol):
             return
         self.flush()
 
+    def begin_read(self) -> None:
+        """
+        Several reads' worth of frames follow (the records of one TLS read,
+        say): received DATA is handed to the streams in L{end_read}, each
+        stream's in one piece, and the credit it frees in one WINDOW_UPDATE.
+        """
+        if self._arrived is None:
+            self._arrived = {}
+
+    def end_read(self) -> None:
+        """The frames announced by L{begin_read} have all been decoded."""
+        self._deliver_arrived()
+        self._arrived = None
+        if self.mux is not None and self.mux.has_output():
+            self._flush_soon()
+
+    def _deliver_arrived(self) -> None:
+        arrived = self._arrived
+        while arrived:
+            stream_id = next(iter(arrived))
+            del arrived[stream_id]
+            stream = self.streams.get(stream_id)
+            if stream is not None:
+                stream.data_available()
+
+    def _data_received(self, stream_id: int, pieces: list[bytes], length: int) -> bool:
+        """A DATA frame from the decoder (its payload in pieces)."""
+        if self.closed:
+            return False
+        self.bytes_received += length
+        assert self.mux is not None
+        result = self.mux.receive_data(stream_id, pieces, length)
+        if result is True:
+            if self._arrived is not None:
+                self._arrived[stream_id] = None
+            else:
+                stream = self.streams.get(stream_id)
+                if stream is not None:
+                    stream.data_available()
+        elif result is not False:
+            self._deliver_arrived()
+            self._dispatch([result])
+        return not self.closed
+
+    def _frame_received(self, frame: Frame) -> bool:
+        """Any other frame from the decoder, after the handshake."""
+        if self.closed:
+            return False
+        assert self.mux is not None
+        if self._arrived:
+            self._deliver_arrived()  # DATA before (say) a FIN or an RST reaches the stream first
+        self._dispatch(self.mux.receive(frame))
+        return not self.closed
+
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self.closed = True
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
         for stream in list(self.streams.values()):
             stream.tunnel_lost(reason)
         self.streams.clear()
@@ -267,7 +371,8 @@ class TunnelProtocol(Protocol):
 
     def flush(self) -> None:
         """
-        Write what the multiplexer has ready: control frames always, DATA
+        Write what the multiplexer has ready, now, in one write: control
+        frames always, DATA (about one quantum; the rest on the next turn)
         only while the transport is not pushing back.  Then resume the
         producers of streams whose queues have drained.
         """
@@ -281,28 +386,67 @@ class TunnelProtocol(Protocol):
         try:
             while True:
                 self._flush_again = False
-                wrote_data = False
-                while not self.closed:
-                    frame = mux.next_frame(data_allowed=not self._paused)
-                    if frame is None:
-                        break
-                    self.transport.writeSequence(encode(frame))
-                    if isinstance(frame, Fin):
-                        wrote_data = True
-                        stream = self.streams.get(frame.stream_id)
+                out: list[Buffer] = []
+                taken, fins = mux.pull(out, self.quantum, not self._paused)
+                if out:
+                    assert self._writer is not None
+                    self._writer.write(out)
+                    self.bytes_sent += taken
+                    for stream_id in fins:
+                        stream = self.streams.get(stream_id)
                         if stream is not None:
                             stream.fin_sent()
-                    elif isinstance(frame, Data):
-                        wrote_data = True
-                        self.bytes_sent += len(frame.data)
-                if wrote_data or self._flush_again:
+                if (taken or fins or self._flush_again) and self.blocked:
                     for stream in list(self.blocked):
                         if not stream.drained():
                             self.blocked.discard(stream)
-                if not self._flush_again or self.closed:
+                if self.closed:
+                    break
+                if not self._flush_again:
                     break
         finally:
             self._flushing = False
+            self._flushed_at = self.clock.seconds()
+        if mux.has_output() and not self._paused and not self.closed and self._flush_call is None:
+            self._flush_call = self.clock.callLater(0, self._flush_now)
+
+    def note_active(self, stream_id: int) -> int:
+        """
+        A stream moved data.  Returns the current quantum: L{QUANTUM} while
+        at most one stream moved data in the last L{ACTIVE_WINDOW} seconds,
+        else L{SHARED_QUANTUM}.
+        """
+        now = self.clock.seconds()
+        active = self._active
+        active[stream_id] = now
+        if now - self._active_checked >= 0.01:
+            self._active_checked = now
+            cutoff = now - ACTIVE_WINDOW
+            for sid in [sid for sid, seen in active.items() if seen < cutoff]:
+                del active[sid]
+            quantum = SHARED_QUANTUM if len(active) > 1 else QUANTUM
+            if quantum != self.quantum:
+                self.quantum = quantum
+                if self._writer is not None:
+                    read_size(self._writer.tcp, quantum)
+        return self.quantum
+
+    def _flush_soon(self) -> None:
+        """
+        Flush now if the tunnel has been quiet for a while (a lone request
+        goes out at once), else at the end of this reactor turn, so that
+        everything written meanwhile goes out in one write.
+        """
+        if self._flush_call is not None or self.closed:
+            return
+        if not self._flushing and self.clock.seconds() - self._flushed_at >= QUIET:
+            self.flush()
+        else:
+            self._flush_call = self.clock.callLater(0, self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_call = None
+        self.flush()
 
     # Internals.
 
