@@ -225,12 +225,13 @@ def idle_streams(work: Path, streams: int, timeout: float) -> StreamsResult:
         holder.wait_log("listening ", 20)
         target = int(holder.text().split("listening ", 1)[1].split()[0])
         route = free_port()
+        # NOVAS allows 4,096 streams per tunnel and NOVAC 1,024 by default;
+        # this test needs more on both.
         novas = Novas(
             work, free_port(), work / "novas-streams-state", [f"{route}:{LOOPBACK}:{target}@name:idle-agent"],
-            label="novas-streams",
+            label="novas-streams", extra_env={"NOVAS_MAX_STREAMS_PER_TUNNEL": str(streams + 64)},
         )  # fmt: skip
         novas.wait_listening()
-        # NOVAC allows 1,024 streams per tunnel by default; this test needs more.
         novac = start_novac(
             work, novas.agent_port, novas.fingerprint(), "idle-agent", {"NOVAC_MAX_STREAMS": str(streams + 64)}
         )
