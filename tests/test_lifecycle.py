@@ -18,7 +18,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from nova.agent.reconnect import Backoff, reconnecting
+from nova.agent.reconnect import RESTART_RETRIES, Backoff, reconnecting
+from nova.agent.tunnel import AgentContext, AgentTunnel
 from nova.mux.lifecycle import SessionCore, start_session
 from nova.wire.errors import ErrorCode
 
@@ -143,6 +144,45 @@ class BackoffTests(SynchronousTestCase):
         b.rejected = True
         self.assertEqual(b(1), 15.0)
 
+    def test_a_server_shutdown_keeps_the_next_retries_short(self) -> None:
+        top = Backoff(1.0, 30.0, random=lambda: 0.999999)
+        top.expect_restart()
+        quick = [top(1) for _ in range(RESTART_RETRIES)]
+        self.assertTrue(all(0.99 < d <= 1.0 for d in quick), quick)
+        # Then the usual backoff, from the bottom.
+        for got, want in zip([top(1) for _ in range(4)], [1, 2, 4, 8], strict=True):
+            self.assertAlmostEqual(got, want, places=3)
+
+    def test_registration_or_rejection_ends_the_short_retries(self) -> None:
+        b = Backoff(1.0, 30.0, random=lambda: 0.999999)
+        b.expect_restart()
+        b(1)
+        b.reset()
+        self.assertAlmostEqual(b(1), 1.0, places=3)
+        self.assertAlmostEqual(b(1), 2.0, places=3)  # growing again: the short retries are over
+        b.expect_restart()
+        b.rejected = True
+        self.assertGreaterEqual(b(1), 15.0)
+
+    def test_the_agent_expects_a_restart_only_after_a_shutdown(self) -> None:
+        for code, short in ((ErrorCode.SHUTDOWN, True), (ErrorCode.REPLACED, False), (ErrorCode.NO_ERROR, False)):
+            backoff = Backoff(1.0, 30.0, random=lambda: 0.999999)
+            for _ in range(5):
+                backoff(1)  # it had grown before the tunnel registered...
+            backoff.reset()  # ...and registering reset it
+            backoff(1)
+            backoff.reset()
+            context = AgentContext(
+                name="a", tags=(), token=b"t", tls=False, clock=Clock(), connect_target=lambda *a: Deferred()
+            )
+            tunnel = AgentTunnel(context, "s:1", backoff)
+            tunnel.goaway_received(code, "bye")
+            delays = [backoff(1) for _ in range(3)]
+            if short:
+                self.assertTrue(all(d <= 1.0 for d in delays), (code, delays))
+            else:
+                self.assertAlmostEqual(delays[-1], 4.0, places=3, msg=code.name)
+
 
 # The reconnect loop as a Hypothesis state machine.
 
@@ -186,11 +226,12 @@ INITIAL, CAP = 1.0, 30.0
 class RecordingBackoff(Backoff):
     def __init__(self, initial: float, cap: float) -> None:
         super().__init__(initial, cap)
-        self.chosen: list[tuple[float, bool]] = []
+        self.chosen: list[tuple[float, bool, bool]] = []
 
     def __call__(self, attempt: int) -> float:
+        quick = self._quick > 0
         delay = super().__call__(attempt)
-        self.chosen.append((delay, self.rejected))
+        self.chosen.append((delay, self.rejected, quick))
         return delay
 
 
@@ -256,6 +297,15 @@ class ReconnectMachine(RuleBasedStateMachine):
         self._lose(error.ConnectionLost())
 
     @precondition(lambda self: self.connected is not None and self.connected[1].registered)
+    @rule()
+    def server_shuts_down(self) -> None:
+        # What AgentTunnel does on GOAWAY SHUTDOWN; then the server closes.
+        self.backoff.expect_restart()
+        self._lose(error.ConnectionDone())
+        if not self.stopped:
+            self.just_registered_then_lost = True
+
+    @precondition(lambda self: self.connected is not None and self.connected[1].registered)
     @rule(goaway=st.booleans())
     def disconnect(self, goaway: bool) -> None:
         self._lose(error.ConnectionDone() if goaway else error.ConnectionLost())
@@ -291,10 +341,12 @@ class ReconnectMachine(RuleBasedStateMachine):
 
     @invariant()
     def every_chosen_delay_within_bounds(self) -> None:
-        for delay, rejected in self.backoff.chosen:
+        for delay, rejected, quick in self.backoff.chosen:
             assert 0 <= delay <= CAP
             if rejected:
                 assert delay >= CAP / 2
+            elif quick:
+                assert delay <= INITIAL
 
     @invariant()
     def success_resets_the_backoff(self) -> None:

@@ -192,6 +192,8 @@ class AgentTunnel(TunnelProtocol):
             code=code.name,
             message=message,
         )
+        if code == ErrorCode.SHUTDOWN and self.backoff is not None:
+            self.backoff.expect_restart()
 
     def _take_open_token(self) -> bool:
         """The OPEN rate limit: refill, then take one token if there is one."""
