@@ -10,15 +10,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from twisted.logger import Logger
-
 from .metrics import Metrics
 from .store import AuditStore, Record
 
 
 class Audit:
-    log = Logger(namespace="nova.audit")
-
     def __init__(
         self,
         store: AuditStore | None = None,
@@ -63,15 +59,8 @@ class Audit:
         self.metrics.streams_active.inc()
         self.metrics.streams_opened.labels(entry.split(" ", 1)[0]).inc()
         self.metrics.open_latency.observe(latency)
+        # (The entry point logs the open at info level.)
         self._record("stream_opened", agent, entry=entry, requester=requester, target=target)
-        # The entry point logs the open at info level; this is the same event for debugging.
-        self.log.debug(
-            "stream opened: {requester} -> {agent} -> {target} ({entry})",
-            requester=requester,
-            agent=agent,
-            target=target,
-            entry=entry,
-        )
 
     def stream_closed(
         self,
