@@ -120,7 +120,7 @@ class StreamTransport:
             tunnel.flush()
             queued = mux.outbox_bytes(self.stream_id)
         else:
-            tunnel._flush_soon()
+            tunnel.flush_soon()
         if (
             self._producer is not None
             and not self._producer_paused
@@ -141,7 +141,7 @@ class StreamTransport:
         self._write_closed = True
         assert self._tunnel.mux is not None
         self._tunnel.mux.close_send(self.stream_id)
-        self._tunnel._flush_soon()
+        self._tunnel.flush_soon()
 
     def loseConnection(self) -> None:
         """
@@ -279,7 +279,7 @@ class StreamTransport:
                         else:
                             self.protocol.dataReceived(b"".join(chunks))
             if mux.has_output():
-                self._tunnel._flush_soon()
+                self._tunnel.flush_soon()
             if (
                 self._remote_ended
                 and not self._read_closed

@@ -184,7 +184,7 @@ class TunnelProtocol(Protocol):
         self._deliver_arrived()
         self._arrived = None
         if self.mux is not None and self.mux.has_output():
-            self._flush_soon()
+            self.flush_soon()
 
     def _deliver_arrived(self) -> None:
         arrived = self._arrived
@@ -431,7 +431,7 @@ class TunnelProtocol(Protocol):
                     read_size(self._writer.tcp, quantum)
         return self.quantum
 
-    def _flush_soon(self) -> None:
+    def flush_soon(self) -> None:
         """
         Flush now if the tunnel has been quiet for a while (a lone request
         goes out at once), else at the end of this reactor turn, so that
