@@ -18,8 +18,11 @@ from zope.interface import implementer
 from .fastpath import write_tcp, writev_tcp
 
 # How much one read of a TCP connection may return (Twisted's default is
-# 64 KiB): fewer, larger reads when a lot is waiting.
-READ_SIZE = 256 * 1024
+# 64 KiB): fewer, larger reads when a lot is waiting.  Twisted also pauses a
+# connection's producer once this much waits in its write buffer, so it
+# bounds what a slow local reader holds there too; 256 KiB moved no more
+# data than 128 KiB (bench/RESULTS.md).
+READ_SIZE = 128 * 1024
 
 
 @implementer(IHalfCloseableProtocol)
