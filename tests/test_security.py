@@ -144,8 +144,12 @@ def test_repeated_failures_are_delayed_then_blocked(tmp_path: Path) -> None:
             assert isinstance(answer, Reject) and answer.code == ErrorCode.AUTH_FAILED
             agent.close()
         server.wait_log("delaying the handshake of 127.0.0.1")
-        blocked = RawAgent(port)
-        assert blocked.closed_by_server(5)
+        try:
+            blocked = RawAgent(port)
+        except ConnectionResetError:
+            pass  # NOVAS reset it before connect() returned (a loaded machine)
+        else:
+            assert blocked.closed_by_server(5)
         server.wait_log("blocked for a while")
 
 
