@@ -969,9 +969,9 @@ def test_writes_arrive_in_order_exactly_once(
 
 def test_sent_from_sends_only_when_idle() -> None:
     conn = FakeConnection([3, BlockingIOError(11, "EAGAIN")])
-    assert fastpath._sent_from(conn.tcp, b"abcdef", 6) == 3
-    assert fastpath._sent_from(conn.tcp, b"def", 3) == 0
+    assert fastpath._sent_from(conn.tcp, b"abcdef") == 3
+    assert fastpath._sent_from(conn.tcp, b"def") == 0
     conn._tempDataBuffer = [b"queued"]
-    assert fastpath._sent_from(conn.tcp, b"def", 3) == 0
+    assert fastpath._sent_from(conn.tcp, b"def") == 0
     assert conn.socket.calls == ["send", "send"]
     assert conn.wire == b"abc"

@@ -240,24 +240,14 @@ class Multiplexer:
         empty.  Taking means the bytes were consumed, so their credit goes
         back to the peer (protocol.md §5.3).
         """
-        s = self._streams.get(stream_id)
-        if s is None or not s.inbox:
-            return None
-        chunk = s.inbox.popleft()
-        s.inbox_bytes -= len(chunk)
-        if not s.remote_closed:
-            s.unreturned += len(chunk)
-            if s.unreturned >= self.local_window // 2:
-                s.recv_window += s.unreturned
-                self._control.append(WindowUpdate(stream_id, s.unreturned))
-                s.unreturned = 0
-        self._forget_if_done(s)
-        return chunk
+        chunks = self.take_upto(stream_id, 1)
+        return chunks[0] if chunks else None
 
     def take_upto(self, stream_id: int, limit: int) -> list[bytes]:
         """
         Take chunks from the stream's inbox, oldest first, until at least
-        C{limit} bytes are taken or it is empty: several L{take}s at once.
+        C{limit} bytes are taken or it is empty: several L{take}s at once,
+        with the credit returned as L{take} returns it.
         """
         s = self._streams.get(stream_id)
         if s is None or not s.inbox:
@@ -276,8 +266,7 @@ class Multiplexer:
                 s.recv_window += s.unreturned
                 self._control.append(WindowUpdate(stream_id, s.unreturned))
                 s.unreturned = 0
-        if not inbox and s.local_closed and s.remote_closed:
-            self._streams.pop(stream_id, None)
+        self._forget_if_done(s)
         return chunks
 
     def ping(self, opaque: bytes) -> None:
@@ -317,52 +306,18 @@ class Multiplexer:
         streams = self._streams
         taken = 0
         while ready and taken < limit:
-            sid = ready.popleft()
-            s = streams.get(sid)
+            s = streams.get(ready.popleft())
             if s is None:
                 continue
             s.scheduled = False
-            if not s.opened or s.local_closed:
+            n = self._stream_frame(s, out)
+            if n is None:
                 continue
-            outbox = s.outbox
-            if outbox:
-                budget = s.send_window
-                if budget <= 0:
-                    continue
-                if budget > MAX_DATA_PAYLOAD:
-                    budget = MAX_DATA_PAYLOAD
-                first = outbox[0]
-                n = len(first)
-                if n <= budget:
-                    outbox.popleft()
-                    header_at = len(out)
-                    out.append(b"")
-                    out.append(first)
-                    # Small writes go out in one frame, header and pieces
-                    # written as a sequence.
-                    while outbox and n + len(outbox[0]) <= budget:
-                        chunk = outbox.popleft()
-                        out.append(chunk)
-                        n += len(chunk)
-                    out[header_at] = _pack_header(VERSION, _DATA, 0, 0, sid, n)
-                else:
-                    n = budget
-                    view = first if isinstance(first, memoryview) else memoryview(first)
-                    out.append(_pack_header(VERSION, _DATA, 0, 0, sid, n))
-                    out.append(view[:n])
-                    outbox[0] = view[n:]
-                s.outbox_bytes -= n
-                s.send_window -= n
+            if n:
                 taken += n
-                if (outbox and s.send_window > 0) or (not outbox and s.fin_wanted):
-                    s.scheduled = True
-                    ready.append(sid)
-            elif s.fin_wanted:
-                s.local_closed = True
-                out.append(_pack_header(VERSION, _FIN, 0, 0, sid, 0))
-                fins.append(sid)
-                if s.remote_closed and not s.inbox:
-                    del streams[sid]
+                self._schedule(s)
+            else:
+                fins.append(s.stream_id)
         return taken, fins
 
     def next_frame(self, data_allowed: bool = True) -> Frame | None:
@@ -375,44 +330,62 @@ class Multiplexer:
         if self._control:
             return self._control.popleft()
         while data_allowed and self._ready:
-            sid = self._ready.popleft()
-            s = self._streams.get(sid)
+            s = self._streams.get(self._ready.popleft())
             if s is None:
                 continue
             s.scheduled = False
-            frame = self._next_stream_frame(s)
-            if frame is not None:
-                if self._sendable(s):
-                    self._schedule(s)
-                return frame
+            out: list[Buffer] = []
+            n = self._stream_frame(s, out)
+            if n is None:
+                continue
+            self._schedule(s)
+            return Data(s.stream_id, b"".join(out[1:])) if n else Fin(s.stream_id)
         return None
 
-    def _next_stream_frame(self, s: _Stream) -> Frame | None:
+    def _stream_frame(self, s: _Stream, out: list[Buffer]) -> int | None:
+        """
+        Append the stream's next frame to C{out}, header and payload pieces
+        separately: small queued writes merged into one DATA frame, a long
+        one split into views of itself, each within the stream's window.
+        Returns the DATA payload size, 0 for a FIN, or None when the stream
+        has nothing it may send now.
+        """
         if not s.opened or s.local_closed:
             return None
-        if s.outbox:
-            budget = min(s.send_window, MAX_DATA_PAYLOAD)
+        outbox = s.outbox
+        sid = s.stream_id
+        if outbox:
+            budget = s.send_window
             if budget <= 0:
                 return None
-            first = s.outbox[0]
-            if not isinstance(first, bytes):
-                first = s.outbox[0] = bytes(first)
-            if len(first) <= budget:
-                s.outbox.popleft()
-                chunk = first
-                # Coalesce small writes into one frame.
-                while s.outbox and len(chunk) + len(s.outbox[0]) <= budget:
-                    chunk += s.outbox.popleft()
+            if budget > MAX_DATA_PAYLOAD:
+                budget = MAX_DATA_PAYLOAD
+            first = outbox[0]
+            n = len(first)
+            if n <= budget:
+                outbox.popleft()
+                header_at = len(out)
+                out.append(b"")
+                out.append(first)
+                while outbox and n + len(outbox[0]) <= budget:
+                    chunk = outbox.popleft()
+                    out.append(chunk)
+                    n += len(chunk)
+                out[header_at] = _pack_header(VERSION, _DATA, 0, 0, sid, n)
             else:
-                chunk = first[:budget]
-                s.outbox[0] = first[budget:]
-            s.outbox_bytes -= len(chunk)
-            s.send_window -= len(chunk)
-            return Data(s.stream_id, bytes(chunk))
+                n = budget
+                view = first if isinstance(first, memoryview) else memoryview(first)
+                out.append(_pack_header(VERSION, _DATA, 0, 0, sid, n))
+                out.append(view[:n])
+                outbox[0] = view[n:]
+            s.outbox_bytes -= n
+            s.send_window -= n
+            return n
         if s.fin_wanted:
             s.local_closed = True
+            out.append(_pack_header(VERSION, _FIN, 0, 0, sid, 0))
             self._forget_if_done(s)
-            return Fin(s.stream_id)
+            return 0
         return None
 
     def _sendable(self, s: _Stream) -> bool:
@@ -446,15 +419,19 @@ class Multiplexer:
         if not s.opened:
             raise ProtocolError(f"DATA on stream {stream_id} before it was opened")
         if s.remote_closed:
-            del self._streams[stream_id]
-            self._control.append(Rst(stream_id, ErrorCode.STREAM_CLOSED))
-            return StreamReset(stream_id, ErrorCode.STREAM_CLOSED)
+            return self._after_peer_fin(stream_id)
         if n > s.recv_window:
             raise FlowControlError(f"{n} bytes of DATA on stream {stream_id} with a window of {s.recv_window}")
         s.recv_window -= n
         s.inbox.extend(pieces)
         s.inbox_bytes += n
         return True
+
+    def _after_peer_fin(self, stream_id: int) -> StreamReset:
+        """DATA or FIN after the peer's FIN: a stream error (§5.2)."""
+        del self._streams[stream_id]
+        self._control.append(Rst(stream_id, ErrorCode.STREAM_CLOSED))
+        return StreamReset(stream_id, ErrorCode.STREAM_CLOSED)
 
     def receive(self, frame: Frame) -> list[Event]:
         """
@@ -471,7 +448,12 @@ class Multiplexer:
             return [GoAwayReceived(frame.code, frame.message)]
         if isinstance(frame, Open):
             return self._receive_open(frame)
-        if isinstance(frame, (Data, WindowUpdate, Fin, Rst, OpenOk, OpenFail)):
+        if isinstance(frame, Data):
+            result = self.receive_data(frame.stream_id, [frame.data], len(frame.data))
+            if result is True:
+                return [DataAvailable(frame.stream_id)]
+            return [] if result is False else [result]
+        if isinstance(frame, (WindowUpdate, Fin, Rst, OpenOk, OpenFail)):
             return self._receive_stream_frame(frame)
         raise ProtocolError(f"{frame.TYPE.name} is only valid during the handshake")
 
@@ -489,7 +471,7 @@ class Multiplexer:
         self._streams[frame.stream_id] = _Stream(frame.stream_id, self.peer_window, self.local_window)
         return [StreamRequested(frame.stream_id, frame.host, frame.port)]
 
-    def _receive_stream_frame(self, frame: Data | WindowUpdate | Fin | Rst | OpenOk | OpenFail) -> list[Event]:
+    def _receive_stream_frame(self, frame: WindowUpdate | Fin | Rst | OpenOk | OpenFail) -> list[Event]:
         sid = frame.stream_id
         if isinstance(frame, (OpenOk, OpenFail)) and self.role is not Role.SERVER:
             raise ProtocolError(f"{frame.TYPE.name} sent by the server")
@@ -522,18 +504,7 @@ class Multiplexer:
             self._schedule(s)
             return [WindowOpened(sid)] if was_blocked else []
         if s.remote_closed:
-            # DATA or FIN after the peer's FIN: a stream error (§5.2).
-            del self._streams[sid]
-            self._control.append(Rst(sid, ErrorCode.STREAM_CLOSED))
-            return [StreamReset(sid, ErrorCode.STREAM_CLOSED)]
-        if isinstance(frame, Fin):
-            s.remote_closed = True
-            self._forget_if_done(s)
-            return [StreamEnded(sid)]
-        n = len(frame.data)
-        if n > s.recv_window:
-            raise FlowControlError(f"{n} bytes of DATA on stream {sid} with a window of {s.recv_window}")
-        s.recv_window -= n
-        s.inbox.append(frame.data)
-        s.inbox_bytes += n
-        return [DataAvailable(sid)]
+            return [self._after_peer_fin(sid)]
+        s.remote_closed = True  # a FIN
+        self._forget_if_done(s)
+        return [StreamEnded(sid)]

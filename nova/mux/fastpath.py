@@ -99,7 +99,7 @@ def _idle(t: tcp.Connection) -> bool:
     )
 
 
-def _sent_from(t: tcp.Connection, data: Any, size: int) -> int:
+def _sent_from(t: tcp.Connection, data: Any) -> int:
     """send() as much of C{data} as the socket takes now, when nothing is queued."""
     if not _idle(t):
         return 0
@@ -110,16 +110,15 @@ def _sent_from(t: tcp.Connection, data: Any, size: int) -> int:
 
 
 def write_tcp(t: tcp.Connection, data: Buffer) -> None:
-    """C{t.write(data)}, but sent at once when nothing else is queued."""
-    if _idle(t):
-        try:
-            sent = t.socket.send(data)
-        except OSError:
-            sent = 0  # EAGAIN; or an error, which the transport finds and reports
-        if sent >= len(data):
-            return
-        data = data[sent:]
-    t.write(data if isinstance(data, bytes) else bytes(data))
+    """
+    C{t.write(data)}, but sent at once when nothing else is queued.  A
+    socket error (EAGAIN, or one the transport then finds and reports)
+    leaves the data to the transport.
+    """
+    sent = _sent_from(t, data)
+    if sent < len(data):
+        rest = data[sent:] if sent else data
+        t.write(rest if isinstance(rest, bytes) else bytes(rest))
 
 
 def writev_tcp(t: tcp.Connection, parts: Sequence[Buffer]) -> None:
@@ -234,7 +233,7 @@ class FrameWriter:
         if self._tls is not None:
             if self._tls.transport is not self.tcp:
                 self.tcp = None  # TLS over something other than TCP
-            fast_tls_receive(self._tls)
+            fast_tls_receive(self._tls, self.tcp)
         elif transport is not self.tcp:
             self.tcp = None
 
@@ -297,20 +296,22 @@ def _drain_bio(conn: Any, transport: Any, t: tcp.Connection | None) -> None:
         if n <= 0:
             return
         view = _ffi_buffer(out, n)
-        sent = _sent_from(t, view, n) if t is not None else 0
-        if sent < n:
-            transport.write(view[sent:])
+        if t is not None:
+            write_tcp(t, view)  # what is not sent at once is copied out of the shared buffer
+        else:
+            transport.write(view[:])
         if n < _OUT_SIZE:
             return
 
 
-def fast_tls_receive(tls: Any) -> None:
+def fast_tls_receive(tls: Any, t: tcp.Connection | None) -> None:
     """
     Make C{tls} (a C{TLSMemoryBIOProtocol}) read its records with OpenSSL
     directly: the same steps as its C{dataReceived}, but "no more records"
     is a return code instead of two exceptions per read, the plaintext is
     read into a buffer shared by every tunnel, and what OpenSSL has to send
-    meanwhile goes out with L{_drain_bio}.  Until the handshake is done, and
+    meanwhile goes out with L{_drain_bio} (to C{t}, the TCP connection under
+    C{tls}, if there is one).  Until the handshake is done, and
     for anything out of the ordinary (a close_notify, an error), Twisted's
     own code runs.
     """
@@ -345,6 +346,6 @@ def fast_tls_receive(tls: Any) -> None:
             if begin is not None:
                 protocol.end_read()
         if tls.transport is not None:
-            _drain_bio(conn, tls.transport, tcp_transport(tls.transport))
+            _drain_bio(conn, tls.transport, t)
 
     tls.dataReceived = data_received

@@ -15,7 +15,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .fastpath import write_tcp, writev_tcp
+from .fastpath import writev_tcp
 
 # How much one read of a TCP connection may return (Twisted's default is
 # 64 KiB): fewer, larger reads when a lot is waiting.  Twisted also pauses a
@@ -40,12 +40,7 @@ class Pipe(Protocol):
         self._tcp: tcp.Connection | None = None  # our transport, when it is TCP
 
     def dataReceived(self, data: bytes) -> None:
-        peer = self.peer
-        if peer is not None:
-            if peer._tcp is not None:
-                write_tcp(peer._tcp, data)
-            elif peer.transport is not None:
-                peer.transport.write(data)
+        self.parts_received([data])
 
     def parts_received(self, parts: list[bytes]) -> None:
         """L{dataReceived} for the concatenation of C{parts}."""

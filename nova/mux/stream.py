@@ -30,6 +30,8 @@ from zope.interface import implementer
 from nova.wire.errors import ErrorCode
 from nova.wire.frames import DEFAULT_INITIAL_WINDOW
 
+from .splice import read_size
+
 # The most bytes handed to the stream's protocol in one call.
 _HANDOVER = DEFAULT_INITIAL_WINDOW
 
@@ -110,8 +112,7 @@ class StreamTransport:
         mux.send(self.stream_id, data if type(data) is bytes else bytes(data))
         self.bytes_written += len(data)
         quantum = tunnel.note_active(self.stream_id)
-        if self._producer_tcp is not None:
-            self._producer_tcp.bufferSize = quantum  # how much it reads at a time
+        read_size(self._producer_tcp, quantum)
         # Small writes wait for the end of the reactor turn, to go out with
         # everything else written meanwhile; a queue at the high-water mark
         # goes at once (and pauses the producer only if it stays there).

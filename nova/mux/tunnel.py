@@ -161,10 +161,10 @@ class TunnelProtocol(Protocol):
                     return
                 if self.mux is None:
                     self.handshake_frame(frame)
+                elif isinstance(frame, Data):  # the rest of the read that finished the handshake
+                    self._data_received(frame.stream_id, [frame.data], len(frame.data))
                 else:
-                    if isinstance(frame, Data):
-                        self.bytes_received += len(frame.data)
-                    self._dispatch(self.mux.receive(frame))
+                    self._frame_received(frame)
         except ProtocolError as e:
             self.protocol_error(e)
             return
