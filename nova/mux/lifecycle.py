@@ -53,6 +53,9 @@ class Session(Protocol):
     def handshake_expired(self) -> None:
         "The handshake deadline passed."
 
+    def handshake_restarted(self) -> None:
+        "This end waited on purpose (a throttle's delay): the handshake deadline counts from now."
+
     def tick(self) -> None:
         "A keepalive or dead-peer deadline is due."
 
@@ -135,7 +138,16 @@ def _registered(session: Session, core: SessionCore) -> None:
 def _handshake_expired(session: Session, core: SessionCore) -> None:
     core.timer = None
     core.hooks.handshake_timed_out()
-    core.hooks.close()
+    # Dropped, not closed: a peer that stalls its TLS handshake, or never
+    # reads, would hold a graceful close open for ever.
+    core.hooks.abort(f"the handshake did not finish within {core.handshake_timeout:g}s")
+
+
+@Handshaking.upon(Session.handshake_restarted).loop()
+def _handshake_restarted(session: Session, core: SessionCore) -> None:
+    if core.timer is not None and core.timer.active():
+        core.timer.cancel()
+    core.timer = core.clock.callLater(core.handshake_timeout, session.handshake_expired)
 
 
 @Handshaking.upon(Session.drain).loop()
@@ -204,6 +216,9 @@ def _drain_closed(session: Session, core: SessionCore, timeout: float, code: Err
 @Closed.upon(Session.lost).loop()
 @Closed.upon(Session.tick).loop()
 @Closed.upon(Session.handshake_expired).loop()
+@Closed.upon(Session.handshake_restarted).loop()
+@Open.upon(Session.handshake_restarted).loop()
+@Draining.upon(Session.handshake_restarted).loop()
 @Closed.upon(Session.drain_expired).loop()
 @Open.upon(Session.drain_expired).loop()
 def _ignored(session: Session, core: SessionCore) -> None:
