@@ -184,13 +184,13 @@ def split_host_port(value: str, what: str) -> tuple[str, int]:
     return host, parse_port(port, what)
 
 
-def read_secret(value: str | None, setting: Setting) -> bytes:
-    """A token from its setting; refuses a missing or empty one by name."""
+def read_secret(value: str | None, setting: Setting, minimum: int = 8) -> bytes:
+    """A token from its setting; refuses a missing, empty or short one by name."""
     if value is None or not value.strip():
         raise ConfigError(f"--{setting.name} / {setting.env} is required")
     token = value.strip().encode("utf-8")
-    if len(token) < 8:
-        raise ConfigError(f"--{setting.name} / {setting.env} must be at least 8 characters")
+    if len(token) < minimum:
+        raise ConfigError(f"--{setting.name} / {setting.env} must be at least {minimum} characters")
     return token
 
 

@@ -290,7 +290,7 @@ def test_systemd_novas_service_commands_for_real(tmp_path: Path) -> None:
     unit = read_unit(NOVAS_UNIT)
     env, _ = read_env_file(NOVAS_ENV)
     tokens = tmp_path / "agent-tokens"
-    tokens.write_text("first-token-1234\n")
+    tokens.write_text("first-token-1234-abcd\n")
     env |= {
         "NOVAS_AGENT_PORT": str(free_port()),
         "NOVAS_ADMIN_PORT": str(free_port()),
@@ -304,7 +304,7 @@ def test_systemd_novas_service_commands_for_real(tmp_path: Path) -> None:
         proc = subprocess.Popen(argv, env=_clean_env(**env), stdout=out, stderr=subprocess.STDOUT)
         try:
             wait_for(lambda: "NOVAS listening" in log.read_text(), 20, "NOVAS to listen")
-            tokens.write_text("first-token-1234\nsecond-token-5678\n")
+            tokens.write_text("first-token-1234-abcd\nsecond-token-5678-efgh\n")
             reload = unit_value(unit, "Service", "ExecReload").replace("$MAINPID", str(proc.pid))
             subprocess.run(reload.split(), check=True, timeout=10)
             wait_for(lambda: "reloaded 3 agent token(s)" in log.read_text(), 10, "the token reload")

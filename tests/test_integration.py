@@ -72,7 +72,7 @@ def test_wrong_token_rejected_and_never_logged(tmp_path: Path) -> None:
         env = _pinned(port, server) | {"NOVAC_TOKEN": "wrong-token-abcdef"}
         with novac(tmp_path, env) as agent:
             agent.wait_log("AUTH_FAILED")
-            server.wait_log("rejected agent 'agent-1'")
+            server.wait_log("(claiming to be 'agent-1'): AUTH_FAILED")
             # With no agent registered the route closes the connection at once.
             with socket.create_connection(("127.0.0.1", route), timeout=10) as s:
                 assert s.recv(10) == b""
@@ -129,6 +129,8 @@ def test_selector_picks_the_agent_with_the_tags(tmp_path: Path) -> None:
     [
         ("novas", {}, "--agent-token / NOVAS_AGENT_TOKEN (or --agent-token-file) is required"),
         ("novas", {"NOVAS_AGENT_TOKEN": TOKEN, "NOVAS_AGENT_PORT": "99999"}, "between 1 and 65535"),
+        ("novas", {"NOVAS_AGENT_TOKEN": "fifteen-chars!!"}, "NOVAS_AGENT_TOKEN: every token must be at least 16"),
+        ("novac", {"NOVAC_SERVER": "a:1", "NOVAC_TLS": "off", "NOVAC_TOKEN": "fifteen-chars!!"}, "at least 16"),
         ("novas", {"NOVAS_AGENT_TOKEN": TOKEN, "NOVAS_ROUTES": "5432:db"}, "is not [BIND:]PORT:HOST:HOSTPORT"),
         ("novac", {"NOVAC_TOKEN": TOKEN}, "--server / NOVAC_SERVER is required"),
         ("novac", {"NOVAC_TOKEN": TOKEN, "NOVAC_SERVER": "a:1"}, "cannot verify the server"),
@@ -150,6 +152,7 @@ def test_bad_configuration_is_one_clear_line(plugin: str, env: dict[str, str], m
     assert message in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert TOKEN not in result.stderr
+    assert "fifteen-chars!!" not in result.stderr + result.stdout
 
 
 def test_redis_cli_ping_through_the_tunnel(tmp_path: Path) -> None:

@@ -61,7 +61,7 @@ def ip(text: str) -> IPAddress:
 
 def config_values(**extra: Any) -> dict[str, Any]:
     """The merged settings of a minimal agent, with C{extra} on top."""
-    env = {"NOVAC_SERVER": "novas.test:9022", "NOVAC_TOKEN": "a-long-token", "NOVAC_TLS": "off"}
+    env = {"NOVAC_SERVER": "novas.test:9022", "NOVAC_TOKEN": "a-long-enough-token", "NOVAC_TLS": "off"}
     return resolve(Options.settings, {}, env) | extra
 
 
@@ -144,7 +144,7 @@ class ParseTests(SynchronousTestCase):
         self.assertNotIn("\n", message)
 
     def test_environment_and_repeated_option(self) -> None:
-        env = {"NOVAC_SERVER": "a:1", "NOVAC_TOKEN": "a-long-token", "NOVAC_TLS": "off"}
+        env = {"NOVAC_SERVER": "a:1", "NOVAC_TOKEN": "a-long-enough-token", "NOVAC_TLS": "off"}
         options = Options(env=env | {"NOVAC_ALLOW": "10.0.0.0/8:5432,*.internal"})
         options.parseOptions([])
         self.assertEqual(len(options.config.policy.rules), 2)

@@ -25,11 +25,11 @@ from zope.interface import implementer
 
 from nova.agent.tunnel import AgentContext, AgentTunnel, AgentTunnelFactory, Rejected
 from nova.server.routes import Selector
-from nova.server.tunnel import OpenFailed, ServerContext, ServerTunnel, ServerTunnelFactory
+from nova.server.tunnel import LIVE_NAME_PROBE, OpenFailed, ServerContext, ServerTunnel, ServerTunnelFactory
 from nova.tls import certificate_fingerprint, client_creator, parse_fingerprint, server_options
 from nova.wire.codec import FrameDecoder
 from nova.wire.errors import ErrorCode, OpenFailReason
-from nova.wire.frames import Hello, Reject, encode
+from nova.wire.frames import Hello, Ping, Pong, Reject, Welcome, encode
 from nova.wire.handshake import make_auth
 
 from .pki import CA
@@ -205,7 +205,7 @@ class HandshakeTests(SynchronousTestCase):
         failure = self.failureResultOf(h.agent.when_registered(), Rejected)
         self.assertEqual(failure.value.code, ErrorCode.AUTH_FAILED)
         text = self.log_text()
-        self.assertIn("rejected agent 'db-agent'", text)
+        self.assertIn("(claiming to be 'db-agent'): AUTH_FAILED", text)
         self.assertIn("rejected the registration of db-agent: AUTH_FAILED", text)
         self.assertNotIn("correct horse", text)
         self.assertNotIn("not the right token", text)
@@ -377,6 +377,10 @@ class StreamTests(SynchronousTestCase):
         self.assertIsNone(h.server_context.registry.get("db-agent"))
 
 
+def _gauge(context: ServerContext) -> float | None:
+    return context.audit.metrics.registry.get_sample_value("nova_tunnels_connected")
+
+
 class LifeCycleTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
@@ -390,18 +394,72 @@ class LifeCycleTests(SynchronousTestCase):
         tunnel.dataReceived(b"".join(encode(make_auth(TOKEN, hello.nonce, b"", name, (), 65536))))
         return tunnel, transport
 
-    def test_same_name_replaces_the_old_tunnel(self) -> None:
-        context = ServerContext(token=TOKEN, tls=False, clock=Clock())
+    def _frames(self, transport: StringTransport) -> list[Any]:
+        frames = FrameDecoder().feed(transport.value())
+        transport.clear()
+        return frames
+
+    def test_a_live_agent_keeps_its_name(self) -> None:
+        clock = Clock()
+        context = ServerContext(token=TOKEN, tls=False, clock=clock)
         old, old_transport = self._register(context, "db-agent")
-        new, _ = self._register(context, "db-agent")
+        self._frames(old_transport)
+        _new, new_transport = self._register(context, "db-agent")
+        # The old tunnel is asked to prove it is alive, and answers.
+        [ping] = self._frames(old_transport)
+        self.assertIsInstance(ping, Ping)
+        self.assertEqual(self._frames(new_transport), [])  # no answer to the newcomer yet
+        clock.advance(LIVE_NAME_PROBE / 2)
+        old.dataReceived(b"".join(encode(Pong(ping.opaque))))
+        [reject] = self._frames(new_transport)
+        self.assertIsInstance(reject, Reject)
+        self.assertEqual(reject.code, ErrorCode.NAME_IN_USE)
+        self.assertIn("in use by a live agent connected from", reject.message)
+        self.assertTrue(new_transport.disconnecting)
+        self.assertIs(context.registry.get("db-agent"), old)
+        self.assertFalse(old_transport.disconnecting)
+        self.assertEqual(self._frames(old_transport), [])  # nothing told to the live agent
+        self.assertEqual(_gauge(context), 1)
+
+    def test_a_silent_tunnel_is_replaced_after_the_probe(self) -> None:
+        clock = Clock()
+        context = ServerContext(token=TOKEN, tls=False, clock=clock)
+        old, _old_transport = self._register(context, "db-agent")
+        new, new_transport = self._register(context, "db-agent")
+        clock.advance(LIVE_NAME_PROBE - 0.01)
+        self.assertIs(context.registry.get("db-agent"), old)
+        clock.advance(0.01)
         self.assertIs(context.registry.get("db-agent"), new)
-        frames = FrameDecoder().feed(old_transport.value())
-        self.assertIn(ErrorCode.REPLACED, [getattr(f, "code", None) for f in frames])
-        self.assertTrue(old_transport.disconnecting)
-        # The old tunnel's late disconnect does not unregister the new one.
+        self.assertIsInstance(self._frames(new_transport)[0], Welcome)
+        self.assertTrue(old.closed)
+        # The old tunnel's late disconnect does not unregister the new one,
+        # and the replaced tunnel is counted out of the metrics (defect 7).
         old.connectionLost(Failure(error.ConnectionDone()))
         self.assertIs(context.registry.get("db-agent"), new)
-        self.assertIn("agent db-agent registered again", "\n".join(formatEvent(e) for e in self.logged))
+        self.assertEqual(_gauge(context), 1)
+        text = "\n".join(formatEvent(e) for e in self.logged)
+        self.assertIn("it did not answer a ping when db-agent registered again", text)
+
+    def test_a_tunnel_that_closes_during_the_probe_is_replaced_at_once(self) -> None:
+        clock = Clock()
+        context = ServerContext(token=TOKEN, tls=False, clock=clock)
+        old, _ = self._register(context, "db-agent")
+        new, new_transport = self._register(context, "db-agent")
+        old.connectionLost(Failure(error.ConnectionDone()))
+        self.assertIs(context.registry.get("db-agent"), new)
+        self.assertIsInstance(self._frames(new_transport)[0], Welcome)
+
+    def test_replacements_keep_the_tunnel_gauge_and_audit_exact(self) -> None:
+        clock = Clock()
+        context = ServerContext(token=TOKEN, tls=False, clock=clock)
+        tunnels = []
+        for _ in range(5):
+            tunnel, _ = self._register(context, "db-agent")
+            clock.advance(LIVE_NAME_PROBE)  # the previous one never answers
+            tunnels.append(tunnel)
+        for tunnel in tunnels:
+            tunnel.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(_gauge(context), 0)
 
     def test_round_trip_time_is_measured(self) -> None:
         h = Harness()

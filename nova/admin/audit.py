@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from nova.wire.text import untrusted
+
 from .metrics import Metrics
 from .store import AuditStore, Record
 
@@ -29,7 +31,9 @@ class Audit:
 
     def _record(self, kind: str, agent: str, **data: Any) -> None:
         if self.store is not None:
-            self.store.record(Record(kind, self.clock(), agent, self.server, data))
+            # Text in a record may have come from a peer: escaped here, once.
+            safe = {k: _escaped(v) for k, v in data.items()}
+            self.store.record(Record(kind, self.clock(), untrusted(agent, 64), self.server, safe))
 
     # Tunnels.
 
@@ -46,9 +50,23 @@ class Audit:
             pass
         self._record("tunnel_unregistered", agent, reason=reason, duration=round(duration, 3))
 
-    def auth_failed(self, source: str, claimed_name: str, code: str, reason: str) -> None:
+    def refusal_counted(self, code: str) -> None:
+        """A connection that did not register was refused (every one is counted)."""
         self.metrics.auth_failures.labels(code).inc()
-        self._record("auth_failed", claimed_name[:64], source=source, code=code, reason=reason)
+
+    def auth_failed(
+        self, source: str, claimed_name: str, code: str, reason: str, count: int = 1, token_id: str = ""
+    ) -> None:
+        """
+        One audit record for C{count} refusals from C{source}.  The name a
+        client claimed is kept apart from the C{agent} field: nobody proved it.
+        """
+        data: dict[str, Any] = {"source": source, "code": code, "reason": reason, "count": count}
+        if claimed_name:
+            data["claimed_name"] = claimed_name
+        if token_id:
+            data["token_id"] = token_id
+        self._record("auth_failed", "", **data)
 
     def rtt(self, agent: str, seconds: float) -> None:
         self.metrics.rtt.labels(agent).set(seconds)
@@ -93,3 +111,11 @@ class Audit:
         self._record(
             "open_failed", agent, entry=entry, requester=requester, target=target, reason=reason, message=message
         )
+
+
+def _escaped(value: Any) -> Any:
+    if isinstance(value, str):
+        return untrusted(value, 1024)
+    if isinstance(value, dict):
+        return {untrusted(str(k), 64): _escaped(v) for k, v in value.items()}
+    return value

@@ -140,7 +140,7 @@ def build_config(v: dict[str, Any]) -> AgentConfig:
         raise ConfigError("--reconnect-max / NOVAC_RECONNECT_MAX must not be below --reconnect-initial")
     return AgentConfig(
         servers=servers,
-        token=read_secret(v["token"], TOKEN),
+        token=read_secret(v["token"], TOKEN, minimum=16),  # what NOVAS accepts (nova.server.security)
         name=name,
         tags=tags,
         tls=tls,

@@ -22,6 +22,7 @@ from nova.tls import channel_binding
 from nova.wire.errors import ErrorCode, OpenFailReason, ProtocolError
 from nova.wire.frames import Frame, Hello, Reject, Welcome
 from nova.wire.handshake import make_auth, window_problem
+from nova.wire.text import untrusted
 
 from .policy import Policy, PolicyDenied
 from .reconnect import Backoff
@@ -144,15 +145,15 @@ class AgentTunnel(TunnelProtocol):
             self._settle(self)
         elif isinstance(frame, Reject):
             self.log.error(
-                "server {server} rejected the registration of {agent}: {code}: {message}",
+                "server {server} rejected the registration of {agent}: {code}: {detail}",
                 server=self.server,
                 agent=self.context.name,
                 code=frame.code.name,
-                message=frame.message,
+                detail=untrusted(frame.message),
             )
             if self.backoff is not None:
                 self.backoff.rejected = True
-            self._fail_registration(Rejected(frame.code, frame.message))
+            self._fail_registration(Rejected(frame.code, untrusted(frame.message)))
             self.close()
         else:
             raise ProtocolError(f"unexpected {frame.TYPE.name} during the handshake")
@@ -187,10 +188,10 @@ class AgentTunnel(TunnelProtocol):
 
     def goaway_received(self, code: ErrorCode, message: str) -> None:
         self.log.info(
-            "server {server} is going away ({code}: {message}); reconnecting once it closes",
+            "server {server} is going away ({code}: {detail}); reconnecting once it closes",
             server=self.server,
             code=code.name,
-            message=message,
+            detail=message,
         )
         if code == ErrorCode.SHUTDOWN and self.backoff is not None:
             self.backoff.expect_restart()
@@ -261,11 +262,11 @@ class AgentTunnel(TunnelProtocol):
             return  # cancelled because the server gave up on the stream
         message = failure.getErrorMessage()
         self.log.warn(
-            "cannot connect to {target} for {server}: {reason} ({message})",
+            "cannot connect to {target} for {server}: {reason} ({detail})",
             target=f"{host}:{port}",
             server=self.server,
             reason=reason.name,
-            message=message,
+            detail=message,
         )
         self.mux.refuse(stream_id, reason, message)
         self.flush()
@@ -274,14 +275,14 @@ class AgentTunnel(TunnelProtocol):
         """Refuse a stream the policy forbids: OPEN_FAIL DENIED, logged and audited."""
         assert self.mux is not None
         self.log.warn(
-            "policy denied {target} for {server}: DENIED ({message})",
+            "policy denied {target} for {server}: DENIED ({detail})",
             event="stream_denied",
             agent=self.context.name,
             target=denial.target,
             server=self.server,
             reason=denial.why,
             addresses=[str(a) for a in denial.addresses],
-            message=denial.message,
+            detail=denial.message,
         )
         if self.context.on_denied is not None:
             try:

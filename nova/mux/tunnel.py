@@ -23,6 +23,7 @@ from zope.interface import implementer
 from nova.wire.codec import FrameDecoder
 from nova.wire.errors import ErrorCode, OpenFailReason, ProtocolError
 from nova.wire.frames import Data, Frame, encode
+from nova.wire.text import untrusted
 
 from .core import (
     Buffer,
@@ -93,7 +94,9 @@ class TunnelProtocol(Protocol):
         self.mux: Multiplexer | None = None
         self.streams: dict[int, StreamTransport] = {}
         self.blocked: set[StreamTransport] = set()
-        self.closed = False
+        self.closed = False  # no more frames in or out (a close was asked for, or the connection is gone)
+        self._lost = False
+        self._aborted = False
         self._decoder = FrameDecoder()
         self._writer: FrameWriter | None = None
         self._paused = False
@@ -225,7 +228,7 @@ class TunnelProtocol(Protocol):
         return not self.closed
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
-        self.closed = True
+        self.closed = self._lost = True
         if self._flush_call is not None:
             if self._flush_call.active():
                 self._flush_call.cancel()
@@ -260,12 +263,7 @@ class TunnelProtocol(Protocol):
         raise ProtocolError(f"unexpected {frame.TYPE.name} during the handshake")
 
     def handshake_timed_out(self) -> None:
-        """The handshake did not finish in time; the connection is closed next."""
-        self.log.warn(
-            "handshake with {peer} did not finish within {timeout}s; closing",
-            peer=self.peer_label,
-            timeout=self.timing.handshake_timeout,
-        )
+        """The handshake did not finish in time; the connection is dropped next (L{abort})."""
 
     def pending_streams(self) -> int:
         """Streams being opened that have no transport yet."""
@@ -290,7 +288,7 @@ class TunnelProtocol(Protocol):
             self.rtt = rtt
 
     def goaway_received(self, code: ErrorCode, message: str) -> None:
-        self.log.info("{peer} is going away: {code} {message}", peer=self.peer_label, code=code.name, message=message)
+        self.log.info("{peer} is going away: {code} {detail}", peer=self.peer_label, code=code.name, detail=message)
 
     # Helpers for subclasses.
 
@@ -334,12 +332,16 @@ class TunnelProtocol(Protocol):
         return len(self.streams) + self.pending_streams()
 
     def abort(self, why: str, quiet: bool = False) -> None:
-        """Drop the connection now; every stream is reset."""
-        if self.transport is None or self.closed:
+        """
+        Drop the connection now; every stream is reset.  Also ends a
+        connection whose graceful L{close} is still waiting on a peer that
+        does not read.
+        """
+        if self.transport is None or self._lost or self._aborted:
             return
         if not quiet:
-            self.log.warn("dropping the tunnel with {peer}: {why}", peer=self.peer_label, why=why)
-        self.closed = True
+            self.log.warn("dropping the tunnel with {peer}: {reason}", peer=self.peer_label, reason=why)
+        self.closed = self._aborted = True
         self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def protocol_error(self, error: ProtocolError) -> None:
@@ -479,4 +481,4 @@ class TunnelProtocol(Protocol):
             elif isinstance(event, PongReceived):
                 self.pong_received(event.opaque)
             elif isinstance(event, GoAwayReceived):
-                self.goaway_received(event.code, event.message)
+                self.goaway_received(event.code, untrusted(event.message))

@@ -23,13 +23,21 @@ from nova.config import (
 from nova.wire.frames import DEFAULT_INITIAL_WINDOW, MAX_WINDOW, MIN_INITIAL_WINDOW
 
 from .routes import Route, parse_route
-from .security import Limits, parse_tokens, read_token_file
+from .security import MIN_TOKEN_LENGTH, AgentToken, Limits, ScopeError, parse_tokens, read_token_file
 
 TOKEN = Setting(
-    "agent-token", "NOVAS_AGENT_TOKEN", None, "Secret(s) agents prove, ','-separated for rotation.", secret=True
+    "agent-token",
+    "NOVAS_AGENT_TOKEN",
+    None,
+    f"Secret(s) agents prove, ','-separated for rotation; at least {MIN_TOKEN_LENGTH} characters each"
+    " (guessing is throttled per address, not across many: the length is what keeps a token safe).",
+    secret=True,
 )
 TOKEN_FILE = Setting(
-    "agent-token-file", "NOVAS_AGENT_TOKEN_FILE", None, "File of agent tokens, one per line; re-read on SIGHUP."
+    "agent-token-file",
+    "NOVAS_AGENT_TOKEN_FILE",
+    None,
+    "File of agent tokens, one per line: TOKEN [id=LABEL] [name=GLOB] [tags=K=V;K=V] (scope); re-read on SIGHUP.",
 )
 
 SETTINGS = (
@@ -65,6 +73,12 @@ SETTINGS = (
     Setting("audit-retention-days", "NOVAS_AUDIT_RETENTION_DAYS", "30", "Days of audit history to keep."),
     Setting("max-tunnels", "NOVAS_MAX_TUNNELS", "10000", "Registered tunnels at most."),
     Setting("max-pending-handshakes", "NOVAS_MAX_PENDING_HANDSHAKES", "1000", "Unfinished handshakes at most."),
+    Setting(
+        "max-pending-per-source",
+        "NOVAS_MAX_PENDING_PER_SOURCE",
+        "128",
+        "Unfinished handshakes at most from one address (IPv6: one /64).",
+    ),
     Setting("max-streams-per-tunnel", "NOVAS_MAX_STREAMS_PER_TUNNEL", "4096", "Streams open at once per tunnel."),
     Setting(
         "auth-block-after", "NOVAS_AUTH_BLOCK_AFTER", "20", "Failed handshakes per address before a block; 0: off."
@@ -77,7 +91,7 @@ SETTINGS = (
 class ServerConfig:
     agent_port: int
     agent_bind: str
-    tokens: tuple[bytes, ...]
+    tokens: tuple[AgentToken, ...]
     tls: bool
     tls_cert: Path | None
     tls_key: Path | None
@@ -159,6 +173,9 @@ def build_config(v: dict[str, Any]) -> ServerConfig:
             max_pending_handshakes=parse_int(
                 v["max-pending-handshakes"], "--max-pending-handshakes / NOVAS_MAX_PENDING_HANDSHAKES", 1, 10**6
             ),
+            max_pending_per_source=parse_int(
+                v["max-pending-per-source"], "--max-pending-per-source / NOVAS_MAX_PENDING_PER_SOURCE", 1, 10**6
+            ),
             max_streams_per_tunnel=parse_int(
                 v["max-streams-per-tunnel"], "--max-streams-per-tunnel / NOVAS_MAX_STREAMS_PER_TUNNEL", 1, 10**6
             ),
@@ -188,21 +205,41 @@ def build_config(v: dict[str, Any]) -> ServerConfig:
     )
 
 
-def load_tokens(env_tokens: tuple[bytes, ...], path: Path | None) -> tuple[bytes, ...]:
-    """The agent tokens: those of the setting, then those of the token file."""
-    tokens = list(env_tokens)
+def load_tokens(env_tokens: tuple[bytes, ...], path: Path | None) -> tuple[AgentToken, ...]:
+    """
+    The agent tokens: those of the setting (no scope), then those of the
+    token file (each with its scope words, if any).
+    """
+    tokens = [AgentToken(t) for t in env_tokens]
+    if any(len(t.secret) < MIN_TOKEN_LENGTH for t in tokens):
+        raise ConfigError(
+            f"--agent-token / NOVAS_AGENT_TOKEN: every token must be at least {MIN_TOKEN_LENGTH} characters"
+        )
     if path is not None:
         what = "--agent-token-file / NOVAS_AGENT_TOKEN_FILE"
         try:
-            tokens += read_token_file(path)
+            from_file = read_token_file(path)
         except OSError as e:
             raise ConfigError(f"{what}: cannot read {path}: {e.strerror}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"{what}: {path} is not UTF-8 text") from None
+        except ScopeError as e:
+            raise ConfigError(f"{what}: {path}: {e}") from None
+        short = [i for i, t in enumerate(from_file, 1) if len(t.secret) < MIN_TOKEN_LENGTH]
+        if short:
+            raise ConfigError(
+                f"{what}: {path}: token {short[0]} (counting tokens, not lines) is shorter than"
+                f" {MIN_TOKEN_LENGTH} characters"
+            )
+        by_secret = {t.secret: t for t in tokens}
+        for t in from_file:
+            other = by_secret.get(t.secret)
+            if other is not None and other != t:
+                raise ConfigError(f"{what}: {path}: a token is listed twice with different id= or scope words")
+            by_secret[t.secret] = t
+        tokens += from_file
     if not tokens:
         raise ConfigError("--agent-token / NOVAS_AGENT_TOKEN (or --agent-token-file) is required")
-    if any(len(t) < 8 for t in tokens):
-        raise ConfigError("every agent token must be at least 8 characters")
     return tuple(tokens)
 
 

@@ -198,16 +198,28 @@ class NovasService(MultiService):
             log.error("token reload failed, keeping the current tokens: {error}", error=str(e))
             return
         self.context.tokens.replace(tokens)
-        valid = self.context.tokens.ids
-        revoked = [t for t in self.context.registry if isinstance(t, ServerTunnel) and t.token_id not in valid]
+        closing: list[tuple[ServerTunnel, str]] = []
+        for tunnel in self.context.registry:
+            if not isinstance(tunnel, ServerTunnel):
+                continue
+            token = self.context.tokens.get(tunnel.token_key)
+            problem = (
+                "its token was revoked" if token is None else token.scope.problem(tunnel.name, tunnel.tags.items())
+            )
+            if problem is None:
+                assert token is not None
+                tunnel.token_id = token.id  # the label may have changed
+            else:
+                closing.append((tunnel, problem))
         log.info(
-            "reloaded {n} agent token(s) from {path}; closing {m} tunnel(s) whose token was removed",
+            "reloaded {n} agent token(s) from {path}; closing {m} tunnel(s) whose token was removed"
+            " or whose token's scope no longer admits them",
             n=len(tokens),
             path=str(c.token_file),
-            m=len(revoked),
+            m=len(closing),
         )
-        for tunnel in revoked:
-            tunnel.revoke("its token was revoked")
+        for tunnel, why in closing:
+            tunnel.revoke(why)
 
     def stopService(self) -> Deferred[None]:
         """
@@ -224,6 +236,7 @@ class NovasService(MultiService):
                 timeout=self.config.drain_timeout,
             )
         drains = [t.drain(self.config.drain_timeout, ErrorCode.SHUTDOWN, "server shutting down") for t in tunnels]
+        self.context.stop()  # what the refusal log still counts goes to the log and the store now
         d: Deferred[None] = gatherResults([stopped, *drains]).addCallback(lambda _: deferToThread(self.store.stop))
         return d
 

@@ -6,11 +6,14 @@ and opening streams.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory
+from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from nova.admin.audit import Audit
 from nova.mux.core import OpenRefused, Role
@@ -20,9 +23,11 @@ from nova.tls import channel_binding, client_identity, tls_version
 from nova.wire.errors import ErrorCode, OpenFailReason, ProtocolError
 from nova.wire.frames import VERSION, Auth, Frame, Hello, Reject, Welcome
 from nova.wire.handshake import name_problem, new_nonce, tags_problem, window_problem
+from nova.wire.text import untrusted
 
+from .refusals import RefusalLog
 from .registry import Registry
-from .security import Limits, Throttle, TokenSet
+from .security import AgentToken, Limits, Throttle, TokenSet, source_key
 
 META_PREFIX = "nova/"
 
@@ -45,6 +50,15 @@ class TunnelBusy(TunnelGone):
     """The tunnel has as many streams as the server allows it."""
 
 
+# How long a registered tunnel has to answer a ping when another connection
+# registers under its name: a live agent answers within a round trip; one
+# that does not is dead (its host restarted, its network path is gone) and is
+# replaced.  Short enough that a restarted agent gets its name back at once.
+LIVE_NAME_PROBE = 2.0
+
+log = Logger()
+
+
 @dataclass
 class ServerContext:
     token: bytes | None
@@ -60,6 +74,9 @@ class ServerContext:
     throttle: Throttle | None = None
     client_ca: bool = False  # agents present certificates whose names bind their agent names
     pending: int = 0
+    pending_by_source: dict[str, int] = field(default_factory=dict)
+    refusals: RefusalLog = field(default_factory=RefusalLog)
+    _summary_call: IDelayedCall | None = None
 
     def __post_init__(self) -> None:
         if self.tokens is None:
@@ -70,7 +87,56 @@ class ServerContext:
         if self.throttle is None:
             self.throttle = Throttle(self.limits)
 
+    def refused(self, address: str, source: str, code: str, why: str, claimed: str = "", token: str = "") -> None:
+        """
+        A connection that did not register was refused.  Counted always;
+        logged and audited in full only for the first from its source in an
+        interval, the rest in one summary (see L{RefusalLog}).
+        """
+        self.audit.refusal_counted(code)
+        # A client that proved a token is counted apart from the anonymous
+        # ones from its address: its refusal (a scope, a name in use) is a
+        # configuration problem an operator needs to see, not noise.
+        key = f"{source} (token {token})" if token else source
+        if self.refusals.refused(key, code, self.clock.seconds()):
+            log.warn(
+                "refused {peer}{claimed_note}: {code}: {reason}",
+                peer=address,
+                claimed_note=f" (claiming to be {untrusted(claimed, 64)!r})" if claimed else "",
+                code=code,
+                reason=why,
+                token_id=token,
+            )
+            self.audit.auth_failed(address, claimed, code, why, token_id=token)
+        elif self._summary_call is None:
+            self._summary_call = self.clock.callLater(self.refusals.interval, self.summarise_refusals)
 
+    def summarise_refusals(self, everything: bool = False) -> None:
+        """Log and audit one line per source for the refusals counted, not reported."""
+        self._summary_call = None
+        now = self.clock.seconds()
+        for summary in self.refusals.due(now + (self.refusals.interval if everything else 0.0)):
+            log.warn(
+                "refused {count} more connection(s) from {source} that did not register"
+                " in the last {seconds:.0f}s: {codes}",
+                count=summary.total,
+                source=summary.source,
+                seconds=now - summary.since,
+                codes=summary.codes(),
+            )
+            code = summary.counts.most_common(1)[0][0]
+            self.audit.auth_failed(summary.source, "", code, summary.codes(), count=summary.total)
+        if self.refusals.pending() and not everything:
+            self._summary_call = self.clock.callLater(self.refusals.interval, self.summarise_refusals)
+
+    def stop(self) -> None:
+        """Report what is still counted and stop the summary timer."""
+        if self._summary_call is not None and self._summary_call.active():
+            self._summary_call.cancel()
+        self.summarise_refusals(everything=True)
+
+
+@implementer(IHandshakeListener)
 class ServerTunnel(TunnelProtocol):
     role = Role.SERVER
 
@@ -86,13 +152,15 @@ class ServerTunnel(TunnelProtocol):
         self.address = ""
         self.tls_version: str | None = None
         self.close_reason = ""
-        self.token_id = ""
-        self.source = ""
+        self.token_key = ""  # the hash-derived key of the token it proved (see AgentToken)
+        self.token_id = ""  # what the API and the audit show: the token's id= label, else its key
+        self.source = ""  # the throttle's key for the peer (its IPv4 address, or IPv6 /64)
         self.client_subject: str | None = None
         self._pending = False
         self._rejected = False
         self._nonce = b""
         self._opening: dict[int, tuple[Deferred[StreamTransport], str, int]] = {}
+        self._probes: list[Deferred[bool]] = []
 
     def __repr__(self) -> str:
         return f"<ServerTunnel {self.name or '?'}>"
@@ -107,100 +175,238 @@ class ServerTunnel(TunnelProtocol):
     def handshake_started(self) -> None:
         c = self.context
         assert c.throttle is not None and self.transport is not None
-        now = self.connected_at = c.clock.seconds()
+        self.connected_at = c.clock.seconds()
         self.address = TunnelProtocol.peer_label.fget(self)  # type: ignore[attr-defined]
-        self.source = str(getattr(self.transport.getPeer(), "host", self.address))
-        if c.throttle.blocked(self.source, now):
+        self.source = source_key(str(getattr(self.transport.getPeer(), "host", self.address)))
+        if c.throttle.blocked(self.source, self.connected_at):
             self._refuse("BLOCKED", "too many failed handshakes from this address; blocked for a while")
             return
         if c.pending >= c.limits.max_pending_handshakes:
             self._refuse("OVERLOADED", f"{c.pending} handshakes already pending")
             return
+        from_source = c.pending_by_source.get(self.source, 0)
+        if from_source >= c.limits.max_pending_per_source:
+            self._refuse("OVERLOADED", f"{from_source} handshakes already pending from this source")
+            return
         c.pending += 1
+        c.pending_by_source[self.source] = from_source + 1
         self._pending = True
-        delay = c.throttle.delay(self.source, now)
-        if delay:
-            self.log.info(
-                "delaying the handshake of {peer} by {delay:g}s after repeated failures",
-                peer=self.address,
-                delay=delay,
-            )
-            c.clock.callLater(delay, self._hello)
-        else:
-            self._hello()
+        if not c.tls:
+            self._ready()
+        # With TLS, HELLO waits for the TLS handshake (handshakeCompleted):
+        # written before it, it would sit in the TLS layer's buffer.
 
-    def _hello(self) -> None:
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the TLS handshake finished."""
+        if not self.closed and self._pending:
+            self._ready()
+
+    def _ready(self) -> None:
+        """The connection can carry frames: send HELLO, after the throttle's delay if any."""
+        c = self.context
+        assert c.throttle is not None
+        delay = c.throttle.delay(self.source, c.clock.seconds())
+        if delay:
+            c.clock.callLater(delay, self._hello, True)
+        else:
+            self._hello(False)
+
+    def _hello(self, waited: bool) -> None:
         if self.closed:
             return
+        if waited and self.session is not None:
+            self.session.handshake_restarted()  # the delay is ours: it must not eat the agent's deadline
         self._nonce = new_nonce()
         self.send_frame(Hello(self._nonce))
 
+    def _report(self, code: str, why: str, claimed: str = "", token: str = "") -> None:
+        self.context.refused(self.address, self.source, code, why, claimed, token)
+
     def _refuse(self, code: str, why: str) -> None:
-        """Close a connection before the handshake, with one log line."""
-        self.log.warn("refusing the connection from {peer}: {why}", peer=self.address, why=why, code=code)
-        self.context.audit.auth_failed(self.address, "", code, why)
+        """Drop a connection before the handshake (no TLS work is done for it)."""
+        self._rejected = True
+        self._report(code, why)
         self.abort(why, quiet=True)
 
     def _not_pending(self) -> None:
         if self._pending:
             self._pending = False
-            self.context.pending -= 1
+            c = self.context
+            c.pending -= 1
+            left = c.pending_by_source.get(self.source, 1) - 1
+            if left > 0:
+                c.pending_by_source[self.source] = left
+            else:
+                c.pending_by_source.pop(self.source, None)
 
     def handshake_frame(self, frame: Frame) -> None:
         if not isinstance(frame, Auth):
             raise ProtocolError(f"expected AUTH, got {frame.TYPE.name}")
-        binding = channel_binding(self.transport)
-        if self.context.tls and binding is None:
-            self._reject(ErrorCode.INTERNAL_ERROR, "TLS is required but the connection is not TLS", frame.name)
-            return
+        if self._rejected:
+            return  # refused already; the connection is closing
         c = self.context
         assert c.tokens is not None and c.throttle is not None
         if not self._nonce:
             raise ProtocolError("AUTH before HELLO")
+        binding = channel_binding(self.transport)
+        if c.tls and binding is None:
+            self._reject(ErrorCode.INTERNAL_ERROR, "TLS is required but the connection is not TLS", frame.name)
+            return
+        now = c.clock.seconds()
+        if c.throttle.blocked(self.source, now):
+            # Its budget is spent: refused without checking, so guesses sent
+            # in parallel before the block began gain nothing.
+            self._reject(
+                ErrorCode.AUTH_FAILED, "too many failed handshakes from this address", frame.name, reported="BLOCKED"
+            )
+            return
         token = c.tokens.match(self._nonce, binding or b"", frame)
         if token is None:
-            c.throttle.failed(self.source, c.clock.seconds())
+            self._failed(now)
             self._reject(ErrorCode.AUTH_FAILED, "the token proof did not verify", frame.name)
             return
         problem = name_problem(frame.name) or tags_problem(frame.tags) or window_problem(frame.initial_window)
         if problem is not None:
-            self._reject(ErrorCode.BAD_NAME, problem, frame.name)
+            self._reject(ErrorCode.BAD_NAME, problem, frame.name, token.id)
+            return
+        tags = {k: v for k, v in frame.tags if not k.startswith(META_PREFIX)}
+        problem = token.scope.problem(frame.name, tags.items())
+        if problem is not None:
+            self._reject(ErrorCode.FORBIDDEN, problem, frame.name, token.id)
             return
         if c.client_ca:
             self.client_subject, names = client_identity(self.transport)
             if frame.name not in names:
-                c.throttle.failed(self.source, c.clock.seconds())
+                self._failed(now)
                 self._reject(ErrorCode.BAD_NAME, "the client certificate does not name this agent", frame.name)
                 return
-        if c.registry.get(frame.name) is None and len(c.registry) >= c.limits.max_tunnels:
-            self._reject(ErrorCode.OVERLOADED, f"the server already carries {len(c.registry)} tunnels", frame.name)
+        self._admit(frame, token)
+
+    def _failed(self, now: float) -> None:
+        """A failed proof: count it; the one that blocks the source is logged once, at once."""
+        c = self.context
+        assert c.throttle is not None
+        if c.throttle.failed(self.source, now):
+            limits = c.limits
+            log.warn(
+                "blocking {source} for {seconds:g}s after {n} failed handshakes: its connections are dropped"
+                " and its AUTHs refused unchecked until then (--auth-block-after / NOVAS_AUTH_BLOCK_AFTER)",
+                source=self.source,
+                seconds=limits.block_seconds,
+                n=limits.failures_before_block,
+            )
+            c.audit.auth_failed(self.source, "", "BLOCKED", f"blocked for {limits.block_seconds:g}s")
+
+    def _admit(self, frame: Auth, token: AgentToken) -> None:
+        """
+        The agent proved a token that admits it.  If a tunnel holds its name
+        already, that tunnel must prove it is alive (answer a ping within
+        L{LIVE_NAME_PROBE} seconds) or be replaced; a live one keeps its name.
+        """
+        c = self.context
+        current = c.registry.get(frame.name)
+        if current is None or current is self or not isinstance(current, ServerTunnel):
+            if current is None and len(c.registry) >= c.limits.max_tunnels:
+                self._reject(
+                    ErrorCode.OVERLOADED, f"the server already carries {len(c.registry)} tunnels", frame.name, token.id
+                )
+                return
+            self._register(frame, token)
             return
+
+        def decided(alive: bool) -> None:
+            if self.closed:
+                return
+            if c.registry.get(frame.name) is not current:
+                self._admit(frame, token)  # it changed meanwhile: look again
+            elif alive:
+                since = datetime.fromtimestamp(current.registered_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                self._reject(
+                    ErrorCode.NAME_IN_USE,
+                    f"the agent name {frame.name!r} is in use by a live agent connected from"
+                    f" {current.address} since {since}",
+                    frame.name,
+                    token.id,
+                )
+            else:
+                current.dead(f"it did not answer a ping when {frame.name} registered again from {self.address}")
+                self._admit(frame, token)
+
+        current.answers_ping(LIVE_NAME_PROBE).addCallback(decided)
+
+    def _register(self, frame: Auth, token: AgentToken) -> None:
+        c = self.context
+        assert c.throttle is not None
         c.throttle.succeeded(self.source)
         self._not_pending()
-        self.token_id = token
+        self.token_key = token.key
+        self.token_id = token.id
         self.name = frame.name
         self.tags = {k: v for k, v in frame.tags if not k.startswith(META_PREFIX)}
         self.meta = {k[len(META_PREFIX) :]: v for k, v in frame.tags if k.startswith(META_PREFIX)}
         self.tls_version = tls_version(self.transport)
-        self.registered_at = self.context.clock.seconds()
+        self.registered_at = c.clock.seconds()
         self.start_streams(frame.initial_window)
-        self.send_frame(Welcome(self.local_window, int(self.context.timing.keepalive * 1000), self.context.server_id))
+        self.send_frame(Welcome(self.local_window, int(c.timing.keepalive * 1000), c.server_id))
         self.registered = True
-        self.context.registry.register(self)
+        c.registry.register(self)
         self.log.info(
-            "agent {agent} registered from {peer} with tags {tags}",
+            "agent {agent} registered from {peer} with tags {tags} (token {token_id})",
             agent=self.name,
             peer=self.address,
-            tags=";".join(f"{k}={v}" for k, v in self.tags.items()) or "(none)",
-            agent_version=self.meta.get("version", ""),
+            tags=untrusted(";".join(f"{k}={v}" for k, v in self.tags.items())) or "(none)",
+            agent_version=untrusted(self.meta.get("version", ""), 64),
+            token_id=self.token_id,
         )
-        self.context.audit.registered(
+        c.audit.registered(
             self.name,
             address=self.address,
             tags=self.tags,
             agent_version=self.meta.get("version", ""),
             tls=self.tls_version or "off",
+            token_id=self.token_id,
         )
+
+    def answers_ping(self, timeout: float) -> Deferred[bool]:
+        """
+        Ping the agent: fires True when any PONG arrives within C{timeout}
+        seconds, False if none does or the tunnel closes.
+        """
+        d: Deferred[bool] = Deferred()
+        if self.closed or self.mux is None:
+            d.callback(False)
+            return d
+        self._probes.append(d)
+
+        def expired() -> None:
+            if d in self._probes:
+                self._probes.remove(d)
+                d.callback(False)
+
+        call = self.clock.callLater(timeout, expired)
+
+        def done(result: bool) -> bool:
+            if call.active():
+                call.cancel()
+            return result
+
+        d.addCallback(done)
+        self.send_ping()
+        return d
+
+    def _settle_probes(self, alive: bool) -> None:
+        probes, self._probes = self._probes, []
+        for d in probes:
+            d.callback(alive)
+
+    def dead(self, why: str) -> None:
+        """Another connection claims this name and this tunnel did not answer: drop it."""
+        self.close_reason = f"replaced: {why}"
+        self.log.info(
+            "agent {agent}: dropping its tunnel from {peer}: {reason}", agent=self.name, peer=self.address, reason=why
+        )
+        self.context.registry.unregister(self)
+        self.abort(why, quiet=True)
 
     def revoke(self, why: str) -> None:
         """The token this tunnel proved is no longer valid: close it."""
@@ -210,18 +416,15 @@ class ServerTunnel(TunnelProtocol):
             self.flush()
         self.close()
 
-    def _reject(self, code: ErrorCode, message: str, claimed_name: str) -> None:
-        self.log.warn(
-            "rejected agent {agent!r} from {peer}: {code}: {message}",
-            agent=claimed_name[:64],
-            peer=self.address,
-            code=code.name,
-            message=message,
-        )
-        self.context.audit.auth_failed(self.address, claimed_name, code.name, message)
+    def _reject(self, code: ErrorCode, message: str, claimed_name: str, token: str = "", *, reported: str = "") -> None:
+        """
+        Refuse the registration: REJECT C{code}, close, and report it
+        (aggregated per source) as C{reported}, else as C{code}.
+        """
         self._rejected = True
+        self._report(reported or code.name, message, claimed_name, token)
         self.send_frame(Reject(code, message))
-        self.close()
+        self.close()  # the handshake deadline drops it if the peer never reads
 
     def protocol_error(self, error: ProtocolError) -> None:
         if self.mux is None:
@@ -233,10 +436,12 @@ class ServerTunnel(TunnelProtocol):
         return len(self._opening)
 
     def handshake_timed_out(self) -> None:
-        super().handshake_timed_out()
+        if self._rejected:
+            return  # refused already, and still not gone: the abort that follows ends it
         self._rejected = True
-        self.context.audit.auth_failed(self.address, "", "HANDSHAKE_TIMEOUT", "the handshake took too long")
-        self.send_frame(Reject(ErrorCode.HANDSHAKE_TIMEOUT, "the handshake took too long"))
+        self._report("HANDSHAKE_TIMEOUT", f"the handshake did not finish within {self.timing.handshake_timeout:g}s")
+        if self._nonce:  # HELLO went out, so TLS is up: say why before dropping
+            self.send_frame(Reject(ErrorCode.HANDSHAKE_TIMEOUT, "the handshake took too long"))
 
     # Streams.
 
@@ -272,36 +477,38 @@ class ServerTunnel(TunnelProtocol):
     def stream_refused(self, stream_id: int, event: OpenRefused) -> None:
         entry = self._opening.pop(stream_id, None)
         if entry is not None:
-            entry[0].errback(OpenFailed(event.reason, event.message, self.name))
+            entry[0].errback(OpenFailed(event.reason, untrusted(event.message), self.name))
 
     # Life cycle.
 
     def replaced(self) -> None:
-        self.close_reason = "replaced by a newer registration under the same name"
-        if self.mux is not None:
+        """
+        The registry now maps this name to another tunnel.  Still
+        C{registered} here: L{tunnel_closed} reports its end to the audit and
+        the metrics like any other.
+        """
+        if not self.close_reason:
+            self.close_reason = "replaced by a newer registration under the same name"
+        if self.mux is not None and not self.closed:
             self.mux.goaway(ErrorCode.REPLACED, "a newer tunnel registered under this name")
             self.flush()
-        self.registered = False
         self.close()
 
     def goaway_received(self, code: ErrorCode, message: str) -> None:
         self.log.info(
-            "agent {agent} is going away ({code}: {message}); no new streams go to it",
+            "agent {agent} is going away ({code}: {detail}); no new streams go to it",
             agent=self.name,
             code=code.name,
-            message=message,
+            detail=message,
         )
         self.draining = True
 
     def tunnel_closed(self, reason: Failure) -> None:
         if self._pending and not self._rejected:
             # Closed mid-handshake without a REJECT: TLS failed, or the peer left.
-            self.log.warn(
-                "connection from {peer} closed before registering: {reason}",
-                peer=self.address,
-                reason=reason.getErrorMessage(),
-            )
+            self._report("CLOSED_EARLY", f"the connection closed before registering: {reason.getErrorMessage()}")
         self._not_pending()
+        self._settle_probes(False)
         opening, self._opening = self._opening, {}
         for d, _host, _port in opening.values():
             if not d.called:
@@ -315,12 +522,15 @@ class ServerTunnel(TunnelProtocol):
 
     def pong_received(self, opaque: bytes) -> None:
         super().pong_received(opaque)
+        self._settle_probes(True)
         if self.rtt is not None and self.registered:
             self.context.audit.rtt(self.name, self.rtt)
 
     def abort(self, why: str, quiet: bool = False) -> None:
-        self.close_reason = why
-        super().abort(why, quiet)
+        if not self.close_reason:
+            self.close_reason = why
+        # Before registration every drop is reported through the refusals.
+        super().abort(why, quiet or not self.registered)
 
     def describe(self) -> dict[str, object]:
         """What the admin API shows about this tunnel."""
@@ -338,6 +548,7 @@ class ServerTunnel(TunnelProtocol):
             "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 3),
             "tls": self.tls_version,
             "client_certificate": self.client_subject,
+            "token_id": self.token_id,
         }
 
 

@@ -25,6 +25,8 @@ class ErrorCode(IntEnum):
     SHUTDOWN = 12
     TOO_MANY_STREAMS = 13
     OVERLOADED = 14
+    NAME_IN_USE = 15  # REJECT: a live agent holds this name (it answered a ping)
+    FORBIDDEN = 16  # REJECT: the token's scope does not allow this name or these tags
 
     @classmethod
     def lenient(cls, value: int) -> ErrorCode:
