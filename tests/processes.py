@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import socket
 import socketserver
 import subprocess
@@ -21,11 +22,33 @@ TOKEN = "integration-test-token-5d1c"
 ADMIN_TOKEN = "integration-admin-token-91b2"
 
 
+_EPHEMERAL = (32768, 60999)
+try:
+    _EPHEMERAL = tuple(int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())  # type: ignore[assignment]
+except (OSError, ValueError):
+    pass
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+    """
+    A port nothing listens on, chosen below the kernel's ephemeral range: a
+    port the kernel handed out for binding to port 0 can be taken by any
+    outgoing connection (a flood test's, say) before the server under test
+    binds it.  Checked free on the wildcard address, as NOVAS binds it.
+    """
+    for _ in range(1000):
+        port = random.randrange(10_000, min(_EPHEMERAL[0], 32_768))
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
+    raise AssertionError("no free port below the ephemeral range")
 
 
 def wait_for(predicate: object, timeout: float = 20.0, what: str = "condition") -> None:

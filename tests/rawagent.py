@@ -20,8 +20,11 @@ from nova.wire.handshake import BINDING_SIZE, EXPORTER_LABEL, make_auth
 
 
 class RawAgent:
-    def __init__(self, port: int, tls: bool = True) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    def __init__(self, port: int, tls: bool = True, source: str | None = None) -> None:
+        """C{source}: the loopback address to connect from (the server throttles and reports per source)."""
+        self.sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=10, source_address=(source, 0) if source else None
+        )
         self.conn: Any = self.sock
         self.tls = tls
         self.handshake_failed = False
@@ -72,8 +75,10 @@ class RawAgent:
         try:
             data: bytes = self.conn.recv(65536)
             return data
-        except (SSL.ZeroReturnError, SSL.SysCallError, ConnectionResetError):
-            return b""
+        except SSL.WantReadError:
+            raise
+        except (SSL.Error, ConnectionResetError):
+            return b""  # closed, cleanly or by a reset (NOVAS drops refused handshakes)
 
     def next_frame(self, timeout: float = 10.0) -> Frame | None:
         """The next frame, or None once the server has closed."""
