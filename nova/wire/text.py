@@ -46,9 +46,7 @@ def untrusted(text: str, limit: int = DEFAULT_LIMIT) -> str:
         text = text[:limit]
     if text.isascii() and text.isprintable() and "\\" not in text:
         return text + "…" if cut else text  # the common case: nothing to escape
-    out = [
-        _escape(ch) if ch in _SHORT or unicodedata.category(ch) in _ESCAPED_CATEGORIES else ch for ch in text
-    ]
+    out = [_escape(ch) if ch in _SHORT or unicodedata.category(ch) in _ESCAPED_CATEGORIES else ch for ch in text]
     return "".join(out) + ("…" if cut else "")
 
 
