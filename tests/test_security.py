@@ -16,7 +16,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -445,72 +445,99 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-@pytest.mark.integration
-def test_bad_input_suite(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
+    """One stage for the whole bad-input suite: starting it per case would cost a minute."""
+    tmp = tmp_path_factory.mktemp("bad-input")
     route, socks = free_port(), free_port()
-    (tmp_path / "plain").mkdir()
+    (tmp / "plain").mkdir()
     fast = {"NOVAS_HANDSHAKE_TIMEOUT": "2", "NOVAS_AUTH_BLOCK_AFTER": "1000"}
     with (
         target("echo") as echo,
-        novas(tmp_path, [f"{route}:127.0.0.1:{echo}@role=good"], fast | {"NOVAS_SOCKS_PORT": str(socks)}) as (
+        novas(tmp, [f"{route}:127.0.0.1:{echo}@role=good"], fast | {"NOVAS_SOCKS_PORT": str(socks)}) as (
             server,
             port,
         ),
-        novas(tmp_path / "plain", [], fast | {"NOVAS_TLS": "off"}) as (plain, plain_port),
+        novas(tmp / "plain", [], fast | {"NOVAS_TLS": "off"}) as (plain, plain_port),
+        novac(tmp, _pin(server, port) | {"NOVAC_TAGS": "role=good"}, name="good"),
     ):
-        with novac(tmp_path, _pin(server, port) | {"NOVAC_TAGS": "role=good"}, name="good"):
-            server.wait_log("agent good registered")
-            stage = Stage(tmp_path, server, port, plain, plain_port, route, socks)
-            stage.thread.start()
-            time.sleep(0.5)
-            for i, case in enumerate(CASES):
-                stage.source = f"127.0.1.{10 + i}"
-                before_server, before_plain = server.text(), plain.text()
-                conn, needle = case(stage)
-                proc = plain if needle.startswith("plain:") else server
-                needle = needle.removeprefix("plain:")
-                before = (before_plain if proc is plain else before_server).count(needle)
-                assert closed(conn), f"{case.__name__}: the connection was not closed"
-                expect_logged(proc, needle, before)
-                # The healthy tunnel is undisturbed.
-                assert echo_roundtrip(route, b"still fine", timeout=10) == b"still fine", case.__name__
-            # DATA after FIN: a stream error that closes the user's connection only.
-            case_data_after_fin(stage)
-            stage.stop.set()
-            assert stage.done.wait(60) and stage.error is None
-            assert stage.sent.hexdigest() == stage.received.hexdigest()
+        server.wait_log("agent good registered")
+        the_stage = Stage(tmp, server, port, plain, plain_port, route, socks)
+        the_stage.thread.start()
+        yield the_stage
+        the_stage.stop.set()
 
-            # Memory: 10,000 bad connections leave NOVAS where it was.
-            def flood(n: int) -> None:
-                for _ in range(n):
-                    with socket.create_connection(("127.0.0.1", plain_port), timeout=10) as s:
-                        s.sendall(b"\xffgarbage" * 8)
-                        try:
-                            s.recv(64)
-                        except OSError:
-                            pass
 
-            flood(500)  # warm up: caches, allocator pools, the audit queue
-            time.sleep(1)
-            start = rss_kib(plain.proc.pid)
-            workers = [threading.Thread(target=flood, args=(2500,)) for _ in range(4)]
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join(300)
-            time.sleep(1)
-            grown = rss_kib(plain.proc.pid) - start
-            assert grown < 16 * 1024, f"NOVAS grew by {grown} KiB over 10,000 bad connections"
-            assert echo_roundtrip(route, b"after the flood") == b"after the flood"
-    # No secret anywhere in what the run wrote.
-    for path in tmp_path.rglob("*"):
+@pytest.mark.integration
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__.removeprefix("case_") for c in CASES])
+def test_bad_input(stage: Stage, case: Callable[[Stage], tuple[RawAgent | socket.socket, str]]) -> None:
+    """One hostile or careless input: a closed connection, one log line, the healthy tunnel undisturbed."""
+    stage.source = f"127.0.1.{10 + CASES.index(case)}"
+    before_server, before_plain = stage.server.text(), stage.plain.text()
+    conn, needle = case(stage)
+    proc = stage.plain if needle.startswith("plain:") else stage.server
+    needle = needle.removeprefix("plain:")
+    before = (before_plain if proc is stage.plain else before_server).count(needle)
+    assert closed(conn), f"{case.__name__}: the connection was not closed"
+    expect_logged(proc, needle, before)
+    assert echo_roundtrip(stage.route, b"still fine", timeout=10) == b"still fine"
+
+
+@pytest.mark.integration
+def test_bad_input_data_after_fin_resets_only_the_stream(stage: Stage) -> None:
+    case_data_after_fin(stage)
+
+
+@pytest.mark.integration
+def test_bad_input_left_the_transfer_beside_it_intact(stage: Stage) -> None:
+    """The transfer that ran through the healthy tunnel during every case above arrives whole."""
+    stage.stop.set()
+    assert stage.done.wait(60) and stage.error is None
+    assert stage.sent.hexdigest() == stage.received.hexdigest()
+
+
+@pytest.mark.integration
+def test_bad_input_flood_leaves_memory_bounded(stage: Stage) -> None:
+    """10,000 bad connections leave NOVAS where it was."""
+
+    def flood(n: int) -> None:
+        for _ in range(n):
+            with socket.create_connection(("127.0.0.1", stage.plain_port), timeout=10) as s:
+                s.sendall(b"\xffgarbage" * 8)
+                try:
+                    s.recv(64)
+                except OSError:
+                    pass
+
+    flood(500)  # warm up: caches, allocator pools, the audit queue
+    time.sleep(1)
+    start = rss_kib(stage.plain.proc.pid)
+    workers = [threading.Thread(target=flood, args=(2500,)) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(300)
+    time.sleep(1)
+    grown = rss_kib(stage.plain.proc.pid) - start
+    assert grown < 16 * 1024, f"NOVAS grew by {grown} KiB over 10,000 bad connections"
+    assert echo_roundtrip(stage.route, b"after the flood") == b"after the flood"
+
+
+@pytest.mark.integration
+def test_bad_input_leaks_no_secret(stage: Stage) -> None:
+    """No token in anything the suite's servers wrote, and the refusals reached the audit."""
+    for path in stage.tmp.rglob("*"):
         if path.is_file() and path.suffix in (".log", ".sqlite3"):
             data = path.read_bytes()
             assert TOKEN.encode() not in data and ADMIN_TOKEN.encode() not in data, path
-    db = tmp_path / "state" / "audit.sqlite3"
-    with sqlite3.connect(db) as conn:
-        kinds = {k for (k,) in conn.execute("SELECT DISTINCT kind FROM events")}
-    assert {"auth_failed", "tunnel_registered"} <= kinds
+    db = stage.tmp / "state" / "audit.sqlite3"
+    wait_for(lambda: db.exists(), 10, "the audit database")
+
+    def kinds() -> set[str]:
+        with sqlite3.connect(db) as conn:
+            return {k for (k,) in conn.execute("SELECT DISTINCT kind FROM events")}
+
+    wait_for(lambda: {"auth_failed", "tunnel_registered"} <= kinds(), 10, "refusals and registrations audited")
 
 
 class ThrottleOffTests(SynchronousTestCase):
