@@ -22,6 +22,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from .metrics import Metrics
+from .probe import Probe
 from .store import AuditStore, Query
 
 PAGE = resources.files("nova.admin").joinpath("page.html").read_bytes()
@@ -144,19 +145,6 @@ class MetricsPage(Guarded):
         return generate_latest(self._metrics.registry)
 
 
-class Probe(_Leaf):
-    def __init__(self, check: Callable[[], bool], what: str) -> None:
-        super().__init__()
-        self._check = check
-        self._what = what
-
-    def render_GET(self, request: Request) -> bytes:
-        ok = self._check()
-        request.setResponseCode(200 if ok else 503)
-        request.setHeader(b"content-type", b"text/plain")
-        return b"ok\n" if ok else f"not ready: {self._what}\n".encode()
-
-
 class Page(_Leaf):
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
@@ -206,7 +194,3 @@ def admin_resource(
         }
     )
 
-
-def health_resource(ready: Callable[[], bool], what: str) -> Resource:
-    """NOVAC's probes: /healthz (alive) and /readyz."""
-    return Root({b"healthz": Probe(lambda: True, "alive"), b"readyz": Probe(ready, what)})
