@@ -14,6 +14,7 @@ each parametrized over both ports so one failure never hides another.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tempfile
 import threading
@@ -41,7 +42,7 @@ from twisted.web.server import Request
 from nova.admin.probe import probe_resource
 from nova.admin.site import MAX_REQUEST_BODY, SECURITY_HEADERS, BoundedSite
 
-from .processes import Proc, free_port, novac, novas, rss_kib, wait_for
+from .processes import ADMIN_TOKEN, Proc, free_port, novac, novas, rss_kib, wait_for
 
 MiB = 1024 * 1024
 
@@ -451,3 +452,95 @@ def test_novac_probe_port_serves_the_probes_and_nothing_else(tmp_path: Path) -> 
         for method in ("POST", "PUT", "DELETE", "OPTIONS"):
             status, _, headers = _request(port, method, "/healthz", body=b"{}" if method != "OPTIONS" else None)
             assert status == 405 and headers.get("allow") == "GET, HEAD", (method, status)
+
+
+def _csp(value: str) -> dict[str, list[str]]:
+    directives: dict[str, list[str]] = {}
+    for part in value.split(";"):
+        words = part.split()
+        if words:
+            directives[words[0].lower()] = words[1:]
+    return directives
+
+
+def _raw(port: int, request: bytes) -> tuple[int, dict[str, str]]:
+    """Send a raw request; the status and headers of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        try:
+            s.sendall(request)
+        except OSError:
+            pass
+        answer = b""
+        try:
+            while b"\r\n\r\n" not in answer and (chunk := s.recv(65536)):
+                answer += chunk
+        except OSError:
+            pass
+    head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    assert head[0].startswith("HTTP/1.1 "), answer[:200]
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:])}
+    return int(head[0].split()[1]), headers
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", PORTS)
+def test_every_answer_carries_the_security_headers(tmp_path: Path, kind: str) -> None:
+    with http_port(kind, tmp_path) as target:
+        port = target.port
+        answers: list[tuple[str, int, dict[str, str]]] = []
+
+        def ask(label: str, method: str, path: str, token: str | None = None, body: bytes | None = None) -> None:
+            status, _, headers = _request(port, method, path, token, body)
+            answers.append((label, status, headers))
+
+        ask("healthz", "GET", "/healthz")
+        ask("readyz", "GET", "/readyz")
+        ask("404", "GET", "/no/such/thing")
+        ask("405", "POST", "/healthz", body=b"{}")
+        if kind == "admin":
+            ask("page", "GET", "/")
+            ask("script", "GET", "/page.js")
+            ask("style", "GET", "/page.css")
+            ask("401", "GET", "/api/v1/tunnels")
+            ask("api", "GET", "/api/v1/tunnels", ADMIN_TOKEN)
+            ask("events", "GET", "/api/v1/events", ADMIN_TOKEN)
+            ask("400", "GET", "/api/v1/events?limit=abc", ADMIN_TOKEN)
+            ask("metrics", "GET", "/metrics", ADMIN_TOKEN)
+            ask("metrics-401", "GET", "/metrics")
+            ask("api-405", "DELETE", "/api/v1/tunnels", ADMIN_TOKEN)
+            ask("page-405", "POST", "/", body=b"{}")
+        status, headers = _raw(port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (300 * MiB))
+        answers.append(("413", status, headers))
+        status, headers = _raw(port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")
+        answers.append(("bad request", status, headers))
+        expected = {"401": 401, "404": 404, "405": 405, "api-405": 405, "page-405": 405, "413": 413,
+                    "400": 400, "bad request": 400, "metrics-401": 401}  # fmt: skip
+        problems = []
+        for label, status, headers in answers:
+            if status != expected.get(label, 200 if label != "readyz" or kind == "admin" else 503):
+                problems.append(f"{label}: status {status}")
+            for name, value in SECURITY_HEADERS:
+                if headers.get(name.decode()) != value.decode():
+                    problems.append(f"{label}: {name.decode()} is {headers.get(name.decode())!r}")
+            csp = _csp(headers.get("content-security-policy", ""))
+            if csp.get("frame-ancestors") != ["'none'"]:
+                problems.append(f"{label}: CSP frame-ancestors {csp.get('frame-ancestors')}")
+            scripts = csp.get("script-src", csp.get("default-src", ["(none)"]))
+            if any(source.lower() in ("'unsafe-inline'", "'unsafe-eval'", "*", "data:") for source in scripts):
+                problems.append(f"{label}: CSP script-src {scripts}")
+        assert problems == []
+
+
+@pytest.mark.integration
+def test_the_page_has_no_inline_script_or_style(tmp_path: Path) -> None:
+    with http_port("admin", tmp_path) as target:
+        status, page, headers = _request(target.port, "GET", "/")
+        assert status == 200
+        text = page.decode()
+        assert '<script src="/page.js"' in text and "<script>" not in text and "<style" not in text
+        assert not re.search(r"\son[a-z]+\s*=", text)  # no inline event handlers (onclick=...)
+        status, script, headers = _request(target.port, "GET", "/page.js")
+        assert status == 200 and headers["content-type"].startswith("text/javascript")
+        assert b"textContent" in script and b"innerHTML" not in script
+        status, _, headers = _request(target.port, "GET", "/page.css")
+        assert status == 200 and headers["content-type"].startswith("text/css")
