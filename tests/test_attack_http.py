@@ -22,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,6 +240,25 @@ def http_port(kind: str, tmp_path: Path) -> Iterator[Port]:
     """NOVAS's admin port or NOVAC's probe port, the process's TMPDIR a folder of its own."""
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
+    # free_port() is a guess: on a busy machine another program's outgoing
+    # connection can take the port before the process binds it.  Try anew
+    # (three times at most) rather than report a collision as a failure.
+    for attempt in range(3):
+        stack = ExitStack()
+        try:
+            target = stack.enter_context(_start(kind, tmp_path, tmpdir))
+        except AssertionError as e:
+            stack.close()
+            if "Address already in use" in str(e) and attempt < 2:
+                continue
+            raise
+        with stack:
+            yield target
+        return
+
+
+@contextmanager
+def _start(kind: str, tmp_path: Path, tmpdir: Path) -> Iterator[Port]:
     if kind == "admin":
         with novas(tmp_path, [], {"TMPDIR": str(tmpdir)}) as (server, _):
             yield Port(kind, server, server.admin_port, tmpdir, "/api/v1/tunnels")
@@ -254,8 +273,13 @@ def http_port(kind: str, tmp_path: Path) -> Iterator[Port]:
             "TMPDIR": str(tmpdir),
         }
         with novac(tmp_path, env) as agent:
-            agent.wait_log("health probes on 127.0.0.1")
-            wait_for(lambda: _status(health, "GET", "/healthz") == 200, 20, "/healthz")
+
+            def up() -> bool:
+                if agent.proc.poll() is not None:
+                    raise AssertionError(f"novac exited:\n{agent.text()}")
+                return _status(health, "GET", "/healthz") == 200
+
+            wait_for(up, 20, "/healthz")
             yield Port(kind, agent, health, tmpdir, "/healthz")
 
 
@@ -302,6 +326,7 @@ def _temp_files(pid: int, tmpdir: Path) -> dict[str, int]:
 @dataclass
 class Outcome:
     status: int | None  # None: the connection closed (or reset) with no answer
+    stalled: bool  # neither an answer nor a close within the client's timeout
     sent: int  # bytes the client's kernel took after the request's head
     bound: int  # what the server may have read without reading past the limit
     seconds: float  # until the answer or the close
@@ -357,17 +382,20 @@ def flood(target: Port, head: bytes, piece: bytes, count: int, tail: bytes = b""
     sender = threading.Thread(target=send, daemon=True)
     sender.start()
     status: int | None = None
+    stalled = False
     try:
         answer = s.recv(64 * 1024)
         if answer.startswith(b"HTTP/1.1 "):
             status = int(answer.split()[1])
+    except TimeoutError:
+        stalled = True
     except OSError:
         pass  # reset before any answer reached us: refused all the same
     seconds = time.monotonic() - started
     s.close()
     sender.join(130)
     assert not sender.is_alive(), "the client's sender did not stop"
-    return Outcome(status, sent, bound, seconds, temp)
+    return Outcome(status, stalled, sent, bound, seconds, temp)
 
 
 def post_without_token(target: Port, chunked: bool, total: int = ATTACK_BODY, block: int = 64 * 1024) -> Outcome:
@@ -394,22 +422,25 @@ def test_a_large_body_without_a_token_is_refused_before_it_is_read(tmp_path: Pat
         pid = target.proc.proc.pid
         rss_before = rss_kib(pid)
         wrote_before = _io(pid)["wchar"]
+        lines_before = len(target.proc.text().splitlines())
         outcome = post_without_token(target, chunked=framing == "chunked")
+        logged = len(target.proc.text().splitlines()) - lines_before
         written = _io(pid)["wchar"] - wrote_before  # file writes (and log lines), not the socket
         rss_growth = rss_kib(pid) - rss_before
         print(
             f"\nMEASURE port={kind} framing={framing} body={ATTACK_BODY} status={outcome.status} "
-            f"seconds={outcome.seconds:.2f} client_sent={outcome.sent} bound={outcome.bound} "
+            f"seconds={outcome.seconds:.3f} client_sent={outcome.sent} bound={outcome.bound} "
             f"server_wrote_to_files={written} temp_files={outcome.temp_files} rss_growth_kib={rss_growth}"
         )
-        assert outcome.status in (413, None), outcome
+        assert outcome.status in (413, None) and not outcome.stalled, outcome
         # The server took the limit plus what socket buffers hold, not the
         # body, and wrote no file.
         assert outcome.sent <= outcome.bound, outcome
         assert outcome.temp_files == {}
         assert list(target.tmpdir.iterdir()) == []
         assert written < 1 * MiB, written
-        assert rss_growth < 16 * 1024, rss_growth
+        assert logged <= 2, target.proc.text()[-2000:]
+        assert rss_growth < 16 * 1024, rss_growth  # 16 MiB, against a 289 MiB body
         # The port keeps serving.
         assert _request(target.port, "GET", "/healthz")[0] == 200
 
@@ -430,7 +461,7 @@ def test_endless_headers_are_refused_and_the_port_keeps_serving(tmp_path: Path, 
         rss_growth = rss_kib(pid) - rss_before
         print(f"\nMEASURE port={kind} headers={shape} status={outcome.status} client_sent={outcome.sent} "
               f"bound={outcome.bound} rss_growth_kib={rss_growth}")  # fmt: skip
-        assert outcome.status in (400, None), outcome
+        assert outcome.status in (400, None) and not outcome.stalled, outcome
         assert outcome.sent <= outcome.bound, outcome
         assert rss_growth < 16 * 1024, rss_growth
         assert _request(target.port, "GET", "/healthz")[0] == 200
