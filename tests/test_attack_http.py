@@ -37,10 +37,10 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import Request, Site
 
 from nova.admin.probe import probe_resource
-from nova.admin.site import MAX_REQUEST_BODY, SECURITY_HEADERS, BoundedSite
+from nova.admin.site import MAX_REQUEST_BODY, SECURITY_HEADERS, BoundedRequest, BoundedSite
 
 from .processes import ADMIN_TOKEN, Proc, free_port, novac, novas, rss_kib, wait_for
 
@@ -139,6 +139,17 @@ class BoundedSiteTests(SynchronousTestCase):
         self.assertEqual(c.status, b"HTTP/1.1 413 Content Too Large")
         self.assertTrue(c.transport.disconnecting)
         c.close()
+        self.assertEqual(recorder.bodies, [])
+
+    def test_a_bounded_request_on_a_plain_channel_still_never_runs_a_cut_body(self) -> None:
+        recorder = _Recorder()
+        site = Site(recorder, requestFactory=BoundedRequest, reactor=Clock())
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(_post(b"Transfer-Encoding: chunked\r\n") + _chunked(b"y" * (MAX_REQUEST_BODY + 1), 4096))
+        self.assertTrue(transport.disconnecting)
+        channel.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(recorder.bodies, [])
 
     def test_bodies_up_to_the_limit_reach_the_resource_from_memory(self) -> None:

@@ -133,6 +133,7 @@ class BoundedRequest(Request):
     def __init__(self, channel: HTTPChannel, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)  # type: ignore[no-untyped-call]
         self._body = BytesIO()
+        self._too_large = False
         for name, value in SECURITY_HEADERS:
             self.responseHeaders.setRawHeaders(name, [value])
 
@@ -142,11 +143,20 @@ class BoundedRequest(Request):
         self.content = self._body
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self._body.tell() + len(data) > MAX_REQUEST_BODY:
-            if isinstance(self.channel, BoundedChannel):
-                self.channel.refuse_body()
+        if self._too_large or self._body.tell() + len(data) > MAX_REQUEST_BODY:
+            self._too_large = True
+            channel = self.channel
+            if isinstance(channel, BoundedChannel):
+                channel.refuse_body()
+            else:  # not under a BoundedSite: no 413 to give, but still no more reading
+                channel.loseConnection()
             return
         self._body.write(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        # Never run a resource with a body cut at the limit.
+        if not self._too_large:
+            super().requestReceived(command, path, version)  # type: ignore[no-untyped-call]
 
 
 class BoundedSite(Site):
