@@ -304,12 +304,13 @@ def test_audit_in_postgresql_shared_by_two_servers(tmp_path: Path, postgres: str
 def test_reverse_tunnels_page_in_a_real_browser(tmp_path: Path) -> None:
     chromium = shutil.which("chromium")
     assert chromium, ".ci/run installs Debian's chromium"
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import ConsoleMessage, expect, sync_playwright
 
     with novas(tmp_path, []) as (server, port):
         admin = server.admin_port
+        # A tag value an agent chose that looks like markup: shown as text.
         env = {"NOVAC_SERVER": f"127.0.0.1:{port}", "NOVAC_TLS_FINGERPRINT": fingerprint(server),
-               "NOVAC_TAGS": "Env=Production;team=db"}  # fmt: skip
+               "NOVAC_TAGS": "Env=Production;team=db;note=<i>x</i><script>alert(1)</script>"}  # fmt: skip
         with sync_playwright() as p:
             browser = p.chromium.launch(
                 executable_path=chromium,
@@ -320,7 +321,24 @@ def test_reverse_tunnels_page_in_a_real_browser(tmp_path: Path) -> None:
                 page = browser.new_page()
                 requests: list[str] = []
                 page.on("request", lambda r: requests.append(r.url))
-                page.goto(f"http://127.0.0.1:{admin}/")
+                console: list[str] = []
+
+                def on_console(message: ConsoleMessage) -> None:
+                    console.append(f"{message.type}: {message.text}")
+
+                page.on("console", on_console)
+                dialogs: list[str] = []
+                page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+                # Every CSP violation the page causes, as the browser reports it.
+                page.add_init_script(
+                    "window.cspViolations = [];"
+                    "document.addEventListener('securitypolicyviolation',"
+                    " (e) => window.cspViolations.push(e.violatedDirective + ' ' + e.blockedURI));"
+                )
+                response = page.goto(f"http://127.0.0.1:{admin}/")
+                assert response is not None
+                csp = response.headers["content-security-policy"]
+                assert "'unsafe-inline'" not in csp and "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
                 # Without the token the page asks for it and shows nothing.
                 page.wait_for_selector("#login:not([hidden])")
                 page.fill("#token", ADMIN_TOKEN)
@@ -330,9 +348,18 @@ def test_reverse_tunnels_page_in_a_real_browser(tmp_path: Path) -> None:
                     expect(page.locator("#tunnels")).to_contain_text("db-agent-0", timeout=15000)
                     row = page.inner_text("#tunnels")
                     assert "Env=Production" in row and "team=db" in row and "connected" in row
+                    assert "note=<i>x</i><script>alert(1)</script>" in row
+                    assert page.locator("#tunnels i, #tunnels script").count() == 0
+                    assert dialogs == []
                 expect(page.locator("#events")).to_contain_text("tunnel_unregistered", timeout=15000)
                 assert "db-agent-0" in page.inner_text("#events")
                 assert page.inner_text("#tunnels").strip() == ""
+                # The script and style came from their files on NOVAS, and the
+                # strict CSP blocked nothing the page needs.
+                assert f"http://127.0.0.1:{admin}/page.js" in requests
+                assert f"http://127.0.0.1:{admin}/page.css" in requests
+                assert page.evaluate("window.cspViolations") == []
+                assert [m for m in console if "Content Security Policy" in m or "Refused" in m] == []
                 # No asset came from anywhere but NOVAS itself (it must work in a closed VPC).
                 assert requests and all(u.startswith(f"http://127.0.0.1:{admin}/") for u in requests)
             finally:

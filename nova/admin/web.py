@@ -2,9 +2,11 @@
 The admin HTTP interface (twisted.web): the Reverse Tunnels page, the JSON
 API, Prometheus metrics and health probes.
 
-Everything but C{/healthz} and C{/readyz} needs C{Authorization: Bearer
-TOKEN}.  The page itself carries no data; its script asks for the token and
-sends it with each API call.
+Everything but C{/healthz}, C{/readyz} and the page's own files (C{/},
+C{/page.js}, C{/page.css}) needs C{Authorization: Bearer TOKEN}.  The page
+itself carries no data; its script asks for the token and sends it with each
+API call.  The page's script and style are files, so the Content-Security-
+Policy (L{nova.admin.site}) allows nothing inline.
 """
 
 from __future__ import annotations
@@ -22,9 +24,16 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from .metrics import Metrics
+from .probe import Probe
 from .store import AuditStore, Query
 
-PAGE = resources.files("nova.admin").joinpath("page.html").read_bytes()
+_FILES = resources.files("nova.admin")
+PAGE = _FILES.joinpath("page.html").read_bytes()
+ASSETS: dict[bytes, tuple[bytes, bytes]] = {
+    b"page.js": (b"text/javascript; charset=utf-8", _FILES.joinpath("page.js").read_bytes()),
+    b"page.css": (b"text/css; charset=utf-8", _FILES.joinpath("page.css").read_bytes()),
+}
+"""The page's script and style sheet: public code, no data, served without the token."""
 MAX_LIMIT = 1000
 
 
@@ -144,28 +153,18 @@ class MetricsPage(Guarded):
         return generate_latest(self._metrics.registry)
 
 
-class Probe(_Leaf):
-    def __init__(self, check: Callable[[], bool], what: str) -> None:
-        super().__init__()
-        self._check = check
-        self._what = what
-
-    def render_GET(self, request: Request) -> bytes:
-        ok = self._check()
-        request.setResponseCode(200 if ok else 503)
-        request.setHeader(b"content-type", b"text/plain")
-        return b"ok\n" if ok else f"not ready: {self._what}\n".encode()
-
-
 class Page(_Leaf):
+    """A static file of the page; the security headers come from L{nova.admin.site.BoundedRequest}."""
+
+    def __init__(self, content_type: bytes, body: bytes) -> None:
+        super().__init__()
+        self._content_type = content_type
+        self._body = body
+
     def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"content-type", self._content_type)
         request.setHeader(b"cache-control", b"no-store")
-        request.setHeader(
-            b"content-security-policy",
-            b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'",
-        )
-        return PAGE
+        return self._body
 
 
 class NotFound(_Leaf):
@@ -180,7 +179,9 @@ class Root(Resource):
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         if path == b"":
-            return Page()
+            return Page(b"text/html; charset=utf-8", PAGE)
+        if path in ASSETS:
+            return Page(*ASSETS[path])
         if path == b"api":
             rest = b"/".join(request.postpath or [])
             request.postpath = []
@@ -205,8 +206,3 @@ def admin_resource(
             b"readyz": Probe(ready, "the agent port is not listening"),
         }
     )
-
-
-def health_resource(ready: Callable[[], bool], what: str) -> Resource:
-    """NOVAC's probes: /healthz (alive) and /readyz."""
-    return Root({b"healthz": Probe(lambda: True, "alive"), b"readyz": Probe(ready, what)})

@@ -1,6 +1,9 @@
 """
 NOVAC's probes for Kubernetes: C{/healthz} (the process is alive) and
-C{/readyz} (registered with at least one server).
+C{/readyz} (registered with at least one server), and nothing else: the port
+often listens on every address, so it serves no admin page or API, refuses
+every method but GET and HEAD, and refuses request bodies before reading them
+(L{nova.admin.site}).
 """
 
 from __future__ import annotations
@@ -10,9 +13,9 @@ from typing import Any
 
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.web.server import Site
 
-from nova.admin.web import health_resource
+from nova.admin.probe import probe_resource
+from nova.admin.site import BoundedSite
 from nova.service import ListenerService
 
 
@@ -22,6 +25,5 @@ def health_service(reactor: Any, bind: str, port: int, ready: Callable[[], bool]
         endpoint = TCP6ServerEndpoint(reactor, port, interface=bind)
     else:
         endpoint = TCP4ServerEndpoint(reactor, port, interface=bind)
-    site = Site(health_resource(ready, "not registered with any server"))
-    site.noisy = False
+    site = BoundedSite(probe_resource(ready, "not registered with any server"))
     return ListenerService("novac", f"health probes on {bind}:{port}", endpoint, site)

@@ -13,10 +13,10 @@ from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, T
 from twisted.internet.interfaces import IReactorCore, IStreamServerEndpoint
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
-from twisted.web.server import Site
 
 from nova.admin.audit import Audit
 from nova.admin.metrics import Metrics
+from nova.admin.site import BoundedSite
 from nova.admin.store import AuditStore, backend_for
 from nova.admin.web import admin_resource
 from nova.config import ConfigError
@@ -87,7 +87,7 @@ class NovasService(MultiService):
                 "novas",
                 f"admin on {config.admin_bind}:{config.admin_port}",
                 _tcp_endpoint(reactor, config.admin_bind, config.admin_port),
-                Site(
+                BoundedSite(
                     admin_resource(
                         config.admin_token,
                         self.tunnels,
