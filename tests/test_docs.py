@@ -4,6 +4,7 @@ The README's configuration tables match the code's settings.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -44,3 +45,27 @@ class ReadmeTableTests(SynchronousTestCase):
         known = {s.env for s in SERVER + AGENT}
         for env in _rows():
             self.assertIn(env, known)
+
+
+class ReadmeTestIdTests(SynchronousTestCase):
+    """Every test the README cites as holding a promise exists."""
+
+    def test_cited_tests_exist(self) -> None:
+        tests = Path(__file__).parent
+        cited = re.findall(r"`((?:test_\w+\.py)?)((?:::[\w*\-\[\]]+)*)`", README)
+        self.assertGreater(len(cited), 20)
+        current = ""
+        for file, parts in cited:
+            if not file and not parts:
+                continue
+            current = file or current
+            self.assertTrue((tests / current).is_file(), f"README cites {current}, which does not exist")
+            text = (tests / current).read_text()
+            for part in filter(None, parts.split("::")):
+                name, _, param = part.partition("[")
+                found = re.search(rf"(def|class) {re.escape(name)}\b", text)
+                self.assertTrue(found, f"README cites {current}::{name}, which does not exist")
+                param = param.rstrip("]")
+                if param and param != "*":
+                    found = re.search(rf"(case_{re.escape(param)}\b|\b{re.escape(param)}\b)", text)
+                    self.assertTrue(found, f"README cites {current}::{part}, a case that does not exist")
