@@ -25,6 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from nova.admin.audit import Audit
 from nova.admin.metrics import Metrics
 from nova.admin.store import AuditStore, Query, Record, SQLiteBackend
+from nova.server.security import token_id
 
 from .processes import ADMIN_TOKEN, TOKEN, Proc, echo_roundtrip, fingerprint, free_port, novac, novas, target, wait_for
 
@@ -159,7 +160,11 @@ class BlockedStoreTunnelTests(SynchronousTestCase):
 def test_api_history_metrics_and_probes(tmp_path: Path) -> None:
     route, dead_route = free_port(), free_port()
     routes = [f"{route}:127.0.0.1:{{echo}}", f"{dead_route}:127.0.0.1:9@env=nowhere"]
-    with target("echo") as echo, novas(tmp_path, [r.format(echo=echo) for r in routes]) as (server, port):
+    quick_pings = {"NOVAS_KEEPALIVE": "1", "NOVAS_DEAD_TIMEOUT": "10"}  # an RTT to show within a second or two
+    with (
+        target("echo") as echo,
+        novas(tmp_path, [r.format(echo=echo) for r in routes], quick_pings) as (server, port),
+    ):
         admin = server.admin_port
         with novac(tmp_path, {"NOVAC_SERVER": f"127.0.0.1:{port}", "NOVAC_TLS_FINGERPRINT": fingerprint(server),
                               "NOVAC_TAGS": "env=prod;team=db"}):  # fmt: skip
@@ -183,7 +188,8 @@ def test_api_history_metrics_and_probes(tmp_path: Path) -> None:
             assert tunnel["status"] == "connected" and tunnel["tls"] == "TLSv1.3"
             assert tunnel["agent_version"] and tunnel["protocol_version"] == 1
             assert tunnel["bytes_to_agent"] >= len(payload) and tunnel["bytes_from_agent"] >= len(payload)
-            wait_for(lambda: api(admin, "/api/v1/tunnels")["tunnels"][0]["rtt_ms"] is not None or True, 1)
+            assert tunnel["token_id"] == token_id(TOKEN.encode()) and TOKEN not in json.dumps(tunnel)
+            wait_for(lambda: api(admin, "/api/v1/tunnels")["tunnels"][0]["rtt_ms"] is not None, 10, "an RTT")
 
             def kinds() -> set[str]:
                 return {e["kind"] for e in api(admin, "/api/v1/events?limit=100")["events"]}
@@ -349,6 +355,8 @@ def test_reverse_tunnels_page_in_a_real_browser(tmp_path: Path) -> None:
                     row = page.inner_text("#tunnels")
                     assert "Env=Production" in row and "team=db" in row and "connected" in row
                     assert "note=<i>x</i><script>alert(1)</script>" in row
+                    assert token_id(TOKEN.encode()) in row  # the token's id, never the token
+                    assert TOKEN not in page.content()
                     assert page.locator("#tunnels i, #tunnels script").count() == 0
                     assert dialogs == []
                 expect(page.locator("#events")).to_contain_text("tunnel_unregistered", timeout=15000)

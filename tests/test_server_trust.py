@@ -104,16 +104,38 @@ class StalledTLSTests(SynchronousTestCase):
 
 class PendingPerSourceTests(SynchronousTestCase):
     def test_one_source_cannot_take_every_pending_slot(self) -> None:
-        context = ServerContext(token=TOKEN, tls=True, clock=Clock(), limits=Limits(max_pending_per_source=2))
+        limits = Limits(max_pending_per_source=2, max_pending_handshakes=3)
+        context = ServerContext(token=TOKEN, tls=False, clock=Clock(), limits=limits)
         held = [_connect(context, "192.0.2.7") for _ in range(2)]
+        # Over its source's limit: it waits its turn, reading paused, no HELLO.
         _third, third_transport = _connect(context, "192.0.2.7")
-        self.assertTrue(third_transport.disconnected)
+        self.assertEqual((third_transport.value(), third_transport.producerState), (b"", "paused"))
+        self.assertFalse(third_transport.disconnected)
+        # Another source is not held up by it.
         _other, other_transport = _connect(context, "192.0.2.8")
-        self.assertFalse(other_transport.disconnected)
+        self.assertIsInstance(_frames(other_transport)[0], Hello)
         self.assertEqual(context.pending_by_source, {"192.0.2.7": 2, "192.0.2.8": 1})
-        for tunnel, _ in held:
-            tunnel.connectionLost(Failure(Exception("gone")))
-        self.assertEqual(context.pending_by_source, {"192.0.2.8": 1})
+        # One held handshake ends: the waiting one takes its slot and gets HELLO.
+        held[0][0].connectionLost(Failure(Exception("gone")))
+        self.assertEqual(third_transport.producerState, "producing")
+        self.assertIsInstance(_frames(third_transport)[0], Hello)
+        self.assertEqual(context.pending_by_source, {"192.0.2.7": 2, "192.0.2.8": 1})
+        self.assertEqual(context.waiting_count, 0)
+
+    def test_the_waiting_queue_is_bounded_and_waiting_has_a_deadline(self) -> None:
+        clock = Clock()
+        limits = Limits(max_pending_per_source=1, max_pending_handshakes=3)
+        context = ServerContext(token=TOKEN, tls=False, clock=clock, limits=limits)
+        _connect(context)
+        waiting = [_connect(context) for _ in range(3)]
+        _, refused = _connect(context)
+        self.assertTrue(refused.disconnected)
+        self.assertTrue(all(not t.disconnected for _, t in waiting))
+        clock.advance(context.timing.handshake_timeout)  # nobody finished: all dropped, nothing leaks
+        self.assertTrue(all(t.disconnected for _, t in waiting))
+        for tunnel, _ in waiting:
+            tunnel.connectionLost(Failure(Exception("aborted")))
+        self.assertEqual((context.waiting_count, context.waiting), (0, {}))
 
 
 class ThrottleTests(SynchronousTestCase):

@@ -58,6 +58,7 @@ async function refresh() {
       const st = cell(row, x.status); st.className = x.status;
       cell(row, x.active_streams); cell(row, bytes(x.bytes_to_agent)); cell(row, bytes(x.bytes_from_agent));
       cell(row, x.rtt_ms == null ? "" : x.rtt_ms.toFixed(2) + " ms"); cell(row, x.tls || "off"); cell(row, x.agent_version);
+      cell(row, x.token_id);
       body.appendChild(row);
     }
     $("no-tunnels").hidden = t.tunnels.length > 0;

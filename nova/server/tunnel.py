@@ -5,6 +5,7 @@ and opening streams.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -75,6 +76,10 @@ class ServerContext:
     client_ca: bool = False  # agents present certificates whose names bind their agent names
     pending: int = 0
     pending_by_source: dict[str, int] = field(default_factory=dict)
+    # Connections over their source's pending limit, waiting (reading paused,
+    # so no TLS work is spent on them) for one of its handshakes to end.
+    waiting: dict[str, deque[ServerTunnel]] = field(default_factory=dict)
+    waiting_count: int = 0
     refusals: RefusalLog = field(default_factory=RefusalLog)
     _summary_call: IDelayedCall | None = None
 
@@ -157,6 +162,8 @@ class ServerTunnel(TunnelProtocol):
         self.source = ""  # the throttle's key for the peer (its IPv4 address, or IPv6 /64)
         self.client_subject: str | None = None
         self._pending = False
+        self._waiting = False
+        self._tls_done = False
         self._rejected = False
         self._nonce = b""
         self._opening: dict[int, tuple[Deferred[StreamTransport], str, int]] = {}
@@ -186,18 +193,44 @@ class ServerTunnel(TunnelProtocol):
             return
         from_source = c.pending_by_source.get(self.source, 0)
         if from_source >= c.limits.max_pending_per_source:
-            self._refuse("OVERLOADED", f"{from_source} handshakes already pending from this source")
+            # Many agents behind one address (a NAT, a PrivateLink NLB) after
+            # a restart: wait in turn rather than be refused and redial.
+            if c.waiting_count >= c.limits.max_pending_handshakes:
+                self._refuse("OVERLOADED", f"{from_source} handshakes pending from this source, and the queue is full")
+                return
+            _reading(self.transport, False)
+            c.waiting.setdefault(self.source, deque()).append(self)
+            c.waiting_count += 1
+            self._waiting = True
             return
+        self._start()
+
+    def _start(self) -> None:
+        """Count this connection as a pending handshake and let it proceed."""
+        c = self.context
         c.pending += 1
-        c.pending_by_source[self.source] = from_source + 1
+        c.pending_by_source[self.source] = c.pending_by_source.get(self.source, 0) + 1
         self._pending = True
-        if not c.tls:
+        if not c.tls or self._tls_done:
             self._ready()
-        # With TLS, HELLO waits for the TLS handshake (handshakeCompleted):
-        # written before it, it would sit in the TLS layer's buffer.
+        # Else HELLO waits for the TLS handshake (handshakeCompleted): written
+        # before it, it would sit in the TLS layer's buffer.
+
+    def _stop_waiting(self) -> None:
+        if self._waiting:
+            self._waiting = False
+            c = self.context
+            c.waiting_count -= 1
+            queue = c.waiting.get(self.source)
+            if queue is not None:
+                if self in queue:
+                    queue.remove(self)
+                if not queue:
+                    del c.waiting[self.source]
 
     def handshakeCompleted(self) -> None:
         """IHandshakeListener: the TLS handshake finished."""
+        self._tls_done = True
         if not self.closed and self._pending:
             self._ready()
 
@@ -238,6 +271,15 @@ class ServerTunnel(TunnelProtocol):
                 c.pending_by_source[self.source] = left
             else:
                 c.pending_by_source.pop(self.source, None)
+            # The next connection waiting from the same source takes the slot.
+            queue = c.waiting.get(self.source)
+            while queue:
+                following = queue[0]
+                following._stop_waiting()
+                if not following.closed:
+                    _reading(following.transport, True)
+                    following._start()
+                    break
 
     def handshake_frame(self, frame: Frame) -> None:
         if not isinstance(frame, Auth):
@@ -507,6 +549,7 @@ class ServerTunnel(TunnelProtocol):
         if self._pending and not self._rejected:
             # Closed mid-handshake without a REJECT: TLS failed, or the peer left.
             self._report("CLOSED_EARLY", f"the connection closed before registering: {reason.getErrorMessage()}")
+        self._stop_waiting()
         self._not_pending()
         self._settle_probes(False)
         opening, self._opening = self._opening, {}
@@ -550,6 +593,20 @@ class ServerTunnel(TunnelProtocol):
             "client_certificate": self.client_subject,
             "token_id": self.token_id,
         }
+
+
+def _reading(transport: object, on: bool) -> None:
+    """Pause or resume reading on the connection under C{transport} (through a TLS wrapper)."""
+    bottom = transport
+    for _ in range(4):
+        below = getattr(bottom, "transport", None)
+        if below is None:
+            break
+        bottom = below
+    if on:
+        bottom.resumeProducing()  # type: ignore[attr-defined]
+    else:
+        bottom.pauseProducing()  # type: ignore[attr-defined]
 
 
 class ServerTunnelFactory(Factory):
