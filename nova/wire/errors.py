@@ -25,6 +25,7 @@ class ErrorCode(IntEnum):
     SHUTDOWN = 12
     TOO_MANY_STREAMS = 13
     OVERLOADED = 14
+    CONTROL_FLOOD = 15
 
     @classmethod
     def lenient(cls, value: int) -> ErrorCode:
@@ -82,6 +83,16 @@ class FlowControlError(ProtocolError):
 
 class UnsupportedVersion(ProtocolError):
     code = ErrorCode.UNSUPPORTED_VERSION
+
+
+class ControlFlood(ProtocolError):
+    """
+    The peer sent frames that each need an answer (PING, OPEN) faster than
+    it read the answers, until the most answers a side keeps waiting
+    (L{nova.mux.core.MAX_QUEUED_REPLIES}) were waiting.
+    """
+
+    code = ErrorCode.CONTROL_FLOOD
 
 
 class StreamError(Exception):
