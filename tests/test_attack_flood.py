@@ -14,7 +14,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,8 +22,16 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from OpenSSL import SSL
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.trial.unittest import TestCase
 
-from nova.tls import certificate_fingerprint
+from nova.mux import fastpath
+from nova.mux.core import MAX_QUEUED_REPLIES
+from nova.tls import certificate_fingerprint, server_options
 from nova.wire.codec import FrameDecoder
 from nova.wire.errors import ProtocolError
 from nova.wire.frames import Auth, Hello, Ping, Welcome, encode
@@ -31,6 +39,7 @@ from nova.wire.frames import Auth, Hello, Ping, Welcome, encode
 from .pki import CA
 from .processes import TOKEN, echo_roundtrip, fingerprint, free_port, novac, novas, rss_kib, target, wait_for
 from .rawagent import RawAgent
+from .test_mux_flood import Bare
 
 # How long each flood runs, and how much the flooded process may grow over
 # it.  Before the fix NOVAS grew by about 6 MiB/s under one flooder.
@@ -250,3 +259,109 @@ def test_bulk_both_ways_through_one_tunnel_never_stalls(tmp_path: Path) -> None:
             for proc in (server, agent):
                 assert "CONTROL_FLOOD" not in proc.text()
                 assert "dropping the tunnel" not in proc.text()
+
+
+class _Stalling(Flooder):
+    """A L{Flooder} that also says when its socket stayed full for half a second."""
+
+    def __init__(self, conn: ssl.SSLSocket, seconds: float) -> None:
+        super().__init__(conn, conn, seconds)
+        self.stalls = 0  # times the socket took nothing for 0.5 s in a row
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.seconds
+        view = memoryview(PINGS)
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    n = self.conn.send(view[:16384])
+                except (ssl.SSLWantWriteError, BlockingIOError):
+                    if not select.select([], [self.sock], [], 0.5)[1]:
+                        self.stalls += 1
+                    continue
+                self.sent += n
+                view = view[n:] or memoryview(PINGS)
+        except (OSError, SSL.Error) as e:
+            self.error = e
+        finally:
+            self.done.set()
+
+
+@pytest.mark.integration
+class PauseOnRealTLSTests(TestCase):
+    """
+    The read pause on a real TLS-over-TCP connection, on both receive paths
+    (nova's raw TLS reads and Twisted's own): once the tunnel stops reading,
+    no more frames reach it however hard the peer pushes, and it never
+    reaches the CONTROL_FLOOD bound.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def check(self, raw: bool) -> Generator[Deferred[object], object, None]:
+        from twisted.internet import reactor
+
+        if not raw:
+            self.patch(fastpath, "raw_tls_supported", lambda tls: False)
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        cert, key = CA().issue("127.0.0.1").write(directory, "server")
+        tunnels: list[Bare] = []
+
+        def build() -> Bare:
+            tunnels.append(Bare(reactor))  # type: ignore[arg-type]
+            return tunnels[-1]
+
+        factory = TLSMemoryBIOFactory(server_options(cert, key), False, Factory.forProtocol(build))
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        sock = socket.create_connection(("127.0.0.1", port.getHost().port))
+        conn = context.wrap_socket(sock, do_handshake_on_connect=False)
+        conn.setblocking(False)
+        flooder = _Stalling(conn, 30.0)
+        self.addCleanup(conn.close)
+
+        def start() -> None:
+            while True:
+                try:
+                    conn.do_handshake()
+                    break
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    select.select([conn], [conn], [], 0.1)
+            flooder.start()
+
+        yield deferToThread(start)
+
+        def until(predicate: Callable[[], bool], what: str) -> Deferred[None]:
+            async def wait() -> None:
+                for _ in range(400):  # 20 s
+                    if predicate():
+                        return
+                    await deferLater(reactor, 0.05)  # type: ignore[arg-type]
+                raise AssertionError(f"timed out waiting for {what}")
+
+            return Deferred.fromCoroutine(wait())
+
+        yield until(lambda: bool(tunnels) and tunnels[0].reading_paused and flooder.stalls > 0, "the pause")
+        tunnel = tunnels[0]
+        assert tunnel.mux is not None and tunnel._writer is not None
+        self.assertEqual(tunnel._writer.raw_tls, raw)
+        held, stalls = tunnel.mux.queued_replies, flooder.stalls
+        # The peer keeps pushing; the reactor keeps running; nothing is read.
+        yield until(lambda: flooder.stalls >= stalls + 2, "two more stalls")
+        self.assertTrue(tunnel.reading_paused)
+        self.assertEqual(tunnel.mux.queued_replies, held)
+        self.assertFalse(tunnel.closed)
+        self.assertLess(held, MAX_QUEUED_REPLIES)
+        conn.close()
+        yield deferToThread(flooder.join, 40)
+
+    def test_raw_tls_receive_path(self) -> Deferred[None]:
+        return self.check(raw=True)  # type: ignore[return-value]
+
+    def test_twisted_tls_receive_path(self) -> Deferred[None]:
+        return self.check(raw=False)  # type: ignore[return-value]
