@@ -35,8 +35,11 @@ that both send bulk DATA at once never both stop reading: an honest peer
 causes at most one reply per keepalive interval on NOVAS (its PINGs; NOVAC
 sends no OPENs), so NOVAS always reads from an honest NOVAC, NOVAC's output
 always drains, and a NOVAC that stopped reading (a burst of OPENs while its
-output was backed up) starts again.  A peer that keeps our reading paused is
-not heard from, so the dead-peer timeout drops it.
+output was backed up) starts again.  (This assumes a keepalive long enough
+that fewer than 64 of one side's PINGs are in flight at once; our own PINGs
+wait with the other control frames while our transport pushes back.)  A peer
+that keeps our reading paused is not heard from, so the dead-peer timeout
+drops it.
 """
 
 from __future__ import annotations
