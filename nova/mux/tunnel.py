@@ -24,7 +24,8 @@ OPEN_FAIL) for each, without end.  The rule:
  3. A peer frame that would need a reply while
     L{nova.mux.core.MAX_QUEUED_REPLIES} wait is a connection error: GOAWAY
     C{CONTROL_FLOOD}, and the connection is closed (aborted after
-    L{CLOSE_TIMEOUT} if the peer does not read even that).
+    L{CLOSE_TIMEOUT} if the peer does not read even that: so is any
+    connection we close).
 
 Invariants: what a peer makes us hold for it is at most
 C{MAX_QUEUED_REPLIES} replies plus control frames bounded by our own
@@ -104,9 +105,9 @@ QUIET = 0.0001
 # flooding peer is paused long before it reaches that bound.
 READ_PAUSE_REPLIES = 64
 
-# A peer that broke the protocol has this long to read our GOAWAY before the
-# connection is aborted (a flooding peer that never reads would otherwise
-# keep a closing connection, and what is queued on it, forever).
+# A connection we close has this long to finish (the peer to read our last
+# frames, a GOAWAY say) before it is aborted: a flooding peer that never
+# reads would otherwise keep it, and what is queued on it, forever.
 CLOSE_TIMEOUT = 10.0
 
 
@@ -408,14 +409,12 @@ class TunnelProtocol(Protocol):
         if self.mux is not None:
             self.mux.goaway(error.code, error.message)
         self.close()
-        if self.transport is not None and self._close_deadline is None and self.session is not None:
-            self._close_deadline = self.clock.callLater(CLOSE_TIMEOUT, self._close_expired)
 
     def _close_expired(self) -> None:
         self._close_deadline = None
         if self.transport is not None:
             self.log.warn(
-                "{peer} did not read our GOAWAY within {timeout}s; aborting the connection",
+                "{peer} did not read what we sent before closing within {timeout}s; aborting the connection",
                 peer=self.peer_label,
                 timeout=CLOSE_TIMEOUT,
             )
@@ -434,6 +433,10 @@ class TunnelProtocol(Protocol):
                 if out:
                     self._writer.write(out)
             self.closed = True
+            if self.session is not None:
+                # A peer that does not read would keep the connection, and
+                # what is queued on it, forever.
+                self._close_deadline = self.clock.callLater(CLOSE_TIMEOUT, self._close_expired)
             # A TLS transport does not shut down while a producer is registered.
             self.transport.unregisterProducer()  # type: ignore[attr-defined]
             self.transport.loseConnection()
