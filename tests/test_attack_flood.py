@@ -235,22 +235,80 @@ def test_ping_flood_from_a_rogue_server_leaves_novac_bounded(tmp_path: Path) -> 
             assert "did not read the" in text
 
 
+class NarrowRelay:
+    """
+    A TCP relay on loopback with 16 KiB socket buffers and one blocking
+    thread per direction: a link slower than either process, which makes the
+    tunnel's transports push back on both sides.
+    """
+
+    BUFFER = 16 * 1024
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.BUFFER)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.BUFFER)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(8)
+        self.port: int = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.socket()
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.BUFFER)
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.BUFFER)
+            try:
+                server.connect(("127.0.0.1", self.upstream_port))
+            except OSError:
+                client.close()
+                continue
+            self._sockets += [client, server]
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(self.BUFFER):
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for s in self._sockets:
+            s.close()
+
+
 @pytest.mark.integration
 def test_bulk_both_ways_through_one_tunnel_never_stalls(tmp_path: Path) -> None:
     """
-    Several streams each way at once through real NOVAS and NOVAC, with
-    pings every 0.2 s on both sides (so PONGs wait whenever a transport
-    pushes back): every byte arrives, sha256-identical, and neither side
-    stops reading or calls the other a flood.
+    32 streams each way at once (2 MiB echoed on each) through real NOVAS
+    and NOVAC over a narrow link, with pings every 0.2 s on both sides: both
+    transports push back hundreds of times, with WINDOW_UPDATEs and PONGs
+    waiting (checked once with a debug log: about 330 push-backs a side).
+    Every byte arrives, sha256-identical, and neither side stops reading or
+    calls the other a flood.
     """
     route = free_port()
     fast = {"NOVAS_KEEPALIVE": "0.2", "NOVAS_DEAD_TIMEOUT": "30"}
     with target("echo") as echo, novas(tmp_path, [f"{route}:127.0.0.1:{echo}"], fast) as (server, port):
-        with novac(tmp_path, _pinned(server, port) | {"NOVAC_KEEPALIVE": "0.2", "NOVAC_DEAD_TIMEOUT": "30"}) as agent:
+        # The tunnel crosses a narrow relay (small socket buffers, one
+        # thread per direction), so both sides' transports push back, often
+        # at the same time.
+        relay = NarrowRelay(port)
+        env = _pinned(server, port) | {"NOVAC_SERVER": f"127.0.0.1:{relay.port}"}
+        with novac(tmp_path, env | {"NOVAC_KEEPALIVE": "0.2", "NOVAC_DEAD_TIMEOUT": "30"}) as agent:
             server.wait_log("agent agent-1 registered")
             # An echo stream moves its bytes both ways at once: client ->
             # NOVAS -> NOVAC -> target, and back, concurrently.
-            payloads = [os.urandom(8 * 1024 * 1024 + i) for i in range(6)]
+            payloads = [os.urandom(2 * 1024 * 1024 + i) for i in range(32)]
             with ThreadPoolExecutor(len(payloads)) as pool:
                 results = list(pool.map(lambda p: echo_roundtrip(route, p, timeout=120), payloads))
             for sent, got in zip(payloads, results, strict=True):
@@ -261,6 +319,7 @@ def test_bulk_both_ways_through_one_tunnel_never_stalls(tmp_path: Path) -> None:
                 assert "CONTROL_FLOOD" not in text
                 assert "dropping the tunnel" not in text
                 assert " paused: " not in text  # neither side ever stopped reading
+        relay.close()
 
 
 class _Stalling(Flooder):
