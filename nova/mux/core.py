@@ -6,6 +6,18 @@ gets back events; it asks it for the next frame to write whenever the
 connection can take more.  Received DATA waits in the stream's inbox until the
 adapter I{takes} it (hands it to a local transport that is not pushing back);
 only then is credit returned to the peer.
+
+Replies.  Some control frames are the peer's doing, not ours: the PONG that
+answers its PING, the OPEN_OK or OPEN_FAIL that answers its OPEN.  A peer
+that sends those frames and never reads would have us queue answers without
+end, so the multiplexer counts the replies it holds (L{queued_replies}) and
+treats a frame that would need one more answer while L{MAX_QUEUED_REPLIES}
+wait as a connection error (L{ControlFlood}, GOAWAY C{CONTROL_FLOOD}).
+Every other control frame is bounded by this side's own activity or by flow
+control: a WINDOW_UPDATE is sent for at least half a window that this side
+consumed, and the peer cannot send more DATA until it has received it.
+The adapter holds control frames while its transport pushes back and stops
+reading while replies pile up (L{nova.mux.tunnel.TunnelProtocol}).
 """
 
 from __future__ import annotations
@@ -14,7 +26,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
-from nova.wire.errors import ErrorCode, FlowControlError, OpenFailReason, ProtocolError
+from nova.wire.errors import ControlFlood, ErrorCode, FlowControlError, OpenFailReason, ProtocolError
 from nova.wire.frames import (
     HEADER,
     MAX_DATA_PAYLOAD,
@@ -43,6 +55,18 @@ Buffer = bytes | memoryview
 _pack_header = HEADER.pack
 _DATA = int(FrameType.DATA)
 _FIN = int(FrameType.FIN)
+
+# The most replies (PONG, OPEN_OK, OPEN_FAIL) a multiplexer holds; a peer
+# frame that needs one more is a ControlFlood.  Safe for honest peers by a
+# wide margin: they send one PING per keepalive interval and open streams no
+# faster than their clients connect, and the adapter stops reading from a
+# peer once READ_PAUSE_REPLIES (64) replies wait on a transport that pushes
+# back, so even a flooding peer gets in at most one more read's worth before
+# the pause holds (a read is at most 128 KiB of plaintext plus one 16 KiB TLS
+# record: under 7,400 PINGs of 20 bytes).  16,384 held replies cost about
+# 2 MiB.
+MAX_QUEUED_REPLIES = 16_384
+_REPLY_TYPES = frozenset((Pong, OpenOk, OpenFail))
 
 
 class Role(enum.Enum):
@@ -156,6 +180,7 @@ class Multiplexer:
         self._highest_id = 0
         self._control: deque[Frame] = deque()
         self._ready: deque[int] = deque()
+        self._replies = 0  # how many frames in _control are replies
 
     # Introspection.
 
@@ -175,6 +200,16 @@ class Multiplexer:
         """Bytes received and not yet taken."""
         s = self._streams.get(stream_id)
         return s.inbox_bytes if s else 0
+
+    @property
+    def queued_replies(self) -> int:
+        """Replies (PONG, OPEN_OK, OPEN_FAIL) queued and not yet taken by L{pull}."""
+        return self._replies
+
+    @property
+    def queued_control(self) -> int:
+        """Control frames of any kind queued and not yet taken."""
+        return len(self._control)
 
     def send_window(self, stream_id: int) -> int:
         s = self._streams.get(stream_id)
@@ -202,13 +237,13 @@ class Multiplexer:
         """Answer an OPEN with OPEN_OK (agent only)."""
         s = self._streams[stream_id]
         s.opened = True
-        self._control.append(OpenOk(stream_id))
+        self._reply(OpenOk(stream_id))
         self._schedule(s)
 
     def refuse(self, stream_id: int, reason: OpenFailReason, message: str) -> None:
         """Answer an OPEN with OPEN_FAIL (agent only)."""
         if self._streams.pop(stream_id, None) is not None:
-            self._control.append(OpenFail(stream_id, reason, message[:1000]))
+            self._reply(OpenFail(stream_id, reason, message[:1000]))
 
     def send(self, stream_id: int, data: bytes) -> None:
         """Queue C{data} on the stream; it is sent as the window allows."""
@@ -275,6 +310,15 @@ class Multiplexer:
     def goaway(self, code: ErrorCode, message: str) -> None:
         self._control.append(GoAway(code, message[:1000]))
 
+    def _reply(self, frame: Frame) -> None:
+        self._replies += 1
+        self._control.append(frame)
+
+    def _check_reply_room(self, what: str) -> None:
+        """A peer frame that needs an answer: refuse it if too many answers wait."""
+        if self._replies >= MAX_QUEUED_REPLIES:
+            raise ControlFlood(f"{what} while {self._replies} answers to earlier frames wait to be sent")
+
     # Output.
 
     def has_output(self) -> bool:
@@ -285,10 +329,13 @@ class Multiplexer:
         """
         return bool(self._control or self._ready)
 
-    def pull(self, out: list[Buffer], limit: int, data_allowed: bool = True) -> tuple[int, list[int]]:
+    def pull(
+        self, out: list[Buffer], limit: int, data_allowed: bool = True, control_allowed: bool = True
+    ) -> tuple[int, list[int]]:
         """
         Encode what is ready into C{out} (headers and payloads as separate
-        byte strings): every control frame, then DATA and FIN round robin
+        byte strings): every control frame (unless C{control_allowed} is
+        false: then they all wait, in order), then DATA and FIN round robin
         across the streams, at most one frame per stream per round, until
         about C{limit} bytes of DATA payload are taken (one more frame may
         go over it).  The same order as repeated L{next_frame} calls.
@@ -297,8 +344,17 @@ class Multiplexer:
         FIN was taken.
         """
         control = self._control
-        while control:
-            out += encode(control.popleft())
+        if control_allowed and control:
+            if self._replies:
+                replies = _REPLY_TYPES
+                while control:
+                    frame = control.popleft()
+                    if type(frame) in replies:
+                        self._replies -= 1
+                    out += encode(frame)
+            else:
+                while control:
+                    out += encode(control.popleft())
         fins: list[int] = []
         if not data_allowed:
             return 0, fins
@@ -328,7 +384,10 @@ class Multiplexer:
         window.  With C{data_allowed} false only control frames are returned.
         """
         if self._control:
-            return self._control.popleft()
+            frame = self._control.popleft()
+            if type(frame) in _REPLY_TYPES:
+                self._replies -= 1
+            return frame
         while data_allowed and self._ready:
             s = self._streams.get(self._ready.popleft())
             if s is None:
@@ -440,7 +499,8 @@ class Multiplexer:
         L{StreamReset}.
         """
         if isinstance(frame, Ping):
-            self._control.append(Pong(frame.opaque))
+            self._check_reply_room("PING")
+            self._reply(Pong(frame.opaque))
             return []
         if isinstance(frame, Pong):
             return [PongReceived(frame.opaque)]
@@ -462,9 +522,10 @@ class Multiplexer:
             raise ProtocolError("only the server may open streams")
         if frame.stream_id <= self._highest_id:
             raise ProtocolError(f"OPEN reuses stream id {frame.stream_id}")
+        self._check_reply_room("OPEN")
         self._highest_id = frame.stream_id
         if len(self._streams) >= self.max_streams:
-            self._control.append(
+            self._reply(
                 OpenFail(frame.stream_id, OpenFailReason.OVERLOADED, f"{self.max_streams} streams already open")
             )
             return []

@@ -6,6 +6,41 @@ L{TunnelProtocol} is shared by both ends; the server and the agent subclass
 it for their half of the handshake (L{nova.server.tunnel},
 L{nova.agent.tunnel}).  How data moves through it (batched flushes, the
 quantum, the raw TLS path) is described in docs/datapath.md.
+
+Back-pressure from the peer (a peer that does not read).  DATA is bounded by
+the flow-control windows, so it simply waits while the transport pushes
+back.  Control frames could not be bounded that way: a peer that sends PINGs
+(or OPENs) and never reads would have us queue a PONG (an OPEN_OK or
+OPEN_FAIL) for each, without end.  The rule:
+
+ 1. While the transport pushes back (L{pauseProducing}), control frames wait
+    in the multiplexer too, in order, instead of piling up in the
+    transport's buffer.  Only L{close} (and so a GOAWAY that ends the
+    connection) writes them regardless.
+ 2. While the transport pushes back I{and} at least L{READ_PAUSE_REPLIES}
+    replies (control frames that answer one peer frame each: PONG, OPEN_OK,
+    OPEN_FAIL) wait, we stop reading from the peer; reading resumes once the
+    transport takes more and the replies are written.
+ 3. A peer frame that would need a reply while
+    L{nova.mux.core.MAX_QUEUED_REPLIES} wait is a connection error: GOAWAY
+    C{CONTROL_FLOOD}, and the connection is closed (aborted after
+    L{CLOSE_TIMEOUT} if the peer does not read even that: so is any
+    connection we close).
+
+Invariants: what a peer makes us hold for it is at most
+C{MAX_QUEUED_REPLIES} replies plus control frames bounded by our own
+activity and by flow control (a WINDOW_UPDATE returns at least half a window
+that was consumed; the peer sends no more DATA until it reads it).  We stop
+reading only because of replies, never because of DATA, so two honest peers
+that both send bulk DATA at once never both stop reading: an honest peer
+causes at most one reply per keepalive interval on NOVAS (its PINGs; NOVAC
+sends no OPENs), so NOVAS always reads from an honest NOVAC, NOVAC's output
+always drains, and a NOVAC that stopped reading (a burst of OPENs while its
+output was backed up) starts again.  (This assumes a keepalive long enough
+that fewer than 64 of one side's PINGs are in flight at once; our own PINGs
+wait with the other control frames while our transport pushes back.)  A peer
+that keeps our reading paused is not heard from, so the dead-peer timeout
+drops it.
 """
 
 from __future__ import annotations
@@ -62,6 +97,19 @@ ACTIVE_WINDOW = 0.05  # seconds: "moved data recently"
 # flush waits for the end of the turn, to go out with everything else.
 QUIET = 0.0001
 
+# Stop reading from the peer while the transport pushes back and this many
+# replies (PONG, OPEN_OK, OPEN_FAIL) wait to be written.  Well above what an
+# honest peer causes while our output is backed up (one PING per keepalive
+# interval; OPENs at its clients' pace, which pauses only NOVAC, never
+# NOVAS), and well below nova.mux.core.MAX_QUEUED_REPLIES, so that a
+# flooding peer is paused long before it reaches that bound.
+READ_PAUSE_REPLIES = 64
+
+# A connection we close has this long to finish (the peer to read our last
+# frames, a GOAWAY say) before it is aborted: a flooding peer that never
+# reads would otherwise keep it, and what is queued on it, forever.
+CLOSE_TIMEOUT = 10.0
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -100,6 +148,11 @@ class TunnelProtocol(Protocol):
         self._decoder = FrameDecoder()
         self._writer: FrameWriter | None = None
         self._paused = False
+        # We asked the transport to stop reading (replies wait; see the
+        # module docstring), and whether that was logged for this tunnel.
+        self.reading_paused = False
+        self._pause_logged = False
+        self._close_deadline: IDelayedCall | None = None
         self._flushing = False
         self._flush_again = False
         self._flush_call: IDelayedCall | None = None
@@ -188,6 +241,7 @@ class TunnelProtocol(Protocol):
         self._arrived = None
         if self.mux is not None and self.mux.has_output():
             self.flush_soon()
+        self._update_reading()
 
     def _deliver_arrived(self) -> None:
         arrived = self._arrived
@@ -229,10 +283,10 @@ class TunnelProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self.closed = self._lost = True
-        if self._flush_call is not None:
-            if self._flush_call.active():
-                self._flush_call.cancel()
-            self._flush_call = None
+        for call in (self._flush_call, self._close_deadline):
+            if call is not None and call.active():
+                call.cancel()
+        self._flush_call = self._close_deadline = None
         for stream in list(self.streams.values()):
             stream.tunnel_lost(reason)
         self.streams.clear()
@@ -244,6 +298,7 @@ class TunnelProtocol(Protocol):
     # IPushProducer: the connection's transport pushes back on us.
 
     def pauseProducing(self) -> None:
+        """The transport's buffer is full: DATA and control frames wait (see the module docstring)."""
         self._paused = True
 
     def resumeProducing(self) -> None:
@@ -340,6 +395,11 @@ class TunnelProtocol(Protocol):
         if self.transport is None or self._lost or self._aborted:
             return
         if not quiet:
+            if self.reading_paused:
+                why += (
+                    f" (reading from it was paused: it did not read the {self.mux.queued_replies if self.mux else 0}"
+                    " answers to its own frames)"
+                )
             self.log.warn("dropping the tunnel with {peer}: {reason}", peer=self.peer_label, reason=why)
         self.closed = self._aborted = True
         self.transport.abortConnection()  # type: ignore[attr-defined]
@@ -349,13 +409,31 @@ class TunnelProtocol(Protocol):
         self.log.warn("protocol error from {peer}: {error}", peer=self.peer_label, error=str(error))
         if self.mux is not None:
             self.mux.goaway(error.code, error.message)
-            self.flush()
         self.close()
 
+    def _close_expired(self) -> None:
+        self._close_deadline = None
+        # Through abort(): the server keeps it quiet for connections that never
+        # registered (refused ones are reported once per source, not per drop).
+        self.abort(f"it did not read what was sent before closing within {CLOSE_TIMEOUT:g}s")
+
     def close(self) -> None:
-        """Close the connection after what is already written."""
+        """
+        Close the connection after what is already written, and after the
+        control frames that wait (a GOAWAY must go out even while the
+        transport pushes back).
+        """
         if self.transport is not None and not self.closed:
+            if self.mux is not None and self.mux.has_output() and self._writer is not None:
+                out: list[Buffer] = []
+                self.mux.pull(out, 0, data_allowed=False)
+                if out:
+                    self._writer.write(out)
             self.closed = True
+            if self.session is not None:
+                # A peer that does not read would keep the connection, and
+                # what is queued on it, forever.
+                self._close_deadline = self.clock.callLater(CLOSE_TIMEOUT, self._close_expired)
             # A TLS transport does not shut down while a producer is registered.
             self.transport.unregisterProducer()  # type: ignore[attr-defined]
             self.transport.loseConnection()
@@ -374,9 +452,10 @@ class TunnelProtocol(Protocol):
     def flush(self) -> None:
         """
         Write what the multiplexer has ready, now, in one write: control
-        frames always, DATA (about one quantum; the rest on the next turn)
+        frames, then DATA (about one quantum; the rest on the next turn),
         only while the transport is not pushing back.  Then resume the
-        producers of streams whose queues have drained.
+        producers of streams whose queues have drained, and start or stop
+        reading from the peer (see the module docstring).
         """
         if self._flushing:
             self._flush_again = True
@@ -389,7 +468,7 @@ class TunnelProtocol(Protocol):
             while True:
                 self._flush_again = False
                 out: list[Buffer] = []
-                taken, fins = mux.pull(out, self.quantum, not self._paused)
+                taken, fins = mux.pull(out, self.quantum, not self._paused, not self._paused)
                 if out:
                     assert self._writer is not None
                     self._writer.write(out)
@@ -411,6 +490,32 @@ class TunnelProtocol(Protocol):
             self._flushed_at = self.clock.seconds()
         if mux.has_output() and not self._paused and not self.closed and self._flush_call is None:
             self._flush_call = self.clock.callLater(0, self._flush_now)
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """
+        Stop reading from the peer while the transport pushes back and
+        L{READ_PAUSE_REPLIES} replies wait; read again once they are written.
+        """
+        mux = self.mux
+        if mux is None or self.closed or self.transport is None:
+            return
+        hold = self._paused and mux.queued_replies >= READ_PAUSE_REPLIES
+        if hold == self.reading_paused:
+            return
+        self.reading_paused = hold
+        if hold:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            if not self._pause_logged:
+                self._pause_logged = True
+                self.log.info(
+                    "reading from {peer} paused: {replies} answers to its frames wait while it does not read"
+                    " (logged once per tunnel)",
+                    peer=untrusted(self.peer_label),
+                    replies=mux.queued_replies,
+                )
+        else:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     def note_active(self, stream_id: int) -> int:
         """

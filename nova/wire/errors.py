@@ -25,8 +25,9 @@ class ErrorCode(IntEnum):
     SHUTDOWN = 12
     TOO_MANY_STREAMS = 13
     OVERLOADED = 14
-    NAME_IN_USE = 15  # REJECT: a live agent holds this name (it answered a ping)
-    FORBIDDEN = 16  # REJECT: the token's scope does not allow this name or these tags
+    CONTROL_FLOOD = 15  # the peer asked for answers (PING, OPEN) faster than it read them
+    NAME_IN_USE = 16  # REJECT: a live agent holds this name (it answered a ping)
+    FORBIDDEN = 17  # REJECT: the token's scope does not allow this name or these tags
 
     @classmethod
     def lenient(cls, value: int) -> ErrorCode:
@@ -84,6 +85,16 @@ class FlowControlError(ProtocolError):
 
 class UnsupportedVersion(ProtocolError):
     code = ErrorCode.UNSUPPORTED_VERSION
+
+
+class ControlFlood(ProtocolError):
+    """
+    The peer sent frames that each need an answer (PING, OPEN) faster than
+    it read the answers, until the most answers a side keeps waiting
+    (L{nova.mux.core.MAX_QUEUED_REPLIES}) were waiting.
+    """
+
+    code = ErrorCode.CONTROL_FLOOD
 
 
 class StreamError(Exception):
