@@ -33,7 +33,18 @@ from nova.config import ConfigError, Setting, resolve
 from nova.server.options import SETTINGS as SERVER_SETTINGS
 from nova.server.options import build_config as server_config
 
-from .processes import TOKEN, fingerprint, free_port, novac, novas, postgres_server, rss_kib, wait_for
+from .processes import (
+    TOKEN,
+    echo_roundtrip,
+    fingerprint,
+    free_port,
+    novac,
+    novas,
+    postgres_server,
+    rss_kib,
+    target,
+    wait_for,
+)
 
 ROOT = Path(__file__).parent.parent
 K8S = ROOT / "etc" / "kubernetes"
@@ -602,3 +613,83 @@ def test_memory_requests_cover_the_measured_idle_rss(tmp_path: Path, rendered: d
         assert request >= HEADROOM * mib, f"{overlay}: requests {request:.0f} MiB, idle RSS {mib:.1f} MiB"
         limit = _mebibytes(_container(rendered[overlay])["resources"]["limits"]["memory"])
         assert limit >= 4 * request
+
+
+# --- What the server overlays promise, on real processes -------------------------
+
+
+def _state_mount(docs: list[Doc]) -> Doc:
+    pod = _workload(docs)["spec"]["template"]["spec"]
+    state_dir = _server_config(docs).state_dir
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if PurePosixPath(m["mountPath"]) == state_dir]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    return volume  # type: ignore[no-any-return]
+
+
+@pytest.mark.integration
+def test_server_single_a_new_pod_on_the_same_claim_keeps_the_fingerprint(
+    tmp_path: Path, rendered: dict[str, list[Doc]]
+) -> None:
+    """
+    server-single mounts a claim at NOVAS_STATE_DIR: a new pod finds the
+    certificate the first one generated, and an agent pinned to it registers
+    again. The same restart on an empty directory (what an emptyDir gives a
+    new pod) presents another certificate, which the agent refuses: the
+    claim is what keeps agents working across a restart.
+    """
+    assert "persistentVolumeClaim" in _state_mount(rendered["server-single"])
+    claim = tmp_path / "claim"
+    (tmp_path / "pod-1").mkdir()
+    with novas(tmp_path / "pod-1", [], {"NOVAS_STATE_DIR": str(claim)}) as (server, _):
+        pinned = fingerprint(server)
+        assert "generated self-signed certificate" in server.text()
+    for pod, state, same in (("pod-2", claim, True), ("pod-3", tmp_path / "empty-dir", False)):
+        (tmp_path / pod).mkdir()
+        with novas(tmp_path / pod, [], {"NOVAS_STATE_DIR": str(state)}) as (server, port):
+            assert (fingerprint(server) == pinned) is same
+            env = {"NOVAC_SERVER": f"127.0.0.1:{port}", "NOVAC_TLS_FINGERPRINT": pinned}
+            with novac(tmp_path / pod, env) as agent:
+                if same:
+                    assert "using self-signed certificate" in server.text()
+                    server.wait_log("agent agent-1 registered")
+                else:
+                    agent.wait_log("certificate verify failed")
+                    assert "agent agent-1 registered" not in server.text()
+
+
+@pytest.mark.integration
+def test_server_postgresql_every_replica_serves_every_route_with_one_pinned_certificate(
+    tmp_path: Path, rendered: dict[str, list[Doc]]
+) -> None:
+    """
+    server-postgresql in miniature: two replicas with the one certificate of
+    the TLS Secret, one agent that lists both (NOVAC_SERVER) and pins that
+    certificate once; it registers with both, and a user connection through
+    either replica's route reaches the target.
+    """
+    from cryptography import x509
+
+    from nova.tls import certificate_fingerprint
+
+    from .pki import CA
+
+    docs = rendered["server-postgresql"]
+    config = _server_config(docs)
+    assert config.tls_cert is not None and _workload(docs)["spec"]["replicas"] == 2
+    cert, key = CA().issue("novas").write(tmp_path, "tls")
+    pinned = certificate_fingerprint(x509.load_pem_x509_certificate(cert.read_bytes()))
+    secret = {"NOVAS_TLS_CERT": str(cert), "NOVAS_TLS_KEY": str(key)}
+    routes = [free_port(), free_port()]
+    (tmp_path / "nova-novas-0").mkdir()
+    (tmp_path / "nova-novas-1").mkdir()
+    with target("echo") as echo:
+        with (
+            novas(tmp_path / "nova-novas-0", [f"{routes[0]}:127.0.0.1:{echo}"], secret) as (s0, p0),
+            novas(tmp_path / "nova-novas-1", [f"{routes[1]}:127.0.0.1:{echo}"], secret) as (s1, p1),
+        ):
+            env = {"NOVAC_SERVER": f"127.0.0.1:{p0},127.0.0.1:{p1}", "NOVAC_TLS_FINGERPRINT": pinned}
+            with novac(tmp_path, env, name="nova-novac-7d9f8c6b5-x2x4z"):
+                for server in (s0, s1):
+                    server.wait_log("agent nova-novac-7d9f8c6b5-x2x4z registered")
+                for port in routes:
+                    assert echo_roundtrip(port, b"through either replica") == b"through either replica"
