@@ -36,6 +36,7 @@ from nova.server.options import build_config as server_config
 
 from .pki import CA
 from .processes import TOKEN, Proc, fingerprint, free_port, novac, novas, wait_for
+from .test_kubernetes import FILES as KUBERNETES_FILES
 
 ROOT = Path(__file__).parent.parent
 ETC = ROOT / "etc"
@@ -61,8 +62,9 @@ EXERCISED = {
     SYSUSERS: "test_systemd_sysusers",
     NOVAC_COMPOSE: "test_compose_*",
     NOVAS_COMPOSE: "test_compose_*",
-    K8S_SINGLE: "test_kubernetes_*",
-    K8S_HA: "test_kubernetes_*",
+    # etc/kubernetes: the kustomize layout and the two rendered overlays
+    # (novac-deployment.yaml, novac-deployment-ha.yaml), in test_kubernetes.py.
+    **KUBERNETES_FILES,
 }
 
 SERVER_ENVS = {s.env: s for s in SERVER_SETTINGS}
@@ -635,93 +637,8 @@ def _deployment(path: Path) -> dict[str, Any]:
     return deployment
 
 
-@pytest.mark.parametrize("path", [K8S_SINGLE, K8S_HA])
-def test_kubernetes_manifests_validate_against_the_schemas(path: Path) -> None:
-    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (a test extra) is not installed")
-    for doc in _documents(path):
-        try:
-            kv.validate(doc, kv.latest_version(), strict=True)
-        except kv.ValidationError as e:
-            pytest.fail(f"{path.name} {doc['kind']}: {str(e).splitlines()[0]}")
-
-
-def _pod_env(container: dict[str, Any], pod_name: str) -> dict[str, str]:
-    """The container's environment as the kubelet would give it (Secret and downward API filled in)."""
-    env: dict[str, str] = {}
-    for item in container["env"]:
-        if "value" in item:
-            env[item["name"]] = item["value"]
-        elif "secretKeyRef" in item["valueFrom"]:
-            env[item["name"]] = TOKEN
-        elif item["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name":
-            env[item["name"]] = pod_name
-    return env
-
-
-@pytest.mark.parametrize("path", [K8S_SINGLE, K8S_HA])
-def test_kubernetes_manifests_are_safe(path: Path) -> None:
-    deployment = _deployment(path)
-    pod = deployment["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    env_items = {item["name"]: item for item in container["env"]}
-    assert env_items["NOVAC_TOKEN"]["valueFrom"]["secretKeyRef"]["key"], "the token comes from a Secret"
-    assert "value" not in env_items["NOVAC_TOKEN"]
-    env = _pod_env(container, "nova-novac-7d9f8c6b5-x2x4z")
-    # Probes on the health port NOVAC listens on.
-    (port,) = [p for p in container["ports"] if p["name"] == "health"]
-    assert int(env["NOVAC_HEALTH_PORT"]) == port["containerPort"]
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
-    # Non-root, read-only root file system, nothing to escalate to.
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    sc = container["securityContext"]
-    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
-    assert sc["capabilities"]["drop"] == ["ALL"]
-    assert pod["automountServiceAccountToken"] is False
-    # The drain finishes before the kubelet's SIGKILL, with a little margin.
-    grace = pod["terminationGracePeriodSeconds"]
-    drain = float(env["NOVAC_DRAIN_TIMEOUT"])
-    assert drain < grace <= drain + 10
-    assert container["resources"]["limits"] == {"memory": "512Mi", "cpu": "500m"}
-    assert container["args"] == ["novac"]
-    # The environment is a configuration NOVAC accepts, once the placeholder
-    # fingerprint is replaced (as shipped it is refused, naming the setting).
-    with pytest.raises(ConfigError, match="NOVAC_TLS_FINGERPRINT"):
-        agent_config(resolve(AGENT_SETTINGS, {}, env))
-    config = agent_config(resolve(AGENT_SETTINGS, {}, env | {"NOVAC_TLS_FINGERPRINT": SOME_FINGERPRINT}))
-    assert config.health_port == port["containerPort"] and config.drain_timeout == drain
-    assert ("Env", "Production") in config.tags
-
-
-def test_kubernetes_single_agent_mirrors_case_2() -> None:
-    deployment = _deployment(K8S_SINGLE)
-    assert deployment["spec"]["replicas"] == 1
-    # One fixed name: the old and the new pod must not run at once.
-    assert deployment["spec"]["strategy"]["type"] == "Recreate"
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    assert "value" in {i["name"]: i for i in container["env"]}["NOVAC_NAME"]
-
-
-def test_kubernetes_ha_mirrors_case_3() -> None:
-    docs = _documents(K8S_HA)
-    deployment = _deployment(K8S_HA)
-    spec = deployment["spec"]
-    assert spec["replicas"] >= 2
-    pod = spec["template"]["spec"]
-    (container,) = pod["containers"]
-    name = {i["name"]: i for i in container["env"]}["NOVAC_NAME"]
-    assert name["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-    labels = spec["template"]["metadata"]["labels"]
-    assert spec["selector"]["matchLabels"] == labels
-    hosts = [c for c in pod["topologySpreadConstraints"] if c["topologyKey"] == "kubernetes.io/hostname"]
-    assert hosts and hosts[0]["maxSkew"] == 1 and hosts[0]["whenUnsatisfiable"] == "DoNotSchedule"
-    assert hosts[0]["labelSelector"]["matchLabels"] == labels
-    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
-    (pdb,) = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
-    assert pdb["spec"]["selector"]["matchLabels"] == labels and pdb["spec"]["minAvailable"] >= 1
-    # Pod names are the agents' names: the Deployment's name must leave room
-    # for Kubernetes' "-<hash>-<id>" (16 characters) within NOVAC's 63.
-    assert len(deployment["metadata"]["name"]) + 16 <= 63
+# The manifests themselves (the kustomize overlays, and these two files, which
+# are two of them rendered) are checked in tests/test_kubernetes.py.
 
 
 # --- twist novac --check -------------------------------------------------------
