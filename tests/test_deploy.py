@@ -63,6 +63,8 @@ EXERCISED = {
     NOVAS_COMPOSE: "test_compose_*",
     K8S_SINGLE: "test_kubernetes_*",
     K8S_HA: "test_kubernetes_*",
+    ETC / "prometheus" / "nova-alerts.yml": "test_metrics.py::test_the_alert_rules_pass_promtool, ::test_metrics_on_*",
+    ETC / "grafana" / "nova-dashboard.json": "test_metrics.py::test_the_dashboard_*, ::test_metrics_on_*",
 }
 
 SERVER_ENVS = {s.env: s for s in SERVER_SETTINGS}
