@@ -314,6 +314,39 @@ class MetricsPageTests(SynchronousTestCase):
         self.assertIn(b"nova_agent_tunnel_up", body)
 
 
+class NovasAdminPortTests(SynchronousTestCase):
+    """The admin port NOVAS builds: which tokens its /metrics takes, and its routes' agent counts."""
+
+    def admin_metrics(self, **env: str) -> MetricsPage:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from nova.server.tap import NovasService
+
+        state = {"NOVAS_STATE_DIR": self.mktemp(), "NOVAS_TLS": "off", "NOVAS_ROUTES": "1:db:5432@env=prod"}
+        service = NovasService(server_settings(**state, **env), MemoryReactorClock())  # type: ignore[arg-type]
+        assert service.admin_listener is not None
+        root = service.admin_listener.factory.resource  # type: ignore[attr-defined]
+        page = root.getChildWithDefault(b"metrics", DummyRequest([b"metrics"]))
+        self.assertIsInstance(page, MetricsPage)
+        return page
+
+    def test_the_metrics_token_alone(self) -> None:
+        page = self.admin_metrics(NOVAS_ADMIN_TOKEN="", NOVAS_METRICS_TOKEN="metrics-token-123")
+        self.assertEqual(render(page, token="metrics-token-123")[0], 200)
+        self.assertEqual(render(page, token="admin-token-123")[0], 401)
+
+    def test_both_tokens(self) -> None:
+        page = self.admin_metrics(NOVAS_METRICS_TOKEN="metrics-token-123")
+        self.assertEqual(render(page, token="metrics-token-123")[0], 200)
+        status, body = render(page, token="admin-token-123")
+        self.assertEqual(status, 200)
+        self.assertIn(b'nova_route_agents{route="127.0.0.1:1:db:5432@env=prod"} 0.0', body)
+
+    def test_no_token(self) -> None:
+        page = self.admin_metrics(NOVAS_ADMIN_TOKEN="")
+        self.assertEqual(render(page, token="admin-token-123")[0], 403)
+
+
 # --- Settings -------------------------------------------------------------------
 
 

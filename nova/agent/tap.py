@@ -19,7 +19,6 @@ from nova.tls import TLSConfigError, client_creator
 from nova.wire.errors import ErrorCode
 
 from .health import health_service
-from .metrics import AgentMetrics
 from .options import AgentConfig, Options
 from .policy import Dialer, reactor_resolver, tcp_connector
 from .reconnect import Backoff, reconnecting
@@ -51,7 +50,6 @@ class NovacService(MultiService):
             max_streams=config.max_streams,
             max_open_rate=float(config.max_open_rate),
             policy=config.policy,
-            metrics=AgentMetrics(),
         )
         # One independent reconnecting tunnel per server: a server that is
         # down delays none of the others.
