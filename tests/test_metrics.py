@@ -15,6 +15,7 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -41,9 +42,11 @@ from nova.config import resolve
 from nova.server.options import SETTINGS as SERVER_SETTINGS
 from nova.server.options import build_config as server_config
 from nova.server.routes import parse_route
-from nova.wire.errors import ErrorCode
+from nova.wire.errors import ErrorCode, OpenFailReason
+from nova.wire.frames import Open, OpenFail, Ping, Pong, Welcome
 
-from .processes import ADMIN_TOKEN, echo_roundtrip, free_port, novac, novas, target, wait_for
+from .processes import ADMIN_TOKEN, TOKEN, echo_roundtrip, free_port, novac, novas, target, wait_for
+from .rawagent import RawAgent
 from .test_tunnel import Harness
 
 ROOT = Path(__file__).parent.parent
@@ -597,3 +600,90 @@ def test_novac_metrics_off_leaves_the_probe_port_to_the_probes(tmp_path: Path) -
         assert "(/healthz, /readyz)" in agent.text()
         wait_for(lambda: scrape(health, path="/healthz")[0] == 200, 10, "the probe port")
         assert scrape(health)[0] == 404
+
+
+class _RefusingAgent(threading.Thread):
+    """A hand-driven agent: answers every PING, refuses every OPEN (REFUSED), until told to stop."""
+
+    def __init__(self, port: int, name: str) -> None:
+        super().__init__(daemon=True)
+        self.raw = RawAgent(port, tls=False)
+        welcome = self.raw.register(TOKEN.encode(), name, (("role", "raw"),))
+        assert isinstance(welcome, Welcome), welcome
+        self.stopping = threading.Event()
+        self.opens = 0
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                frame = self.raw.next_frame(0.2)
+            except (TimeoutError, OSError):
+                continue
+            if frame is None:
+                return
+            if isinstance(frame, Ping):
+                self.raw.send_frame(Pong(frame.opaque))
+            elif isinstance(frame, Open):
+                self.opens += 1
+                self.raw.send_frame(OpenFail(frame.stream_id, OpenFailReason.REFUSED, "no"))
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(10)
+        self.raw.close()
+
+
+def agent_values(text: str) -> set[str]:
+    return {s.labels["agent"] for f in text_string_to_metric_families(text) for s in f.samples if "agent" in s.labels}
+
+
+@pytest.mark.integration
+def test_many_agent_names_stay_within_the_label_bound(tmp_path: Path) -> None:
+    """
+    Twenty agents under names of their own (a rollout's worth of pods), a
+    bound of 3: NOVAS's /metrics carries at most 3 agent names (plus
+    (other) and (none)) whatever they do, drops a name's series when it
+    goes, and the real agent's route keeps working throughout.
+    """
+    raw_route, ok_route, agent_port, admin_port = free_port(), free_port(), free_port(), free_port()
+    bound = 3
+    with target("echo") as echo:
+        routes = [f"{raw_route}:db.internal:5432@role=raw", f"{ok_route}:127.0.0.1:{echo}@role=real"]
+        env = {
+            "NOVAS_TLS": "off",
+            "NOVAS_AGENT_PORT": str(agent_port),
+            "NOVAS_ADMIN_PORT": str(admin_port),
+            "NOVAS_METRICS_AGENTS": str(bound),
+            "NOVAS_KEEPALIVE": "1",
+        }
+        agent_env = {"NOVAC_SERVER": f"127.0.0.1:{agent_port}", "NOVAC_TLS": "off", "NOVAC_TAGS": "role=real"}
+        with novas(tmp_path, routes, env) as (server, _), novac(tmp_path, agent_env):
+            server.wait_log("agent agent-1 registered")
+            raw = [_RefusingAgent(agent_port, f"pod-{i:02}") for i in range(20)]
+            try:
+                for agent in raw:
+                    agent.start()
+                for _ in range(40):
+                    assert closed_at_once(raw_route)
+                    assert echo_roundtrip(ok_route, b"still here") == b"still here"
+
+                def refused() -> float:
+                    return sample(scrape(admin_port, ADMIN_TOKEN)[1], "nova_streams_failed_total", reason="refused")
+
+                wait_for(lambda: refused() == 40, 10, "40 refusals counted")
+                wait_for(lambda: sample(scrape(admin_port, ADMIN_TOKEN)[1], "nova_keepalive_rtt_seconds") > 0, 10)
+                text = scrape(admin_port, ADMIN_TOKEN)[1]
+                names = agent_values(text) - {OTHER, NONE}
+                assert len(names) <= bound and "agent-1" in names, names
+                assert OTHER in agent_values(text)
+                rtt_names = {s.labels["agent"] for f in text_string_to_metric_families(text) for s in f.samples
+                             if s.name == "nova_keepalive_rtt_seconds"}  # fmt: skip
+                assert rtt_names <= names
+                assert sum(a.opens for a in raw) == 40
+            finally:
+                for agent in raw:
+                    agent.stop()
+            # The pods are gone: their names' series go with them; the real agent's stay.
+            wait_for(lambda: agent_values(scrape(admin_port, ADMIN_TOKEN)[1]) - {OTHER, NONE} == {"agent-1"}, 10)
+            assert refused() >= sample(text, "nova_streams_failed_total", reason="refused", agent=OTHER) > 0
+            assert echo_roundtrip(ok_route, b"still here") == b"still here"
