@@ -247,8 +247,8 @@ class Port:
 
 
 @contextmanager
-def http_port(kind: str, tmp_path: Path) -> Iterator[Port]:
-    """NOVAS's admin port or NOVAC's probe port, the process's TMPDIR a folder of its own."""
+def http_port(kind: str, tmp_path: Path, env: dict[str, str] | None = None) -> Iterator[Port]:
+    """NOVAS's admin port or NOVAC's probe port (C{env}: more NOVAC settings); the process's TMPDIR its own."""
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     # free_port() is a guess: on a busy machine another program's outgoing
@@ -257,7 +257,7 @@ def http_port(kind: str, tmp_path: Path) -> Iterator[Port]:
     for attempt in range(3):
         stack = ExitStack()
         try:
-            target = stack.enter_context(_start(kind, tmp_path, tmpdir))
+            target = stack.enter_context(_start(kind, tmp_path, tmpdir, env or {}))
         except AssertionError as e:
             stack.close()
             if "Address already in use" in str(e) and attempt < 2:
@@ -269,7 +269,7 @@ def http_port(kind: str, tmp_path: Path) -> Iterator[Port]:
 
 
 @contextmanager
-def _start(kind: str, tmp_path: Path, tmpdir: Path) -> Iterator[Port]:
+def _start(kind: str, tmp_path: Path, tmpdir: Path, more: dict[str, str]) -> Iterator[Port]:
     if kind == "admin":
         with novas(tmp_path, [], {"TMPDIR": str(tmpdir)}) as (server, _):
             yield Port(kind, server, server.admin_port, tmpdir, "/api/v1/tunnels")
@@ -282,6 +282,7 @@ def _start(kind: str, tmp_path: Path, tmpdir: Path) -> Iterator[Port]:
             "NOVAC_HEALTH_BIND": "127.0.0.1",
             "NOVAC_RECONNECT_MAX": "2",
             "TMPDIR": str(tmpdir),
+            **more,
         }
         with novac(tmp_path, env) as agent:
 
@@ -479,13 +480,22 @@ def test_endless_headers_are_refused_and_the_port_keeps_serving(tmp_path: Path, 
 
 
 @pytest.mark.integration
-def test_novac_probe_port_serves_the_probes_and_nothing_else(tmp_path: Path) -> None:
-    with http_port("health", tmp_path) as target:
+@pytest.mark.parametrize("metrics", ["off", "on"])
+def test_novac_probe_port_serves_the_probes_and_nothing_else(tmp_path: Path, metrics: str) -> None:
+    """The probes, and with NOVAC_METRICS on (the default) /metrics: read-only, no secret, no target."""
+    with http_port("health", tmp_path, {"NOVAC_METRICS": metrics}) as target:
         port = target.port
-        for path in ("/", "/api/v1/tunnels", "/api/v1/events", "/metrics", "/page.js", "/nothing"):
+        elsewhere = ("/", "/api/v1/tunnels", "/api/v1/events", "/page.js", "/nothing", "/metricsx")
+        for path in elsewhere + (("/metrics",) if metrics == "off" else ()):
             status, body, _ = _request(port, "GET", path)
             assert status == 404, (path, status)
             assert b"Reverse Tunnels" not in body and b"token" not in body.lower(), path
+        if metrics == "on":
+            status, body, headers = _request(port, "GET", "/metrics")
+            assert status == 200 and headers.get("content-type", "").startswith("text/plain"), (status, headers)
+            assert b"nova_agent_tunnel_up{" in body and b"token" not in body.lower()
+            for method in ("POST", "PUT", "DELETE"):
+                assert _request(port, method, "/metrics", body=b"{}")[0] == 405
         assert _request(port, "GET", "/healthz")[:2] == (200, b"ok\n")
         status, body, _ = _request(port, "GET", "/readyz")
         assert status == 503 and b"not registered" in body  # no server: not ready

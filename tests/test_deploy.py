@@ -65,6 +65,8 @@ EXERCISED = {
     # etc/kubernetes: the kustomize layout and the two rendered overlays
     # (novac-deployment.yaml, novac-deployment-ha.yaml), in test_kubernetes.py.
     **KUBERNETES_FILES,
+    ETC / "prometheus" / "nova-alerts.yml": "test_metrics.py::test_the_alert_rules_pass_promtool, ::test_metrics_on_*",
+    ETC / "grafana" / "nova-dashboard.json": "test_metrics.py::test_the_dashboard_*, ::test_metrics_on_*",
 }
 
 SERVER_ENVS = {s.env: s for s in SERVER_SETTINGS}

@@ -40,6 +40,7 @@ class Audit:
     def registered(self, agent: str, **data: Any) -> None:
         self.metrics.registrations.inc()
         self.metrics.tunnels.inc()
+        self.metrics.agent_registered(agent)
         self._record("tunnel_registered", agent, **data)
 
     def unregistered(self, agent: str, reason: str, duration: float) -> None:
@@ -48,6 +49,7 @@ class Audit:
             self.metrics.rtt.remove(agent)
         except KeyError:
             pass
+        self.metrics.agent_unregistered(agent)
         self._record("tunnel_unregistered", agent, reason=reason, duration=round(duration, 3))
 
     def refusal_counted(self, code: str) -> None:
@@ -69,13 +71,18 @@ class Audit:
         self._record("auth_failed", "", **data)
 
     def rtt(self, agent: str, seconds: float) -> None:
-        self.metrics.rtt.labels(agent).set(seconds)
+        label = self.metrics.agent_label(agent)
+        if label == agent:  # an agent beyond the label bound has no RTT series (one would be meaningless)
+            self.metrics.rtt.labels(agent).set(seconds)
 
     # Streams.
 
-    def stream_opened(self, agent: str, entry: str, requester: str, target: str, latency: float) -> None:
+    def stream_opened(
+        self, agent: str, entry: str, requester: str, target: str, latency: float, route: str = ""
+    ) -> None:
+        """C{route}: the configured route the stream came through; empty for SOCKS (L{route_label})."""
         self.metrics.streams_active.inc()
-        self.metrics.streams_opened.labels(entry.split(" ", 1)[0]).inc()
+        self.metrics.count(self.metrics.streams_opened, agent, _kind(entry), route_label(entry, route))
         self.metrics.open_latency.observe(latency)
         # (The entry point logs the open at info level.)
         self._record("stream_opened", agent, entry=entry, requester=requester, target=target)
@@ -90,10 +97,12 @@ class Audit:
         bytes_down: int,
         duration: float,
         reason: str,
+        route: str = "",
     ) -> None:
         self.metrics.streams_active.dec()
-        self.metrics.bytes.labels("up").inc(bytes_up)
-        self.metrics.bytes.labels("down").inc(bytes_down)
+        label = route_label(entry, route)
+        self.metrics.count(self.metrics.bytes, agent, "up", label, amount=bytes_up)
+        self.metrics.count(self.metrics.bytes, agent, "down", label, amount=bytes_down)
         self._record(
             "stream_closed",
             agent,
@@ -106,11 +115,26 @@ class Audit:
             reason=reason,
         )
 
-    def open_failed(self, agent: str, entry: str, requester: str, target: str, reason: str, message: str) -> None:
-        self.metrics.streams_failed.labels(reason).inc()
+    def open_failed(
+        self, agent: str, entry: str, requester: str, target: str, reason: str, message: str, route: str = ""
+    ) -> None:
+        self.metrics.count(self.metrics.streams_failed, agent, reason, route_label(entry, route))
         self._record(
             "open_failed", agent, entry=entry, requester=requester, target=target, reason=reason, message=message
         )
+
+
+def _kind(entry: str) -> str:
+    """The kind of entry point (C{route}, C{socks}) without what follows it."""
+    return entry.split(" ", 1)[0]
+
+
+def route_label(entry: str, route: str) -> str:
+    """
+    The C{route} label: the configured route, else the kind of entry
+    (C{socks}).  Never the SOCKS selector or target: users choose those.
+    """
+    return route or _kind(entry)
 
 
 def _escaped(value: Any) -> Any:

@@ -1,13 +1,18 @@
 """
 Health probes for Kubernetes and load balancers: C{/healthz} (the process
 is alive) and C{/readyz}.  NOVAS serves them on its admin port beside the
-API; NOVAC serves them alone on its probe port (L{probe_resource}).
+API; NOVAC serves them on its probe port (L{probe_resource}), with its
+C{/metrics} unless C{NOVAC_METRICS=off}.  L{MetricsPage} is both ports'
+C{/metrics}.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hmac
+import json
+from collections.abc import Callable, Sequence
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -45,6 +50,55 @@ class Probe(Resource):
         return _plain(request, 503, f"not ready: {self._what}\n")
 
 
+def _json(request: Request, code: int, error: str) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps({"error": error}).encode()
+
+
+class MetricsPage(Resource):
+    """
+    Prometheus text from C{registry}; GET and HEAD only.  With C{tokens}
+    (NOVAS: the admin token and the read-only metrics token), the request
+    must carry C{Authorization: Bearer} one of them; an empty C{tokens}
+    means none is configured and the page is off (403, naming C{off_hint});
+    C{None} means no credential is asked (NOVAC's probe port, reachable
+    inside the cluster only).
+    """
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry, tokens: Sequence[bytes] | None, off_hint: str = "") -> None:
+        Resource.__init__(self)  # type: ignore[no-untyped-call]
+        self._registry = registry
+        self._tokens = tokens
+        self._off_hint = off_hint
+
+    def _authorized(self, request: Request) -> bool:
+        assert self._tokens is not None
+        header = request.getHeader(b"authorization") or b""
+        scheme, _, given = header.partition(b" ")
+        given = given.strip()
+        # Compare with every token, so the time taken does not say which one matched.
+        matches = [hmac.compare_digest(given, token) for token in self._tokens]
+        return scheme.lower() == b"bearer" and any(matches)
+
+    def render(self, request: Request) -> bytes:
+        if self._tokens is not None:
+            if not self._tokens:
+                return _json(request, 403, f"/metrics is off: set {self._off_hint}")
+            if not self._authorized(request):
+                request.setHeader(b"www-authenticate", b'Bearer realm="nova"')
+                return _json(request, 401, "a valid bearer token is required")
+        if request.method not in READ_ONLY:
+            request.setHeader(b"allow", b"GET, HEAD")
+            return _plain(request, 405, "method not allowed\n")
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        request.setHeader(b"cache-control", b"no-store")
+        return generate_latest(self._registry)
+
+
 class _NotFound(Resource):
     isLeaf = True
 
@@ -56,17 +110,19 @@ class _NotFound(Resource):
 
 
 class ProbesOnly(Resource):
-    """C{/healthz} and C{/readyz}; 404 for every other path."""
+    """C{/healthz} and C{/readyz}, and C{/metrics} if given a registry; 404 for every other path."""
 
-    def __init__(self, ready: Callable[[], bool], what: str) -> None:
+    def __init__(self, ready: Callable[[], bool], what: str, metrics: CollectorRegistry | None = None) -> None:
         Resource.__init__(self)  # type: ignore[no-untyped-call]
         self.putChild(b"healthz", Probe(lambda: True, "alive"))  # type: ignore[no-untyped-call]
         self.putChild(b"readyz", Probe(ready, what))  # type: ignore[no-untyped-call]
+        if metrics is not None:
+            self.putChild(b"metrics", MetricsPage(metrics, None))  # type: ignore[no-untyped-call]
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         return _NotFound()
 
 
-def probe_resource(ready: Callable[[], bool], what: str) -> Resource:
-    """NOVAC's probe port: the two probes and nothing else (no admin page, no API)."""
-    return ProbesOnly(ready, what)
+def probe_resource(ready: Callable[[], bool], what: str, metrics: CollectorRegistry | None = None) -> Resource:
+    """NOVAC's probe port: the two probes, its metrics if given, and nothing else (no admin page, no API)."""
+    return ProbesOnly(ready, what, metrics)

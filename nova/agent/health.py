@@ -1,9 +1,11 @@
 """
 NOVAC's probes for Kubernetes: C{/healthz} (the process is alive) and
-C{/readyz} (registered with at least one server), and nothing else: the port
-often listens on every address, so it serves no admin page or API, refuses
-every method but GET and HEAD, and refuses request bodies before reading them
-(L{nova.admin.site}).
+C{/readyz} (registered with at least one server), its Prometheus C{/metrics}
+(unless C{NOVAC_METRICS=off}), and nothing else: the port often listens on
+every address, so it serves no admin page or API, refuses every method but
+GET and HEAD, and refuses request bodies before reading them
+(L{nova.admin.site}).  The metrics carry no secret and no target: server
+addresses, counts and timings, as readable as the probes inside the cluster.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
 
@@ -19,11 +22,13 @@ from nova.admin.site import BoundedSite
 from nova.service import ListenerService
 
 
-def health_service(reactor: Any, bind: str, port: int, ready: Callable[[], bool]) -> ListenerService:
+def health_service(
+    reactor: Any, bind: str, port: int, ready: Callable[[], bool], metrics: CollectorRegistry | None = None
+) -> ListenerService:
     endpoint: IStreamServerEndpoint
     if ":" in bind:
         endpoint = TCP6ServerEndpoint(reactor, port, interface=bind)
     else:
         endpoint = TCP4ServerEndpoint(reactor, port, interface=bind)
-    site = BoundedSite(probe_resource(ready, "not registered with any server"))
+    site = BoundedSite(probe_resource(ready, "not registered with any server", metrics))
     return ListenerService("novac", f"health probes on {bind}:{port}", endpoint, site)

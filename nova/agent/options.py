@@ -49,6 +49,13 @@ SETTINGS = (
     Setting("health-port", "NOVAC_HEALTH_PORT", None, "Port for /healthz and /readyz probes (off unless set)."),
     Setting("health-bind", "NOVAC_HEALTH_BIND", "0.0.0.0", "Address the probe port listens on."),
     Setting(
+        "no-metrics",
+        "NOVAC_METRICS",
+        None,
+        "No Prometheus /metrics on the probe port (NOVAC_METRICS=off); it is served there, without a credential.",
+        flag=True,
+    ),
+    Setting(
         "allow",
         "NOVAC_ALLOW",
         None,
@@ -86,6 +93,7 @@ class AgentConfig:
     client_cert: tuple[Path, Path] | None = None
     health_port: int | None = None
     health_bind: str = "0.0.0.0"
+    metrics: bool = True
 
     def __repr__(self) -> str:
         return f"<AgentConfig {self.name} -> {len(self.servers)} server(s), tls={self.tls}>"
@@ -162,6 +170,7 @@ def build_config(v: dict[str, Any]) -> AgentConfig:
             parse_port(v["health-port"], "--health-port / NOVAC_HEALTH_PORT", True) if v["health-port"] else None
         ),
         health_bind=v["health-bind"],
+        metrics=not v["no-metrics"],
     )
 
 

@@ -57,15 +57,15 @@ class NovacService(MultiService):
         for host, port in config.servers:
             label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             backoff = Backoff(config.reconnect_initial, config.reconnect_max)
-            client = reconnecting(
-                self._endpoint(host, port), AgentTunnelFactory(self.context, label, backoff), backoff, reactor
-            )
+            self.context.metrics.server_configured(label)
+            endpoint = self.context.metrics.connecting(self._endpoint(host, port), label)
+            client = reconnecting(endpoint, AgentTunnelFactory(self.context, label, backoff), backoff, reactor)
             client.setServiceParent(self)
             self.clients[label] = client
         if config.health_port is not None:
-            health_service(reactor, config.health_bind, config.health_port, self.ready).setServiceParent(  # type: ignore[no-untyped-call]
-                self
-            )
+            metrics = self.context.metrics.registry if config.metrics else None
+            health = health_service(reactor, config.health_bind, config.health_port, self.ready, metrics)
+            health.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def ready(self) -> bool:
         """Registered with at least one server."""
@@ -93,7 +93,8 @@ class NovacService(MultiService):
         )
         log.info("destination policy: {policy}", policy=str(c.policy))
         if c.health_port is not None:
-            log.info("health probes on {bind}:{port} (/healthz, /readyz)", bind=c.health_bind, port=c.health_port)
+            paths = "/healthz, /readyz, /metrics" if c.metrics else "/healthz, /readyz"
+            log.info("health probes on {bind}:{port} ({paths})", bind=c.health_bind, port=c.health_port, paths=paths)
         super().startService()  # type: ignore[no-untyped-call]
 
         exit_zero_on_sigterm(self.reactor, log)

@@ -24,6 +24,7 @@ from nova.wire.frames import Frame, Hello, Reject, Welcome
 from nova.wire.handshake import make_auth, window_problem
 from nova.wire.text import untrusted
 
+from .metrics import AgentMetrics, goaway_reason
 from .policy import Policy, PolicyDenied
 from .reconnect import Backoff
 
@@ -60,6 +61,7 @@ class AgentContext:
     # OPENs per second a server may ask of this agent (a token bucket whose
     # burst is one second's worth); beyond it OPEN_FAIL OVERLOADED.
     max_open_rate: float = 5000.0
+    metrics: AgentMetrics = field(default_factory=AgentMetrics)
 
 
 def classify(failure: Failure) -> OpenFailReason:
@@ -79,6 +81,8 @@ def classify(failure: Failure) -> OpenFailReason:
 
 class TargetPipe(Pipe):
     """The agent's connection to a target; paused until spliced."""
+
+    requested_at = 0.0  # when the server asked for it (the open latency's start)
 
     def connectionMade(self) -> None:
         assert self.transport is not None
@@ -100,6 +104,7 @@ class AgentTunnel(TunnelProtocol):
         self._open_refilled = context.clock.seconds()
         self.refused_for_rate = 0
         self._saw_hello = False
+        self._ended_by: str | None = None  # a REJECT or GOAWAY: the reconnect's reason
 
     @property
     def peer_label(self) -> str:
@@ -142,6 +147,7 @@ class AgentTunnel(TunnelProtocol):
                 agent=self.context.name,
                 server_id=frame.server_id,
             )
+            self.context.metrics.registered(self.server)
             self._settle(self)
         elif isinstance(frame, Reject):
             self.log.error(
@@ -151,6 +157,7 @@ class AgentTunnel(TunnelProtocol):
                 code=frame.code.name,
                 detail=untrusted(frame.message),
             )
+            self._ended_by = "rejected"
             if self.backoff is not None:
                 self.backoff.rejected = True
             self._fail_registration(Rejected(frame.code, untrusted(frame.message)))
@@ -193,6 +200,7 @@ class AgentTunnel(TunnelProtocol):
             code=code.name,
             detail=message,
         )
+        self._ended_by = goaway_reason(code)
         if code == ErrorCode.SHUTDOWN and self.backoff is not None:
             self.backoff.expect_restart()
 
@@ -210,6 +218,7 @@ class AgentTunnel(TunnelProtocol):
     def stream_requested(self, stream_id: int, host: str, port: int) -> None:
         assert self.mux is not None
         if self.draining:
+            self.context.metrics.stream_failed(self.server, OpenFailReason.DRAINING.name)
             self.mux.refuse(stream_id, OpenFailReason.DRAINING, "the agent is shutting down")
             return
         if not self._take_open_token():
@@ -221,6 +230,7 @@ class AgentTunnel(TunnelProtocol):
                     rate=self.context.max_open_rate,
                     n=self.refused_for_rate,
                 )
+            self.context.metrics.stream_failed(self.server, OpenFailReason.OVERLOADED.name)
             self.mux.refuse(stream_id, OpenFailReason.OVERLOADED, "open rate limit")
             return
         decision = self.context.policy.check_name(host, port)
@@ -229,6 +239,7 @@ class AgentTunnel(TunnelProtocol):
             self._denied(stream_id, PolicyDenied(host, port, decision.why))
             return
         target = TargetPipe()
+        target.requested_at = self.clock.seconds()
         d = self.context.connect_target(host, port, target)
         self._dialing[stream_id] = d
         d.addCallbacks(
@@ -244,6 +255,7 @@ class AgentTunnel(TunnelProtocol):
             return
         self.mux.accept(stream_id)
         stream = self.add_stream(stream_id, host, port)
+        self.context.metrics.stream_opened(self.server, stream, self.clock.seconds() - target.requested_at)
         other = Pipe()
         stream.makeConnection(other)
         splice(target, other)
@@ -268,6 +280,7 @@ class AgentTunnel(TunnelProtocol):
             reason=reason.name,
             detail=message,
         )
+        self.context.metrics.stream_failed(self.server, reason.name)
         self.mux.refuse(stream_id, reason, message)
         self.flush()
 
@@ -284,6 +297,7 @@ class AgentTunnel(TunnelProtocol):
             addresses=[str(a) for a in denial.addresses],
             detail=denial.message,
         )
+        self.context.metrics.denied(self.server)
         if self.context.on_denied is not None:
             try:
                 self.context.on_denied(self.server, denial)
@@ -301,6 +315,7 @@ class AgentTunnel(TunnelProtocol):
 
     def tunnel_closed(self, reason: Failure) -> None:
         self.context.tunnels.discard(self)
+        self.context.metrics.tunnel_ended(self.server, self._outcome is self, self.draining, self._ended_by)
         for d in list(self._dialing.values()):
             d.cancel()
         self._dialing.clear()

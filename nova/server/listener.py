@@ -47,10 +47,17 @@ def failure_reason(failure: Failure) -> str:
 
 
 class StreamWatch:
-    """Audits one entry connection: its stream's opening, failure and close."""
+    """
+    Audits one entry connection: its stream's opening, failure and close.
+    C{route} is the configured route it came through (empty for SOCKS): the
+    metrics' C{route} label.
+    """
 
-    def __init__(self, audit: Audit, clock: IReactorTime, entry: str, requester: str, target: str) -> None:
+    def __init__(
+        self, audit: Audit, clock: IReactorTime, entry: str, requester: str, target: str, route: str = ""
+    ) -> None:
         self.audit = audit
+        self.route = route
         self.clock = clock
         self.entry = entry
         self.requester = requester
@@ -63,7 +70,7 @@ class StreamWatch:
         assert stream is not None
         agent = str(getattr(stream.getPeer(), "tunnel", "?"))
         opened_at = self.clock.seconds()
-        self.audit.stream_opened(agent, self.entry, self.requester, self.target, opened_at - self.started)
+        self.audit.stream_opened(agent, self.entry, self.requester, self.target, opened_at - self.started, self.route)
 
         def closed(stream: StreamTransport, failure: Failure) -> None:
             self.audit.stream_closed(
@@ -75,6 +82,7 @@ class StreamWatch:
                 bytes_down=stream.bytes_delivered,
                 duration=self.clock.seconds() - opened_at,
                 reason=describe_close(failure),
+                route=self.route,
             )
 
         if isinstance(stream, StreamTransport):
@@ -89,6 +97,7 @@ class StreamWatch:
             self.target,
             failure_reason(failure),
             failure.getErrorMessage(),
+            self.route,
         )
 
 
@@ -172,6 +181,7 @@ class RouteClient(EntryConnection):
             f"route {route.bind}:{route.port}",
             address(self.transport.getPeer()),
             f"{route.host}:{route.host_port}",
+            str(route),
         )
         self.open_stream(self.factory.endpoint, watch)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nova.admin.metrics import DEFAULT_AGENT_LABELS
 from nova.config import (
     ConfigError,
     EnvOptions,
@@ -69,6 +70,19 @@ SETTINGS = (
     Setting(
         "admin-token", "NOVAS_ADMIN_TOKEN", None, "Bearer token for the admin API and page (off if unset).", secret=True
     ),
+    Setting(
+        "metrics-token",
+        "NOVAS_METRICS_TOKEN",
+        None,
+        "Read-only bearer token for /metrics alone (Prometheus); the admin token works there too.",
+        secret=True,
+    ),
+    Setting(
+        "metrics-agents",
+        "NOVAS_METRICS_AGENTS",
+        str(DEFAULT_AGENT_LABELS),
+        "Agents with their own 'agent' label value in /metrics at once; the rest share '(other)'.",
+    ),
     Setting("audit-db", "NOVAS_AUDIT_DB", None, "Audit store: postgresql://... (default: SQLite in the state dir)."),
     Setting("audit-retention-days", "NOVAS_AUDIT_RETENTION_DAYS", "30", "Days of audit history to keep."),
     Setting("max-tunnels", "NOVAS_MAX_TUNNELS", "10000", "Registered tunnels at most."),
@@ -109,6 +123,8 @@ class ServerConfig:
     admin_port: int | None = 9023
     admin_bind: str = "127.0.0.1"
     admin_token: bytes | None = None
+    metrics_token: bytes | None = None
+    metrics_agents: int = DEFAULT_AGENT_LABELS
     audit_db: str | None = None
     audit_retention_days: float = 30.0
     token_file: Path | None = None
@@ -157,6 +173,14 @@ def build_config(v: dict[str, Any]) -> ServerConfig:
     admin_token = v["admin-token"].strip().encode("utf-8") if v["admin-token"] else None
     if admin_token is not None and len(admin_token) < 8:
         raise ConfigError("--admin-token / NOVAS_ADMIN_TOKEN must be at least 8 characters")
+    metrics_token = v["metrics-token"].strip().encode("utf-8") if v["metrics-token"] else None
+    if metrics_token is not None and len(metrics_token) < 8:
+        raise ConfigError("--metrics-token / NOVAS_METRICS_TOKEN must be at least 8 characters")
+    if metrics_token is not None and metrics_token == admin_token:
+        raise ConfigError(
+            "--metrics-token / NOVAS_METRICS_TOKEN must differ from --admin-token / NOVAS_ADMIN_TOKEN"
+            " (it is handed to Prometheus and opens /metrics only)"
+        )
     audit_db = v["audit-db"] or None
     if audit_db is not None and not audit_db.startswith(("postgresql://", "postgres://", "sqlite:///")):
         raise ConfigError("--audit-db / NOVAS_AUDIT_DB must be postgresql://... or sqlite:///PATH")
@@ -200,6 +224,8 @@ def build_config(v: dict[str, Any]) -> ServerConfig:
         admin_port=admin_port,
         admin_bind=v["admin-bind"],
         admin_token=admin_token,
+        metrics_token=metrics_token,
+        metrics_agents=parse_int(v["metrics-agents"], "--metrics-agents / NOVAS_METRICS_AGENTS", 0, 10_000),
         audit_db=audit_db,
         audit_retention_days=retention,
     )

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from nova.admin.audit import Audit
 from nova.admin.metrics import Metrics
+from nova.admin.probe import MetricsPage
 from nova.admin.site import BoundedSite
 from nova.admin.store import AuditStore, backend_for
 from nova.admin.web import admin_resource
@@ -44,7 +45,7 @@ class NovasService(MultiService):
     def __init__(self, config: ServerConfig, reactor: IReactorCore) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
-        self.metrics = Metrics()
+        self.metrics = Metrics(config.metrics_agents)
         self.store = AuditStore(
             backend_for(config.audit_db, config.state_dir),
             retention=config.audit_retention_days * 86400,
@@ -62,6 +63,7 @@ class NovasService(MultiService):
             timing=Timing(config.handshake_timeout, config.keepalive, config.dead_timeout),
             server_id=socket.gethostname(),
         )
+        self.metrics.watch_routes(self.route_agents)
         self.reactor = reactor
         self._fingerprint_note: str | None = None
         self.agent_listener = ListenerService(
@@ -83,20 +85,25 @@ class NovasService(MultiService):
             self.route_listeners.append(listener)
         self.admin_listener: ListenerService | None = None
         if config.admin_port is not None:
+            admin = admin_resource(
+                config.admin_token,
+                self.tunnels,
+                socket.gethostname(),
+                self.store,
+                self.metrics,
+                lambda: self.agent_listener.port is not None,
+            )
+            # /metrics takes the read-only metrics token as well as the admin
+            # token: a static child, which twisted.web looks up before the
+            # admin root's own /metrics.
+            tokens = tuple(t for t in (config.admin_token, config.metrics_token) if t is not None)
+            hint = "NOVAS_METRICS_TOKEN or NOVAS_ADMIN_TOKEN"
+            admin.putChild(b"metrics", MetricsPage(self.metrics.registry, tokens, hint))  # type: ignore[no-untyped-call]
             self.admin_listener = ListenerService(
                 "novas",
                 f"admin on {config.admin_bind}:{config.admin_port}",
                 _tcp_endpoint(reactor, config.admin_bind, config.admin_port),
-                BoundedSite(
-                    admin_resource(
-                        config.admin_token,
-                        self.tunnels,
-                        socket.gethostname(),
-                        self.store,
-                        self.metrics,
-                        lambda: self.agent_listener.port is not None,
-                    )
-                ),
+                BoundedSite(admin),
             )
             self.admin_listener.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.socks_listener: ListenerService | None = None
@@ -149,6 +156,11 @@ class NovasService(MultiService):
         port = self.agent_listener.port
         return port.getHost().port if port is not None else self.config.agent_port  # type: ignore[attr-defined]
 
+    def route_agents(self) -> list[tuple[str, int]]:
+        """For C{nova_route_agents}: each route and the agents that could carry its streams now."""
+        registry = self.context.registry
+        return [(str(r), sum(not t.draining for t in registry.matching(r.selector))) for r in self.config.routes]
+
     def tunnels(self) -> list[dict[str, object]]:
         return [t.describe() for t in self.context.registry if isinstance(t, ServerTunnel)]
 
@@ -174,9 +186,10 @@ class NovasService(MultiService):
             log.info("route {route} listening", route=listener.what.removeprefix("route "))
         if self.admin_listener is not None:
             log.info(
-                "{what} listening ({auth})",
+                "{what} listening ({auth}; {metrics})",
                 what=self.admin_listener.what,
                 auth="bearer token set" if c.admin_token else "API and page off: set NOVAS_ADMIN_TOKEN",
+                metrics="/metrics also takes NOVAS_METRICS_TOKEN" if c.metrics_token else "/metrics: admin token",
             )
         if self.socks_listener is not None:
             log.info(
