@@ -261,7 +261,8 @@ class SocksClient(EntryConnection):
                 try:
                     host = raw[1:].decode("idna")
                 except UnicodeError:
-                    raise Malformed("domain name is not valid") from None
+                    shown = untrusted(raw[1:].decode("utf-8", "backslashreplace"))
+                    raise Malformed(f"domain name {shown} is not valid") from None
                 if not host:
                     raise Malformed("empty domain name")
             if port == 0:
