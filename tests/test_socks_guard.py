@@ -174,6 +174,7 @@ class PasswordThrottleTests(SynchronousTestCase):
         entry.clock.advance(10)
         self.assertTrue(transport.disconnecting)
         self.assertEqual(transport.value(), b"\x05\x02")
+        self.assertEqual(len(self.lines("the password check waited past the negotiation timeout")), 1)
         self.assertEqual(entry.clock.getDelayedCalls(), [])
 
     def test_no_password_no_throttle(self) -> None:

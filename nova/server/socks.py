@@ -160,7 +160,10 @@ class SocksClient(EntryConnection):
 
     def _too_slow(self) -> None:
         self._deadline = None
-        if self._state in ("greeting", "auth", "auth-wait", "request"):
+        if self._state == "auth-wait":
+            self._close("the password check waited past the negotiation timeout (repeated wrong passwords)")
+            return
+        if self._state in ("greeting", "auth", "request"):
             self._refuse(f"no complete request within {self.factory.negotiation_timeout:g}s")
 
     def _stop_deadline(self) -> None:
