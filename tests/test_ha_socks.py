@@ -30,7 +30,7 @@ from .processes import (
 
 pytestmark = pytest.mark.integration
 
-PASSWORD = "socks-pass-7f3a"
+PASSWORD = "socks-pass-7f3a-2b9c"
 
 
 def agent_env(server: Proc, port: int, tags: str = "") -> dict[str, str]:

@@ -18,9 +18,7 @@ from typing import Any
 
 import pytest
 from twisted.internet import error
-from twisted.internet.address import IPv4Address as TwistedIPv4Address
-from twisted.internet.address import IPv6Address as TwistedIPv6Address
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
@@ -399,18 +397,37 @@ class ReactorPlumbingTests(SynchronousTestCase):
     """The default resolver and connector, against fakes: no packets."""
 
     def test_reactor_resolver_collects_addresses(self) -> None:
-        class NameResolver:
-            def resolveHostName(self, receiver: Any, host: str, *args: Any) -> None:
-                receiver.resolutionBegan(None)
-                receiver.addressResolved(TwistedIPv4Address("TCP", "127.0.0.1", 0))
-                receiver.addressResolved(TwistedIPv6Address("TCP", "::1", 0))
-                receiver.resolutionComplete()
+        def getaddrinfo(host: str, port: int, family: int, kind: int) -> list[tuple[Any, Any, Any, Any, Any]]:
+            assert (host, kind) == ("localhost", socket.SOCK_STREAM)
+            return [
+                (socket.AF_INET, kind, 6, "", ("127.0.0.1", 0)),
+                (socket.AF_INET6, kind, 6, "", ("::1", 0, 0, 0)),
+            ]
 
-        class Reactor:
-            nameResolver = NameResolver()
-
-        result = self.successResultOf(reactor_resolver(Reactor())("localhost"))
+        resolve = reactor_resolver(None, getaddrinfo, maybeDeferred)
+        result = self.successResultOf(resolve("localhost"))
         self.assertEqual(list(result), [ip("127.0.0.1"), ip("::1")])
+
+    def test_reactor_resolver_no_such_name_is_no_address(self) -> None:
+        def getaddrinfo(*args: Any) -> list[tuple[Any, Any, Any, Any, Any]]:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+        resolve = reactor_resolver(None, getaddrinfo, maybeDeferred)
+        self.assertEqual(list(self.successResultOf(resolve("x.invalid"))), [])
+
+    def test_reactor_resolver_fails_on_any_other_error(self) -> None:
+        """
+        Issue 14 defect 6: Twisted's resolver dropped the UnicodeError IDNA
+        raises and never finished; here the Deferred fails, so the OPEN is answered.
+        """
+        resolve = reactor_resolver(None, socket.getaddrinfo, maybeDeferred)
+        failure = self.failureResultOf(resolve("a" * 64 + ".example"))
+        self.assertIsInstance(failure.value, UnicodeError)
+
+        def broken(*args: Any) -> list[tuple[Any, Any, Any, Any, Any]]:
+            raise RuntimeError("resolver bug")
+
+        self.failureResultOf(reactor_resolver(None, broken, maybeDeferred)("db.internal"), RuntimeError)
 
     def test_tcp_connector_dials_the_concrete_address_with_the_timeout(self) -> None:
         reactor = MemoryReactorClock()

@@ -7,9 +7,12 @@ A policy is a list of rules, each C{TARGET[:PORTS]}:
     10.0.0.0/8:5432, 192.168.1.5, [fd00::/8]:443, fd00::/8,
     db.internal:5432, *.internal:8000-8080, *:443, *
 
-Link-local and cloud metadata addresses (169.254.0.0/16, fe80::/10,
-fd00:ec2::254) are denied unless a CIDR rule that lies inside those ranges
-allows them, even with no rules at all and even with C{*}.
+Link-local and cloud metadata addresses (169.254.0.0/16, fe80::/10, and
+the metadata addresses of L{METADATA}) are denied unless a CIDR rule that
+lies inside those ranges allows them, even with no rules at all and even
+with C{*}.  An IPv6 address that embeds an IPv4 one (IPv4-mapped, NAT64,
+IPv4-compatible) is checked as that IPv4 address, so 64:ff9b::a9fe:a9fe is
+169.254.169.254 to the policy.
 
 Names are checked twice: L{Policy.check_name} before resolving (can any rule
 allow this name and port?), then L{Policy.check_address} for every address
@@ -22,17 +25,20 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import DNSLookupError
-from twisted.internet.interfaces import IAddress, IHostResolution, IProtocol, IResolutionReceiver
+from twisted.internet.interfaces import IProtocol
 from twisted.internet.protocol import Factory
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from zope.interface import implementer
+
+from nova.wire.hostname import host_problem
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -46,12 +52,38 @@ LINK_LOCAL: tuple[IPNetwork, ...] = (
     ipaddress.ip_network("169.254.0.0/16"),
     ipaddress.ip_network("fe80::/10"),
 )
+# Cloud instance-metadata (and like) services: they hand out credentials to
+# whoever asks from inside the instance.  Those inside 169.254.0.0/16 are
+# denied as link-local anyway (AWS ECS 169.254.170.2, EKS Pod Identity
+# 169.254.170.23, Scaleway 169.254.42.42, Tencent 169.254.0.23, ...); these
+# are named for the record or because they lie outside it.  docs/policy.md
+# lists them.
 METADATA: tuple[IPNetwork, ...] = (
-    ipaddress.ip_network("169.254.169.254/32"),  # AWS, GCP, Azure, OCI, ...
-    ipaddress.ip_network("fd00:ec2::254/128"),  # AWS over IPv6
+    ipaddress.ip_network("169.254.169.254/32"),  # AWS, GCP, Azure, OCI, OpenStack, DigitalOcean, ...
+    ipaddress.ip_network("100.100.100.200/32"),  # Alibaba Cloud
+    ipaddress.ip_network("168.63.129.16/32"),  # Azure WireServer (VM agent, extensions)
+    ipaddress.ip_network("192.0.0.192/32"),  # Oracle Cloud (Classic)
+    ipaddress.ip_network("fd00:ec2::254/128"),  # AWS IMDS over IPv6
+    ipaddress.ip_network("fd00:ec2::23/128"),  # AWS EKS Pod Identity Agent over IPv6
+    ipaddress.ip_network("fd20:ce::254/128"),  # Google Cloud over IPv6
+    ipaddress.ip_network("fd00:c1::a9fe:a9fe/128"),  # Oracle Cloud over IPv6
+    ipaddress.ip_network("fd00:42::42/128"),  # Scaleway over IPv6
 )
 SENSITIVE: tuple[IPNetwork, ...] = LINK_LOCAL + METADATA
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+# IPv6 ranges whose addresses carry an IPv4 address (RFC 6052, RFC 8215,
+# RFC 4291 2.5.5.1): a NAT64 gateway or a dual-stack kernel turns a
+# connection to one of them into one to the IPv4 address inside.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+_COMPATIBLE = ipaddress.IPv6Network("::/96")
+_NOT_COMPATIBLE = ipaddress.IPv6Network("::/127")  # :: and ::1 are not IPv4 addresses
+# RFC 6052 puts the IPv4 address right after a NAT64 prefix of 48, 56 or 64
+# bits, skipping bits 64-71, and in the last 32 bits after a /96.  A
+# local-use prefix inside 64:ff9b:1::/48 may have any of these lengths and
+# which one the network uses is not known here, so every reading is checked
+# against the sensitive ranges (the /96 reading is the one rules match).
+_RFC6052_PREFIXES = (48, 56, 64)
 
 WHY_SENSITIVE = "link-local/metadata addresses need an explicit --allow rule"
 WHY_NO_RULE = "no --allow rule matches"
@@ -101,6 +133,39 @@ def normalize(address: IPAddress) -> IPAddress:
     return address
 
 
+def _embeds_ipv4(network: ipaddress.IPv6Network | ipaddress.IPv6Address) -> bool:
+    net = ipaddress.IPv6Network(network) if isinstance(network, ipaddress.IPv6Address) else network
+    if net.subnet_of(_MAPPED) or net.subnet_of(_NAT64) or net.subnet_of(_NAT64_LOCAL):
+        return True
+    return net.subnet_of(_COMPATIBLE) and not net.subnet_of(_NOT_COMPATIBLE)
+
+
+def unwrap(address: IPAddress) -> IPAddress:
+    """
+    The address the policy checks: an IPv6 address that embeds an IPv4 one
+    (IPv4-mapped ::ffff:0:0/96, NAT64 64:ff9b::/96, local-use NAT64
+    64:ff9b:1::/48, IPv4-compatible ::/96 but for :: and ::1) is that IPv4
+    address, taken from its last 32 bits; any other is itself.
+    """
+    if isinstance(address, ipaddress.IPv6Address) and _embeds_ipv4(address):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address
+
+
+def _embedded_readings(address: IPAddress) -> list[IPAddress]:
+    """Every address C{address} may stand for: itself, unwrapped, and the RFC 6052 readings of 64:ff9b:1::/48."""
+    readings = [address, unwrap(address)]
+    if isinstance(address, ipaddress.IPv6Address) and address in _NAT64_LOCAL:
+        value = int(address)
+        for prefix in _RFC6052_PREFIXES:
+            high_bits = 64 - prefix  # of the IPv4 address, before bits 64-71
+            low_bits = 32 - high_bits  # after them, from bit 72 on
+            high = (value >> (128 - prefix - high_bits)) & ((1 << high_bits) - 1)
+            low = (value >> (128 - 72 - low_bits)) & ((1 << low_bits) - 1)
+            readings.append(ipaddress.IPv4Address((high << low_bits) | low))
+    return readings
+
+
 def parse_ip(host: str) -> IPAddress | None:
     """C{host} as an IP address if it is a literal one (brackets allowed), else None."""
     text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
@@ -111,9 +176,8 @@ def parse_ip(host: str) -> IPAddress | None:
 
 
 def is_sensitive(address: IPAddress) -> bool:
-    """Link-local or a cloud metadata address."""
-    address = normalize(address)
-    return any(address in network for network in SENSITIVE)
+    """Link-local or a cloud metadata address, itself or by the IPv4 address it embeds."""
+    return any(a in network for a in _embedded_readings(address) for network in SENSITIVE)
 
 
 def _inside_sensitive(network: IPNetwork) -> bool:
@@ -146,13 +210,15 @@ class Rule:
         return self.ports[0] <= port <= self.ports[1]
 
     def allows_address(self, address: IPAddress, port: int) -> bool:
+        """C{address} as the peer gave it (an embedded IPv4 address is unwrapped here)."""
         if not self.covers_port(port):
             return False
         if self.kind == "any":
             return not is_sensitive(address)
         if self.kind == "network":
             assert self.network is not None
-            if address.version != self.network.version or address not in self.network:
+            checked = unwrap(address)
+            if checked.version != self.network.version or checked not in self.network:
                 return False
             return self.explicit or not is_sensitive(address)
         return False
@@ -209,7 +275,6 @@ class Policy:
         May C{address:port} be dialled, C{host} being the name NOVAS asked
         for (None for an IP literal)?
         """
-        address = normalize(address)
         sensitive = is_sensitive(address)
         if not self.rules:
             return Decision(False, WHY_SENSITIVE) if sensitive else Decision(True, "no allow list")
@@ -288,6 +353,11 @@ def parse_rule(text: str) -> Rule:
                 raise PolicyError(f"{e}{hint}") from None
             if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):
                 raise PolicyError("write IPv4-mapped addresses in their IPv4 form")
+            if isinstance(network, ipaddress.IPv6Network) and _embeds_ipv4(network):
+                raise PolicyError(
+                    "NAT64 (64:ff9b::/96, 64:ff9b:1::/48) and IPv4-compatible (::/96) addresses"
+                    " are checked as the IPv4 address they carry: write the IPv4 form"
+                )
             return Rule(t, "network", ports, network=network)
         return Rule(t, "name", ports, pattern=_name_pattern(target))
     except PolicyError as e:
@@ -321,6 +391,9 @@ class Dialer:
         return Deferred.fromCoroutine(self._dial(host, port, protocol))
 
     async def _dial(self, host: str, port: int, protocol: IProtocol) -> IProtocol:
+        problem = host_problem(host)
+        if problem is not None:
+            raise DNSLookupError(f"invalid host name: {problem}")
         decision = self.policy.check_name(host, port)
         if not decision.allowed:
             raise PolicyDenied(host, port, decision.why)
@@ -328,7 +401,7 @@ class Dialer:
         if literal is not None:
             addresses: list[IPAddress] = [literal]
         else:
-            addresses = _unique(normalize(a) for a in await self.resolve(host))
+            addresses = _unique(normalize(a) for a in await self._resolve(host))
             if not addresses:
                 raise DNSLookupError(host)
         allowed: list[IPAddress] = []
@@ -363,6 +436,18 @@ class Dialer:
         assert last is not None
         raise last
 
+    async def _resolve(self, host: str) -> Sequence[IPAddress]:
+        """
+        The resolver's answer; whatever else it raises (a UnicodeError from
+        IDNA, a bug) becomes a L{DNSLookupError}, so the OPEN is answered.
+        """
+        try:
+            return await self.resolve(host)
+        except (CancelledError, DNSLookupError):
+            raise
+        except Exception as e:
+            raise DNSLookupError(f"the resolver failed ({type(e).__name__})") from e
+
 
 def _unique(addresses: Iterable[IPAddress]) -> list[IPAddress]:
     seen: set[IPAddress] = set()
@@ -374,34 +459,49 @@ def _unique(addresses: Iterable[IPAddress]) -> list[IPAddress]:
     return out
 
 
-@implementer(IResolutionReceiver)
-class _Collect:
-    def __init__(self, result: Deferred[Sequence[IPAddress]]) -> None:
-        self.result = result
-        self.addresses: list[IPAddress] = []
-
-    def resolutionBegan(self, resolutionInProgress: IHostResolution) -> None:
-        pass
-
-    def addressResolved(self, address: IAddress) -> None:
-        host = getattr(address, "host", None)
-        if isinstance(host, str):
-            try:
-                self.addresses.append(ipaddress.ip_address(host))
-            except ValueError:
-                pass
-
-    def resolutionComplete(self) -> None:
-        if not self.result.called:
-            self.result.callback(self.addresses)
+# getaddrinfo(host, port, family, type) -> [(family, type, proto, canonname, sockaddr)]
+GetAddrInfo = Callable[..., list[tuple[Any, Any, Any, Any, Any]]]
+# in_thread(f, *args) -> Deferred firing with f(*args) run off the reactor thread.
+InThread = Callable[..., "Deferred[Any]"]
 
 
-def reactor_resolver(reactor: Any) -> Resolver:
-    """Resolves with the reactor's C{nameResolver} (getaddrinfo in a thread), TCP addresses of both families."""
+def _lookup(getaddrinfo: GetAddrInfo, host: str) -> list[IPAddress]:
+    """The TCP addresses of C{host} (none if the name does not resolve); any other error propagates."""
+    try:
+        answers = getaddrinfo(host, 0, socket.AF_UNSPEC, socket.SOCK_STREAM)
+    except socket.gaierror:
+        return []
+    addresses: list[IPAddress] = []
+    for _family, _type, _proto, _name, sockaddr in answers:
+        try:
+            addresses.append(ipaddress.ip_address(sockaddr[0]))
+        except (ValueError, TypeError, IndexError):
+            pass
+    return addresses
+
+
+def reactor_resolver(
+    reactor: Any, getaddrinfo: GetAddrInfo = socket.getaddrinfo, in_thread: InThread | None = None
+) -> Resolver:
+    """
+    Resolves with getaddrinfo in the reactor's thread pool, TCP addresses of
+    both families.  Not through C{reactor.nameResolver}: Twisted's resolver
+    drops any exception but C{gaierror} (the UnicodeError IDNA raises for a
+    63+ octet label, say), its receiver never hears the end, and the OPEN
+    waited for NOVAS's timeout.  Here every exception fails the Deferred.
+    """
+    if in_thread is None:
+
+        def in_thread(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+            return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+    run = in_thread
 
     def resolve(host: str) -> Deferred[Sequence[IPAddress]]:
-        d: Deferred[Sequence[IPAddress]] = Deferred()
-        reactor.nameResolver.resolveHostName(_Collect(d), host, 0, None, "TCP")
+        try:
+            d: Deferred[Sequence[IPAddress]] = run(_lookup, getaddrinfo, host)
+        except Exception:
+            return fail()
         return d
 
     return resolve

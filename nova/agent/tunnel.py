@@ -22,6 +22,7 @@ from nova.tls import channel_binding
 from nova.wire.errors import ErrorCode, OpenFailReason, ProtocolError
 from nova.wire.frames import Frame, Hello, Reject, Welcome
 from nova.wire.handshake import make_auth, window_problem
+from nova.wire.hostname import host_problem
 from nova.wire.text import untrusted
 
 from .metrics import AgentMetrics, goaway_reason
@@ -233,6 +234,19 @@ class AgentTunnel(TunnelProtocol):
             self.context.metrics.stream_failed(self.server, OpenFailReason.OVERLOADED.name)
             self.mux.refuse(stream_id, OpenFailReason.OVERLOADED, "open rate limit")
             return
+        problem = host_problem(host)
+        if problem is not None:
+            # A name no resolver can take (IDNA refuses it, or it holds a
+            # NUL or a control character): answered now, never left to time out.
+            self.log.warn(
+                "refusing to open {target} for {server}: DNS_FAILURE ({why})",
+                event="bad_host_name",
+                target=untrusted(f"{host}:{port}"),
+                server=self.server,
+                why=problem,
+            )
+            self.mux.refuse(stream_id, OpenFailReason.DNS_FAILURE, f"invalid host name: {problem}")
+            return
         decision = self.context.policy.check_name(host, port)
         if not decision.allowed:
             # Denied before anything is resolved or dialled.
@@ -240,7 +254,10 @@ class AgentTunnel(TunnelProtocol):
             return
         target = TargetPipe()
         target.requested_at = self.clock.seconds()
-        d = self.context.connect_target(host, port, target)
+        try:
+            d = self.context.connect_target(host, port, target)
+        except Exception:
+            d = fail()  # answered as a failed connection, below
         self._dialing[stream_id] = d
         d.addCallbacks(
             lambda _: self._target_connected(stream_id, host, port, target),
@@ -275,10 +292,10 @@ class AgentTunnel(TunnelProtocol):
         message = failure.getErrorMessage()
         self.log.warn(
             "cannot connect to {target} for {server}: {reason} ({detail})",
-            target=f"{host}:{port}",
+            target=untrusted(f"{host}:{port}"),
             server=self.server,
             reason=reason.name,
-            detail=message,
+            detail=untrusted(message),
         )
         self.context.metrics.stream_failed(self.server, reason.name)
         self.mux.refuse(stream_id, reason, message)
@@ -291,11 +308,11 @@ class AgentTunnel(TunnelProtocol):
             "policy denied {target} for {server}: DENIED ({detail})",
             event="stream_denied",
             agent=self.context.name,
-            target=denial.target,
+            target=untrusted(denial.target),
             server=self.server,
             reason=denial.why,
             addresses=[str(a) for a in denial.addresses],
-            detail=denial.message,
+            detail=untrusted(denial.message),
         )
         self.context.metrics.denied(self.server)
         if self.context.on_denied is not None:

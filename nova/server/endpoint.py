@@ -21,6 +21,8 @@ from zope.interface import implementer
 
 from nova.mux.stream import StreamTransport
 from nova.wire.errors import OpenFailReason
+from nova.wire.hostname import InvalidHostName, host_problem
+from nova.wire.text import untrusted
 
 from .registry import Registered, Registry
 from .routes import Selector
@@ -71,6 +73,8 @@ class TunnelEndpoint:
     is established (it went away, is draining, or did not answer within
     C{open_timeout}), the next matching agent is tried, up to C{attempts} in
     all.  Failures about the target itself (refused, DNS, policy) are final.
+    A host name no agent could resolve (see L{nova.wire.hostname}) raises
+    L{InvalidHostName} at once.
     """
 
     log = Logger()
@@ -85,6 +89,10 @@ class TunnelEndpoint:
         open_timeout: float = DEFAULT_OPEN_TIMEOUT,
         attempts: int = DEFAULT_ATTEMPTS,
     ) -> None:
+        problem = host_problem(host)
+        if problem is not None:
+            # Refused here, so no agent is asked to resolve it.
+            raise InvalidHostName(f"TunnelEndpoint: cannot connect to {untrusted(host)!r}: {problem}")
         self.registry = registry
         self.selector = selector
         self.host = host
@@ -162,4 +170,4 @@ class TunnelEndpoint:
         d.addCallbacks(opened, failed)
 
 
-__all__ = ["AgentTimeout", "NoAgent", "TimeoutError", "TunnelEndpoint", "retryable"]
+__all__ = ["AgentTimeout", "InvalidHostName", "NoAgent", "TimeoutError", "TunnelEndpoint", "retryable"]

@@ -41,6 +41,11 @@ TOKEN_FILE = Setting(
     "File of agent tokens, one per line: TOKEN [id=LABEL] [name=GLOB] [tags=K=V;K=V] (scope); re-read on SIGHUP.",
 )
 
+# The SOCKS password is all that stands between the SOCKS port and the
+# private networks behind the agents: long enough that guessing it over the
+# network, at the throttled rate, is hopeless.
+MIN_SOCKS_PASSWORD = 16
+
 SETTINGS = (
     Setting("agent-port", "NOVAS_AGENT_PORT", "9022", "Port agents dial."),
     Setting("agent-bind", "NOVAS_AGENT_BIND", "0.0.0.0", "Address the agent port listens on."),
@@ -64,7 +69,13 @@ SETTINGS = (
     *timing_settings("NOVAS"),
     Setting("socks-port", "NOVAS_SOCKS_PORT", None, "SOCKS5 entry port (off unless set); username = SELECTOR."),
     Setting("socks-bind", "NOVAS_SOCKS_BIND", "127.0.0.1", "Address the SOCKS5 port listens on."),
-    Setting("socks-password", "NOVAS_SOCKS_PASSWORD", None, "SOCKS5 password (required beyond loopback).", secret=True),
+    Setting(
+        "socks-password",
+        "NOVAS_SOCKS_PASSWORD",
+        None,
+        "SOCKS5 password, 16+ characters (required beyond loopback).",
+        secret=True,
+    ),
     Setting("admin-port", "NOVAS_ADMIN_PORT", "9023", "Admin API and page, /metrics, /healthz, /readyz ('off': none)."),
     Setting("admin-bind", "NOVAS_ADMIN_BIND", "127.0.0.1", "Address the admin port listens on."),
     Setting(
@@ -160,6 +171,11 @@ def build_config(v: dict[str, Any]) -> ServerConfig:
     block_after = parse_int(v["auth-block-after"], "--auth-block-after / NOVAS_AUTH_BLOCK_AFTER", 0, 10**6)
     socks_port = parse_port(v["socks-port"], "--socks-port / NOVAS_SOCKS_PORT", True) if v["socks-port"] else None
     socks_password = v["socks-password"].encode("utf-8") if v["socks-password"] else None
+    if v["socks-password"] and len(v["socks-password"]) < MIN_SOCKS_PASSWORD:
+        raise ConfigError(
+            f"--socks-password / NOVAS_SOCKS_PASSWORD must be at least {MIN_SOCKS_PASSWORD} characters"
+            " (it can be guessed over the network): use a random one, like `openssl rand -hex 16`"
+        )
     if socks_port is not None and socks_password is None and not is_loopback(v["socks-bind"]):
         raise ConfigError(
             f"--socks-bind / NOVAS_SOCKS_BIND {v['socks-bind']} is beyond loopback:"

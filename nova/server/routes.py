@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from nova.config import ConfigError, parse_port, parse_tags
+from nova.wire.hostname import host_problem
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,9 @@ def parse_route(text: str, default_bind: str = "127.0.0.1") -> Route:
     if len(fields) != 4 or not all(fields[1:]):
         raise ConfigError(f"route {text!r} is not [BIND:]PORT:HOST:HOSTPORT[@SELECTOR]")
     bind, port, host, host_port = fields
+    problem = host_problem(host)
+    if problem is not None:
+        raise ConfigError(f"route {text!r}: HOST {host!r} cannot be a destination: {problem}")
     return Route(
         bind=bind or default_bind,
         port=parse_port(port, f"route {text!r}: PORT", allow_zero=True),

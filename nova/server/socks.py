@@ -25,11 +25,14 @@ from twisted.python.failure import Failure
 from nova.admin.audit import Audit
 from nova.config import ConfigError
 from nova.wire.errors import OpenFailReason
+from nova.wire.hostname import host_problem
+from nova.wire.text import untrusted
 
 from .endpoint import DEFAULT_OPEN_TIMEOUT, NoAgent, TunnelEndpoint
 from .listener import EntryConnection, StreamWatch, address
 from .registry import Registry
 from .routes import Selector, parse_selector
+from .security import Limits, Throttle, source_key
 from .tunnel import OpenFailed
 
 VERSION = 5
@@ -79,6 +82,62 @@ class Malformed(Exception):
     pass
 
 
+class PasswordGate:
+    """
+    The SOCKS password, checked with the agent token's throttle rules: per
+    source address, after a few failures each attempt waits longer, and
+    after C{failures_before_block} the source is refused for a while
+    without its passwords being checked at all.
+
+    Every call into L{Throttle} is in this class: C{blocked}, C{delay},
+    C{failed}, C{succeeded}.
+    """
+
+    # A blocked source's refusals are logged once, then once every this many.
+    LOG_EVERY = 1000
+
+    def __init__(self, password: bytes, throttle: Throttle, clock: IReactorTime) -> None:
+        self._password = password
+        self.throttle = throttle
+        self.clock = clock
+        self.refused_unchecked = 0
+        self._refused_since_block: dict[str, int] = {}
+
+    def blocked(self, source: str) -> bool:
+        return self.throttle.blocked(source, self.clock.seconds())
+
+    def delay(self, source: str) -> float:
+        return self.throttle.delay(source, self.clock.seconds())
+
+    def check(self, source: str, password: bytes) -> bool:
+        """Is C{password} right?  Counts the failure or clears the record."""
+        if hmac.compare_digest(password, self._password):
+            self.throttle.succeeded(source)
+            self._refused_since_block.pop(source, None)
+            return True
+        self.throttle.failed(source, self.clock.seconds())
+        if self.blocked(source):
+            self._refused_since_block.pop(source, None)  # a new block: its first refusal is logged
+        return False
+
+    def failure_note(self, source: str) -> str:
+        if self.blocked(source):
+            limits = self.throttle.limits
+            return f"; {limits.failures_before_block} failures: blocked for {limits.block_seconds:g}s"
+        return ""
+
+    def refused_blocked(self, source: str) -> str | None:
+        """Count a refusal of a blocked source; the line to log, if this one is logged."""
+        self.refused_unchecked += 1
+        n = self._refused_since_block.get(source, 0) + 1
+        self._refused_since_block[source] = n
+        if len(self._refused_since_block) > self.throttle.max_sources:
+            self._refused_since_block.pop(next(iter(self._refused_since_block)))
+        if n == 1 or n % self.LOG_EVERY == 0:
+            return f"blocked after repeated wrong SOCKS passwords; refused without checking ({n} so far)"
+        return None
+
+
 class SocksClient(EntryConnection):
     """One SOCKS5 client connection: negotiate, then relay."""
 
@@ -91,6 +150,7 @@ class SocksClient(EntryConnection):
         self._state = "greeting"
         self._selector = Selector()
         self._target = ""
+        self._auth_wait: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         # A client that never finishes negotiating is closed, not kept.
@@ -100,6 +160,9 @@ class SocksClient(EntryConnection):
 
     def _too_slow(self) -> None:
         self._deadline = None
+        if self._state == "auth-wait":
+            self._close("the password check waited past the negotiation timeout (repeated wrong passwords)")
+            return
         if self._state in ("greeting", "auth", "request"):
             self._refuse(f"no complete request within {self.factory.negotiation_timeout:g}s")
 
@@ -107,6 +170,9 @@ class SocksClient(EntryConnection):
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
+        if self._auth_wait is not None and self._auth_wait.active():
+            self._auth_wait.cancel()
+        self._auth_wait = None
 
     def dataReceived(self, data: bytes) -> None:
         if self._state == "relay":
@@ -115,6 +181,9 @@ class SocksClient(EntryConnection):
         if self._state == "closed":
             return
         self._buffer += data
+        self._process()
+
+    def _process(self) -> None:
         try:
             while self._state in ("greeting", "auth", "request") and self._step():
                 pass
@@ -195,21 +264,70 @@ class SocksClient(EntryConnection):
                 try:
                     host = raw[1:].decode("idna")
                 except UnicodeError:
-                    raise Malformed("domain name is not valid") from None
+                    shown = untrusted(raw[1:].decode("utf-8", "backslashreplace"))
+                    raise Malformed(f"domain name {shown} is not valid") from None
                 if not host:
                     raise Malformed("empty domain name")
             if port == 0:
                 raise Malformed("port 0")
+            problem = host_problem(host)
+            if problem is not None:
+                # No agent could resolve it (or it would resolve to another
+                # name than the one logged): answered now, nothing opened.
+                self._send(reply(Reply.HOST_UNREACHABLE))
+                self._close(f"refusing {untrusted(host)}:{port}: {problem} -> {Reply.HOST_UNREACHABLE.name}")
+                return False
             self._connect(host, port)
             return False
         return False
 
     def _authenticate(self, username: bytes, password: bytes) -> None:
-        expected = self.factory.password
-        if expected is not None and not hmac.compare_digest(password, expected):
-            self._send(bytes([AUTH_VERSION, 1]))
-            self._close("wrong SOCKS password")
+        gate = self.factory.gate
+        if gate is None:
+            self._accept(username)
             return
+        source = self._source()
+        if gate.blocked(source):
+            self._send(bytes([AUTH_VERSION, 1]))
+            self._close_quietly(gate.refused_blocked(source))
+            return
+        delay = gate.delay(source)
+        if not delay:
+            self._check(username, password)
+            return
+        # Like the agent handshake: repeated failures slow this source down.
+        self._state = "auth-wait"
+        self._auth_wait = self.factory.clock.callLater(delay, self._check_later, username, password)
+
+    def _check_later(self, username: bytes, password: bytes) -> None:
+        self._check(username, password)
+        self._process()  # a request sent along with the password waited in the buffer
+
+    def _check(self, username: bytes, password: bytes) -> None:
+        gate = self.factory.gate
+        assert gate is not None
+        self._auth_wait = None
+        if self._state == "closed":
+            return
+        source = self._source()
+        if gate.blocked(source):
+            # Blocked while this attempt waited: not checked either.
+            self._send(bytes([AUTH_VERSION, 1]))
+            self._close_quietly(gate.refused_blocked(source))
+            return
+        self._state = "auth"
+        if not gate.check(source, password):
+            self._send(bytes([AUTH_VERSION, 1]))
+            self._close("wrong SOCKS password" + gate.failure_note(source))
+            return
+        self._accept(username)
+
+    def _source(self) -> str:
+        """The throttle's key for the client: its IPv4 address, or the /64 of its IPv6 one."""
+        peer = self.transport.getPeer() if self.transport is not None else None
+        return source_key(str(getattr(peer, "host", "?")))
+
+    def _accept(self, username: bytes) -> None:
         try:
             self._selector = parse_selector(username.decode("utf-8"))
         except (UnicodeDecodeError, ConfigError):
@@ -223,7 +341,7 @@ class SocksClient(EntryConnection):
         assert self.transport is not None
         self._stop_deadline()
         self._state = "connecting"
-        self._target = f"{host}:{port}"
+        self._target = untrusted(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         endpoint = TunnelEndpoint(
             self.factory.registry, self._selector, host, port, self.factory.clock, self.factory.open_timeout
         )
@@ -270,6 +388,16 @@ class SocksClient(EntryConnection):
         if self.transport is not None:
             self.transport.write(data)
 
+    def _close_quietly(self, why: str | None) -> None:
+        """Close, logging C{why} only if there is one (a blocked source's attempts are not all logged)."""
+        if why is not None:
+            self._close(why)
+            return
+        self._stop_deadline()
+        self._state = "closed"
+        if self.transport is not None:
+            self.transport.loseConnection()
+
     def _close(self, why: str) -> None:
         self._stop_deadline()
         self._state = "closed"
@@ -297,7 +425,9 @@ class SocksFactory(Factory):
         open_timeout: float = DEFAULT_OPEN_TIMEOUT,
         audit: Audit | None = None,
         negotiation_timeout: float = 10.0,
+        limits: Limits | None = None,
     ) -> None:
+        self.gate = PasswordGate(password, Throttle(limits or Limits()), clock) if password is not None else None
         self.audit = audit or Audit()
         self.negotiation_timeout = negotiation_timeout
         self.registry = registry

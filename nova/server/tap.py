@@ -119,6 +119,7 @@ class NovasService(MultiService):
                     config.open_timeout,
                     self.context.audit,
                     config.handshake_timeout,
+                    limits=config.limits,
                 ),
             )
             self.socks_listener.setServiceParent(self)  # type: ignore[no-untyped-call]
