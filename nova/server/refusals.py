@@ -7,14 +7,24 @@ token, thousands of times a second.  Each such refusal is worth knowing
 about, but not thousands of times: the first refusal from a source in an
 interval is reported in full (with the claimed name and reason, so a
 misconfigured agent is easy to diagnose), and the rest are counted and
-reported as one summary when the interval ends.  Pure: time comes from the
-caller; the server turns reports into log lines and audit records.
+reported as one summary when the interval ends.  L{RefusalLog} is the pure
+bookkeeping (time comes from the caller); L{Refusals} turns it into log
+lines, audit records and metrics on a reactor's clock.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from nova.wire.text import untrusted
+
+if TYPE_CHECKING:
+    from nova.admin.audit import Audit
 
 # Sources tracked at once.  A flood from more sources than this (a botnet,
 # or an IPv6 range) is counted under one bucket, so memory stays bounded.
@@ -95,3 +105,67 @@ class RefusalLog:
         del self._windows[source]
         if window.counts:
             self._ready.append(Summary(source, window.counts, window.start, now))
+
+
+class Refusals:
+    """
+    What NOVAS does with a refused connection: count it always (metrics),
+    log and audit the first from its source in an interval, and summarise
+    the rest once the interval ends (and at shutdown, so nothing is lost).
+    """
+
+    log = Logger()
+
+    def __init__(self, clock: IReactorTime, audit: Audit, interval: float = DEFAULT_INTERVAL) -> None:
+        self.clock = clock
+        self.audit = audit
+        self.book = RefusalLog(interval)
+        self._summary_call: IDelayedCall | None = None
+
+    @property
+    def interval(self) -> float:
+        return self.book.interval
+
+    def refused(self, address: str, source: str, code: str, why: str, claimed: str = "", token: str = "") -> None:
+        """A connection from C{address} (throttle key C{source}) that did not register was refused."""
+        self.audit.refusal_counted(code)
+        # A client that proved a token is counted apart from the anonymous
+        # ones from its address: its refusal (a scope, a name in use) is a
+        # configuration problem an operator needs to see, not noise.
+        key = f"{source} (token {token})" if token else source
+        if self.book.refused(key, code, self.clock.seconds()):
+            self.log.warn(
+                "refused {peer}{claimed_note}: {code}: {reason}",
+                peer=address,
+                claimed_note=f" (claiming to be {untrusted(claimed, 64)!r})" if claimed else "",
+                code=code,
+                reason=why,
+                token_id=token,
+            )
+            self.audit.auth_failed(address, claimed, code, why, token_id=token)
+        elif self._summary_call is None:
+            self._summary_call = self.clock.callLater(self.interval, self.summarise)
+
+    def summarise(self, everything: bool = False) -> None:
+        """Log and audit one line per source for the refusals counted, not reported."""
+        self._summary_call = None
+        now = self.clock.seconds()
+        for summary in self.book.due(now + (self.interval if everything else 0.0)):
+            self.log.warn(
+                "refused {count} more connection(s) from {source} that did not register"
+                " in the last {seconds:.0f}s: {codes}",
+                count=summary.total,
+                source=summary.source,
+                seconds=now - summary.since,
+                codes=summary.codes(),
+            )
+            code = summary.counts.most_common(1)[0][0]
+            self.audit.auth_failed(summary.source, "", code, summary.codes(), count=summary.total)
+        if self.book.pending() and not everything:
+            self._summary_call = self.clock.callLater(self.interval, self.summarise)
+
+    def stop(self) -> None:
+        """Report what is still counted and stop the summary timer."""
+        if self._summary_call is not None and self._summary_call.active():
+            self._summary_call.cancel()
+        self.summarise(everything=True)

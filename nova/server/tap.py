@@ -250,7 +250,7 @@ class NovasService(MultiService):
                 timeout=self.config.drain_timeout,
             )
         drains = [t.drain(self.config.drain_timeout, ErrorCode.SHUTDOWN, "server shutting down") for t in tunnels]
-        self.context.stop()  # what the refusal log still counts goes to the log and the store now
+        self.context.refusals.stop()  # what is still only counted goes to the log and the store now
         d: Deferred[None] = gatherResults([stopped, *drains]).addCallback(lambda _: deferToThread(self.store.stop))
         return d
 

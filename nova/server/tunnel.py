@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -26,7 +26,7 @@ from nova.wire.frames import VERSION, Auth, Frame, Hello, Reject, Welcome
 from nova.wire.handshake import name_problem, new_nonce, tags_problem, window_problem
 from nova.wire.text import untrusted
 
-from .refusals import RefusalLog
+from .refusals import Refusals
 from .registry import Registry
 from .security import AgentToken, Limits, Throttle, TokenSet, source_key
 
@@ -80,8 +80,7 @@ class ServerContext:
     # so no TLS work is spent on them) for one of its handshakes to end.
     waiting: dict[str, deque[ServerTunnel]] = field(default_factory=dict)
     waiting_count: int = 0
-    refusals: RefusalLog = field(default_factory=RefusalLog)
-    _summary_call: IDelayedCall | None = None
+    refusals: Refusals = field(init=False)
 
     def __post_init__(self) -> None:
         if self.tokens is None:
@@ -91,54 +90,7 @@ class ServerContext:
         self.token = None  # only the token set keeps it
         if self.throttle is None:
             self.throttle = Throttle(self.limits)
-
-    def refused(self, address: str, source: str, code: str, why: str, claimed: str = "", token: str = "") -> None:
-        """
-        A connection that did not register was refused.  Counted always;
-        logged and audited in full only for the first from its source in an
-        interval, the rest in one summary (see L{RefusalLog}).
-        """
-        self.audit.refusal_counted(code)
-        # A client that proved a token is counted apart from the anonymous
-        # ones from its address: its refusal (a scope, a name in use) is a
-        # configuration problem an operator needs to see, not noise.
-        key = f"{source} (token {token})" if token else source
-        if self.refusals.refused(key, code, self.clock.seconds()):
-            log.warn(
-                "refused {peer}{claimed_note}: {code}: {reason}",
-                peer=address,
-                claimed_note=f" (claiming to be {untrusted(claimed, 64)!r})" if claimed else "",
-                code=code,
-                reason=why,
-                token_id=token,
-            )
-            self.audit.auth_failed(address, claimed, code, why, token_id=token)
-        elif self._summary_call is None:
-            self._summary_call = self.clock.callLater(self.refusals.interval, self.summarise_refusals)
-
-    def summarise_refusals(self, everything: bool = False) -> None:
-        """Log and audit one line per source for the refusals counted, not reported."""
-        self._summary_call = None
-        now = self.clock.seconds()
-        for summary in self.refusals.due(now + (self.refusals.interval if everything else 0.0)):
-            log.warn(
-                "refused {count} more connection(s) from {source} that did not register"
-                " in the last {seconds:.0f}s: {codes}",
-                count=summary.total,
-                source=summary.source,
-                seconds=now - summary.since,
-                codes=summary.codes(),
-            )
-            code = summary.counts.most_common(1)[0][0]
-            self.audit.auth_failed(summary.source, "", code, summary.codes(), count=summary.total)
-        if self.refusals.pending() and not everything:
-            self._summary_call = self.clock.callLater(self.refusals.interval, self.summarise_refusals)
-
-    def stop(self) -> None:
-        """Report what is still counted and stop the summary timer."""
-        if self._summary_call is not None and self._summary_call.active():
-            self._summary_call.cancel()
-        self.summarise_refusals(everything=True)
+        self.refusals = Refusals(self.clock, self.audit)
 
 
 @implementer(IHandshakeListener)
@@ -253,7 +205,7 @@ class ServerTunnel(TunnelProtocol):
         self.send_frame(Hello(self._nonce))
 
     def _report(self, code: str, why: str, claimed: str = "", token: str = "") -> None:
-        self.context.refused(self.address, self.source, code, why, claimed, token)
+        self.context.refusals.refused(self.address, self.source, code, why, claimed, token)
 
     def _refuse(self, code: str, why: str) -> None:
         """Drop a connection before the handshake (no TLS work is done for it)."""
