@@ -4,6 +4,7 @@ Services shared by both commands.
 
 from __future__ import annotations
 
+import platform
 import signal
 import threading
 from collections.abc import Callable
@@ -14,6 +15,26 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+import nova
+import twisted
+
+
+class StartupError(SystemExit, Exception):
+    """
+    A service cannot start (port in use, audit database down): the message is
+    the one line for the user.
+
+    A L{SystemExit}, so that C{twist} prints the line and exits 1 without a
+    traceback; an L{Exception} as well, because C{twistd}'s start-up catches
+    only C{Exception} to remove its pid file and tell the parent process it
+    detached from (which otherwise waits forever and leaves the pid file).
+    """
+
+
+def versions(command: str) -> str:
+    """What runs, for the first log line: NOVA's version, then Twisted's and Python's."""
+    return f"{command} (NOVA) {nova.__version__}, Twisted {twisted.__version__}, Python {platform.python_version()}"
 
 
 class ListenerService(Service):
@@ -35,7 +56,7 @@ class ListenerService(Service):
         d = self.endpoint.listen(self.factory)
         d.addCallbacks(self._listening, failure.append)
         if failure:
-            raise SystemExit(f"{self.command}: error: cannot listen for {self.what}: {failure[0].getErrorMessage()}")
+            raise StartupError(f"{self.command}: error: cannot listen for {self.what}: {failure[0].getErrorMessage()}")
 
     def _listening(self, port: IListeningPort) -> None:
         self.port = port

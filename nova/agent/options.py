@@ -20,6 +20,7 @@ from nova.config import (
     parse_tags,
     parse_timing,
     read_secret,
+    separator_hint,
     split_host_port,
     timing_settings,
 )
@@ -127,7 +128,7 @@ def build_config(v: dict[str, Any]) -> AgentConfig:
     try:
         policy = parse_policy(v.get("allow") or [])
     except PolicyError as e:
-        raise ConfigError(f"--allow / NOVAC_ALLOW: {e}") from None
+        raise ConfigError(f"--allow / NOVAC_ALLOW: {e}{separator_hint(v.get('allow') or [], 'NOVAC_ALLOW')}") from None
     keepalive, dead, drain = parse_timing(v, "NOVAC")
     if bool(v["tls-cert"]) != bool(v["tls-key"]):
         raise ConfigError("--tls-cert and --tls-key (NOVAC_TLS_CERT, NOVAC_TLS_KEY) go together")

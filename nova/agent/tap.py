@@ -14,7 +14,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
 from nova.mux.tunnel import Timing
-from nova.service import exit_zero_on_sigterm
+from nova.service import exit_zero_on_sigterm, versions
 from nova.tls import TLSConfigError, client_creator
 from nova.wire.errors import ErrorCode
 
@@ -84,6 +84,7 @@ class NovacService(MultiService):
 
     def startService(self) -> None:
         c = self.config
+        log.info("{versions}", versions=versions("novac"))
         if not c.tls:
             log.warn("TLS is OFF (--no-tls): tunnel traffic is readable on the network")
         log.info(
