@@ -1,0 +1,367 @@
+"""
+What a new user trips over (issue 17, item 5): settings mistakes that were
+silently accepted or explained badly, the version, start-up failures under
+twistd, the agent's retry line and the example files.
+
+Each check runs the real command (`python -m twisted novas|novac`, `twistd`)
+the way a user would and asserts what the user sees: the exit status, the one
+line that names the setting, no traceback and no secret.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from twisted.trial.unittest import SynchronousTestCase
+
+import nova
+from nova.admin.store import AuditStore, AuditStoreError, PostgresBackend, SQLiteBackend
+from nova.agent.options import SETTINGS as AGENT_SETTINGS
+from nova.agent.options import Options as AgentOptions
+from nova.config import ConfigError, is_placeholder, split_host_port, unknown_variables
+from nova.server.options import SETTINGS as SERVER_SETTINGS
+from nova.server.options import Options as ServerOptions
+from nova.service import StartupError
+
+from .processes import ADMIN_TOKEN, TOKEN, free_port, novac, novas, wait_for
+
+BIN = Path(sys.executable).parent
+SECRET_PASSWORD = "pg-secret-pw-77"
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOVAS_", "NOVAC_"))}
+    env.update(extra)
+    return env
+
+
+def _run(plugin: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "twisted", plugin, *args],
+        env=_clean_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+# --- The pure decisions ---------------------------------------------------------
+
+
+class UnknownVariableTests(SynchronousTestCase):
+    def test_a_misspelt_variable_names_the_closest_setting(self) -> None:
+        warnings = unknown_variables(SERVER_SETTINGS, {"NOVAS_ROUTE": "1:a:2", "NOVAS_AGENT_TOKEN": "x"})
+        self.assertEqual(warnings, ["NOVAS_ROUTE is not a setting and is ignored; did you mean NOVAS_ROUTES?"])
+
+    def test_a_name_close_to_none_points_at_help(self) -> None:
+        warnings = unknown_variables(AGENT_SETTINGS, {"NOVAC_FOO": "1"})
+        self.assertEqual(warnings, ["NOVAC_FOO is not a setting and is ignored; see --help for the settings"])
+
+    def test_the_other_command_and_kubernetes_service_links_are_not_ours(self) -> None:
+        env = {
+            "NOVAC_SERVER": "a:1",  # NOVAC's, beside NOVAS in one Compose file
+            "NOVAS_SERVICE_HOST": "10.0.0.1",  # a Kubernetes Service named novas
+            "NOVAS_SERVICE_PORT": "9022",
+            "NOVAS_PORT": "tcp://10.0.0.1:9022",
+            "NOVAS_PORT_9022_TCP_ADDR": "10.0.0.1",
+            "HOME": "/root",
+        }
+        self.assertEqual(unknown_variables(SERVER_SETTINGS, env), [])
+
+    def test_every_real_setting_is_known(self) -> None:
+        for settings in (SERVER_SETTINGS, AGENT_SETTINGS):
+            self.assertEqual(unknown_variables(settings, {s.env: "x" for s in settings}), [])
+
+
+class ValueTests(SynchronousTestCase):
+    def test_a_url_is_not_host_port(self) -> None:
+        with self.assertRaises(ConfigError) as e:
+            split_host_port("https://novas.example.com:9022", "--server / NOVAC_SERVER")
+        self.assertEqual(
+            str(e.exception),
+            "--server / NOVAC_SERVER: 'https://novas.example.com:9022' is a URL:"
+            " give HOST:PORT without https:// (e.g. novas.example.com:9022)",
+        )
+        with self.assertRaises(ConfigError):
+            split_host_port("novas.example.com/x:9022", "--server / NOVAC_SERVER")
+        self.assertEqual(split_host_port("novas.example.com:9022", "x"), ("novas.example.com", 9022))
+        self.assertEqual(split_host_port("[::1]:9022", "x"), ("::1", 9022))
+
+    def test_placeholders(self) -> None:
+        for placeholder in ("change-me-to-a-long-random-secret", "CHANGEME-please-0123456789", "paste-here"):
+            self.assertTrue(is_placeholder(placeholder), placeholder)
+        for real in (TOKEN, "a-change-me-in-the-middle-1234", "7f3c" * 8):
+            self.assertFalse(is_placeholder(real), real)
+
+    def test_an_unknown_option_is_one_line_with_the_closest(self) -> None:
+        with self.assertRaises(SystemExit) as e:
+            ServerOptions(env={}).parseOptions(["--agent-tokn", "x"])
+        self.assertEqual(
+            str(e.exception),
+            "novas: error: unknown option --agent-tokn; did you mean --agent-token? (--help lists the options)",
+        )
+        with self.assertRaises(SystemExit) as e:
+            AgentOptions(env={}).parseOptions(["--server"])
+        self.assertEqual(str(e.exception), "novac: error: option --server requires argument (--help lists the options)")
+
+    def test_version_option_prints_novas_version_not_twisteds(self) -> None:
+        out = io.StringIO()
+        with self.assertRaises(SystemExit) as e, contextlib.redirect_stdout(out):
+            ServerOptions(env={}).parseOptions(["--version"])
+        self.assertEqual(e.exception.code, 0)
+        self.assertEqual(out.getvalue(), f"novas (NOVA) {nova.__version__}\n")
+
+    def test_startup_error_is_both_an_exit_and_an_exception(self) -> None:
+        # twist lets a SystemExit print its line; twistd catches Exception to
+        # remove its pid file and release the parent it detached from.
+        error = StartupError("novas: error: x")
+        self.assertIsInstance(error, SystemExit)
+        self.assertIsInstance(error, Exception)
+        self.assertEqual(error.code, "novas: error: x")
+
+
+class AuditStoreErrorTests(SynchronousTestCase):
+    def test_an_unreachable_postgresql_names_the_setting_and_hides_the_password(self) -> None:
+        dsn = f"postgresql://nova:{SECRET_PASSWORD}@127.0.0.1:{free_port()}/nova"
+        store = AuditStore(PostgresBackend(dsn))
+        with self.assertRaises(AuditStoreError) as e:
+            store.start()
+        message = str(e.exception)
+        self.assertTrue(
+            message.startswith("--audit-db / NOVAS_AUDIT_DB: cannot open the audit store postgresql://nova:***@")
+        )
+        self.assertNotIn(SECRET_PASSWORD, message)
+        self.assertNotIn("\n", message)
+
+    def test_an_unusable_sqlite_path_names_the_setting(self) -> None:
+        store = AuditStore(SQLiteBackend(Path("/proc/nova-cannot-be-here/audit.sqlite3")))
+        with self.assertRaises(AuditStoreError) as e:
+            store.start()
+        self.assertIn(
+            "--audit-db / NOVAS_AUDIT_DB: cannot open the audit store /proc/nova-cannot-be-here", str(e.exception)
+        )
+
+
+# --- The real commands -------------------------------------------------------------
+
+
+def _bad_files(tmp: Path) -> dict[str, str]:
+    garbage = tmp / "not-a-cert.pem"
+    garbage.write_text("hello\n")
+    return {"missing": str(tmp / "missing.pem"), "garbage": str(garbage)}
+
+
+CASES = [
+    pytest.param(
+        "novas",
+        {"NOVAS_AGENT_TOKEN": "change-me-to-a-long-random-secret"},
+        "--agent-token / NOVAS_AGENT_TOKEN is still the example's placeholder",
+        id="novas-placeholder-agent-token",
+    ),
+    pytest.param(
+        "novas",
+        {"NOVAS_AGENT_TOKEN": TOKEN, "NOVAS_ADMIN_TOKEN": "change-me-to-another-long-random-secret"},
+        "--admin-token / NOVAS_ADMIN_TOKEN is still the example's placeholder",
+        id="novas-placeholder-admin-token",
+    ),
+    pytest.param(
+        "novac",
+        {"NOVAC_SERVER": "a:1", "NOVAC_TLS": "off", "NOVAC_TOKEN": "change-me-to-a-long-random-secret"},
+        "--token / NOVAC_TOKEN is still the example's placeholder",
+        id="novac-placeholder-token",
+    ),
+    pytest.param(
+        "novac",
+        {"NOVAC_SERVER": "https://novas.example.com:9022", "NOVAC_TLS": "off", "NOVAC_TOKEN": TOKEN},
+        "--server / NOVAC_SERVER: 'https://novas.example.com:9022' is a URL: give HOST:PORT without https://",
+        id="novac-server-url",
+    ),
+    pytest.param(
+        "novas",
+        {"NOVAS_AGENT_TOKEN": TOKEN, "NOVAS_ROUTES": "15432:db:5432;16379:cache:6379"},
+        "--route / NOVAS_ROUTES: route '15432:db:5432;16379:cache:6379' is not [BIND:]PORT:HOST:HOSTPORT"
+        "[@SELECTOR] (NOVAS_ROUTES separates entries with ',', not ';')",
+        id="novas-routes-semicolon",
+    ),
+    pytest.param(
+        "novas",
+        {"NOVAS_AGENT_TOKEN": TOKEN, "NOVAS_TLS_CERT": "{missing}", "NOVAS_TLS_KEY": "{missing}"},
+        "--tls-cert / NOVAS_TLS_CERT: cannot read certificate",
+        id="novas-unreadable-cert",
+    ),
+    pytest.param(
+        "novas",
+        {"NOVAS_AGENT_TOKEN": TOKEN, "NOVAS_TLS_CERT": "{garbage}", "NOVAS_TLS_KEY": "{missing}"},
+        "--tls-cert / NOVAS_TLS_CERT: certificate",
+        id="novas-garbage-cert",
+    ),
+    pytest.param(
+        "novac",
+        {
+            "NOVAC_SERVER": "a:1",
+            "NOVAC_TOKEN": TOKEN,
+            "NOVAC_TLS_FINGERPRINT": "sha256:" + "ab" * 32,
+            "NOVAC_TLS_CERT": "{missing}",
+            "NOVAC_TLS_KEY": "{missing}",
+        },
+        "--tls-cert / NOVAC_TLS_CERT: cannot read client certificate",
+        id="novac-unreadable-client-cert",
+    ),
+    pytest.param(
+        "novas",
+        {
+            "NOVAS_AGENT_TOKEN": TOKEN,
+            "NOVAS_ADMIN_PORT": "off",
+            "NOVAS_AUDIT_DB": f"postgresql://nova:{SECRET_PASSWORD}@127.0.0.1:{{closed}}/nova",
+        },
+        "--audit-db / NOVAS_AUDIT_DB: cannot open the audit store postgresql://nova:***@127.0.0.1:",
+        id="novas-audit-db-down",
+    ),
+]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("plugin", "env", "message"), CASES)
+def test_a_silent_mistake_is_one_line_naming_the_setting(
+    tmp_path: Path, plugin: str, env: dict[str, str], message: str
+) -> None:
+    values = _bad_files(tmp_path) | {"closed": str(free_port())}
+    env = {k: v.format(**values) for k, v in env.items()}
+    if plugin == "novas":
+        env.setdefault("NOVAS_STATE_DIR", str(tmp_path / "state"))
+        env.setdefault("NOVAS_AGENT_PORT", str(free_port()))
+        env.setdefault("NOVAS_ADMIN_PORT", str(free_port()))
+    result = _run(plugin, env)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{plugin}: error: "), result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    for secret in (TOKEN, SECRET_PASSWORD):
+        assert secret not in result.stderr + result.stdout
+
+
+@pytest.mark.integration
+def test_an_unknown_option_is_one_line_not_the_whole_help() -> None:
+    result = _run("novas", {"NOVAS_AGENT_TOKEN": TOKEN}, "--agent-tokn", TOKEN)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "novas: error: unknown option --agent-tokn; did you mean --agent-token? (--help lists the options)"
+    ]
+    assert result.stdout == ""
+
+
+@pytest.mark.integration
+def test_a_misspelt_variable_is_named_before_the_error_it_causes() -> None:
+    result = _run("novas", {"NOVAS_AGENT_TOKN": TOKEN})
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "novas: warning: NOVAS_AGENT_TOKN is not a setting and is ignored; did you mean NOVAS_AGENT_TOKEN?",
+        "novas: error: --agent-token / NOVAS_AGENT_TOKEN (or --agent-token-file) is required",
+    ]
+    assert TOKEN not in result.stderr + result.stdout
+
+
+@pytest.mark.integration
+def test_a_misspelt_variable_is_warned_about_at_start_and_both_sides_log_the_version(tmp_path: Path) -> None:
+    with novas(tmp_path, [], {"NOVAS_ROUTE": f"{free_port()}:127.0.0.1:1"}) as (server, port):
+        server.wait_log("NOVAS listening")
+        text = server.text()
+        assert "NOVAS_ROUTE is not a setting and is ignored; did you mean NOVAS_ROUTES?" in text
+        assert f"novas (NOVA) {nova.__version__}, Twisted " in text
+        with novac(tmp_path, {"NOVAC_SERVER": f"127.0.0.1:{port}", "NOVAC_TLS": "off", "NOVAC_TAG": "a=b"}) as agent:
+            agent.wait_log(f"novac (NOVA) {nova.__version__}, Twisted ")
+            agent.wait_log("NOVAC_TAG is not a setting and is ignored; did you mean NOVAC_TAGS?")
+    assert ADMIN_TOKEN not in server.text()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("plugin", ["novas", "novac"])
+def test_version_is_novas_own(plugin: str) -> None:
+    result = _run(plugin, {}, "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{plugin} (NOVA) {nova.__version__}"
+
+
+# --- twistd: a start that fails exits non-zero, leaving no pid file -----------------
+
+
+def _twistd_env(tmp: Path, agent_port: int, **extra: str) -> dict[str, str]:
+    return _clean_env(
+        NOVAS_AGENT_TOKEN=TOKEN,
+        NOVAS_AGENT_PORT=str(agent_port),
+        NOVAS_ADMIN_PORT=str(free_port()),
+        NOVAS_STATE_DIR=str(tmp / "state"),
+        **extra,
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _twistd_processes_for(pidfile: Path) -> list[int]:
+    """Processes whose command line names this test's pid file (the daemon, if it lingers)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(pidfile).encode() in cmdline and _pid_alive(int(proc.name)):
+                found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("daemon", [True, False], ids=["daemon", "nodaemon"])
+@pytest.mark.parametrize("failure", ["port-in-use", "audit-db-down"])
+def test_twistd_exits_non_zero_when_novas_cannot_start(tmp_path: Path, daemon: bool, failure: str) -> None:
+    pidfile, logfile = tmp_path / "novas.pid", tmp_path / "novas.log"
+    busy = socket.socket()
+    busy.bind(("0.0.0.0", free_port()))
+    busy.listen()
+    try:
+        if failure == "port-in-use":
+            env, expected = _twistd_env(tmp_path, busy.getsockname()[1]), "cannot listen for agents on port"
+        else:
+            env = _twistd_env(
+                tmp_path, free_port(), NOVAS_AUDIT_DB=f"postgresql://nova:{SECRET_PASSWORD}@127.0.0.1:{free_port()}/n"
+            )
+            expected = "--audit-db / NOVAS_AUDIT_DB: cannot open the audit store"
+        argv = [str(BIN / "twistd"), "--pidfile", str(pidfile), "--logfile", str(logfile)]
+        argv += ([] if daemon else ["--nodaemon"]) + ["novas"]
+        try:
+            result = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            for pid in _twistd_processes_for(pidfile):
+                os.kill(pid, signal.SIGKILL)
+            raise AssertionError("twistd hung instead of exiting") from None
+    finally:
+        busy.close()
+    assert result.returncode != 0
+    wait_for(lambda: not _twistd_processes_for(pidfile), 10, "the daemon to be gone")
+    assert not pidfile.exists(), "stale pid file"
+    log = logfile.read_text()
+    assert f"novas: error: {expected}" in log
+    assert "Traceback" not in log
+    assert SECRET_PASSWORD not in log + result.stdout + result.stderr
+    if daemon:
+        # The parent that waited says so, in the 100 bytes twistd passes on.
+        assert "novas: error: " in result.stderr
