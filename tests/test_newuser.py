@@ -18,14 +18,24 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from OpenSSL import SSL
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 import nova
 from nova.admin.store import AuditStore, AuditStoreError, PostgresBackend, SQLiteBackend
 from nova.agent.options import SETTINGS as AGENT_SETTINGS
 from nova.agent.options import Options as AgentOptions
+from nova.agent.reconnect import Backoff, reconnecting
+from nova.agent.tunnel import NOT_TLS, tls_mismatch
 from nova.config import ConfigError, is_placeholder, split_host_port, unknown_variables
 from nova.server.options import SETTINGS as SERVER_SETTINGS
 from nova.server.options import Options as ServerOptions
@@ -365,3 +375,81 @@ def test_twistd_exits_non_zero_when_novas_cannot_start(tmp_path: Path, daemon: b
     if daemon:
         # The parent that waited says so, in the 100 bytes twistd passes on.
         assert "novas: error: " in result.stderr
+
+
+# --- The agent's retry line and a TLS mismatch ---------------------------------------
+
+
+class RetryLineTests(SynchronousTestCase):
+    def test_the_retry_line_names_the_server_the_reason_novas_count_and_delay(self) -> None:
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        clock = Clock()
+        endpoint = _RefusingEndpoint()
+        backoff = Backoff(1.0, 30.0, random=lambda: 0.5, server="novas.example.com:9022")
+        service = reconnecting(endpoint, Factory.forProtocol(Protocol), backoff, clock)  # type: ignore[arg-type]
+        service.startService()
+        clock.advance(0.5)
+        clock.advance(1.0)
+        service.stopService()
+        lines = [
+            formatEvent(e) for e in events if e.get("log_namespace", "").startswith(("twisted.application", "nova"))
+        ]
+        self.assertEqual(
+            [line for line in lines if "retry" in line.lower()],
+            [
+                "retrying novas.example.com:9022 in 0.5s (retry 1; last attempt: Connection was refused by other"
+                " side: 111: Connection refused.)",
+                "retrying novas.example.com:9022 in 1.0s (retry 2; last attempt: Connection was refused by other"
+                " side: 111: Connection refused.)",
+                "retrying novas.example.com:9022 in 2.0s (retry 3; last attempt: Connection was refused by other"
+                " side: 111: Connection refused.)",
+            ],
+        )
+        self.assertFalse(any("Endpoint object" in line or "Scheduling retry" in line for line in lines), lines)
+        backoff.reset()
+        self.assertEqual(backoff.attempts, 0)
+
+    def test_a_tls_agent_meeting_plaintext_is_told_so(self) -> None:
+        wrong = Failure(SSL.Error([("SSL routines", "", "wrong version number")]))
+        self.assertEqual(tls_mismatch(wrong, tls=True), NOT_TLS)
+        self.assertIsNone(tls_mismatch(wrong, tls=False))
+        self.assertIsNone(tls_mismatch(Failure(ConnectionDone()), tls=True))
+
+
+class _RefusingEndpoint:
+    def connect(self, factory: object) -> Deferred[Any]:
+        return fail(ConnectionRefusedError(111, "Connection refused"))
+
+
+@pytest.mark.integration
+def test_agent_logs_the_server_and_why_when_it_retries(tmp_path: Path) -> None:
+    closed = free_port()
+    env = {"NOVAC_SERVER": f"127.0.0.1:{closed}", "NOVAC_TLS": "off", "NOVAC_RECONNECT_MAX": "1"}
+    with novac(tmp_path, env) as agent:
+        agent.wait_log(f"retrying 127.0.0.1:{closed} in ")
+        agent.wait_log("(retry 2; last attempt: Connection was refused")
+    text = agent.text()
+    assert "_WrapperEndpoint" not in text and "Scheduling retry" not in text
+
+
+@pytest.mark.integration
+def test_tls_agent_against_a_plaintext_server_is_told_the_server_does_not_speak_tls(tmp_path: Path) -> None:
+    with novas(tmp_path, [], {"NOVAS_TLS": "off"}) as (_server, port):
+        env = {"NOVAC_SERVER": f"127.0.0.1:{port}", "NOVAC_TLS_FINGERPRINT": "sha256:" + "ab" * 32}
+        with novac(tmp_path, env) as agent:
+            agent.wait_log(f"cannot register with 127.0.0.1:{port}: the server does not speak TLS")
+            agent.wait_log("NOVAC_TLS=off")
+            agent.wait_log("last attempt: TLS mismatch")
+        assert "UNSUPPORTED_VERSION" not in agent.text()
+
+
+@pytest.mark.integration
+def test_plaintext_agent_against_a_tls_server_is_told_the_server_may_speak_tls(tmp_path: Path) -> None:
+    with novas(tmp_path, []) as (_server, port):
+        env = {"NOVAC_SERVER": f"127.0.0.1:{port}", "NOVAC_TLS": "off", "NOVAC_CONNECT_TIMEOUT": "1"}
+        with novac(tmp_path, env) as agent:
+            agent.wait_log(
+                "no HELLO from the server within 1s: it may be speaking TLS while this agent has NOVAC_TLS=off"
+            )

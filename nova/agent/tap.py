@@ -56,7 +56,7 @@ class NovacService(MultiService):
         self.clients: dict[str, ClientService] = {}
         for host, port in config.servers:
             label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            backoff = Backoff(config.reconnect_initial, config.reconnect_max)
+            backoff = Backoff(config.reconnect_initial, config.reconnect_max, server=label)
             client = reconnecting(
                 self._endpoint(host, port), AgentTunnelFactory(self.context, label, backoff), backoff, reactor
             )
