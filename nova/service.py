@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -82,11 +83,23 @@ def exit_zero_on_sigterm(reactor: Any, log: Logger) -> None:
 
         def on_sigterm(signum: int, frame: object) -> None:
             log.info("SIGTERM received: draining, then exiting")
-            reactor.callFromThread(reactor.stop)
+            reactor.callFromThread(stop_once, reactor)
 
         signal.signal(signal.SIGTERM, on_sigterm)
 
     reactor.callWhenRunning(install)
+
+
+def stop_once(reactor: Any) -> None:
+    """
+    Stop the reactor unless it is already stopping: a second signal (Ctrl-C
+    reaches every process of the terminal's group, then a supervisor's
+    SIGTERM follows) must not end in a ReactorNotRunning traceback.
+    """
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass
 
 
 def on_signal(reactor: Any, signum: int, action: Callable[[], None]) -> None:

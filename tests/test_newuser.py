@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -453,3 +454,68 @@ def test_plaintext_agent_against_a_tls_server_is_told_the_server_may_speak_tls(t
             agent.wait_log(
                 "no HELLO from the server within 1s: it may be speaking TLS while this agent has NOVAC_TLS=off"
             )
+
+
+# --- Stopping twice (Ctrl-C in the terminal, then the supervisor's SIGTERM) ----------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("plugin", ["novas", "novac"])
+def test_ctrl_c_then_sigterm_leaves_no_traceback(tmp_path: Path, plugin: str) -> None:
+    with contextlib.ExitStack() as stack:
+        server, port = stack.enter_context(novas(tmp_path, [], {"NOVAS_TLS": "off"}))
+        proc = server
+        agent = stack.enter_context(novac(tmp_path, {"NOVAC_SERVER": f"127.0.0.1:{port}", "NOVAC_TLS": "off"}))
+        # Registered: both reactors run, so their signal handlers are in place.
+        server.wait_log("agent agent-1 registered")
+        agent.wait_log("registered with")
+        proc = server if plugin == "novas" else agent
+        # What a terminal's Ctrl-C and then the demo (or a supervisor) send.
+        proc.proc.send_signal(signal.SIGINT)
+        proc.proc.send_signal(signal.SIGTERM)
+        proc.proc.wait(30)
+        text = proc.text()
+        assert "ReactorNotRunning" not in text and "Traceback" not in text, text[-3000:]
+
+
+# --- The demo ----------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("keep", [False, True], ids=["default", "keep"])
+def test_demo_ctrl_c_stops_cleanly_and_removes_its_files(tmp_path: Path, keep: bool) -> None:
+    argv = [sys.executable, "-m", "nova.demo", "--admin-port", str(free_port()), "--route-port", str(free_port())]
+    out = tmp_path / "demo.out"
+    with open(out, "wb") as sink:
+        # Its own process group, as a terminal's foreground job: Ctrl-C is SIGINT to the whole group.
+        demo = subprocess.Popen(
+            argv + (["--keep"] if keep else []),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=_clean_env(),
+            start_new_session=True,
+        )
+        try:
+            wait_for(lambda: "Press Ctrl-C to stop." in out.read_text(), 60, "the demo to start")
+            os.killpg(demo.pid, signal.SIGINT)
+            assert demo.wait(30) == 0
+        finally:
+            if demo.poll() is None:
+                os.killpg(demo.pid, signal.SIGKILL)
+                demo.wait()
+    text = out.read_text()
+    work = Path(text.split("files in ", 1)[1].split(")", 1)[0])
+    assert work.name.startswith("nova-demo-")
+    # The page's address to open, not a macOS `open` command.
+    assert not any(line.strip().startswith("open ") for line in text.splitlines())
+    assert "/#token=" in text
+    assert "Traceback" not in text
+    if keep:
+        for log in ("novas.log", "novac.log"):
+            logged = (work / log).read_text()
+            assert "ReactorNotRunning" not in logged and "Traceback" not in logged, logged[-3000:]
+            assert "SIGTERM received" in logged
+        assert f"files kept in {work}" in text
+        shutil.rmtree(work)
+    else:
+        assert not work.exists()
