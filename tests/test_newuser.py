@@ -519,3 +519,22 @@ def test_demo_ctrl_c_stops_cleanly_and_removes_its_files(tmp_path: Path, keep: b
         shutil.rmtree(work)
     else:
         assert not work.exists()
+
+
+# --- The benchmark's NOVAS needs no fixed port ---------------------------------------
+
+
+@pytest.mark.integration
+def test_bench_novas_listens_on_no_admin_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # With the default admin port (9023) it could not start while a demo or another NOVAS held it.
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
+    import tunnels  # type: ignore[import-not-found]
+
+    server = tunnels.Novas(tmp_path, free_port(), tmp_path / "state")
+    try:
+        server.wait_listening(60)
+        text = server.proc.text()
+    finally:
+        server.stop()
+    assert "NOVAS listening" in text
+    assert "admin on" not in text, text
