@@ -43,6 +43,7 @@ from nova.server.options import Options as ServerOptions
 from nova.service import StartupError
 
 from .processes import ADMIN_TOKEN, TOKEN, free_port, novac, novas, wait_for
+from .test_deploy import NOVAC_ENV, NOVAS_ENV, read_env_file
 
 BIN = Path(sys.executable).parent
 SECRET_PASSWORD = "pg-secret-pw-77"
@@ -538,3 +539,16 @@ def test_bench_novas_listens_on_no_admin_port(tmp_path: Path, monkeypatch: pytes
         server.stop()
     assert "NOVAS listening" in text
     assert "admin on" not in text, text
+
+
+# --- The example environment files read by a shell --------------------------------------
+
+
+@pytest.mark.parametrize("path", [NOVAS_ENV, NOVAC_ENV], ids=["novas", "novac"])
+def test_sourcing_an_env_example_with_bash_gives_what_systemd_and_compose_read(path: Path) -> None:
+    script = f'set -a; . "{path}" || exit 3; set +a; env -0'
+    result = subprocess.run(["bash", "-c", script], env={"PATH": os.environ["PATH"]}, capture_output=True, timeout=30)
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    pairs = (item.split("=", 1) for item in result.stdout.decode().split("\0") if item)
+    sourced = {k: v for k, v in pairs if k.startswith(("NOVAS_", "NOVAC_"))}
+    assert sourced == read_env_file(path)[0]
