@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn
@@ -187,7 +188,25 @@ class EnvOptions(usage.Options):
         print(f"{self.command} (NOVA) {nova.__version__}")
         raise SystemExit(0)
 
+    def _choose_log_format(self) -> None:
+        """
+        Under C{twist}, one default everywhere: text, whether the output is a
+        terminal or not (twist itself picks JSON sequences when it is not, so
+        containers logged JSON and systemd text).  NOVA_LOG_FORMAT=json gives
+        one JSON object per line; twist's own --log-format still wins.
+        """
+        from nova.service import LOG_FORMAT_VARIABLE, log_observer_factory
+
+        parent = getattr(self, "parent", None)
+        if parent is None or "fileLogObserverFactory" not in parent or _given_to_twist("--log-format", self.command):
+            return
+        try:
+            parent["fileLogObserverFactory"] = log_observer_factory(self.env.get(LOG_FORMAT_VARIABLE))
+        except ValueError as e:
+            raise SystemExit(f"{self.command}: error: {e}") from None
+
     def postOptions(self) -> None:
+        self._choose_log_format()
         self.warnings = unknown_variables(self.settings, self.env)
         try:
             self.config = self.build(resolve(self.settings, self, self.env))
@@ -201,6 +220,16 @@ class EnvOptions(usage.Options):
 
     def build(self, values: dict[str, Any]) -> Any:
         raise NotImplementedError
+
+
+def _given_to_twist(option: str, command: str) -> bool:
+    """Whether C{option} is on the command line before the plugin's name C{command}."""
+    for arg in sys.argv[1:]:
+        if arg == command:
+            return False  # the plugin's own options follow
+        if arg == option or arg.startswith(option + "="):
+            return True
+    return False
 
 
 def _repeatable(s: Setting) -> Any:

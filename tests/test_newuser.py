@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import signal
@@ -27,7 +28,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -40,7 +41,7 @@ from nova.agent.tunnel import NOT_TLS, tls_mismatch
 from nova.config import ConfigError, is_placeholder, split_host_port, unknown_variables
 from nova.server.options import SETTINGS as SERVER_SETTINGS
 from nova.server.options import Options as ServerOptions
-from nova.service import StartupError
+from nova.service import StartupError, json_line
 
 from .processes import ADMIN_TOKEN, TOKEN, free_port, novac, novas, wait_for
 from .test_deploy import NOVAC_ENV, NOVAS_ENV, read_env_file
@@ -552,3 +553,85 @@ def test_sourcing_an_env_example_with_bash_gives_what_systemd_and_compose_read(p
     pairs = (item.split("=", 1) for item in result.stdout.decode().split("\0") if item)
     sourced = {k: v for k, v in pairs if k.startswith(("NOVAS_", "NOVAC_"))}
     assert sourced == read_env_file(path)[0]
+
+
+# --- Log format: text by default everywhere, or one JSON object per line ----------------
+
+
+class JsonLineTests(SynchronousTestCase):
+    def test_an_event_is_one_json_object_on_one_line(self) -> None:
+        event = {
+            "log_format": "agent {agent} registered from {peer}",
+            "log_level": LogLevel.info,
+            "log_namespace": "nova.server.tunnel",
+            "log_time": 1_700_000_000.25,
+            "agent": "db-agent-0",
+            "peer": "127.0.0.1:5000",
+            "count": 3,
+            "addr": ("127.0.0.1", 5000),
+        }
+        line = json_line(event)
+        self.assertTrue(line.endswith("\n"))
+        self.assertEqual(line.count("\n"), 1)
+        self.assertEqual(
+            json.loads(line),
+            {
+                "time": "2023-11-14T22:13:20.250+00:00",
+                "level": "info",
+                "logger": "nova.server.tunnel",
+                "message": "agent db-agent-0 registered from 127.0.0.1:5000",
+                "fields": {"agent": "db-agent-0", "peer": "127.0.0.1:5000", "count": 3, "addr": "('127.0.0.1', 5000)"},
+            },
+        )
+
+    def test_a_failure_keeps_its_traceback_inside_the_line(self) -> None:
+        try:
+            raise ValueError("boom\nsecond line")
+        except ValueError:
+            failure = Failure()
+        line = json_line({"log_format": "it failed", "log_level": LogLevel.error, "log_failure": failure})
+        self.assertEqual(line.count("\n"), 1)
+        record = json.loads(line)
+        self.assertEqual(
+            (record["level"], record["message"], record["error"]), ("error", "it failed", "boom\nsecond line")
+        )
+        self.assertIn("ValueError", record["traceback"])
+
+
+def _twist_output(tmp_path: Path, twist_args: list[str], env: dict[str, str]) -> bytes:
+    out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}.log"
+    full = {
+        "NOVAS_AGENT_TOKEN": TOKEN,
+        "NOVAS_AGENT_PORT": str(free_port()),
+        "NOVAS_ADMIN_PORT": "off",
+        "NOVAS_STATE_DIR": str(tmp_path / "state"),
+    } | env
+    with open(out, "wb") as sink:  # a file, not a terminal: where twist used to switch to JSON sequences
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "twisted", *twist_args, "novas"], stdout=sink, stderr=subprocess.STDOUT,
+            env=_clean_env(**full),
+        )  # fmt: skip
+        try:
+            wait_for(lambda: b"NOVAS listening" in out.read_bytes(), 30, "NOVAS to listen")
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    return out.read_bytes()
+
+
+@pytest.mark.integration
+def test_log_is_text_by_default_and_json_lines_on_request(tmp_path: Path) -> None:
+    text = _twist_output(tmp_path, [], {})
+    assert b"\x1e" not in text and not text.startswith(b"{")
+    assert b"[nova.server.tap#info] NOVAS listening for agents on" in text
+
+    lines = _twist_output(tmp_path, [], {"NOVA_LOG_FORMAT": "json"}).decode().splitlines()
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    listening = [r for r in records if r["message"].startswith("NOVAS listening for agents on")]
+    assert len(listening) == 1
+    assert listening[0]["level"] == "info" and listening[0]["logger"] == "nova.server.tap"
+    assert listening[0]["fields"]["tls"] == "TLS" and "time" in listening[0]
+
+    # twist's own option still wins.
+    explicit = _twist_output(tmp_path, ["--log-format=json"], {"NOVA_LOG_FORMAT": "text"})
+    assert explicit.startswith(b"\x1e")
