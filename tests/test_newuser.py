@@ -635,3 +635,11 @@ def test_log_is_text_by_default_and_json_lines_on_request(tmp_path: Path) -> Non
     # twist's own option still wins.
     explicit = _twist_output(tmp_path, ["--log-format=json"], {"NOVA_LOG_FORMAT": "text"})
     assert explicit.startswith(b"\x1e")
+
+
+@pytest.mark.integration
+def test_check_mode_warns_about_a_misspelt_variable_too() -> None:
+    env = {"NOVAC_SERVER": f"127.0.0.1:{free_port()}", "NOVAC_TLS": "off", "NOVAC_TOKEN": TOKEN, "NOVAC_TAG": "a=b"}
+    result = _run("novac", env, "--check")
+    assert result.returncode == 2  # nothing listens there
+    assert "novac: warning: NOVAC_TAG is not a setting and is ignored; did you mean NOVAC_TAGS?" in result.stderr

@@ -6,6 +6,7 @@ variable (see README.md).
 from __future__ import annotations
 
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,7 +184,10 @@ class Options(EnvOptions):
     def postOptions(self) -> None:
         super().postOptions()
         if self.get("check"):
-            # A one-off run instead of a service: never returns.
+            # A one-off run instead of a service: never returns, and logs nothing.
             from .check import run
+
+            for warning in self.warnings:
+                print(f"novac: warning: {warning}", file=sys.stderr)
 
             run(self.config)
