@@ -202,4 +202,6 @@ def _interrupt(signum: int, frame: object) -> None:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _interrupt)
+    # Started in the background by a shell, SIGINT arrives ignored: Ctrl-C (or kill -INT) must still stop it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main())
