@@ -8,5 +8,5 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e . --config-settings editable_mode=compat
+.venv/bin/python -m pip install --quiet -e .
 exec .venv/bin/python -m nova.demo "$@"

@@ -95,6 +95,9 @@ class Novas:
                 "NOVAS_AGENT_PORT": str(agent_port),
                 "NOVAS_AGENT_BIND": LOOPBACK,
                 "NOVAS_STATE_DIR": str(state_dir),
+                # No admin port: the default, 9023, may be taken (a demo, a
+                # real NOVAS, another run), and nothing here reads it.
+                "NOVAS_ADMIN_PORT": "off",
                 **(extra_env or {}),
             }
         )

@@ -9,12 +9,20 @@ traceback.
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
+from twisted.logger import Logger
 from twisted.python import usage
+
+import nova
+
+log = Logger()
 
 
 class ConfigError(Exception):
@@ -80,6 +88,57 @@ def resolve(settings: Sequence[Setting], given: Mapping[str, Any], env: Mapping[
     return values
 
 
+def unknown_variables(settings: Sequence[Setting], env: Mapping[str, str]) -> list[str]:
+    """
+    One warning per variable that looks like one of these settings' (same
+    C{NOVAS_}/C{NOVAC_} prefix) but is none of them, naming the closest
+    setting: a misspelt variable is otherwise silently ignored.
+    """
+    known = {s.env for s in settings}
+    prefixes = tuple(sorted({s.env.split("_", 1)[0] + "_" for s in settings}))
+    warnings = []
+    for name in sorted(env):
+        if not name.startswith(prefixes) or name in known or _service_link(name):
+            continue
+        # Compared without the shared prefix, which would make every name look close.
+        prefix, _, rest = name.partition("_")
+        suffixes = {k.partition("_")[2]: k for k in known if k.startswith(prefix + "_")}
+        close = difflib.get_close_matches(rest, suffixes, n=1, cutoff=0.6)
+        hint = f"did you mean {suffixes[close[0]]}?" if close else "see --help for the settings"
+        warnings.append(f"{name} is not a setting and is ignored; {hint}")
+    return warnings
+
+
+_SERVICE_LINK = re.compile(r"[A-Z0-9]+_(SERVICE_HOST|SERVICE_PORT(_.*)?|PORT|PORT_\d+_(TCP|UDP|SCTP)(_.*)?)")
+
+
+def _service_link(name: str) -> bool:
+    """Kubernetes' variables for a Service named novas (NOVAS_SERVICE_HOST, NOVAS_PORT...): not ours."""
+    return _SERVICE_LINK.fullmatch(name) is not None
+
+
+# Placeholders that the example files (etc/*.env.example, README) carry where
+# a secret belongs: starting a service with one would make the secret public.
+_PLACEHOLDER = re.compile(r"(change-?me|replace-?me|paste-).*", re.IGNORECASE)
+
+
+def is_placeholder(secret: str) -> bool:
+    return _PLACEHOLDER.fullmatch(secret.strip()) is not None
+
+
+def placeholder_error(what: str) -> ConfigError:
+    return ConfigError(
+        f"{what} is still the example's placeholder: set a long random secret (e.g. `openssl rand -hex 32`)"
+    )
+
+
+def separator_hint(entries: Sequence[str], what: str) -> str:
+    """For a list setting that failed to parse: a hint if ';' was used where ',' separates entries."""
+    if any(";" in e for e in entries):
+        return f" ({what} separates entries with ',', not ';')"
+    return ""
+
+
 class EnvOptions(usage.Options):
     """
     L{usage.Options} built from a table of L{Setting}s.  Subclasses set
@@ -105,14 +164,72 @@ class EnvOptions(usage.Options):
             if s.repeat:
                 self[s.name] = []
 
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        """
+        An unknown option or a missing argument is one line and a hint, not
+        the usage error followed by every option's help.
+        """
+        try:
+            super().parseOptions(options)  # type: ignore[no-untyped-call]
+        except usage.UsageError as e:
+            self._usage_error(str(e))
+
+    def _usage_error(self, message: str) -> NoReturn:
+        m = re.fullmatch(r"option (-{1,2})(\S+) not recognized", message)
+        if m is not None:
+            names = [s.name for s in self.settings] + ["help", "version"]
+            close = difflib.get_close_matches(m.group(2), names, n=1, cutoff=0.6)
+            hint = f"; did you mean --{close[0]}?" if close else ""
+            message = f"unknown option {m.group(1)}{m.group(2)}{hint}"
+        raise SystemExit(f"{self.command}: error: {message} (--help lists the options)")
+
+    def opt_version(self) -> NoReturn:
+        """Print NOVA's version and exit."""
+        print(f"{self.command} (NOVA) {nova.__version__}")
+        raise SystemExit(0)
+
+    def _choose_log_format(self) -> None:
+        """
+        Under C{twist}, one default everywhere: text, whether the output is a
+        terminal or not (twist itself picks JSON sequences when it is not, so
+        containers logged JSON and systemd text).  NOVA_LOG_FORMAT=json gives
+        one JSON object per line; twist's own --log-format still wins.
+        """
+        from nova.service import LOG_FORMAT_VARIABLE, log_observer_factory
+
+        parent = getattr(self, "parent", None)
+        if parent is None or "fileLogObserverFactory" not in parent or _given_to_twist("--log-format", self.command):
+            return
+        try:
+            parent["fileLogObserverFactory"] = log_observer_factory(self.env.get(LOG_FORMAT_VARIABLE))
+        except ValueError as e:
+            raise SystemExit(f"{self.command}: error: {e}") from None
+
     def postOptions(self) -> None:
+        self._choose_log_format()
+        self.warnings = unknown_variables(self.settings, self.env)
         try:
             self.config = self.build(resolve(self.settings, self, self.env))
         except ConfigError as e:
-            raise SystemExit(f"{self.command}: error: {e}") from None
+            # The warnings first: a misspelt variable is often why a setting is missing.
+            lines = [f"{self.command}: warning: {w}" for w in self.warnings]
+            raise SystemExit("\n".join([*lines, f"{self.command}: error: {e}"])) from None
+        for warning in self.warnings:
+            # Before logging has begun: the log beginner keeps the event until it has.
+            log.warn("{command}: {warning}", command=self.command, warning=warning)
 
     def build(self, values: dict[str, Any]) -> Any:
         raise NotImplementedError
+
+
+def _given_to_twist(option: str, command: str) -> bool:
+    """Whether C{option} is on the command line before the plugin's name C{command}."""
+    for arg in sys.argv[1:]:
+        if arg == command:
+            return False  # the plugin's own options follow
+        if arg == option or arg.startswith(option + "="):
+            return True
+    return False
 
 
 def _repeatable(s: Setting) -> Any:
@@ -171,8 +288,13 @@ def parse_tags(value: str, what: str) -> tuple[tuple[str, str], ...]:
 
 
 def split_host_port(value: str, what: str) -> tuple[str, int]:
-    """C{HOST:PORT} or C{[V6]:PORT}."""
+    """C{HOST:PORT} or C{[V6]:PORT}; a URL (C{https://host:9022}) is refused, not read as host C{https://host}."""
     value = value.strip()
+    scheme, sep, rest = value.partition("://")
+    if sep:
+        raise ConfigError(f"{what}: {value!r} is a URL: give HOST:PORT without {scheme}:// (e.g. {rest.rstrip('/')})")
+    if "/" in value:
+        raise ConfigError(f"{what}: {value!r} is not HOST:PORT (no path, no '/')")
     if value.startswith("["):
         host, sep, rest = value[1:].partition("]")
         if not sep or not rest.startswith(":"):
@@ -188,6 +310,8 @@ def read_secret(value: str | None, setting: Setting, minimum: int = 8) -> bytes:
     """A token from its setting; refuses a missing, empty or short one by name."""
     if value is None or not value.strip():
         raise ConfigError(f"--{setting.name} / {setting.env} is required")
+    if is_placeholder(value):
+        raise placeholder_error(f"--{setting.name} / {setting.env}")
     token = value.strip().encode("utf-8")
     if len(token) < minimum:
         raise ConfigError(f"--{setting.name} / {setting.env} must be at least {minimum} characters")

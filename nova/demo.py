@@ -4,6 +4,9 @@ it, and NOVAC carrying the tunnel, all on loopback.
 
     python -m nova.demo          # run until Ctrl-C, printing what to try
     python -m nova.demo --check  # start, fetch through the tunnel, stop
+
+Its files (logs, state) live in a temporary directory that is removed when
+it stops, unless --keep is given.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 import http.server
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -70,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="fetch once through the tunnel and exit")
     parser.add_argument("--route-port", type=int, default=0, help="local port of the route (default: a free one)")
     parser.add_argument("--admin-port", type=int, default=0, help="admin port (default: a free one)")
+    parser.add_argument("--keep", action="store_true", help="keep the logs and state directory when stopping")
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="nova-demo-"))
@@ -98,8 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         },
         stdout=novas_log.open("wb"),
         stderr=subprocess.STDOUT,
+        # Its own process group: Ctrl-C reaches only the demo, which stops the
+        # services once, in order (a second signal would race the first).
+        start_new_session=True,
     )
     procs = [novas]
+    status = 1
     try:
         text = _wait_for(novas_log, "NOVAS listening", novas)
         fingerprint = next(w.split("=", 1)[1] for w in text.split() if w.startswith("NOVAC_TLS_FINGERPRINT="))
@@ -115,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             stdout=novac_log.open("wb"),
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         procs.append(novac)
         _wait_for(novas_log, "agent demo-agent registered", novas)
@@ -141,31 +151,49 @@ Then see the tunnel and every connection made through it:
   export NOVAS_ADMIN_TOKEN={admin_token}
   curl -H "Authorization: Bearer $NOVAS_ADMIN_TOKEN" http://127.0.0.1:{admin_port}/api/v1/tunnels
   curl -H "Authorization: Bearer $NOVAS_ADMIN_TOKEN" http://127.0.0.1:{admin_port}/api/v1/events
-  open http://127.0.0.1:{admin_port}/#token={admin_token}   (the Reverse Tunnels page)
+
+and open the Reverse Tunnels page in a browser:
+
+  http://127.0.0.1:{admin_port}/#token={admin_token}
 
 Logs: tail -f {novas_log} {novac_log}
+({"kept" if args.keep else "removed"} when the demo stops)
 """,
             flush=True,
         )
         if args.check:
             print("demo: check passed: the target answered through the tunnel")
-            return 0
+            status = 0
+            return status
         print("Press Ctrl-C to stop.", flush=True)
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)
-        print("demo: a NOVA process exited; see the logs above", file=sys.stderr)
-        return 1
+        print("demo: a NOVA process exited", file=sys.stderr)
+        return status
     except KeyboardInterrupt:
-        return 0
+        print("\ndemo: stopping", flush=True)
+        status = 0
+        return status
     finally:
         for p in reversed(procs):
-            p.terminate()
+            if p.poll() is None:
+                p.terminate()
         for p in procs:
             try:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
         target.shutdown()
+        if status != 0:
+            for log in (novas_log, novac_log):
+                if log.exists():
+                    tail = log.read_text(errors="replace").splitlines()[-20:]
+                    print(f"--- the end of {log.name}:", *tail, sep="\n", file=sys.stderr)
+        if args.keep:
+            print(f"demo: files kept in {work}", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -174,4 +202,6 @@ def _interrupt(signum: int, frame: object) -> None:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _interrupt)
+    # Started in the background by a shell, SIGINT arrives ignored: Ctrl-C (or kill -INT) must still stop it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main())

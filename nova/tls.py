@@ -31,7 +31,17 @@ from nova.wire.handshake import BINDING_SIZE, EXPORTER_LABEL
 
 
 class TLSConfigError(Exception):
-    """A certificate, key or CA file cannot be used; the message says why."""
+    """A certificate, key or CA file cannot be used; the message names the setting and says why."""
+
+
+# The settings that name each file, for the error lines.
+SERVER_CERT = "--tls-cert / NOVAS_TLS_CERT"
+SERVER_KEY = "--tls-key / NOVAS_TLS_KEY"
+SERVER_CLIENT_CA = "--tls-client-ca / NOVAS_TLS_CLIENT_CA"
+STATE_DIR = "--state-dir / NOVAS_STATE_DIR"
+AGENT_CA = "--ca / NOVAC_TLS_CA"
+AGENT_CERT = "--tls-cert / NOVAC_TLS_CERT"
+AGENT_KEY = "--tls-key / NOVAC_TLS_KEY"
 
 
 _FINGERPRINT = re.compile(r"sha256:([0-9a-fA-F]{2}(?::?[0-9a-fA-F]{2}){31})")
@@ -53,18 +63,25 @@ def certificate_fingerprint(cert: x509.Certificate) -> str:
     return format_fingerprint(cert.fingerprint(hashes.SHA256()))
 
 
-def _load_certs(path: Path, what: str) -> list[x509.Certificate]:
+def _load_certs(path: Path, what: str, setting: str) -> list[x509.Certificate]:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise TLSConfigError(f"cannot read {what} {path}: {e.strerror}") from None
+        raise TLSConfigError(f"{setting}: cannot read {what} {path}: {e.strerror}") from None
     try:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError:
         certs = []
     if not certs:
-        raise TLSConfigError(f"{what} {path} holds no PEM certificate")
+        raise TLSConfigError(f"{setting}: {what} {path} holds no PEM certificate")
     return certs
+
+
+def _read_key(path: Path, setting: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise TLSConfigError(f"{setting}: cannot read key {path}: {e.strerror}") from None
 
 
 @dataclass(frozen=True)
@@ -89,11 +106,11 @@ def ensure_server_certificate(state_dir: Path) -> ServerCertificate:
             _write_self_signed(cert_path, key_path)
         except OSError as e:
             raise TLSConfigError(
-                f"cannot create the self-signed certificate in {tls_dir}: {e.strerror}"
+                f"{STATE_DIR}: cannot create the self-signed certificate in {tls_dir}: {e.strerror}"
                 " (set --state-dir / NOVAS_STATE_DIR to a writable directory, or give --tls-cert and --tls-key)"
             ) from None
         generated = True
-    cert = _load_certs(cert_path, "certificate")[0]
+    cert = _load_certs(cert_path, "certificate", STATE_DIR)[0]
     return ServerCertificate(cert_path, key_path, certificate_fingerprint(cert), generated)
 
 
@@ -131,24 +148,28 @@ def _write_self_signed(cert_path: Path, key_path: Path) -> None:
     os.replace(tmp_cert, cert_path)
 
 
-def server_options(cert_path: Path, key_path: Path, client_ca: Path | None = None) -> ssl.CertificateOptions:
+def server_options(
+    cert_path: Path,
+    key_path: Path,
+    client_ca: Path | None = None,
+    cert_setting: str = SERVER_CERT,
+    key_setting: str = SERVER_KEY,
+) -> ssl.CertificateOptions:
     """
     TLS 1.3 server options from PEM files (the cert file may hold a chain).
-    With C{client_ca}, clients must present a certificate it issued.
+    With C{client_ca}, clients must present a certificate it issued.  The
+    C{*_setting} arguments name where the files came from, for the errors.
     """
-    certs = _load_certs(cert_path, "certificate")
-    try:
-        key_pem = key_path.read_bytes()
-    except OSError as e:
-        raise TLSConfigError(f"cannot read key {key_path}: {e.strerror}") from None
+    certs = _load_certs(cert_path, "certificate", cert_setting)
+    key_pem = _read_key(key_path, key_setting)
     try:
         key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
     except crypto.Error:
-        raise TLSConfigError(f"key {key_path} is not a PEM private key (or it is encrypted)") from None
+        raise TLSConfigError(f"{key_setting}: key {key_path} is not a PEM private key (or it is encrypted)") from None
     leaf, *chain = (crypto.X509.from_cryptography(c) for c in certs)
     client: dict[str, Any] = {}
     if client_ca is not None:
-        cas = [crypto.X509.from_cryptography(c) for c in _load_certs(client_ca, "client CA file")]
+        cas = [crypto.X509.from_cryptography(c) for c in _load_certs(client_ca, "client CA file", SERVER_CLIENT_CA)]
         client = {"verify": True, "caCerts": cas, "requireCertificate": True}
     options = ssl.CertificateOptions(
         privateKey=key,
@@ -160,7 +181,7 @@ def server_options(cert_path: Path, key_path: Path, client_ca: Path | None = Non
     try:
         options.getContext()
     except SSL.Error:
-        raise TLSConfigError(f"key {key_path} does not match certificate {cert_path}") from None
+        raise TLSConfigError(f"{key_setting}: key {key_path} does not match certificate {cert_path}") from None
     return options
 
 
@@ -208,17 +229,14 @@ class PinnedServerCreator:
 
 def load_client_certificate(cert_path: Path, key_path: Path) -> ssl.PrivateCertificate:
     """An agent's certificate and key, for servers that require one."""
-    certs = _load_certs(cert_path, "client certificate")
-    try:
-        key_pem = key_path.read_bytes()
-    except OSError as e:
-        raise TLSConfigError(f"cannot read key {key_path}: {e.strerror}") from None
+    certs = _load_certs(cert_path, "client certificate", AGENT_CERT)
+    key_pem = _read_key(key_path, AGENT_KEY)
     cert_pem = certs[0].public_bytes(serialization.Encoding.PEM)
     try:
         loaded: ssl.PrivateCertificate = ssl.PrivateCertificate.loadPEM(cert_pem + key_pem)
         return loaded
     except Exception:
-        raise TLSConfigError(f"key {key_path} is not a PEM private key matching {cert_path}") from None
+        raise TLSConfigError(f"{AGENT_KEY}: key {key_path} is not a PEM private key matching {cert_path}") from None
 
 
 def client_creator(
@@ -233,7 +251,7 @@ def client_creator(
         return PinnedServerCreator(fingerprint, server_name, client)
     if ca_path is None:
         raise TLSConfigError("TLS needs a CA (NOVAC_TLS_CA) or a pinned fingerprint (NOVAC_TLS_FINGERPRINT)")
-    roots = [ssl.Certificate(crypto.X509.from_cryptography(c)) for c in _load_certs(ca_path, "CA file")]
+    roots = [ssl.Certificate(crypto.X509.from_cryptography(c)) for c in _load_certs(ca_path, "CA file", AGENT_CA)]
     trust = ssl.trustRootFromCertificates(roots)
     creator: IOpenSSLClientConnectionCreator = ssl.optionsForClientTLS(
         server_name,

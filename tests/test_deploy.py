@@ -145,10 +145,21 @@ def test_env_examples_list_every_setting_with_its_default(path: Path, settings: 
 
 def test_env_examples_are_valid_configurations(tmp_path: Path) -> None:
     active, _ = read_env_file(NOVAS_ENV)
-    config = server_config(resolve(SERVER_SETTINGS, {}, active))
+    # The placeholder secrets are refused at start, naming the setting...
+    with pytest.raises(ConfigError, match="NOVAS_AGENT_TOKEN is still the example's placeholder"):
+        server_config(resolve(SERVER_SETTINGS, {}, active))
+    with pytest.raises(ConfigError, match="NOVAS_ADMIN_TOKEN is still the example's placeholder"):
+        server_config(resolve(SERVER_SETTINGS, {}, active | {"NOVAS_AGENT_TOKEN": TOKEN}))
+    # ... and with real ones the example is a working configuration.
+    config = server_config(
+        resolve(SERVER_SETTINGS, {}, active | {"NOVAS_AGENT_TOKEN": TOKEN, "NOVAS_ADMIN_TOKEN": TOKEN})
+    )
     assert config.agent_port == 9022 and config.routes and config.tls
 
     active, _ = read_env_file(NOVAC_ENV)
+    with pytest.raises(ConfigError, match="NOVAC_TOKEN is still the example's placeholder"):
+        agent_config(resolve(AGENT_SETTINGS, {}, active | {"NOVAC_TLS_FINGERPRINT": SOME_FINGERPRINT}))
+    active["NOVAC_TOKEN"] = TOKEN
     # The placeholder fingerprint is refused at start, naming the setting...
     assert active["NOVAC_TLS_FINGERPRINT"] == PLACEHOLDER_FINGERPRINT
     with pytest.raises(ConfigError, match="NOVAC_TLS_FINGERPRINT"):
@@ -301,6 +312,9 @@ def test_systemd_novas_service_commands_for_real(tmp_path: Path) -> None:
         "NOVAS_STATE_DIR": str(tmp_path / "state"),
         "NOVAS_ROUTES": f"{free_port()}:db.internal:5432@env=prod",
         "NOVAS_AGENT_TOKEN_FILE": str(tokens),
+        # The example's placeholder secrets are refused at start: what an operator replaces.
+        "NOVAS_AGENT_TOKEN": TOKEN,
+        "NOVAS_ADMIN_TOKEN": TOKEN[::-1],
     }
     argv = unit_value(unit, "Service", "ExecStart").replace("/opt/nova/bin/twist", _tool("twist")).split()
     log = tmp_path / "novas.log"

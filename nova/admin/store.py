@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from twisted.logger import Logger
 
@@ -200,6 +201,35 @@ class PostgresBackend:
             self._conn = None
 
 
+class AuditStoreError(Exception):
+    """The audit store cannot be opened; the message names its setting, never the database password."""
+
+
+def _open_error(backend: Backend, error: Exception) -> AuditStoreError:
+    if isinstance(backend, PostgresBackend):
+        where, detail = _redacted(backend.dsn), str(error)
+        password = urlsplit(backend.dsn).password
+        for secret in (backend.dsn, password):
+            if secret:
+                detail = detail.replace(secret, "***")
+    else:
+        where, detail = str(getattr(backend, "path", "the audit database")), str(error)
+    detail = "; ".join(line.strip() for line in detail.splitlines() if line.strip()) or type(error).__name__
+    return AuditStoreError(f"--audit-db / NOVAS_AUDIT_DB: cannot open the audit store {where}: {detail}")
+
+
+def _redacted(dsn: str) -> str:
+    try:
+        parts = urlsplit(dsn)
+        if parts.password is None:
+            return dsn
+        netloc = parts.netloc.rpartition("@")
+        user = netloc[0].partition(":")[0]
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+    except ValueError:
+        return "(unparsable URL)"
+
+
 def backend_for(url: str | None, state_dir: Path) -> Backend:
     """C{None} or C{sqlite:///path} for SQLite, C{postgresql://...} for PostgreSQL."""
     if url is None or url == "":
@@ -249,7 +279,10 @@ class AuditStore:
         self._last_drop_log = 0.0
 
     def start(self) -> None:
-        self.backend.open()
+        try:
+            self.backend.open()
+        except Exception as e:
+            raise _open_error(self.backend, e) from None
         self._thread = threading.Thread(target=self._run, name="nova-audit", daemon=True)
         self._thread.start()
 

@@ -6,6 +6,7 @@ variable (see README.md).
 from __future__ import annotations
 
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from nova.config import (
     parse_tags,
     parse_timing,
     read_secret,
+    separator_hint,
     split_host_port,
     timing_settings,
 )
@@ -135,7 +137,7 @@ def build_config(v: dict[str, Any]) -> AgentConfig:
     try:
         policy = parse_policy(v.get("allow") or [])
     except PolicyError as e:
-        raise ConfigError(f"--allow / NOVAC_ALLOW: {e}") from None
+        raise ConfigError(f"--allow / NOVAC_ALLOW: {e}{separator_hint(v.get('allow') or [], 'NOVAC_ALLOW')}") from None
     keepalive, dead, drain = parse_timing(v, "NOVAC")
     if bool(v["tls-cert"]) != bool(v["tls-key"]):
         raise ConfigError("--tls-cert and --tls-key (NOVAC_TLS_CERT, NOVAC_TLS_KEY) go together")
@@ -191,7 +193,10 @@ class Options(EnvOptions):
     def postOptions(self) -> None:
         super().postOptions()
         if self.get("check"):
-            # A one-off run instead of a service: never returns.
+            # A one-off run instead of a service: never returns, and logs nothing.
             from .check import run
+
+            for warning in self.warnings:
+                print(f"novac: warning: {warning}", file=sys.stderr)
 
             run(self.config)

@@ -7,15 +7,33 @@ L{Backoff} keeps its own count, which only a successful registration resets,
 so a server that accepts TCP but rejects or drops the handshake is still
 backed off.  (ClientService's C{prepareConnection} is not used for this: a
 connection lost while it is pending trips ClientService's state machine.)
+
+For the same reason the retry is logged here, not by ClientService (whose
+line names an endpoint object and counts attempts since the last TCP
+connection): one line with the server, why the last attempt failed, NOVA's
+attempt count and the delay.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import Any
 
 from twisted.application.internet import ClientService
-from twisted.internet.interfaces import IProtocolFactory, IReactorTime, IStreamClientEndpoint
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IReactorTime, IStreamClientEndpoint
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogFilterPredicate,
+    Logger,
+    PredicateResult,
+    globalLogPublisher,
+)
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+log = Logger()
 
 DEFAULT_INITIAL_DELAY = 1.0
 DEFAULT_MAX_DELAY = 30.0
@@ -43,19 +61,29 @@ class Backoff:
         initial: float = DEFAULT_INITIAL_DELAY,
         cap: float = DEFAULT_MAX_DELAY,
         random: Callable[[], float] = random.random,
+        server: str = "the server",
     ) -> None:
         self.initial = initial
         self.cap = cap
         self._random = random
+        self.server = server
         self.rejected = False
         self.failures = 0
         self._quick = 0
+        # Retries since the last registration, and why the last attempt failed (for the log).
+        self.attempts = 0
+        self.last_failure = "connection lost"
 
     def reset(self) -> None:
         """The agent registered: the next loss starts again from the bottom."""
         self.failures = 0
         self.rejected = False
         self._quick = 0
+        self.attempts = 0
+
+    def failed(self, reason: str) -> None:
+        """Why the attempt that just ended failed, for the retry line."""
+        self.last_failure = reason
 
     def expect_restart(self) -> None:
         """The server said it is shutting down: it is probably coming back soon."""
@@ -74,6 +102,43 @@ class Backoff:
         return ceiling * self._random()
 
 
+@implementer(ILogFilterPredicate)
+class _NotTheRetryLine:
+    def __call__(self, event: dict[str, Any]) -> PredicateResult:
+        retry_line = str(event.get("log_format", "")).startswith("Scheduling retry")
+        result: PredicateResult = PredicateResult.no if retry_line else PredicateResult.maybe
+        return result
+
+
+class _ClientService(ClientService):
+    """ClientService without its own retry line (L{reconnecting} logs a better one)."""
+
+    _log = Logger(
+        namespace="twisted.application.internet.ClientService",
+        observer=FilteringLogObserver(globalLogPublisher, [_NotTheRetryLine()]),
+    )
+
+
+@implementer(IStreamClientEndpoint)
+class _NotingEndpoint:
+    """An endpoint that tells the backoff why a connection attempt failed."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint, backoff: Backoff) -> None:
+        self._endpoint = endpoint
+        self._backoff = backoff
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        def failed(failure: Failure) -> Failure:
+            self._backoff.failed(failure.getErrorMessage())
+            return failure
+
+        d: Deferred[IProtocol] = self._endpoint.connect(protocolFactory)
+        return d.addErrback(failed)
+
+    def __repr__(self) -> str:
+        return self._backoff.server
+
+
 def reconnecting(
     endpoint: IStreamClientEndpoint, factory: IProtocolFactory, backoff: Backoff, clock: IReactorTime
 ) -> ClientService:
@@ -81,4 +146,17 @@ def reconnecting(
     A service that keeps one tunnel through C{endpoint}.  The endpoint is
     asked again (and so the host name resolved again) on every attempt.
     """
-    return ClientService(endpoint, factory, retryPolicy=backoff, clock=clock)
+
+    def retry(attempt: int) -> float:
+        delay = backoff(attempt)
+        backoff.attempts += 1
+        log.info(
+            "retrying {server} in {delay:.1f}s (retry {attempt}; last attempt: {reason})",
+            server=backoff.server,
+            reason=backoff.last_failure,
+            attempt=backoff.attempts,
+            delay=delay,
+        )
+        return delay
+
+    return _ClientService(_NotingEndpoint(endpoint, backoff), factory, retryPolicy=retry, clock=clock)

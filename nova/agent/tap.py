@@ -14,7 +14,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
 from nova.mux.tunnel import Timing
-from nova.service import exit_zero_on_sigterm
+from nova.service import exit_zero_on_sigterm, versions
 from nova.tls import TLSConfigError, client_creator
 from nova.wire.errors import ErrorCode
 
@@ -56,7 +56,7 @@ class NovacService(MultiService):
         self.clients: dict[str, ClientService] = {}
         for host, port in config.servers:
             label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            backoff = Backoff(config.reconnect_initial, config.reconnect_max)
+            backoff = Backoff(config.reconnect_initial, config.reconnect_max, server=label)
             self.context.metrics.server_configured(label)
             endpoint = self.context.metrics.connecting(self._endpoint(host, port), label)
             client = reconnecting(endpoint, AgentTunnelFactory(self.context, label, backoff), backoff, reactor)
@@ -84,6 +84,7 @@ class NovacService(MultiService):
 
     def startService(self) -> None:
         c = self.config
+        log.info("{versions}", versions=versions("novac"))
         if not c.tls:
             log.warn("TLS is OFF (--no-tls): tunnel traffic is readable on the network")
         log.info(

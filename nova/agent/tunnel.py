@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from OpenSSL import SSL
 from twisted.internet import error
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IProtocol, IReactorTime
@@ -33,6 +34,28 @@ from .reconnect import Backoff
 TargetConnector = Callable[[str, int, IProtocol], "Deferred[IProtocol]"]
 # on_denied(server, denial): called for every stream the policy refuses (the audit hook).
 DenialHook = Callable[[str, PolicyDenied], None]
+
+# What an agent sees when its TLS setting differs from the server's.
+NOT_TLS = (
+    "the server does not speak TLS (NOVAS runs with --no-tls / NOVAS_TLS=off?) but this agent does:"
+    " turn TLS on at the server, or set NOVAC_TLS=off here (trusted networks only)"
+)
+MAYBE_TLS = (
+    "no HELLO from the server within {timeout:g}s: it may be speaking TLS while this agent has NOVAC_TLS=off:"
+    " remove NOVAC_TLS=off and pin NOVAC_TLS_FINGERPRINT (or NOVAC_TLS_CA), or run NOVAS with --no-tls"
+)
+
+
+def tls_mismatch(reason: Failure, tls: bool) -> str | None:
+    """
+    The hint for a connection that ended before registration because the two
+    ends disagree about TLS, or None.  A TLS client that reads a plaintext
+    HELLO gets OpenSSL's "wrong version number" (the frame's first bytes are
+    no TLS record header).
+    """
+    if tls and reason.check(SSL.Error) is not None and "wrong version number" in str(reason.value):
+        return NOT_TLS
+    return None
 
 
 class Rejected(Exception):
@@ -106,6 +129,8 @@ class AgentTunnel(TunnelProtocol):
         self.refused_for_rate = 0
         self._saw_hello = False
         self._ended_by: str | None = None  # a REJECT or GOAWAY: the reconnect's reason
+        self._heard = False  # any byte from the server at all
+        self._mismatch: str | None = None
 
     @property
     def peer_label(self) -> str:
@@ -113,6 +138,15 @@ class AgentTunnel(TunnelProtocol):
 
     def handshake_started(self) -> None:
         self.context.tunnels.add(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._heard = True
+        super().dataReceived(data)
+
+    def handshake_timed_out(self) -> None:
+        # A plaintext agent and a TLS server both wait for the other to speak first.
+        if not self.context.tls and not self._heard:
+            self._mismatch = MAYBE_TLS.format(timeout=self.context.timing.handshake_timeout)
 
     # Handshake.
 
@@ -161,6 +195,7 @@ class AgentTunnel(TunnelProtocol):
             self._ended_by = "rejected"
             if self.backoff is not None:
                 self.backoff.rejected = True
+                self.backoff.failed(f"registration rejected: {frame.code.name}")
             self._fail_registration(Rejected(frame.code, untrusted(frame.message)))
             self.close()
         else:
@@ -337,14 +372,26 @@ class AgentTunnel(TunnelProtocol):
             d.cancel()
         self._dialing.clear()
         if self._outcome is None:
-            self.log.warn(
-                "connection to {server} ended before registration: {reason}",
-                server=self.server,
-                reason=reason.getErrorMessage(),
-            )
+            mismatch = self._mismatch or tls_mismatch(reason, self.context.tls)
+            if mismatch is not None:
+                self.log.error("cannot register with {server}: {hint}", server=self.server, hint=mismatch)
+            else:
+                self.log.warn(
+                    "connection to {server} ended before registration: {reason}",
+                    server=self.server,
+                    reason=reason.getErrorMessage(),
+                )
+            if self.backoff is not None:
+                self.backoff.failed(
+                    f"TLS mismatch: {mismatch.split(':')[0]}"
+                    if mismatch
+                    else f"ended before registration: {reason.getErrorMessage()}"
+                )
             self._fail_registration(ConnectionError(reason.getErrorMessage()))
         else:
             self.log.info("tunnel to {server} closed: {reason}", server=self.server, reason=reason.getErrorMessage())
+            if self.backoff is not None and not isinstance(self._outcome, Failure):  # not the REJECT just noted
+                self.backoff.failed(f"tunnel closed: {reason.getErrorMessage()}")
 
 
 class AgentTunnelFactory(Factory):

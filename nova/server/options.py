@@ -15,10 +15,13 @@ from nova.config import (
     ConfigError,
     EnvOptions,
     Setting,
+    is_placeholder,
     parse_int,
     parse_port,
     parse_seconds,
     parse_timing,
+    placeholder_error,
+    separator_hint,
     timing_settings,
 )
 from nova.wire.frames import DEFAULT_INITIAL_WINDOW, MAX_WINDOW, MIN_INITIAL_WINDOW
@@ -154,7 +157,10 @@ def build_config(v: dict[str, Any]) -> ServerConfig:
         raise ConfigError("--tls-cert and --tls-key (NOVAS_TLS_CERT, NOVAS_TLS_KEY) go together")
     if v["no-tls"] and cert:
         raise ConfigError("--no-tls / NOVAS_TLS=off contradicts --tls-cert")
-    routes = tuple(parse_route(r) for r in v["route"])
+    try:
+        routes = tuple(parse_route(r) for r in v["route"])
+    except ConfigError as e:
+        raise ConfigError(f"--route / NOVAS_ROUTES: {e}{separator_hint(v['route'], 'NOVAS_ROUTES')}") from None
     seen: dict[tuple[str, int], Route] = {}
     for r in routes:
         if r.port and (r.bind, r.port) in seen:
@@ -170,6 +176,8 @@ def build_config(v: dict[str, Any]) -> ServerConfig:
         raise ConfigError(f"--tls-client-ca / NOVAS_TLS_CLIENT_CA: {v['tls-client-ca']} is not a readable file")
     block_after = parse_int(v["auth-block-after"], "--auth-block-after / NOVAS_AUTH_BLOCK_AFTER", 0, 10**6)
     socks_port = parse_port(v["socks-port"], "--socks-port / NOVAS_SOCKS_PORT", True) if v["socks-port"] else None
+    if v["socks-password"] and is_placeholder(v["socks-password"]):
+        raise placeholder_error("--socks-password / NOVAS_SOCKS_PASSWORD")
     socks_password = v["socks-password"].encode("utf-8") if v["socks-password"] else None
     if v["socks-password"] and len(v["socks-password"]) < MIN_SOCKS_PASSWORD:
         raise ConfigError(
@@ -186,6 +194,8 @@ def build_config(v: dict[str, Any]) -> ServerConfig:
         if v["admin-port"].strip().lower() in ("off", "none", "")
         else parse_port(v["admin-port"], "--admin-port / NOVAS_ADMIN_PORT", True)
     )
+    if v["admin-token"] and is_placeholder(v["admin-token"]):
+        raise placeholder_error("--admin-token / NOVAS_ADMIN_TOKEN")
     admin_token = v["admin-token"].strip().encode("utf-8") if v["admin-token"] else None
     if admin_token is not None and len(admin_token) < 8:
         raise ConfigError("--admin-token / NOVAS_ADMIN_TOKEN must be at least 8 characters")
@@ -253,6 +263,8 @@ def load_tokens(env_tokens: tuple[bytes, ...], path: Path | None) -> tuple[Agent
     token file (each with its scope words, if any).
     """
     tokens = [AgentToken(t) for t in env_tokens]
+    if any(is_placeholder(t.decode("utf-8", "replace")) for t in env_tokens):
+        raise placeholder_error("--agent-token / NOVAS_AGENT_TOKEN")
     if any(len(t.secret) < MIN_TOKEN_LENGTH for t in tokens):
         raise ConfigError(
             f"--agent-token / NOVAS_AGENT_TOKEN: every token must be at least {MIN_TOKEN_LENGTH} characters"
@@ -267,6 +279,9 @@ def load_tokens(env_tokens: tuple[bytes, ...], path: Path | None) -> tuple[Agent
             raise ConfigError(f"{what}: {path} is not UTF-8 text") from None
         except ScopeError as e:
             raise ConfigError(f"{what}: {path}: {e}") from None
+        example = [i for i, t in enumerate(from_file, 1) if is_placeholder(t.secret.decode("utf-8", "replace"))]
+        if example:
+            raise placeholder_error(f"{what}: {path}: token {example[0]} (counting tokens, not lines)")
         short = [i for i, t in enumerate(from_file, 1) if len(t.secret) < MIN_TOKEN_LENGTH]
         if short:
             raise ConfigError(

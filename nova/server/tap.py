@@ -18,12 +18,12 @@ from nova.admin.audit import Audit
 from nova.admin.metrics import Metrics
 from nova.admin.probe import MetricsPage
 from nova.admin.site import BoundedSite
-from nova.admin.store import AuditStore, backend_for
+from nova.admin.store import AuditStore, AuditStoreError, backend_for
 from nova.admin.web import admin_resource
 from nova.config import ConfigError
 from nova.mux.tunnel import Timing
-from nova.service import ListenerService, exit_zero_on_sigterm, on_signal
-from nova.tls import TLSConfigError, ensure_server_certificate, server_options
+from nova.service import ListenerService, StartupError, exit_zero_on_sigterm, on_signal, versions
+from nova.tls import STATE_DIR, TLSConfigError, ensure_server_certificate, server_options
 from nova.wire.errors import ErrorCode
 
 from .listener import RouteFactory
@@ -134,7 +134,7 @@ class NovasService(MultiService):
                 self._fingerprint_note = None
             else:
                 made = ensure_server_certificate(c.state_dir)
-                options = server_options(made.cert_path, made.key_path, c.client_ca)
+                options = server_options(made.cert_path, made.key_path, c.client_ca, STATE_DIR, STATE_DIR)
                 self._fingerprint_note = (
                     f"{'generated' if made.generated else 'using'} self-signed certificate {made.cert_path};"
                     f" pin it on agents with NOVAC_TLS_FINGERPRINT={made.fingerprint}"
@@ -167,10 +167,11 @@ class NovasService(MultiService):
 
     def startService(self) -> None:
         c = self.config
+        log.info("{versions}", versions=versions("novas"))
         try:
             self.store.start()
-        except Exception as e:
-            raise SystemExit(f"novas: error: cannot open the audit store: {e}") from None
+        except AuditStoreError as e:
+            raise StartupError(f"novas: error: {e}") from None
         if not c.tls:
             log.warn("TLS is OFF on the agent port (--no-tls): tunnel traffic is readable on the network")
         if self._fingerprint_note:
