@@ -439,23 +439,26 @@ def test_agent_logs_the_server_and_why_when_it_retries(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_tls_agent_against_a_plaintext_server_is_told_the_server_does_not_speak_tls(tmp_path: Path) -> None:
-    with novas(tmp_path, [], {"NOVAS_TLS": "off"}) as (_server, port):
+    with novas(tmp_path, [], {"NOVAS_TLS": "off"}) as (server, port):
         env = {"NOVAC_SERVER": f"127.0.0.1:{port}", "NOVAC_TLS_FINGERPRINT": "sha256:" + "ab" * 32}
         with novac(tmp_path, env) as agent:
             agent.wait_log(f"cannot register with 127.0.0.1:{port}: the server does not speak TLS")
             agent.wait_log("NOVAC_TLS=off")
             agent.wait_log("last attempt: TLS mismatch")
+            # And the server says so too, naming both settings.
+            server.wait_log("the client started a TLS handshake on this plaintext agent port")
+            assert "set NOVAC_TLS=off on the agent" in server.text()
         assert "UNSUPPORTED_VERSION" not in agent.text()
 
 
 @pytest.mark.integration
 def test_plaintext_agent_against_a_tls_server_is_told_the_server_may_speak_tls(tmp_path: Path) -> None:
-    with novas(tmp_path, []) as (_server, port):
-        env = {"NOVAC_SERVER": f"127.0.0.1:{port}", "NOVAC_TLS": "off", "NOVAC_CONNECT_TIMEOUT": "1"}
+    # The server's deadline first, so that it, not the agent, ends the connection.
+    with novas(tmp_path, [], {"NOVAS_HANDSHAKE_TIMEOUT": "1"}) as (server, port):
+        env = {"NOVAC_SERVER": f"127.0.0.1:{port}", "NOVAC_TLS": "off", "NOVAC_CONNECT_TIMEOUT": "3"}
         with novac(tmp_path, env) as agent:
-            agent.wait_log(
-                "no HELLO from the server within 1s: it may be speaking TLS while this agent has NOVAC_TLS=off"
-            )
+            server.wait_log("the TLS handshake did not finish within 1s (an agent with NOVAC_TLS=off sends nothing)")
+            agent.wait_log("without a word (no HELLO): it may be speaking TLS while this agent has NOVAC_TLS=off")
 
 
 # --- Stopping twice (Ctrl-C in the terminal, then the supervisor's SIGTERM) ----------

@@ -44,6 +44,11 @@ MAYBE_TLS = (
     "no HELLO from the server within {timeout:g}s: it may be speaking TLS while this agent has NOVAC_TLS=off:"
     " remove NOVAC_TLS=off and pin NOVAC_TLS_FINGERPRINT (or NOVAC_TLS_CA), or run NOVAS with --no-tls"
 )
+DROPPED_SILENTLY = (
+    "the server ended the connection after {seconds:.0f}s without a word (no HELLO): it may be speaking TLS while"
+    " this agent has NOVAC_TLS=off (remove NOVAC_TLS=off and pin NOVAC_TLS_FINGERPRINT or NOVAC_TLS_CA, or run"
+    " NOVAS with --no-tls), or it refused this address: see its log"
+)
 
 
 def tls_mismatch(reason: Failure, tls: bool) -> str | None:
@@ -130,6 +135,7 @@ class AgentTunnel(TunnelProtocol):
         self._saw_hello = False
         self._ended_by: str | None = None  # a REJECT or GOAWAY: the reconnect's reason
         self._heard = False  # any byte from the server at all
+        self._connected_at = 0.0
         self._mismatch: str | None = None
 
     @property
@@ -138,6 +144,7 @@ class AgentTunnel(TunnelProtocol):
 
     def handshake_started(self) -> None:
         self.context.tunnels.add(self)
+        self._connected_at = self.clock.seconds()
 
     def dataReceived(self, data: bytes) -> None:
         self._heard = True
@@ -373,6 +380,11 @@ class AgentTunnel(TunnelProtocol):
         self._dialing.clear()
         if self._outcome is None:
             mismatch = self._mismatch or tls_mismatch(reason, self.context.tls)
+            waited = self.clock.seconds() - self._connected_at
+            if mismatch is None and not self.context.tls and not self._heard and waited >= 1.0:
+                # Dropped at the server's handshake deadline, having said nothing:
+                # what a TLS server does to a client that never starts TLS.
+                mismatch = DROPPED_SILENTLY.format(seconds=waited)
             if mismatch is not None:
                 self.log.error("cannot register with {server}: {hint}", server=self.server, hint=mismatch)
             else:

@@ -21,7 +21,7 @@ from nova.mux.core import OpenRefused, Role
 from nova.mux.stream import StreamTransport
 from nova.mux.tunnel import Timing, TunnelProtocol
 from nova.tls import channel_binding, client_identity, tls_version
-from nova.wire.errors import ErrorCode, OpenFailReason, ProtocolError
+from nova.wire.errors import ErrorCode, OpenFailReason, ProtocolError, UnsupportedVersion
 from nova.wire.frames import VERSION, Auth, Frame, Hello, Reject, Welcome
 from nova.wire.handshake import name_problem, new_nonce, tags_problem, window_problem
 from nova.wire.text import untrusted
@@ -50,6 +50,10 @@ class TunnelGone(Exception):
 class TunnelBusy(TunnelGone):
     """The tunnel has as many streams as the server allows it."""
 
+
+# The first byte of a TLS handshake record (a ClientHello), read as a NOVA
+# header's version byte by a plaintext agent port.
+TLS_HANDSHAKE_RECORD = 0x16
 
 # How long a registered tunnel has to answer a ping when another connection
 # registers under its name: a live agent answers within a round trip; one
@@ -422,7 +426,13 @@ class ServerTunnel(TunnelProtocol):
 
     def protocol_error(self, error: ProtocolError) -> None:
         if self.mux is None:
-            self._reject(error.code, error.message, self.name)
+            message = error.message
+            if isinstance(error, UnsupportedVersion) and error.version == TLS_HANDSHAKE_RECORD and not self.context.tls:
+                message = (
+                    "the client started a TLS handshake on this plaintext agent port (--no-tls / NOVAS_TLS=off):"
+                    " set NOVAC_TLS=off on the agent, or turn TLS on here"
+                )
+            self._reject(error.code, message, self.name)
         else:
             super().protocol_error(error)
 
@@ -433,7 +443,14 @@ class ServerTunnel(TunnelProtocol):
         if self._rejected:
             return  # refused already, and still not gone: the abort that follows ends it
         self._rejected = True
-        self._report("HANDSHAKE_TIMEOUT", f"the handshake did not finish within {self.timing.handshake_timeout:g}s")
+        timeout = self.timing.handshake_timeout
+        if self.context.tls and not self._tls_done:
+            # Also what a plaintext agent (NOVAC_TLS=off) looks like: it waits
+            # for HELLO and sends nothing.
+            why = f"the TLS handshake did not finish within {timeout:g}s (an agent with NOVAC_TLS=off sends nothing)"
+        else:
+            why = f"the handshake did not finish within {timeout:g}s"
+        self._report("HANDSHAKE_TIMEOUT", why)
         if self._nonce:  # HELLO went out, so TLS is up: say why before dropping
             self.send_frame(Reject(ErrorCode.HANDSHAKE_TIMEOUT, "the handshake took too long"))
 

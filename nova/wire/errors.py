@@ -84,7 +84,13 @@ class FlowControlError(ProtocolError):
 
 
 class UnsupportedVersion(ProtocolError):
+    """A header whose version this side does not speak; C{version} is the byte received."""
+
     code = ErrorCode.UNSUPPORTED_VERSION
+
+    def __init__(self, message: str, version: int | None = None) -> None:
+        super().__init__(message)
+        self.version = version
 
 
 class ControlFlood(ProtocolError):

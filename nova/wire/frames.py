@@ -386,7 +386,7 @@ def check_header(version: int, type_byte: int, stream_id: int, length: int) -> F
     (protocol.md §1).  Returns the frame type or raises L{ProtocolError}.
     """
     if version != VERSION:
-        raise UnsupportedVersion(f"protocol version {version} is not supported (this side speaks {VERSION})")
+        raise UnsupportedVersion(f"protocol version {version} is not supported (this side speaks {VERSION})", version)
     try:
         frame_type = FrameType(type_byte)
     except ValueError:
