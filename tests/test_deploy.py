@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -213,7 +214,7 @@ def test_systemd_units_run_twist_in_the_foreground_hardened(path: Path, command:
     assert unit_value(unit, "Install", "WantedBy") == "multi-user.target"
     if command == "novas":
         assert v("StateDirectory") == "nova"
-        assert v("ExecReload") == "/bin/kill -HUP $MAINPID"
+        assert v("ExecReload") == '/bin/sh -c "kill -HUP ${MAINPID}"'
         assert "NOVAS_AGENT_TOKEN_FILE" in path.read_text() and "systemctl reload novas" in path.read_text()
     else:
         assert v("DynamicUser") == "yes"
@@ -307,8 +308,8 @@ def test_systemd_novas_service_commands_for_real(tmp_path: Path) -> None:
         try:
             wait_for(lambda: "NOVAS listening" in log.read_text(), 20, "NOVAS to listen")
             tokens.write_text("first-token-1234-abcd\nsecond-token-5678-efgh\n")
-            reload = unit_value(unit, "Service", "ExecReload").replace("$MAINPID", str(proc.pid))
-            subprocess.run(reload.split(), check=True, timeout=10)
+            reload = unit_value(unit, "Service", "ExecReload").replace("${MAINPID}", str(proc.pid))
+            subprocess.run(shlex.split(reload), check=True, timeout=10)
             wait_for(lambda: "reloaded 3 agent token(s)" in log.read_text(), 10, "the token reload")
             proc.terminate()
             timeout = float(unit_value(unit, "Service", "TimeoutStopSec").rstrip("s"))
