@@ -263,7 +263,7 @@ def base_image(docker: Docker) -> str:
         tree = stand_in_tree()
         tar = subprocess.Popen(
             ["tar", "-C", str(tree), "--exclude=./usr/share/doc", "--exclude=./usr/share/man",
-             "--exclude=./usr/share/locale", "-c", "."],
+             "--exclude=./usr/share/locale", "--exclude=./var/lib/apt/lists/*", "-c", "."],
             stdout=subprocess.PIPE,
         )  # fmt: skip
         imported = subprocess.run(

@@ -286,8 +286,9 @@ def test_systemd_sysusers(tmp_path: Path) -> None:
 
 def test_systemd_novas_service_commands_for_real(tmp_path: Path) -> None:
     """
-    What systemd would do with novas.service, done by hand (no systemd runs
-    in this container): ExecStart= with the environment of the example file,
+    What systemd would do with novas.service, done by hand here and quickly
+    (tests/test_systemd.py boots the units under systemd for real):
+    ExecStart= with the environment of the example file,
     ExecReload= re-reads the token file, SIGTERM stops it with status 0.
     """
     unit = read_unit(NOVAS_UNIT)
@@ -470,7 +471,8 @@ def _ignored(path: str, patterns: list[str]) -> bool:
 
 def test_dockerfile_build_context_installs_a_complete_package(tmp_path: Path) -> None:
     """
-    The build stage, without Docker (no engine here): the files that
+    The build stage, without Docker (tests/test_image.py builds the image
+    for real; this is the quick check): the files that
     .dockerignore lets into the context and the Dockerfile copies, built
     with setuptools as `pip wheel` would (build_py), must hold every module
     and data file NOVA loads, and importing the commands from there works.

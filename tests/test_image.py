@@ -131,19 +131,23 @@ def test_image_user_dependencies_and_no_build_secret(image: tuple[Docker, str]) 
     config = docker.inspect(tag)["Config"]
     assert config["User"] == "10001:10001"
     assert config["Entrypoint"] == ["twist"]
-    probe = ["run", "--rm", *HARDENED, "--entrypoint", "/opt/nova/bin/python", tag]
-    # The dependencies are exactly the pinned ones (the lock file is what is installed).
-    frozen = docker(*probe, "-m", "pip", "freeze", "--exclude", "nova-tunnel").stdout.split()
-    pinned = [line for line in CONSTRAINTS.read_text().splitlines() if line and not line.startswith("#")]
-    assert sorted(frozen, key=str.lower) == sorted(pinned, key=str.lower)
-    # The PostgreSQL driver is in; the plugin cache is built; the build's CA bundle is not there.
+    # One container for every probe (with vfs, each container is a full copy of the image).
     script = (
-        "import os, psycopg, twisted.plugins, pathlib;"
-        "print(psycopg.__version__);"
-        "print((pathlib.Path(twisted.plugins.__file__).parent / 'dropin.cache').stat().st_size > 0);"
-        "print(os.path.exists('/run/secrets/ca'), os.getuid())"
+        "import os, subprocess, sys, pathlib, psycopg, twisted.plugins\n"
+        "freeze = [sys.executable, '-m', 'pip', 'freeze', '--exclude', 'nova-tunnel']\n"
+        "print(subprocess.run(freeze, capture_output=True, text=True, check=True).stdout)\n"
+        "print('---')\n"
+        "print(psycopg.__version__)\n"
+        "print((pathlib.Path(twisted.plugins.__file__).parent / 'dropin.cache').stat().st_size > 0)\n"
+        "print(os.path.exists('/run/secrets/ca'), os.getuid())\n"
     )
-    assert docker(*probe, "-c", script).stdout.split()[1:] == ["True", "False", "10001"]
+    out = docker("run", "--rm", *HARDENED, "--entrypoint", "/opt/nova/bin/python", tag, "-c", script).stdout
+    frozen, probes = out.split("---")
+    # The dependencies are exactly the pinned ones (the lock file is what is installed).
+    pinned = [line for line in CONSTRAINTS.read_text().splitlines() if line and not line.startswith("#")]
+    assert sorted(frozen.split(), key=str.lower) == sorted(pinned, key=str.lower)
+    # The PostgreSQL driver is in; the plugin cache is built; the build's CA bundle is not there.
+    assert probes.split()[1:] == ["True", "False", "10001"]
     history = docker("history", "--no-trunc", "--format", "{{.CreatedBy}}", tag).stdout
     assert "PIP_CERT=/run/secrets/ca" not in history and "PIP_INDEX_URL" not in history
 
@@ -151,96 +155,82 @@ def test_image_user_dependencies_and_no_build_secret(image: tuple[Docker, str]) 
 # --- NOVAS and NOVAC from the image --------------------------------------------
 
 
-def test_image_stream_through_a_route_read_only_non_root_no_capabilities(image: tuple[Docker, str]) -> None:
+def _assert_hardened(docker: Docker, c: Container) -> None:
+    host = docker.inspect(c.name)["HostConfig"]
+    assert host["ReadonlyRootfs"] is True and host["CapDrop"] == ["ALL"]
+    status = docker("exec", c.name, "cat", "/proc/1/status").stdout
+    fields = dict(line.split(":", 1) for line in status.splitlines())
+    assert fields["Uid"].split()[:2] == ["10001", "10001"]
+    assert int(fields["CapEff"], 16) == 0 and int(fields["CapBnd"], 16) == 0
+    assert fields["NoNewPrivs"].strip() == "1"
+    write = docker("exec", c.name, "touch", "/opt/nova/x", check=False)
+    assert write.returncode != 0 and "Read-only file system" in write.stderr
+
+
+def _stop_during_a_stream(c: Container, route: int) -> int:
+    """`docker stop` while a user's stream is open: the stream works on during the drain; the exit code."""
+    user = socket.create_connection(("127.0.0.1", route), timeout=20)
+    codes: list[int] = []
+    try:
+        user.sendall(b"before")
+        assert user.recv(64) == b"before"
+        stopping = threading.Thread(target=lambda: codes.append(c.stop(45)))
+        stopping.start()
+        c.wait_log("SIGTERM received: draining")
+        user.sendall(b"during the drain")
+        got = b""
+        while len(got) < len(b"during the drain"):
+            got += user.recv(64)
+        assert got == b"during the drain"
+    finally:
+        user.close()
+    stopping.join(90)
+    assert len(codes) == 1, c.text()[-3000:]
+    return codes[0]
+
+
+def test_image_novas_and_novac(image: tuple[Docker, str]) -> None:
+    """
+    One scenario, to start few containers: NOVAS and NOVAC read-only, as
+    user 10001, without capabilities; a stream through a route; `twist novac
+    --check`; `docker stop` drains and exits 0; a new NOVAS container on the
+    same state volume has the same certificate (the running agent, pinned to
+    the first one's fingerprint, registers with it again).
+    """
     docker, tag = image
     port, route = free_port(), free_port()
     with target("echo") as echo, volume(docker) as state:
         env = server_env(port, route, echo)
-        with container(docker, tag, ["novas"], env, ["-v", f"{state}:/var/lib/nova"]) as server:
-            server.wait_log("NOVAS listening")
-            with container(docker, tag, ["novac"], agent_env(port, server.fingerprint())) as agent:
-                server.wait_log("agent agent-1 registered")
-                payload = bytes(range(256)) * 4096
-                assert echo_roundtrip(route, payload) == payload
-                for c in (server, agent):
-                    host = docker.inspect(c.name)["HostConfig"]
-                    assert host["ReadonlyRootfs"] is True and host["CapDrop"] == ["ALL"]
-                    status = docker("exec", c.name, "cat", "/proc/1/status").stdout
-                    fields = dict(line.split(":", 1) for line in status.splitlines())
-                    assert fields["Uid"].split()[:2] == ["10001", "10001"]
-                    assert int(fields["CapEff"], 16) == 0 and int(fields["CapBnd"], 16) == 0
-                    assert fields["NoNewPrivs"].strip() == "1"
-                    write = docker("exec", c.name, "touch", "/opt/nova/x", check=False)
-                    assert write.returncode != 0 and "Read-only file system" in write.stderr
-
-
-def test_image_novac_check_passes(image: tuple[Docker, str]) -> None:
-    docker, tag = image
-    port, route = free_port(), free_port()
-    with target("echo") as echo, volume(docker) as state:
-        with container(docker, tag, ["novas"], server_env(port, route, echo), ["-v", f"{state}:/var/lib/nova"]) as s:
-            s.wait_log("NOVAS listening")
-            args = ["run", "--rm", *HARDENED]
-            for key, value in agent_env(port, s.fingerprint(), "agent-check").items():
-                args += ["-e", f"{key}={value}"]
-            done = docker(*args, tag, "novac", "--check", check=False, timeout=120)
-            assert done.returncode == 0, done.stdout + done.stderr
-            assert "registered" in done.stdout + done.stderr
-            wrong = docker(*args, "-e", "NOVAC_TOKEN=not-the-token-at-all", tag, "novac", "--check", check=False)
-            assert wrong.returncode != 0
-
-
-def test_image_docker_stop_drains_and_exits_0(image: tuple[Docker, str]) -> None:
-    """`docker stop` sends SIGTERM: an open stream keeps working until it ends, then exit 0."""
-    docker, tag = image
-    port, route = free_port(), free_port()
-    with target("echo") as echo, volume(docker) as state:
-        with container(docker, tag, ["novas"], server_env(port, route, echo), ["-v", f"{state}:/var/lib/nova"]) as s:
-            s.wait_log("NOVAS listening")
-            with container(docker, tag, ["novac"], agent_env(port, s.fingerprint())) as agent:
-                s.wait_log("agent agent-1 registered")
-                user = socket.create_connection(("127.0.0.1", route), timeout=20)
-                try:
-                    user.sendall(b"before")
-                    assert user.recv(64) == b"before"
-                    codes: list[int] = []
-                    stopping = threading.Thread(target=lambda: codes.append(s.stop(45)))
-                    stopping.start()
-                    s.wait_log("SIGTERM received: draining")
-                    # The open stream still carries data during the drain.
-                    user.sendall(b"during the drain")
-                    got = b""
-                    while len(got) < len(b"during the drain"):
-                        got += user.recv(64)
-                    assert got == b"during the drain"
-                finally:
-                    user.close()
-                stopping.join(90)
-                assert codes == [0], s.text()[-3000:]
-                assert agent.stop(45) == 0, agent.text()[-3000:]
-                assert "SIGTERM received: draining" in agent.text()
-
-
-def test_image_state_volume_keeps_the_fingerprint(image: tuple[Docker, str]) -> None:
-    docker, tag = image
-    port, route = free_port(), free_port()
-    with target("echo") as echo, volume(docker) as state:
-        env = server_env(port, route, echo)
-        with container(docker, tag, ["novas"], env, ["-v", f"{state}:/var/lib/nova"]) as first:
+        keep = ["-v", f"{state}:/var/lib/nova"]
+        with container(docker, tag, ["novas"], env, keep) as first:
             first.wait_log("NOVAS listening")
             fp = first.fingerprint()
-            assert first.stop() == 0
-        with container(docker, tag, ["novas"], env, ["-v", f"{state}:/var/lib/nova"]) as second:
-            second.wait_log("NOVAS listening")
-            assert "generated self-signed certificate" not in second.text()
-            # An agent pinned to the first container's fingerprint gets through to the second.
-            with container(docker, tag, ["novac"], agent_env(port, fp)):
-                second.wait_log("agent agent-1 registered")
-                assert echo_roundtrip(route, b"same certificate") == b"same certificate"
-        # And without the volume, a new certificate: the check above can fail.
-        with container(docker, tag, ["novas"], env | {"NOVAS_STATE_DIR": "/tmp/state"}) as fresh:
-            fresh.wait_log("NOVAS listening")
-            assert fresh.fingerprint() != fp
+            assert "generated self-signed certificate" in first.text()
+            with container(docker, tag, ["novac"], agent_env(port, fp)) as agent:
+                first.wait_log("agent agent-1 registered")
+                payload = bytes(range(256)) * 4096
+                assert echo_roundtrip(route, payload) == payload
+                for c in (first, agent):
+                    _assert_hardened(docker, c)
+
+                args = ["run", "--rm", *HARDENED]
+                for key, value in agent_env(port, fp, "agent-check").items():
+                    args += ["-e", f"{key}={value}"]
+                done = docker(*args, tag, "novac", "--check", check=False)
+                assert done.returncode == 0, done.stdout + done.stderr
+                wrong = docker(*args, "-e", "NOVAC_TOKEN=not-the-token-at-all", tag, "novac", "--check", check=False)
+                assert wrong.returncode == 4, wrong.stdout + wrong.stderr  # registration refused
+
+                assert _stop_during_a_stream(first, route) == 0, first.text()[-3000:]
+
+                with container(docker, tag, ["novas"], env, keep) as second:
+                    second.wait_log("NOVAS listening")
+                    assert "generated self-signed certificate" not in second.text()
+                    assert second.fingerprint() == fp
+                    second.wait_log("agent agent-1 registered", timeout=60)
+                    assert echo_roundtrip(route, b"same certificate") == b"same certificate"
+                    assert _stop_during_a_stream(agent, route) == 0, agent.text()[-3000:]
+                    assert second.stop() == 0, second.text()[-3000:]
 
 
 def test_image_postgresql_audit_store(image: tuple[Docker, str]) -> None:
