@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -166,11 +167,13 @@ def test_units_booted_for_real(machine: Machine) -> None:
     m = machine
     port, admin, route = free_port(), free_port(), free_port()
     with target("echo") as echo:
-        # As novas.service's comments say (install -D: Debian 12 has no /etc/sysusers.d).
+        # As novas.service's comments say: the sysusers file (install -D: Debian 12 has no
+        # /etc/sysusers.d) and Twisted's plugin cache are the lines of the comment itself.
         m.sh(
             "cd /root/src\n"
-            "install -D -m 0644 etc/systemd/nova.sysusers.conf /etc/sysusers.d/nova.conf && systemd-sysusers\n"
-            + _plugin_cache_step()
+            + _install_step("nova.sysusers.conf")
+            + "\n"
+            + _install_step("getPlugins")
             + "\ninstall -d -m 0750 -g nova /etc/nova\n"
             "install -m 0600 etc/novas.env.example /etc/nova/novas.env\n"
             "install -m 0644 etc/systemd/novas.service /etc/systemd/system/novas.service\n"
@@ -207,7 +210,10 @@ def test_units_booted_for_real(machine: Machine) -> None:
         try:
             user.sendall(b"before")
             assert user.recv(64) == b"before"
-            stopping = threading.Thread(target=lambda: m.sh("systemctl stop novac", timeout=120))
+            stopped: list[int] = []
+            stopping = threading.Thread(
+                target=lambda: stopped.append(m.sh("systemctl stop novac", check=False, timeout=120).returncode)
+            )
             stopping.start()
             m.wait_journal("novac", "SIGTERM received: draining")
             user.sendall(b"during the drain")
@@ -218,6 +224,7 @@ def test_units_booted_for_real(machine: Machine) -> None:
         finally:
             user.close()
         stopping.join(120)
+        assert stopped == [0]
         state = m.show("novac", "Result", "ExecMainStatus", "ExecMainCode", "ActiveState")
         assert state == {"Result": "success", "ExecMainStatus": "0", "ExecMainCode": "1", "ActiveState": "inactive"}
 
@@ -243,11 +250,11 @@ def test_units_booted_for_real(machine: Machine) -> None:
                 assert bad not in journal, f"{unit} logged {bad!r}:\n{journal[-3000:]}"
 
 
-def _plugin_cache_step() -> str:
-    """The line of the units' install comments that builds Twisted's plugin cache."""
+def _install_step(word: str) -> str:
+    """The line of novas.service's install comments that holds C{word}, run as it is written there."""
     text = (SYSTEMD / "novas.service").read_text()
-    lines = [line[1:].strip() for line in text.splitlines() if "getPlugins" in line and line.startswith("#")]
-    assert lines, "novas.service's install steps build Twisted's plugin cache"
+    lines = [line[1:].strip() for line in text.splitlines() if word in line and line.startswith("#   ")]
+    assert lines, f"novas.service's install steps have no line with {word!r}"
     return lines[0]
 
 
@@ -259,3 +266,47 @@ def test_security_exposure_of_the_booted_units(machine: Machine) -> None:
         assert m, done.stdout + done.stderr
         print(f"systemd-analyze security {unit}.service: {m.group(1)}")
         assert float(m.group(1)) <= EXPOSURE_AT_MOST, done.stdout
+
+
+def test_memory_deny_write_execute_stays_off_for_a_reason(machine: Machine) -> None:
+    """
+    The control for the comment in the units: with MemoryDenyWriteExecute=yes
+    (a drop-in over the installed novas.service), NOVAS fails at its first TLS
+    handshake, which is why the units leave it off.
+    """
+    m = machine
+    assert m.sh("test -f /etc/systemd/system/novas.service", check=False).returncode == 0, (
+        "runs after test_units_booted_for_real, which installs the units"
+    )
+    env = m.sh("cat /etc/nova/novas.env").stdout
+    port = int(re.findall(r"^NOVAS_AGENT_PORT=(\d+)$", env, re.M)[-1])
+    m.sh(
+        "mkdir -p /etc/systemd/system/novas.service.d\n"
+        "printf '[Service]\\nMemoryDenyWriteExecute=yes\\n' > /etc/systemd/system/novas.service.d/mdwe.conf\n"
+        "systemctl daemon-reload && systemctl reset-failed novas && systemctl start novas"
+    )
+    try:
+        m.wait_journal("novas", "NOVAS listening")
+        before = m.journal("novas")
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                with context.wrap_socket(raw) as tls:
+                    tls.sendall(b"\\0" * 16)
+                    tls.recv(64)
+        except OSError:
+            pass
+
+        def failed() -> bool:
+            state = m.show("novas", "NRestarts", "Result", "ExecMainStatus")
+            return state["NRestarts"] != "0" or state["Result"] != "success" or state["ExecMainStatus"] != "0"
+
+        wait_for(failed, 30, "NOVAS to fail under MemoryDenyWriteExecute=yes")
+        assert "Cannot allocate write+execute memory for ffi.callback()" in m.journal("novas")[len(before):]
+    finally:
+        m.sh(
+            "rm -r /etc/systemd/system/novas.service.d && systemctl daemon-reload && systemctl stop novas"
+            " && systemctl reset-failed novas || true"
+        )
