@@ -216,7 +216,7 @@ def docker_engine() -> Docker:
     else:
         raise AssertionError(f"four test sessions already run a dockerd from {CACHE}")
     # Short paths: a unix socket's path must fit in 108 bytes.
-    run = Path(f"/run/nova-test-docker-{slot}")
+    run = Path(f"/run/nova-test-docker-{hashlib.sha256(str(CACHE).encode()).hexdigest()[:6]}-{slot}")
     run.mkdir(parents=True, exist_ok=True)
     socket = run / "docker.sock"
     socket.unlink(missing_ok=True)
