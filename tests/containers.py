@@ -295,5 +295,8 @@ def nova_image() -> tuple[Docker, str]:
     docker = docker_engine()
     base_image(docker)
     docker("build", "--progress=plain", "--network=host", *build_args(), "-t", IMAGE, str(ROOT), timeout=900)
+    # The cache is kept from one session to the next: drop what this build replaced.
+    docker("image", "prune", "--force", check=False)
+    docker("builder", "prune", "--force", "--filter", "until=24h", check=False)
     _memo["image"] = (docker, IMAGE)
     return docker, IMAGE

@@ -280,12 +280,6 @@ def test_compose_health_checks_pass(image: tuple[Docker, str], tmp_path: Path) -
     """
     docker, tag = image
     agent_port, route = free_port(), free_port()
-    admin_port = 9023  # the Compose file's fixed admin port
-    health_port = 8080
-    for p in (admin_port, health_port):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", p)) == 0:
-                pytest.fail(f"port {p} (fixed in the Compose files) is taken on this machine")
     files = {}
     for name in ("novas", "novac"):
         data = yaml.safe_load((ROOT / "etc" / "docker" / f"{name}-compose.yml").read_text())
@@ -305,7 +299,9 @@ def test_compose_health_checks_pass(image: tuple[Docker, str], tmp_path: Path) -
             "NOVAS_AGENT_PORT": str(agent_port),
             "NOVAS_AGENT_TOKEN": TOKEN,
             "NOVAS_ADMIN_TOKEN": ADMIN_TOKEN,
+            "NOVAS_ADMIN_PORT": str(free_port()),
             "NOVAS_ROUTES": f"127.0.0.1:{route}:127.0.0.1:{echo}",
+            "NOVAC_HEALTH_PORT": str(free_port()),
             "NOVAC_SERVER": f"127.0.0.1:{agent_port}",
             "NOVAC_TOKEN": TOKEN,
             "NOVAC_NAME": "compose-agent",
