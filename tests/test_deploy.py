@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -47,6 +48,7 @@ NOVAC_UNIT = ETC / "systemd" / "novac.service"
 SYSUSERS = ETC / "systemd" / "nova.sysusers.conf"
 NOVAC_COMPOSE = ETC / "docker" / "novac-compose.yml"
 NOVAS_COMPOSE = ETC / "docker" / "novas-compose.yml"
+CONSTRAINTS = ETC / "docker" / "constraints.txt"
 K8S_SINGLE = ETC / "kubernetes" / "novac-deployment.yaml"
 K8S_HA = ETC / "kubernetes" / "novac-deployment-ha.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
@@ -67,6 +69,7 @@ EXERCISED = {
     **KUBERNETES_FILES,
     ETC / "prometheus" / "nova-alerts.yml": "test_metrics.py::test_the_alert_rules_pass_promtool, ::test_metrics_on_*",
     ETC / "grafana" / "nova-dashboard.json": "test_metrics.py::test_the_dashboard_*, ::test_metrics_on_*",
+    CONSTRAINTS: "test_dockerfile, tests/test_image.py::test_image_user_dependencies_and_no_build_secret",
 }
 
 SERVER_ENVS = {s.env: s for s in SERVER_SETTINGS}
@@ -226,7 +229,7 @@ def test_systemd_units_run_twist_in_the_foreground_hardened(path: Path, command:
     assert unit_value(unit, "Install", "WantedBy") == "multi-user.target"
     if command == "novas":
         assert v("StateDirectory") == "nova"
-        assert v("ExecReload") == "/bin/kill -HUP $MAINPID"
+        assert v("ExecReload") == '/bin/sh -c "kill -HUP ${MAINPID}"'
         assert "NOVAS_AGENT_TOKEN_FILE" in path.read_text() and "systemctl reload novas" in path.read_text()
     else:
         assert v("DynamicUser") == "yes"
@@ -298,8 +301,9 @@ def test_systemd_sysusers(tmp_path: Path) -> None:
 
 def test_systemd_novas_service_commands_for_real(tmp_path: Path) -> None:
     """
-    What systemd would do with novas.service, done by hand (no systemd runs
-    in this container): ExecStart= with the environment of the example file,
+    What systemd would do with novas.service, done by hand here and quickly
+    (tests/test_systemd.py boots the units under systemd for real):
+    ExecStart= with the environment of the example file,
     ExecReload= re-reads the token file, SIGTERM stops it with status 0.
     """
     unit = read_unit(NOVAS_UNIT)
@@ -323,8 +327,8 @@ def test_systemd_novas_service_commands_for_real(tmp_path: Path) -> None:
         try:
             wait_for(lambda: "NOVAS listening" in log.read_text(), 20, "NOVAS to listen")
             tokens.write_text("first-token-1234-abcd\nsecond-token-5678-efgh\n")
-            reload = unit_value(unit, "Service", "ExecReload").replace("$MAINPID", str(proc.pid))
-            subprocess.run(reload.split(), check=True, timeout=10)
+            reload = unit_value(unit, "Service", "ExecReload").replace("${MAINPID}", str(proc.pid))
+            subprocess.run(shlex.split(reload), check=True, timeout=10)
             wait_for(lambda: "reloaded 3 agent token(s)" in log.read_text(), 10, "the token reload")
             proc.terminate()
             timeout = float(unit_value(unit, "Service", "TimeoutStopSec").rstrip("s"))
@@ -421,8 +425,17 @@ def _final_stage(instructions: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 def test_dockerfile() -> None:
     instructions = dockerfile_instructions(DOCKERFILE.read_text())
+    # The base is a build argument (tests/containers.py builds on a stand-in), python:3.11-slim by default.
+    (base_arg,) = [args for word, args in instructions[:1] if word == "ARG"]
+    assert base_arg == "BASE=python:3.11-slim"
     bases = [args.split()[0] for word, args in instructions if word == "FROM"]
-    assert bases and all(b == "python:3.11-slim" for b in bases)
+    assert bases and all(b == "${BASE}" for b in bases)
+    # The dependencies are pinned, and the PostgreSQL driver is one of them.
+    runs = [args for word, args in instructions if word == "RUN"]
+    assert any("pip install --constraint etc/docker/constraints.txt '.[postgresql]'" in r for r in runs)
+    pins = [line for line in CONSTRAINTS.read_text().splitlines() if line and not line.startswith("#")]
+    assert pins and all(re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][A-Za-z0-9.+]*", p) for p in pins), pins
+    assert any(p.startswith("psycopg-binary==") for p in pins)
     final = _final_stage(instructions)
     users = [args for word, args in final if word == "USER"]
     assert users, "the image must not run as root"
@@ -430,7 +443,8 @@ def test_dockerfile() -> None:
     assert uid.isdigit() and int(uid) != 0, "a numeric, non-root USER (runAsNonRoot can check it)"
     # Everything after USER runs unprivileged; the install happens before it.
     runs = [args for word, args in final if word == "RUN"]
-    assert any("pip install" in r and "/wheels/" in r for r in runs), "the package is installed"
+    assert ("COPY", "--from=build /opt/nova /opt/nova") in final, "the package is installed"
+    assert not any("pip install" in r for r in runs), "nothing is downloaded in the run stage"
     assert any("twist novas --help" in r and "twist novac --help" in r for r in runs), "the install is tried"
     entry = [args for word, args in final if word == "ENTRYPOINT"]
     assert entry and json.loads(entry[-1]) == ["twist"]
@@ -475,7 +489,8 @@ def _ignored(path: str, patterns: list[str]) -> bool:
 
 def test_dockerfile_build_context_installs_a_complete_package(tmp_path: Path) -> None:
     """
-    The build stage, without Docker (no engine here): the files that
+    The build stage, without Docker (tests/test_image.py builds the image
+    for real; this is the quick check): the files that
     .dockerignore lets into the context and the Dockerfile copies, built
     with setuptools as `pip wheel` would (build_py), must hold every module
     and data file NOVA loads, and importing the commands from there works.
