@@ -184,7 +184,9 @@ def test_units_booted_for_real(machine: Machine) -> None:
             f"printf '%s\\n' {AGENT_TOKEN} {OTHER_TOKEN} > /etc/nova/agent-tokens\n"
             "chown root:nova /etc/nova/agent-tokens && chmod 0640 /etc/nova/agent-tokens\n"
             "cat >> /etc/nova/novas.env <<EOF\n"
+            # Every placeholder of the example replaced, as an operator must (NOVAS refuses them).
             f"NOVAS_AGENT_TOKEN={TOKEN}\nNOVAS_AGENT_TOKEN_FILE=/etc/nova/agent-tokens\n"
+            "NOVAS_ADMIN_TOKEN=systemd-admin-token-5c2e91aa\n"
             f"NOVAS_AGENT_PORT={port}\nNOVAS_ADMIN_PORT={admin}\n"
             f"NOVAS_ROUTES=127.0.0.1:{route}:127.0.0.1:{echo}\nEOF\n"
             "systemctl daemon-reload && systemctl enable --now novas"
