@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nova.admin.audit import Audit
-from nova.mux.core import OpenRefused, Role
+from nova.mux.core import DEFAULT_MAX_WINDOW, OpenRefused, Role
 from nova.mux.stream import StreamTransport
 from nova.mux.tunnel import Timing, TunnelProtocol
 from nova.tls import channel_binding, client_identity, tls_version
@@ -67,6 +67,7 @@ class ServerContext:
     clock: IReactorTime
     registry: Registry = field(default_factory=Registry)
     window: int = 262_144
+    max_window: int = DEFAULT_MAX_WINDOW
     timing: Timing = field(default_factory=Timing)
     server_id: str = "novas"
     audit: Audit = field(default_factory=Audit)
@@ -146,7 +147,7 @@ class ServerTunnel(TunnelProtocol):
     role = Role.SERVER
 
     def __init__(self, context: ServerContext) -> None:
-        super().__init__(context.clock, context.window, context.timing)
+        super().__init__(context.clock, context.window, context.timing, context.max_window)
         self.context = context
         self.name = ""
         self.tags: dict[str, str] = {}
