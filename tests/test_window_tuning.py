@@ -286,17 +286,38 @@ class TunnelTests(SynchronousTestCase):
         self.assertGreater(most_in_flight, window)
         self.assertLessEqual(h.agent.mux.window(stream.stream_id), h.agent.max_window)
 
-    def test_rtt_is_measured_on_demand(self) -> None:
-        """Without a measurement, the first full window drained sends one PING."""
+    def test_rtt_is_measured_at_registration_and_on_demand(self) -> None:
+        """
+        NOVAS measures HELLO to AUTH; NOVAC pings once registered, while the
+        tunnel is idle.  Without a measurement, the first full window drained
+        sends a PING.
+        """
         h = Harness(window=65536)
+        self.assertEqual(h.agent.rtt_probes, 1)
+        self.assertEqual(h.server.rtt_probes, 0)
+        # In memory the clock does not move: a zero round trip is no
+        # measurement, so the multiplexers still want one.
+        assert h.agent.mux is not None and h.server.mux is not None
+        self.assertIsNone(h.agent.mux.rtt)
+        self.assertIsNone(h.agent.rtt)  # the reported RTT is the keepalive's
         stream, _user, target_transport, _ = h.open()
-        assert h.agent.mux is not None
-        self.assertIsNone(h.agent.rtt)
         for _ in range(8):
             stream.write(b"y" * 65536)
+            h.clock.advance(0.01)
             h.flush()
         self.assertEqual(len(target_transport.value()), 8 * 65536)
-        self.assertIsNotNone(h.agent.rtt)
+        self.assertGreater(h.agent.rtt_probes, 1)
+        self.assertEqual(h.server.rtt_probes, 0)  # it sent nothing, it needs no window
+
+    def test_handshake_and_probe_samples_feed_only_the_multiplexer(self) -> None:
+        h = Harness(window=65536)
+        assert h.server.mux is not None
+        # HELLO went out at 0; pretend AUTH took 30 ms.
+        h.server._hello_sent_at = -0.03
+        self.assertIsNone(h.server.rtt)
+        h.server.rtt_measured(h.clock.seconds() - h.server._hello_sent_at, keepalive=False)
+        self.assertEqual(h.server.mux.rtt, 0.03)
+        self.assertIsNone(h.server.rtt)
 
     def test_slow_target_never_holds_more_than_the_initial_window(self) -> None:
         window = 65536

@@ -143,6 +143,7 @@ class AgentTunnel(TunnelProtocol):
             if self.backoff is not None:
                 self.backoff.reset()
             self.start_streams(frame.initial_window, self.context.max_streams)
+            self.probe_rtt()  # measured now, while the tunnel is idle (window auto-tuning)
             self.log.info(
                 "registered with {server} as {agent} (server {server_id})",
                 server=self.server,

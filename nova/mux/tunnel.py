@@ -141,7 +141,8 @@ class TunnelProtocol(Protocol):
         # Streams' receive windows grow up to this (see nova.mux.core).
         self.max_window = max_window if max_window is not None else local_window
         self.window_budget = PROCESS_WINDOW_BUDGET
-        self._rtt_probe = False  # a PING asked for by the multiplexer is out
+        self._rtt_probe_opaque: bytes | None = None  # a probe's PING is out (see probe_rtt)
+        self.rtt_probes = 0
         self.peer_window = local_window
         self.timing = timing
         self.draining = False
@@ -350,23 +351,38 @@ class TunnelProtocol(Protocol):
     def pong_received(self, opaque: bytes) -> None:
         (sent,) = struct.unpack(">d", opaque)
         rtt = self.clock.seconds() - sent
+        if opaque == self._rtt_probe_opaque:
+            self._rtt_probe_opaque = None
+            self.rtt_measured(rtt, keepalive=False)
+        else:
+            self.rtt_measured(rtt)
+
+    def rtt_measured(self, rtt: float, keepalive: bool = True) -> None:
+        """
+        A round trip was measured: by a keepalive PING (L{rtt}, reported),
+        or by the handshake or a probe (only for window auto-tuning).
+        """
         if 0 <= rtt < 3600:
-            self.rtt = rtt
-            self._rtt_probe = False
+            if keepalive:
+                self.rtt = rtt
             if self.mux is not None:
                 self.mux.rtt_sample(rtt)
 
     def probe_rtt(self) -> None:
         """
-        A stream could grow its window if the round trip were known: ping
-        now rather than at the next keepalive (once at a time).
+        Measure the round trip now rather than at the next keepalive (one
+        PING at a time): the agent does at registration, while the tunnel is
+        idle, and either side does when a stream could grow its window and
+        no round trip is known.
         """
         mux = self.mux
         if mux is not None:
             mux.rtt_wanted = False
-            if not self._rtt_probe and not self.closed:
-                self._rtt_probe = True
-                mux.ping(struct.pack(">d", self.clock.seconds()))
+            if self._rtt_probe_opaque is None and not self.closed:
+                self._rtt_probe_opaque = struct.pack(">d", self.clock.seconds())
+                self.rtt_probes += 1
+                mux.ping(self._rtt_probe_opaque)
+                self.flush_soon()
 
     def goaway_received(self, code: ErrorCode, message: str) -> None:
         self.log.info("{peer} is going away: {code} {detail}", peer=self.peer_label, code=code.name, detail=message)

@@ -167,6 +167,8 @@ class ServerTunnel(TunnelProtocol):
         self._tls_done = False
         self._rejected = False
         self._nonce = b""
+        self._hello_sent_at = 0.0
+        self._handshake_rtt = -1.0
         self._opening: dict[int, tuple[Deferred[StreamTransport], str, int]] = {}
         self._probes: list[Deferred[bool]] = []
 
@@ -252,6 +254,7 @@ class ServerTunnel(TunnelProtocol):
             self.session.handshake_restarted()  # the delay is ours: it must not eat the agent's deadline
         self._nonce = new_nonce()
         self.send_frame(Hello(self._nonce))
+        self._hello_sent_at = self.clock.seconds()
 
     def _report(self, code: str, why: str, claimed: str = "", token: str = "") -> None:
         self.context.refused(self.address, self.source, code, why, claimed, token)
@@ -291,6 +294,9 @@ class ServerTunnel(TunnelProtocol):
         assert c.tokens is not None and c.throttle is not None
         if not self._nonce:
             raise ProtocolError("AUTH before HELLO")
+        # HELLO to AUTH is a round trip measured on an idle connection (window
+        # auto-tuning needs one before bulk data can skew a PING's).
+        self._handshake_rtt = self.clock.seconds() - self._hello_sent_at
         binding = channel_binding(self.transport)
         if c.tls and binding is None:
             self._reject(ErrorCode.INTERNAL_ERROR, "TLS is required but the connection is not TLS", frame.name)
@@ -390,6 +396,7 @@ class ServerTunnel(TunnelProtocol):
         self.tls_version = tls_version(self.transport)
         self.registered_at = c.clock.seconds()
         self.start_streams(frame.initial_window)
+        self.rtt_measured(self._handshake_rtt, keepalive=False)
         self.send_frame(Welcome(self.local_window, int(c.timing.keepalive * 1000), c.server_id))
         self.registered = True
         c.registry.register(self)
