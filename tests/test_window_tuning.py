@@ -30,6 +30,7 @@ from nova.mux.core import (
     DEFAULT_MAX_WINDOW,
     GROW_RTTS,
     IDLE_SHRINK,
+    MIN_GROW_RTT,
     Multiplexer,
     Role,
     WindowBudget,
@@ -152,6 +153,18 @@ class GrowthTests(SynchronousTestCase):
         self.assertEqual(_frames(r.mux), [])
         self.assertEqual(r.mux.window(1), INITIAL)
         self.assertEqual(r.mux.inbox_bytes(1), INITIAL)
+
+    def test_no_growth_on_a_sub_millisecond_link(self) -> None:
+        """Loopback or a LAN: the initial window is not the limit, however fast windows drain."""
+        r = Receiver()
+        r.mux.rtt_sample(MIN_GROW_RTT * 0.9)
+        for i in range(20):
+            r.window_round(1, i * 0.00001)
+        self.assertEqual(r.mux.window(1), INITIAL)
+        r.mux.rtt_sample(MIN_GROW_RTT * 0.5)  # and the smallest sample counts
+        r.mux.rtt_sample(MIN_GROW_RTT * 2)
+        r.window_round(1, 1.0)
+        self.assertEqual(r.mux.window(1), INITIAL)
 
     def test_without_an_rtt_it_asks_for_one(self) -> None:
         r = Receiver()
@@ -368,6 +381,7 @@ _op = st.one_of(
     st.tuples(st.just("take"), st.integers(1, 3), st.integers(1, 4 * INITIAL)),
     st.tuples(st.just("wait"), st.integers(0, 3), st.floats(0, 2 * IDLE_SHRINK)),
     st.tuples(st.just("rtt"), st.integers(0, 3), st.floats(0.0001, 0.2)),
+    st.tuples(st.just("rtt"), st.integers(0, 3), st.floats(MIN_GROW_RTT, 0.2)),
     st.tuples(st.just("reset"), st.integers(1, 3), st.integers(0, 0)),
 )
 

@@ -42,6 +42,8 @@ C{now} it passes in:
    version 1: an idle stream keeps its grant, and its budget, until the peer
    uses it or the stream ends; its inbox is empty, so its memory is what it
    was);
+ - on a link shorter than L{MIN_GROW_RTT} nothing grows (the initial
+   window is not the limit there);
  - without an RTT measurement nothing grows; L{Multiplexer.rtt_wanted}
    asks the adapter for one (a PING).
 
@@ -124,6 +126,13 @@ PROCESS_WINDOW_BUDGET = 256 * 1024 * 1024
 # or its consumer settles between three and six times its bandwidth-delay
 # product.  go-yamux grows when half a window was consumed within four.
 GROW_RTTS = 3.0
+# No growth on a link whose round trip is shorter than this: there the
+# initial window (256 KiB: over 2 Gbit/s at 1 ms, about what one NOVA
+# process moves) is not the limit, and what looks like a window drained
+# within a few round trips is a busy process catching up on its socket
+# buffer (measured on loopback: a 0.4 ms round trip, windows grown to
+# 2 MiB, and a longer queue in front of requests beside a bulk transfer).
+MIN_GROW_RTT = 0.001
 # A stream that consumed nothing for this long starts again from the
 # initial window.
 IDLE_SHRINK = 5.0
@@ -493,7 +502,7 @@ class Multiplexer:
                 rtt = self.rtt
                 if rtt is None:
                     self.rtt_wanted = True
-                elif now - s.epoch_start < GROW_RTTS * rtt:
+                elif rtt >= MIN_GROW_RTT and now - s.epoch_start < GROW_RTTS * rtt:
                     s.target = min(2 * s.target, self.max_window)
                 s.epoch_start = now
                 s.epoch_bytes = 0
