@@ -25,6 +25,7 @@ from nova.config import (
     split_host_port,
     timing_settings,
 )
+from nova.mux.core import DEFAULT_MAX_WINDOW
 from nova.tls import parse_fingerprint
 from nova.wire.frames import DEFAULT_INITIAL_WINDOW, MAX_WINDOW, MIN_INITIAL_WINDOW
 from nova.wire.handshake import name_problem, tags_problem
@@ -43,6 +44,12 @@ SETTINGS = (
     Setting("server-name", "NOVAC_TLS_SERVER_NAME", None, "Name to verify and send as SNI (default: HOST)."),
     Setting("no-tls", "NOVAC_TLS", None, "Plaintext tunnel (NOVAC_TLS=off); only for trusted networks.", flag=True),
     Setting("window", "NOVAC_WINDOW", str(DEFAULT_INITIAL_WINDOW), "Per-stream receive window in bytes."),
+    Setting(
+        "max-window",
+        "NOVAC_MAX_WINDOW",
+        str(DEFAULT_MAX_WINDOW),
+        "Most a stream's receive window grows to on a fast, distant link (bytes).",
+    ),
     Setting("connect-timeout", "NOVAC_CONNECT_TIMEOUT", "10", "Seconds to connect to a server or a target."),
     Setting("max-streams", "NOVAC_MAX_STREAMS", "1024", "Streams open at once per tunnel."),
     Setting("max-open-rate", "NOVAC_MAX_OPEN_RATE", "5000", "Stream opens per second a server may ask for."),
@@ -96,6 +103,7 @@ class AgentConfig:
     health_port: int | None = None
     health_bind: str = "0.0.0.0"
     metrics: bool = True
+    max_window: int = DEFAULT_MAX_WINDOW
 
     def __repr__(self) -> str:
         return f"<AgentConfig {self.name} -> {len(self.servers)} server(s), tls={self.tls}>"
@@ -158,6 +166,7 @@ def build_config(v: dict[str, Any]) -> AgentConfig:
         fingerprint=fingerprint,
         server_name=v["server-name"] or None,
         window=parse_int(v["window"], "--window / NOVAC_WINDOW", MIN_INITIAL_WINDOW, MAX_WINDOW),
+        max_window=_max_window(v),
         connect_timeout=parse_seconds(v["connect-timeout"], "--connect-timeout / NOVAC_CONNECT_TIMEOUT"),
         max_streams=parse_int(v["max-streams"], "--max-streams / NOVAC_MAX_STREAMS", 1, 65536),
         max_open_rate=parse_int(v["max-open-rate"], "--max-open-rate / NOVAC_MAX_OPEN_RATE", 1, 10**6),
@@ -200,3 +209,15 @@ class Options(EnvOptions):
                 print(f"novac: warning: {warning}", file=sys.stderr)
 
             run(self.config)
+
+
+def _max_window(v: dict[str, Any]) -> int:
+    """C{--max-window}: at least the initial window (a window never shrinks below it)."""
+    window = parse_int(v["window"], "--window / NOVAC_WINDOW", MIN_INITIAL_WINDOW, MAX_WINDOW)
+    what = "--max-window / NOVAC_MAX_WINDOW"
+    value = parse_int(v["max-window"], what, MIN_INITIAL_WINDOW, MAX_WINDOW)
+    if value < window:
+        raise ConfigError(
+            f"{what} ({value}) must be at least --window / NOVAC_WINDOW ({window}); raise it or lower the window"
+        )
+    return value

@@ -46,6 +46,7 @@ class NovacService(MultiService):
             clock=reactor,
             connect_target=connect_target,
             window=config.window,
+            max_window=config.max_window,
             timing=Timing(config.connect_timeout, config.keepalive, config.dead_timeout),
             max_streams=config.max_streams,
             max_open_rate=float(config.max_open_rate),

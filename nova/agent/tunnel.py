@@ -16,7 +16,7 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from nova import __version__
-from nova.mux.core import OpenRefused, Role
+from nova.mux.core import DEFAULT_MAX_WINDOW, OpenRefused, Role
 from nova.mux.splice import Pipe, splice
 from nova.mux.tunnel import Timing, TunnelProtocol
 from nova.tls import channel_binding
@@ -80,6 +80,7 @@ class AgentContext:
     clock: IReactorTime
     connect_target: TargetConnector
     window: int = 262_144
+    max_window: int = DEFAULT_MAX_WINDOW
     timing: Timing = field(default_factory=Timing)
     max_streams: int = 1024
     tunnels: set[AgentTunnel] = field(default_factory=set)
@@ -122,7 +123,7 @@ class AgentTunnel(TunnelProtocol):
     role = Role.AGENT
 
     def __init__(self, context: AgentContext, server: str, backoff: Backoff | None = None) -> None:
-        super().__init__(context.clock, context.window, context.timing)
+        super().__init__(context.clock, context.window, context.timing, context.max_window)
         self.context = context
         self.server = server
         self.backoff = backoff
@@ -183,6 +184,7 @@ class AgentTunnel(TunnelProtocol):
             if self.backoff is not None:
                 self.backoff.reset()
             self.start_streams(frame.initial_window, self.context.max_streams)
+            self.probe_rtt()  # measured now, while the tunnel is idle (window auto-tuning)
             self.log.info(
                 "registered with {server} as {agent} (server {server_id})",
                 server=self.server,

@@ -18,6 +18,44 @@ control: a WINDOW_UPDATE is sent for at least half a window that this side
 consumed, and the peer cannot send more DATA until it has received it.
 The adapter holds control frames while its transport pushes back and stops
 reading while replies pile up (L{nova.mux.tunnel.TunnelProtocol}).
+
+Window auto-tuning (docs/datapath.md, "Window auto-tuning").  A fixed
+window caps a stream at one window per round trip (256 KiB over 50 ms is
+42 Mbit/s), so each stream's receive window grows toward what the link and
+the consumer actually sustain, with no wire change: growing is granting
+credit beyond what was consumed (a WINDOW_UPDATE whose increment includes
+the growth, which every version-1 sender accepts up to 2**31-1, protocol.md
+§5.3); shrinking is withholding credit for consumed bytes.  The rule, per
+stream, evaluated only when the adapter takes (consumes) bytes, at the time
+C{now} it passes in:
+
+ - an I{epoch} ends each time the consumer has taken a full target window
+   since the last one ended; if that took less than L{GROW_RTTS} round
+   trips (the smallest RTT the tunnel has measured, L{Multiplexer.rtt}),
+   the target doubles, up to C{max_window};
+ - the growth is granted only within the per-tunnel budget
+   (C{tunnel_budget}, bytes above the initial windows) and the per-process
+   L{WindowBudget}; what neither has room for is not granted;
+ - a stream that took nothing for L{IDLE_SHRINK} seconds goes back to the
+   initial target, and credit for consumed bytes is withheld until its
+   window is back there (credit already granted cannot be taken back in
+   version 1: an idle stream keeps its grant, and its budget, until the peer
+   uses it or the stream ends; its inbox is empty, so its memory is what it
+   was);
+ - on a link shorter than L{MIN_GROW_RTT} nothing grows (the initial
+   window is not the limit there);
+ - without an RTT measurement nothing grows; L{Multiplexer.rtt_wanted}
+   asks the adapter for one (a PING).
+
+Invariants (checked by L{Multiplexer.check_invariants}, and by property
+tests under arbitrary schedules): for every stream whose peer has not ended
+it, C{recv_window + inbox_bytes + unreturned == window}, so what a
+receiver holds never exceeds what it granted; C{local_window <= window <=
+max_window}; the windows above the initial ones add up to the tunnel's
+budget use, which stays within C{tunnel_budget}, and every byte of it is
+reserved in the process budget; WINDOW_UPDATEs are queued only when bytes
+are taken.  With C{max_window} equal to the initial window (the default)
+none of this runs and the multiplexer behaves exactly as before.
 """
 
 from __future__ import annotations
@@ -67,6 +105,60 @@ _FIN = int(FrameType.FIN)
 # 2 MiB.
 MAX_QUEUED_REPLIES = 16_384
 _REPLY_TYPES = frozenset((Pong, OpenOk, OpenFail))
+
+# Window auto-tuning (see the module docstring).
+# The default most a stream's receive window grows to: 16 MiB covers
+# 1.3 Gbit/s at 100 ms (go-yamux, as libp2p uses it, stops at the same).
+DEFAULT_MAX_WINDOW = 16 * 1024 * 1024
+# Bytes above the initial windows that one tunnel may grant: four streams at
+# the default maximum, so a few bulk streams run at full speed while a
+# tunnel's worst case stays bounded (what a peer can make us hold).
+TUNNEL_WINDOW_BUDGET = 64 * 1024 * 1024
+# Bytes above the initial windows that one process may grant over all its
+# tunnels: what the peers of a server with 10,000 agents could make it hold
+# beyond the initial windows, whatever they do.
+PROCESS_WINDOW_BUDGET = 256 * 1024 * 1024
+# Grow when a full window was consumed within this many round trips.  A
+# window-limited stream drains one window per round trip, plus about one
+# more round trip each time a lost packet stalls TCP's delivery, so three
+# lets a lossy link's window grow past those stalls (with two, 1 % loss at
+# 50 ms left it stuck at 1 MiB in some runs); a stream limited by the link
+# or its consumer settles between three and six times its bandwidth-delay
+# product.  go-yamux grows when half a window was consumed within four.
+GROW_RTTS = 3.0
+# No growth on a link whose round trip is shorter than this: there the
+# initial window (256 KiB: over 2 Gbit/s at 1 ms, about what one NOVA
+# process moves) is not the limit, and what looks like a window drained
+# within a few round trips is a busy process catching up on its socket
+# buffer (measured on loopback: a 0.4 ms round trip, windows grown to
+# 2 MiB, and a longer queue in front of requests beside a bulk transfer).
+MIN_GROW_RTT = 0.001
+# A stream that consumed nothing for this long starts again from the
+# initial window.
+IDLE_SHRINK = 5.0
+
+
+class WindowBudget:
+    """
+    Bytes of receive window above the initial windows that may be granted,
+    shared by the multiplexers (tunnels) of one process.
+    """
+
+    def __init__(self, limit: int = PROCESS_WINDOW_BUDGET) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def reserve(self, wanted: int) -> int:
+        """Reserve up to C{wanted} bytes; returns how many were reserved."""
+        got = min(wanted, self.limit - self.used)
+        if got <= 0:
+            return 0
+        self.used += got
+        return got
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        assert self.used >= 0, "released more window budget than was reserved"
 
 
 class Role(enum.Enum):
@@ -158,6 +250,14 @@ class _Stream:
     remote_closed: bool = False
     unreturned: int = 0
     scheduled: bool = False
+    # Auto-tuning: the window granted in all (recv_window + inbox_bytes +
+    # unreturned, while the peer has not ended the stream), the window aimed
+    # at, and the current epoch (see the module docstring).
+    window: int = 0
+    target: int = 0
+    epoch_start: float = 0.0
+    epoch_bytes: int = 0
+    last_take: float = float("-inf")
 
 
 class Multiplexer:
@@ -169,13 +269,38 @@ class Multiplexer:
     @param peer_window: the initial window the peer announced.
     @param max_streams: the most streams open at once (the agent refuses
         further OPENs with OVERLOADED).
+    @param max_window: the most a stream's receive window grows to (see the
+        module docstring); None or C{local_window}: it never grows.
+    @param tunnel_budget: bytes above the initial windows this multiplexer
+        may grant over all its streams.
+    @param budget: the process's budget, shared with other multiplexers.
     """
 
-    def __init__(self, role: Role, local_window: int, peer_window: int, max_streams: int = 1024) -> None:
+    def __init__(
+        self,
+        role: Role,
+        local_window: int,
+        peer_window: int,
+        max_streams: int = 1024,
+        max_window: int | None = None,
+        tunnel_budget: int = TUNNEL_WINDOW_BUDGET,
+        budget: WindowBudget | None = None,
+    ) -> None:
         self.role = role
         self.local_window = local_window
         self.peer_window = peer_window
         self.max_streams = max_streams
+        self.max_window = max(local_window, max_window if max_window is not None else local_window)
+        self._tuning = self.max_window > local_window
+        self.tunnel_budget = tunnel_budget
+        self.budget = budget if budget is not None else WindowBudget(tunnel_budget)
+        self.budget_used = 0  # bytes of window above the initial ones, granted by this multiplexer
+        self._released = False
+        # The smallest round trip measured (seconds), set by the adapter:
+        # under load a PING waits behind DATA, and a window sized by that
+        # wait would only lengthen the wait.
+        self.rtt: float | None = None
+        self.rtt_wanted = False  # a stream could grow if the RTT were known
         self._streams: dict[int, _Stream] = {}
         self._highest_id = 0
         self._control: deque[Frame] = deque()
@@ -216,8 +341,51 @@ class Multiplexer:
         return s.send_window if s else 0
 
     def receive_window(self, stream_id: int) -> int:
+        """The credit the peer holds on the stream (what it may still send)."""
         s = self._streams.get(stream_id)
         return s.recv_window if s else 0
+
+    def window(self, stream_id: int) -> int:
+        """The stream's receive window: the most it may hold at once."""
+        s = self._streams.get(stream_id)
+        return s.window if s else 0
+
+    def rtt_sample(self, rtt: float) -> None:
+        """
+        The adapter measured a round trip of C{rtt} seconds.  Zero is a
+        clock that did not move (a test's), not a measurement.
+        """
+        if rtt > 0 and (self.rtt is None or rtt < self.rtt):
+            self.rtt = rtt
+            self.rtt_wanted = False
+
+    def release(self) -> None:
+        """
+        The connection is gone: give back every stream's window above the
+        initial one (the peer can send nothing more).  Streams that still
+        deliver what they hold keep working; nothing grows any more.
+        """
+        if not self._released:
+            self._released = True
+            self.budget.release(self.budget_used)
+            self.budget_used = 0
+            self._tuning = False
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the flow-control invariants (module docstring) do not hold."""
+        extra = 0
+        for s in self._streams.values():
+            assert s.recv_window >= 0, f"stream {s.stream_id}: negative credit"
+            assert s.unreturned >= 0 and s.inbox_bytes >= 0
+            if not s.remote_closed:
+                assert s.recv_window + s.inbox_bytes + s.unreturned == s.window, f"stream {s.stream_id}: credit"
+            assert s.inbox_bytes <= s.window, f"stream {s.stream_id} holds more than its window"
+            assert self.local_window <= s.window <= self.max_window, f"stream {s.stream_id}: window out of range"
+            extra += s.window - self.local_window
+        if not self._released:
+            assert extra == self.budget_used, f"budget {self.budget_used} != windows {extra}"
+            assert self.budget_used <= self.tunnel_budget
+            assert self.budget.used <= self.budget.limit
 
     # Local actions.
 
@@ -229,7 +397,7 @@ class Multiplexer:
             raise RuntimeError("stream ids exhausted on this connection")
         self._highest_id += 1
         sid = self._highest_id
-        self._streams[sid] = _Stream(sid, self.peer_window, self.local_window)
+        self._streams[sid] = self._new_stream(sid)
         self._control.append(Open(sid, host, port))
         return sid
 
@@ -240,9 +408,22 @@ class Multiplexer:
         self._reply(OpenOk(stream_id))
         self._schedule(s)
 
+    def _new_stream(self, sid: int) -> _Stream:
+        w = self.local_window
+        return _Stream(sid, self.peer_window, w, window=w, target=w)
+
+    def _drop(self, stream_id: int) -> _Stream | None:
+        """Forget a stream, giving back its window above the initial one."""
+        s = self._streams.pop(stream_id, None)
+        if s is not None and s.window > self.local_window and not self._released:
+            extra = s.window - self.local_window
+            self.budget_used -= extra
+            self.budget.release(extra)
+        return s
+
     def refuse(self, stream_id: int, reason: OpenFailReason, message: str) -> None:
         """Answer an OPEN with OPEN_FAIL (agent only)."""
-        if self._streams.pop(stream_id, None) is not None:
+        if self._drop(stream_id) is not None:
             self._reply(OpenFail(stream_id, reason, message[:1000]))
 
     def send(self, stream_id: int, data: bytes) -> None:
@@ -266,19 +447,20 @@ class Multiplexer:
 
     def reset(self, stream_id: int, code: ErrorCode) -> None:
         """Abort the stream: send RST and forget it."""
-        if self._streams.pop(stream_id, None) is not None:
+        if self._drop(stream_id) is not None:
             self._control.append(Rst(stream_id, code))
 
-    def take(self, stream_id: int) -> bytes | None:
+    def take(self, stream_id: int, now: float | None = None) -> bytes | None:
         """
         Take the oldest chunk from the stream's inbox, or None if it is
         empty.  Taking means the bytes were consumed, so their credit goes
-        back to the peer (protocol.md §5.3).
+        back to the peer (protocol.md §5.3).  C{now} (the adapter's clock)
+        drives window auto-tuning; without it the window stays as it is.
         """
-        chunks = self.take_upto(stream_id, 1)
+        chunks = self.take_upto(stream_id, 1, now)
         return chunks[0] if chunks else None
 
-    def take_upto(self, stream_id: int, limit: int) -> list[bytes]:
+    def take_upto(self, stream_id: int, limit: int, now: float | None = None) -> list[bytes]:
         """
         Take chunks from the stream's inbox, oldest first, until at least
         C{limit} bytes are taken or it is empty: several L{take}s at once,
@@ -297,12 +479,49 @@ class Multiplexer:
         s.inbox_bytes -= n
         if not s.remote_closed:
             s.unreturned += n
-            if s.unreturned >= self.local_window // 2:
+            if self._tuning and now is not None:
+                self._tune(s, n, now)
+            if s.unreturned >= s.window // 2:
                 s.recv_window += s.unreturned
                 self._control.append(WindowUpdate(stream_id, s.unreturned))
                 s.unreturned = 0
         self._forget_if_done(s)
         return chunks
+
+    def _tune(self, s: _Stream, n: int, now: float) -> None:
+        """Auto-tuning after C{n} bytes were taken at C{now} (module docstring)."""
+        if now - s.last_take >= IDLE_SHRINK:
+            # Idle (or the first take): start again from the initial window;
+            # these bytes may have waited for a while, so they start the epoch.
+            s.target = self.local_window
+            s.epoch_start = now
+            s.epoch_bytes = 0
+        else:
+            s.epoch_bytes += n
+            if s.epoch_bytes >= s.target:
+                rtt = self.rtt
+                if rtt is None:
+                    self.rtt_wanted = True
+                elif rtt >= MIN_GROW_RTT and now - s.epoch_start < GROW_RTTS * rtt:
+                    s.target = min(2 * s.target, self.max_window)
+                s.epoch_start = now
+                s.epoch_bytes = 0
+        s.last_take = now
+        if s.target > s.window:
+            room = min(s.target - s.window, self.tunnel_budget - self.budget_used)
+            got = self.budget.reserve(room) if room > 0 else 0
+            if got:
+                s.window += got
+                s.unreturned += got  # granted with the next WINDOW_UPDATE
+                self.budget_used += got
+            s.target = s.window  # what the budgets did not allow is not aimed at
+        elif s.target < s.window:
+            withheld = min(s.unreturned, s.window - s.target)
+            if withheld:
+                s.unreturned -= withheld
+                s.window -= withheld
+                self.budget_used -= withheld
+                self.budget.release(withheld)
 
     def ping(self, opaque: bytes) -> None:
         self._control.append(Ping(opaque))
@@ -459,7 +678,7 @@ class Multiplexer:
 
     def _forget_if_done(self, s: _Stream) -> None:
         if s.local_closed and s.remote_closed and not s.inbox:
-            self._streams.pop(s.stream_id, None)
+            self._drop(s.stream_id)
 
     # Input.
 
@@ -488,7 +707,7 @@ class Multiplexer:
 
     def _after_peer_fin(self, stream_id: int) -> StreamReset:
         """DATA or FIN after the peer's FIN: a stream error (§5.2)."""
-        del self._streams[stream_id]
+        self._drop(stream_id)
         self._control.append(Rst(stream_id, ErrorCode.STREAM_CLOSED))
         return StreamReset(stream_id, ErrorCode.STREAM_CLOSED)
 
@@ -529,7 +748,7 @@ class Multiplexer:
                 OpenFail(frame.stream_id, OpenFailReason.OVERLOADED, f"{self.max_streams} streams already open")
             )
             return []
-        self._streams[frame.stream_id] = _Stream(frame.stream_id, self.peer_window, self.local_window)
+        self._streams[frame.stream_id] = self._new_stream(frame.stream_id)
         return [StreamRequested(frame.stream_id, frame.host, frame.port)]
 
     def _receive_stream_frame(self, frame: WindowUpdate | Fin | Rst | OpenOk | OpenFail) -> list[Event]:
@@ -542,7 +761,7 @@ class Multiplexer:
                 raise ProtocolError(f"{frame.TYPE.name} for stream {sid}, which was never opened")
             return []  # a closed stream: the frame crossed our RST or FIN
         if isinstance(frame, Rst):
-            del self._streams[sid]
+            self._drop(sid)
             return [StreamReset(sid, frame.code)]
         if isinstance(frame, OpenOk):
             if s.opened:
@@ -553,7 +772,7 @@ class Multiplexer:
         if isinstance(frame, OpenFail):
             if s.opened:
                 raise ProtocolError(f"OPEN_FAIL for stream {sid}, which was already accepted")
-            del self._streams[sid]
+            self._drop(sid)
             return [OpenRefused(sid, frame.reason, frame.message)]
         if not s.opened:
             raise ProtocolError(f"{frame.TYPE.name} on stream {sid} before it was opened")

@@ -262,10 +262,11 @@ class StreamTransport:
         self._delivering = True
         try:
             sid = self.stream_id
+            now = self._tunnel.clock.seconds() if mux.max_window > mux.local_window else None
             while not self._reading_paused and not self.disconnected:
                 # What arrived in one read, up to a window's worth, in one
                 # hand-over (one sendmsg() for a Pipe).
-                chunks = mux.take_upto(sid, _HANDOVER)
+                chunks = mux.take_upto(sid, _HANDOVER, now)
                 if not chunks:
                     break
                 if not self._closing:
@@ -279,6 +280,8 @@ class StreamTransport:
                             self._parts_received(chunks)
                         else:
                             self.protocol.dataReceived(b"".join(chunks))
+            if mux.rtt_wanted:
+                self._tunnel.probe_rtt()
             if mux.has_output():
                 self._tunnel.flush_soon()
             if (

@@ -73,6 +73,7 @@ from .core import (
     StreamEnded,
     StreamRequested,
     StreamReset,
+    WindowBudget,
     WindowOpened,
 )
 from .fastpath import FrameWriter, set_notsent_lowat
@@ -110,6 +111,10 @@ READ_PAUSE_REPLIES = 64
 # reads would otherwise keep it, and what is queued on it, forever.
 CLOSE_TIMEOUT = 10.0
 
+# The window budget of this process (nova.mux.core.PROCESS_WINDOW_BUDGET),
+# shared by all its tunnels.
+PROCESS_WINDOW_BUDGET = WindowBudget()
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -130,9 +135,14 @@ class TunnelProtocol(Protocol):
     log = Logger()
     role: Role
 
-    def __init__(self, clock: IReactorTime, local_window: int, timing: Timing) -> None:
+    def __init__(self, clock: IReactorTime, local_window: int, timing: Timing, max_window: int | None = None) -> None:
         self.clock = clock
         self.local_window = local_window
+        # Streams' receive windows grow up to this (see nova.mux.core).
+        self.max_window = max_window if max_window is not None else local_window
+        self.window_budget = PROCESS_WINDOW_BUDGET
+        self._rtt_probe_opaque: bytes | None = None  # a probe's PING is out (see probe_rtt)
+        self.rtt_probes = 0
         self.peer_window = local_window
         self.timing = timing
         self.draining = False
@@ -291,6 +301,8 @@ class TunnelProtocol(Protocol):
             stream.tunnel_lost(reason)
         self.streams.clear()
         self.blocked.clear()
+        if self.mux is not None:
+            self.mux.release()
         self.tunnel_closed(reason)
         if self.session is not None:
             self.session.lost()
@@ -339,8 +351,38 @@ class TunnelProtocol(Protocol):
     def pong_received(self, opaque: bytes) -> None:
         (sent,) = struct.unpack(">d", opaque)
         rtt = self.clock.seconds() - sent
+        if opaque == self._rtt_probe_opaque:
+            self._rtt_probe_opaque = None
+            self.rtt_measured(rtt, keepalive=False)
+        else:
+            self.rtt_measured(rtt)
+
+    def rtt_measured(self, rtt: float, keepalive: bool = True) -> None:
+        """
+        A round trip was measured: by a keepalive PING (L{rtt}, reported),
+        or by the handshake or a probe (only for window auto-tuning).
+        """
         if 0 <= rtt < 3600:
-            self.rtt = rtt
+            if keepalive:
+                self.rtt = rtt
+            if self.mux is not None:
+                self.mux.rtt_sample(rtt)
+
+    def probe_rtt(self) -> None:
+        """
+        Measure the round trip now rather than at the next keepalive (one
+        PING at a time): the agent does at registration, while the tunnel is
+        idle, and either side does when a stream could grow its window and
+        no round trip is known.
+        """
+        mux = self.mux
+        if mux is not None:
+            mux.rtt_wanted = False
+            if self._rtt_probe_opaque is None and not self.closed:
+                self._rtt_probe_opaque = struct.pack(">d", self.clock.seconds())
+                self.rtt_probes += 1
+                mux.ping(self._rtt_probe_opaque)
+                self.flush_soon()
 
     def goaway_received(self, code: ErrorCode, message: str) -> None:
         self.log.info("{peer} is going away: {code} {detail}", peer=self.peer_label, code=code.name, detail=message)
@@ -355,7 +397,14 @@ class TunnelProtocol(Protocol):
     def start_streams(self, peer_window: int, max_streams: int = 1024) -> None:
         """The handshake succeeded: from now on frames go to the multiplexer."""
         self.peer_window = peer_window
-        self.mux = Multiplexer(self.role, self.local_window, peer_window, max_streams)
+        self.mux = Multiplexer(
+            self.role,
+            self.local_window,
+            peer_window,
+            max_streams,
+            max_window=self.max_window,
+            budget=self.window_budget,
+        )
         assert self.session is not None
         self.session.registered()
 

@@ -24,6 +24,7 @@ from nova.config import (
     separator_hint,
     timing_settings,
 )
+from nova.mux.core import DEFAULT_MAX_WINDOW
 from nova.wire.frames import DEFAULT_INITIAL_WINDOW, MAX_WINDOW, MIN_INITIAL_WINDOW
 
 from .routes import Route, parse_route
@@ -67,6 +68,12 @@ SETTINGS = (
         repeat=True,
     ),
     Setting("window", "NOVAS_WINDOW", str(DEFAULT_INITIAL_WINDOW), "Per-stream receive window in bytes."),
+    Setting(
+        "max-window",
+        "NOVAS_MAX_WINDOW",
+        str(DEFAULT_MAX_WINDOW),
+        "Most a stream's receive window grows to on a fast, distant link (bytes).",
+    ),
     Setting("handshake-timeout", "NOVAS_HANDSHAKE_TIMEOUT", "10", "Seconds an agent has to register."),
     Setting("open-timeout", "NOVAS_OPEN_TIMEOUT", "30", "Seconds to wait for an agent to open a stream."),
     *timing_settings("NOVAS"),
@@ -145,6 +152,7 @@ class ServerConfig:
     env_tokens: tuple[bytes, ...] = ()  # from --agent-token itself; the file's are re-read on SIGHUP
     client_ca: Path | None = None
     limits: Limits = field(default_factory=Limits)
+    max_window: int = DEFAULT_MAX_WINDOW
 
     def __repr__(self) -> str:
         # Never show the token.
@@ -239,6 +247,7 @@ def build_config(v: dict[str, Any]) -> ServerConfig:
         state_dir=Path(v["state-dir"]),
         routes=routes,
         window=parse_int(v["window"], "--window / NOVAS_WINDOW", MIN_INITIAL_WINDOW, MAX_WINDOW),
+        max_window=_max_window(v),
         handshake_timeout=parse_seconds(v["handshake-timeout"], "--handshake-timeout / NOVAS_HANDSHAKE_TIMEOUT"),
         open_timeout=parse_seconds(v["open-timeout"], "--open-timeout / NOVAS_OPEN_TIMEOUT"),
         keepalive=keepalive,
@@ -316,3 +325,15 @@ class Options(EnvOptions):
 
     def build(self, values: dict[str, Any]) -> ServerConfig:
         return build_config(values)
+
+
+def _max_window(v: dict[str, Any]) -> int:
+    """C{--max-window}: at least the initial window (a window never shrinks below it)."""
+    window = parse_int(v["window"], "--window / NOVAS_WINDOW", MIN_INITIAL_WINDOW, MAX_WINDOW)
+    what = "--max-window / NOVAS_MAX_WINDOW"
+    value = parse_int(v["max-window"], what, MIN_INITIAL_WINDOW, MAX_WINDOW)
+    if value < window:
+        raise ConfigError(
+            f"{what} ({value}) must be at least --window / NOVAS_WINDOW ({window}); raise it or lower the window"
+        )
+    return value

@@ -60,6 +60,7 @@ class NovasService(MultiService):
             tls=config.tls,
             clock=reactor,  # type: ignore[arg-type]
             window=config.window,
+            max_window=config.max_window,
             timing=Timing(config.handshake_timeout, config.keepalive, config.dead_timeout),
             server_id=socket.gethostname(),
         )

@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nova.admin.audit import Audit
-from nova.mux.core import OpenRefused, Role
+from nova.mux.core import DEFAULT_MAX_WINDOW, OpenRefused, Role
 from nova.mux.stream import StreamTransport
 from nova.mux.tunnel import Timing, TunnelProtocol
 from nova.tls import channel_binding, client_identity, tls_version
@@ -71,6 +71,7 @@ class ServerContext:
     clock: IReactorTime
     registry: Registry = field(default_factory=Registry)
     window: int = 262_144
+    max_window: int = DEFAULT_MAX_WINDOW
     timing: Timing = field(default_factory=Timing)
     server_id: str = "novas"
     audit: Audit = field(default_factory=Audit)
@@ -102,7 +103,7 @@ class ServerTunnel(TunnelProtocol):
     role = Role.SERVER
 
     def __init__(self, context: ServerContext) -> None:
-        super().__init__(context.clock, context.window, context.timing)
+        super().__init__(context.clock, context.window, context.timing, context.max_window)
         self.context = context
         self.name = ""
         self.tags: dict[str, str] = {}
@@ -122,6 +123,8 @@ class ServerTunnel(TunnelProtocol):
         self._tls_done = False
         self._rejected = False
         self._nonce = b""
+        self._hello_sent_at = 0.0
+        self._handshake_rtt = -1.0
         self._opening: dict[int, tuple[Deferred[StreamTransport], str, int]] = {}
         self._probes: list[Deferred[bool]] = []
 
@@ -207,6 +210,7 @@ class ServerTunnel(TunnelProtocol):
             self.session.handshake_restarted()  # the delay is ours: it must not eat the agent's deadline
         self._nonce = new_nonce()
         self.send_frame(Hello(self._nonce))
+        self._hello_sent_at = self.clock.seconds()
 
     def _report(self, code: str, why: str, claimed: str = "", token: str = "") -> None:
         self.context.refusals.refused(self.address, self.source, code, why, claimed, token)
@@ -246,6 +250,9 @@ class ServerTunnel(TunnelProtocol):
         assert c.tokens is not None and c.throttle is not None
         if not self._nonce:
             raise ProtocolError("AUTH before HELLO")
+        # HELLO to AUTH is a round trip measured on an idle connection (window
+        # auto-tuning needs one before bulk data can skew a PING's).
+        self._handshake_rtt = self.clock.seconds() - self._hello_sent_at
         binding = channel_binding(self.transport)
         if c.tls and binding is None:
             self._reject(ErrorCode.INTERNAL_ERROR, "TLS is required but the connection is not TLS", frame.name)
@@ -345,6 +352,7 @@ class ServerTunnel(TunnelProtocol):
         self.tls_version = tls_version(self.transport)
         self.registered_at = c.clock.seconds()
         self.start_streams(frame.initial_window)
+        self.rtt_measured(self._handshake_rtt, keepalive=False)
         self.send_frame(Welcome(self.local_window, int(c.timing.keepalive * 1000), c.server_id))
         self.registered = True
         c.registry.register(self)
