@@ -23,6 +23,7 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v nft >/dev/null || need+=(nftables)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v promtool >/dev/null || need+=(prometheus)  # promtool: tests/test_metrics.py checks rules and /metrics
+command -v go >/dev/null && [ -d /usr/share/gocode/src/github.com/hashicorp/yamux ] || need+=(golang-go golang-github-hashicorp-yamux-dev)  # the benchmark's Go peer, tests/test_bench.py
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         DEBIAN_FRONTEND=noninteractive apt-get update -qq

@@ -1,6 +1,7 @@
 """
 The benchmark's quick mode as a smoke test: every figure of the table is
-measured, NOVA beside ssh -R, and nothing breaks.  No timing is asserted
+measured, NOVA beside ssh -R and the Go peer (TLS 1.3 + hashicorp/yamux,
+built from bench/goyamux), and nothing breaks.  No timing is asserted
 (bench/README.md: the bars are for full runs on a quiet machine).
 """
 
@@ -31,6 +32,8 @@ def test_bench_quick_measures_every_figure(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["mode"] == "quick"
     assert result["errors"] == []
+    # test.sh installs golang-go and golang-github-hashicorp-yamux-dev: the Go peer is built, not skipped.
+    assert result["skipped"] == {}, result["skipped"]
     rows = result["rows"]
     assert set(rows) == {
         "bulk", "rps", "p50", "p99", "churn", "bulk_p50", "bulk_p99", "bulk_during",
@@ -39,11 +42,21 @@ def test_bench_quick_measures_every_figure(tmp_path: Path) -> None:
     for key, row in rows.items():
         assert row["error"] is None, f"{key}: {row['error']}"
         assert isinstance(row["nova"], float | int) and math.isfinite(row["nova"]) and row["nova"] > 0, (key, row)
-        if row["bar_kind"].startswith("ratio") or key in ("p99", "bulk_p50", "bulk_during"):
-            # Side by side: ssh -R measured in the same run, and the ratio from both.
-            assert isinstance(row["ssh"], float | int) and row["ssh"] > 0, (key, row)
-            assert math.isclose(row["ratio"], row["nova"] / row["ssh"], rel_tol=1e-9), (key, row)
+        if row["bar_kind"].startswith("ratio") or key in ("p99", "bulk_p50", "bulk_p99", "bulk_during"):
+            # Side by side: ssh -R and the Go peer measured in the same run, and NOVA's ratio to each.
+            for peer, ratio in (("ssh", "ratio"), ("go", "ratio_go")):
+                assert isinstance(row[peer], float | int) and row[peer] > 0, (key, peer, row)
+                assert math.isclose(row[ratio], row["nova"] / row[peer], rel_tol=1e-9), (key, peer, row)
+        else:
+            assert row["ssh"] is None and row["go"] is None, (key, row)
         assert row["result"] in ("pass", "FAIL", "-"), (key, row)
+        assert all(bar["passed"] in (True, False) for bar in row["bars"]), (key, row)
+    # The issue's bars against the Go peer are in the table beside those against ssh -R.
+    assert {bar["peer"] for bar in rows["churn"]["bars"]} == {"ssh", "go"}
+    assert {bar["peer"] for bar in rows["p50"]["bars"]} == {"ssh", "go"}
     # The one table, printed with every figure's label.
     for row in rows.values():
         assert row["label"] in proc.stdout
+    assert "| Go " in proc.stdout and "NOVA/Go" in proc.stdout
+    # The shaped-link profiles take minutes: not part of --quick.
+    assert not any(key.startswith("rtt") for key in rows)
