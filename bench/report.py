@@ -88,11 +88,16 @@ class Row:
         """NOVA / ssh -R."""
         return self.ratio_to("ssh")
 
+    @property
+    def real_bars(self) -> list[Bar]:
+        return [bar for bar in self.bars if bar.kind is not BarKind.NONE]
+
     def results(self) -> list[bool | None]:
+        """Per bar of L{real_bars}: met, missed, or None (not measured)."""
         if self.error is not None or self.nova is None:
-            return [None for _ in self.bars]
+            return [None for _ in self.real_bars]
         nova = self.nova
-        return [bar.passes(nova, self.ratio_to(bar.peer)) for bar in self.bars if bar.kind is not BarKind.NONE]
+        return [bar.passes(nova, self.ratio_to(bar.peer)) for bar in self.real_bars]
 
     @property
     def passed(self) -> bool | None:
@@ -110,17 +115,17 @@ class Row:
     def result(self) -> str:
         if self.error is not None:
             return "ERROR"
-        if not any(bar.kind is not BarKind.NONE for bar in self.bars):
+        if not self.real_bars:
             return "-"
         passed = self.passed
         return "n/a" if passed is None else ("pass" if passed else "FAIL")
 
     @property
     def bar_text(self) -> str:
-        return ", ".join(str(bar) for bar in self.bars if bar.kind is not BarKind.NONE) or "-"
+        return ", ".join(str(bar) for bar in self.real_bars) or "-"
 
     def as_dict(self) -> dict[str, Any]:
-        first = next((bar for bar in self.bars if bar.kind is not BarKind.NONE), NO_BAR)
+        first = next(iter(self.real_bars), NO_BAR)
         results = self.results()
         return {
             "label": self.label,
@@ -133,10 +138,7 @@ class Row:
             "bar": self.bar_text,
             "bar_kind": first.kind.value,
             "bar_limit": first.limit if first.kind is not BarKind.NONE else None,
-            "bars": [
-                {**bar.as_dict(), "passed": passed}
-                for bar, passed in zip([b for b in self.bars if b.kind is not BarKind.NONE], results, strict=True)
-            ],
+            "bars": [{**bar.as_dict(), "passed": passed} for bar, passed in zip(self.real_bars, results, strict=True)],
             "result": self.result,
             "error": self.error,
             "skipped": dict(self.skipped),

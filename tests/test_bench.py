@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,3 +62,34 @@ def test_bench_quick_measures_every_figure(tmp_path: Path) -> None:
     assert {"NOVA", "ssh -R", "Go", "NOVA/ssh", "NOVA/Go"} <= set(header), header
     # The shaped-link profiles take minutes: not part of --quick.
     assert not any(key.startswith("rtt") for key in rows)
+
+
+def _report() -> Any:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import report
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return report
+
+
+def test_row_with_bars_against_ssh_and_go_passes_only_when_both_are_met() -> None:
+    report = _report()
+    bars = (
+        report.Bar(report.BarKind.RATIO_AT_LEAST, 10.0, peer="ssh"),
+        report.Bar(report.BarKind.RATIO_AT_LEAST, 1.0, peer="go"),
+    )
+    row = report.Row("churn", "new conns/s", "conn/s", bars, nova=2000.0, ssh=100.0, go=2500.0)
+    assert row.ratio == 20.0 and row.ratio_to("go") == 0.8
+    assert row.results() == [True, False] and row.result == "FAIL"
+    row.go = 1500.0
+    assert row.result == "pass"
+    # The Go peer not measured here (no go): its bar cannot be judged, the row is not a pass.
+    skipped = report.Row("churn", "new conns/s", "conn/s", bars, nova=2000.0, ssh=100.0, skipped={"go": "no go"})
+    assert skipped.results() == [True, None] and skipped.result == "n/a"
+    assert "skipped" in report.table([skipped])
+    data = skipped.as_dict()
+    assert data["go"] is None and data["ratio_go"] is None and data["bar"] == ">= 10x ssh, >= 1x Go"
+    # A figure with an absolute bar and no peer (memory) ignores the peers' columns.
+    alone = report.Row("rss", "RSS", "KiB", (report.Bar(report.BarKind.AT_MOST, 10, "KiB"),), (), nova=4.0, ssh=9.0)
+    assert alone.result == "pass" and alone.as_dict()["ssh"] is None
