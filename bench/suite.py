@@ -138,6 +138,12 @@ def make_rows(p: Params) -> dict[str, Row]:
         budget = profile.rtt_ms + 2
         rows += [
             Row(f"{k}_bulk1", f"{name}: bulk, 1 stream", "Mbit/s", (_at_least(profile.bulk1_bar, "ssh"),)),
+            Row(
+                f"{k}_bulk1_up",
+                f"{name}: bulk, 1 stream, upload",
+                "Mbit/s",
+                (_at_least(profile.bulk1_bar, "ssh"),),
+            ),
             Row(f"{k}_bulk4", f"{name}: bulk, 4 streams", "Mbit/s", (_at_least(1.0, "ssh"),)),
             Row(f"{k}_p50", f"{name}: GET p50, 1 conn", "ms"),
             Row(f"{k}_p99", f"{name}: GET p99, 1 conn", "ms"),
@@ -152,7 +158,7 @@ def make_rows(p: Params) -> dict[str, Row]:
     return {row.key: row for row in rows}
 
 
-SHAPED_KEYS = ("bulk1", "bulk4", "p50", "p99", "bulk_p99", "bulk_during")
+SHAPED_KEYS = ("bulk1", "bulk1_up", "bulk4", "p50", "p99", "bulk_p99", "bulk_during")
 
 
 class Suite:
@@ -364,7 +370,8 @@ class Suite:
         def raw_tcp() -> None:
             one = iperf(raw_port, secs, side=clients, host=ADDR_A, reverse=True)
             four = iperf(raw_port, secs, side=clients, host=ADDR_A, streams=4, reverse=True)
-            raw["raw_tcp"] = {"bulk1": one.as_dict(), "bulk4": four.as_dict()}
+            up = iperf(raw_port, secs, side=clients, host=ADDR_A)
+            raw["raw_tcp"] = {"bulk1": one.as_dict(), "bulk4": four.as_dict(), "bulk1_up": up.as_dict()}
             log(f"{profile.label}: raw TCP {one.gbit_s * 1000:,.0f} Mbit/s (1 stream), {four.gbit_s * 1000:,.0f} (4)")
 
         self.attempt([], f"{profile.label}: raw TCP (iperf3)", raw_tcp)
@@ -396,12 +403,15 @@ class Suite:
         run = self._runner(t, prefix=f"{profile.label}: ")
         secs = p.shaped_iperf_seconds
 
-        def bulk(streams: int) -> Callable[[], None]:
+        def bulk(streams: int, download: bool = True) -> Callable[[], None]:
+            key = f"bulk{streams}" if download else f"bulk{streams}_up"
+
             def measure() -> None:
-                r = iperf(bulk_route, secs, side=clients, streams=streams, reverse=True)
-                mine[f"bulk{streams}"] = r.as_dict()
-                self._set(f"{k}_bulk{streams}", side, r.gbit_s * 1000)
-                log(f"{side}: {profile.label}: bulk {r.gbit_s * 1000:,.0f} Mbit/s with {streams} stream(s)")
+                r = iperf(bulk_route, secs, side=clients, streams=streams, reverse=download)
+                mine[key] = r.as_dict()
+                self._set(f"{k}_{key}", side, r.gbit_s * 1000)
+                way = "target to user" if download else "user to target"
+                log(f"{side}: {profile.label}: bulk {r.gbit_s * 1000:,.0f} Mbit/s with {streams} stream(s), {way}")
 
             return measure
 
@@ -422,6 +432,7 @@ class Suite:
             log(f"{side}: {profile.label}: under bulk ({shown} Mbit/s) p99 {r.latency.p99_ms} ms")
 
         run([f"{k}_bulk1"], "bulk, 1 stream (iperf3 -R)", bulk(1))
+        run([f"{k}_bulk1_up"], "bulk, 1 stream, upload (iperf3)", bulk(1, download=False))
         run([f"{k}_bulk4"], "bulk, 4 streams (iperf3 -R -P 4)", bulk(4))
         run([f"{k}_p50", f"{k}_p99"], "latency (redis-benchmark -c 1)", latency)
         run([f"{k}_bulk_p99", f"{k}_bulk_during"], "latency under bulk", under_bulk)
@@ -433,7 +444,8 @@ class Suite:
             got = self.raw.get("shaped", {}).get(profile.key, {}).get("raw_tcp")
             if got:
                 one, four = got["bulk1"]["gbit_s"] * 1000, got["bulk4"]["gbit_s"] * 1000
-                parts.append(f"{profile.label}: {one:,.0f} Mbit/s with 1 stream, {four:,.0f} with 4")
+                up = got["bulk1_up"]["gbit_s"] * 1000
+                parts.append(f"{profile.label}: {one:,.0f} Mbit/s with 1 stream, {four:,.0f} with 4, {up:,.0f} upload")
         if not parts:
             return []
         return ["", "Raw TCP across the shaped link, no tunnel (iperf3 -R): " + "; ".join(parts) + "."]
