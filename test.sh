@@ -25,6 +25,7 @@ command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v promtool >/dev/null || need+=(prometheus)  # promtool: tests/test_metrics.py checks rules and /metrics
 # tests/test_image.py, tests/test_systemd.py: the tests' own dockerd, Compose v1, the stand-in base, nspawn
 for t in dockerd:docker.io docker-compose:docker-compose debootstrap:debootstrap systemd-nspawn:systemd-container; do command -v "${t%%:*}" >/dev/null || need+=("${t#*:}"); done
+command -v go >/dev/null && [ -d /usr/share/gocode/src/github.com/hashicorp/yamux ] || need+=(golang-go golang-github-hashicorp-yamux-dev)  # the benchmark's Go peer, tests/test_bench.py
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         DEBIAN_FRONTEND=noninteractive apt-get update -qq

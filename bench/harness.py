@@ -3,7 +3,8 @@ Process plumbing for the benchmark: start programs in their own process
 groups with their output in a log file, wait for things with timeouts, read
 RSS, and make sure nothing is left running.
 
-Every network address used here is on loopback.
+Every network address used here is on loopback, or on the shaped link's
+own network namespaces (L{Side}), which the suite creates and removes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
@@ -24,6 +26,24 @@ LOOPBACK = "127.0.0.1"
 
 class BenchError(Exception):
     """Something is broken (not merely slow): a process died, a tunnel did not come up, a client failed."""
+
+
+class Unavailable(Exception):
+    """A tool that a figure needs is missing here: the figure is skipped, with this reason printed."""
+
+
+@dataclass(frozen=True)
+class Side:
+    """Where a program runs: this network namespace (C{netns} None) or a named one."""
+
+    netns: str | None = None
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        """C{argv} to run on this side (C{ip netns exec} execs the program: its pid is the program's)."""
+        return ["ip", "netns", "exec", self.netns, *argv] if self.netns else list(argv)
+
+
+HERE = Side()
 
 
 def log(message: str) -> None:
@@ -62,10 +82,14 @@ def raise_nofile(wanted: int) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def listening_ports() -> set[int]:
-    """TCP ports in LISTEN state on this machine (IPv4 and IPv6), from /proc/net."""
+def listening_ports(pid: int | None = None) -> set[int]:
+    """
+    TCP ports in LISTEN state (IPv4 and IPv6), from /proc/net: in this
+    network namespace, or in the one process C{pid} is in.
+    """
     ports: set[int] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    base = "/proc/net" if pid is None else f"/proc/{pid}/net"
+    for table in (f"{base}/tcp", f"{base}/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
         except OSError:

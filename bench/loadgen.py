@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from harness import LOOPBACK, BenchError, run_tool
+from harness import HERE, LOOPBACK, BenchError, Side, run_tool
 
 
 @dataclass(frozen=True)
@@ -28,16 +28,50 @@ class IperfResult:
         return asdict(self)
 
 
-def iperf(port: int, seconds: float) -> IperfResult:
-    """One TCP stream for C{seconds} through C{port}: the receiver's rate."""
-    argv = ["iperf3", "-c", LOOPBACK, "-p", str(port), "-t", f"{seconds:g}", "-J"]
-    out = run_tool(argv, seconds + 60, "iperf3").stdout
-    data = _iperf_json(out, argv)
+def _iperf_argv(host: str, port: int, seconds: float, streams: int, reverse: bool) -> list[str]:
+    argv = ["iperf3", "-c", host, "-p", str(port), "-t", f"{seconds:g}", "-J"]
+    if streams > 1:
+        argv += ["-P", str(streams)]
+    if reverse:
+        argv.append("-R")
+    return argv
+
+
+def iperf(
+    port: int, seconds: float, side: Side = HERE, host: str = LOOPBACK, streams: int = 1, reverse: bool = False
+) -> IperfResult:
+    """
+    C{streams} TCP streams for C{seconds} through C{port}: the receiver's
+    rate, summed.  C{reverse}: the server (the target) sends, as in a
+    download; otherwise the client does.
+    """
+    argv = side.argv(_iperf_argv(host, port, seconds, streams, reverse))
+    data = _iperf_json(_run_iperf(argv, seconds), argv)
     received = data["end"]["sum_received"]
     sent = data["end"].get("sum_sent", {})
     if not received.get("bytes"):
         raise BenchError(f"iperf3 received nothing: {' '.join(argv)}")
     return IperfResult(received["bits_per_second"] / 1e9, received["seconds"], sent.get("retransmits"))
+
+
+def _run_iperf(argv: list[str], seconds: float, attempts: int = 20) -> str:
+    """
+    Run an iperf3 client.  C{iperf3 -s} serves one test at a time and may
+    still be finishing the previous one (its last connections are closing
+    through the tunnel, which takes round trips on a slow link): a "busy"
+    answer is retried, every half second, a bounded number of times.
+    """
+    for _ in range(attempts - 1):
+        try:
+            out = run_tool(argv, seconds + 60, "iperf3").stdout
+        except BenchError as e:
+            if "server is busy" not in str(e):
+                raise
+        else:
+            if "server is busy" not in out:
+                return out
+        time.sleep(0.5)
+    return run_tool(argv, seconds + 60, "iperf3").stdout
 
 
 def _iperf_json(out: str, argv: list[str]) -> dict[str, Any]:
@@ -71,14 +105,14 @@ class RedisResult:
         return asdict(self)
 
 
-def redis_benchmark(port: int, clients: int, requests: int, keepalive: bool = True) -> RedisResult:
+def redis_benchmark(port: int, clients: int, requests: int, keepalive: bool = True, side: Side = HERE) -> RedisResult:
     """C{redis-benchmark -t get --csv} through C{port}."""
-    argv = [
+    argv = side.argv([
         "redis-benchmark", "-h", LOOPBACK, "-p", str(port),
         "-c", str(clients), "-n", str(requests), "-t", "get",
         "-k", "1" if keepalive else "0",
         "--csv",
-    ]  # fmt: skip
+    ])  # fmt: skip
     start = time.monotonic()
     done = run_tool(argv, 120 + requests / 50, "redis-benchmark")
     elapsed = time.monotonic() - start
@@ -121,21 +155,28 @@ class UnderBulkResult:
         return {"latency": self.latency.as_dict(), "bulk_gbit_s": self.bulk_gbit_s}
 
 
-def latency_under_bulk(iperf_port: int, redis_port: int, requests: int, warmup: float = 1.0) -> UnderBulkResult:
+def latency_under_bulk(
+    iperf_port: int,
+    redis_port: int,
+    requests: int,
+    warmup: float = 1.0,
+    side: Side = HERE,
+    reverse: bool = False,
+) -> UnderBulkResult:
     """
     C{redis-benchmark -c 1} through one route while an iperf3 stream runs
     through another route of the same tunnel.  iperf3 is started with a long
     duration and interrupted once redis-benchmark is done; it must still be
     running then, or the measurement does not count.
     """
-    argv = ["iperf3", "-c", LOOPBACK, "-p", str(iperf_port), "-t", "600", "-J"]
+    argv = side.argv(_iperf_argv(LOOPBACK, iperf_port, 600, 1, reverse))
     pipe = subprocess.PIPE
     bulk = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe, text=True, start_new_session=True)
     try:
         time.sleep(warmup)
         if bulk.poll() is not None:
             raise BenchError(f"iperf3 (bulk) exited early ({bulk.returncode}): {bulk.communicate(timeout=10)}")
-        latency = redis_benchmark(redis_port, 1, requests)
+        latency = redis_benchmark(redis_port, 1, requests, side=side)
         if bulk.poll() is not None:
             raise BenchError(f"iperf3 (bulk) ended before redis-benchmark finished ({bulk.returncode})")
         os.killpg(bulk.pid, signal.SIGINT)

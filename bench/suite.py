@@ -1,8 +1,9 @@
 """
-NOVA's benchmark suite: NOVA beside OpenSSH C{ssh -R}, measured in the same
-run on loopback, printed as one table (see bench/README.md).
+NOVA's benchmark suite: NOVA beside OpenSSH C{ssh -R} and a Go TLS 1.3 +
+hashicorp/yamux tunnel (C{bench/goyamux}), measured in the same run on
+loopback and over a shaped link, printed as one table (see bench/README.md).
 
-    python bench/suite.py [--quick] [--json PATH] [--strict] [--keep]
+    python bench/suite.py [--quick] [--json PATH] [--strict] [--keep] [--only GROUPS]
 
 Exit status: 0 when every figure was measured (whether or not it meets its
 bar), 1 when something is broken (a tunnel did not come up, a process died, a
@@ -23,17 +24,29 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from harness import BenchError, Proc, log, profiled, raise_nofile
+from harness import (
+    BenchError,
+    Proc,
+    Side,
+    Unavailable,
+    free_port,
+    listening_ports,
+    log,
+    profiled,
+    raise_nofile,
+    wait_until,
+)
 from loadgen import iperf, latency_under_bulk, redis_benchmark
-from report import NO_BAR, Bar, BarKind, Row, table
+from report import Bar, BarKind, Row, table
 from scale import agents_and_storm, idle_streams
-from tunnels import Tunnel, local_targets, nova_pair, ssh_pair
+from shaped import ADDR_A, PROFILES, Profile, shaped_link
+from tunnels import LOCAL, Placement, Tunnel, build_goyamux, go_pair, local_targets, nova_pair, ssh_pair
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,9 @@ class Params:
     agent_workers: int
     streams: int
     scale_timeout: float
+    shaped_iperf_seconds: float
+    shaped_request_seconds: float  # requests per latency figure: this long at the link's round trip
+    shaped_warmup: float
 
 
 FULL = Params(
@@ -63,6 +79,9 @@ FULL = Params(
     agent_workers=4,
     streams=10_000,
     scale_timeout=300,
+    shaped_iperf_seconds=10,
+    shaped_request_seconds=10,
+    shaped_warmup=2,
 )
 QUICK = Params(
     iperf_seconds=1,
@@ -76,27 +95,70 @@ QUICK = Params(
     agent_workers=1,
     streams=500,
     scale_timeout=60,
+    shaped_iperf_seconds=2,
+    shaped_request_seconds=2,
+    shaped_warmup=1,
 )
-GROUPS = ("traffic", "streams", "agents")
+GROUPS = ("traffic", "streams", "agents", "shaped")
+QUICK_GROUPS = ("traffic", "streams", "agents")  # the shaped profiles take minutes even when short
+TUNNELS = ("ssh", "go", "nova")  # measured in this order
+
+
+def _at_least(limit: float, peer: str) -> Bar:
+    return Bar(BarKind.RATIO_AT_LEAST, limit, peer=peer)
+
+
+def _at_most(limit: float, peer: str) -> Bar:
+    return Bar(BarKind.RATIO_AT_MOST, limit, peer=peer)
 
 
 def make_rows(p: Params) -> dict[str, Row]:
     kib, ram = "KiB", "RSS per idle stream"
     rows = [
-        Row("bulk", "bulk, 1 iperf3 stream", "Gbit/s", Bar(BarKind.RATIO_AT_LEAST, 0.5)),
-        Row("rps", f"GET requests/s, {p.rps_clients} conns", "req/s", Bar(BarKind.RATIO_AT_LEAST, 1.0)),
-        Row("p50", "GET latency p50, 1 conn", "ms", Bar(BarKind.RATIO_AT_MOST, 1.3)),
-        Row("p99", "GET latency p99, 1 conn", "ms", NO_BAR),
-        Row("churn", f"new conns/s, {p.churn_clients} clients -k 0", "conn/s", Bar(BarKind.RATIO_AT_LEAST, 10.0)),
-        Row("bulk_p50", "p50 under bulk, 1 conn", "ms", NO_BAR),
-        Row("bulk_p99", "p99 under bulk, 1 conn", "ms", Bar(BarKind.AT_MOST, 1.0, "ms")),
-        Row("bulk_during", "bulk rate during the above", "Gbit/s", NO_BAR),
-        Row("agent_rss", f"NOVAS RSS per agent ({p.agents:,} agents)", kib, Bar(BarKind.AT_MOST, 100, kib), False),
-        Row("stream_rss_novas", f"NOVAS {ram} ({p.streams:,})", kib, Bar(BarKind.AT_MOST, 10, kib), False),
-        Row("stream_rss_novac", f"NOVAC {ram} ({p.streams:,})", kib, Bar(BarKind.AT_MOST, 10, kib), False),
-        Row("storm", f"reconnect storm ({p.agents:,} agents)", "s", Bar(BarKind.AT_MOST, 10, "s"), False),
+        Row("bulk", "bulk, 1 iperf3 stream", "Gbit/s", (_at_least(0.5, "ssh"), _at_least(1.2, "go"))),
+        Row("rps", f"GET requests/s, {p.rps_clients} conns", "req/s", (_at_least(1.0, "ssh"), _at_least(1.2, "go"))),
+        Row("p50", "GET latency p50, 1 conn", "ms", (_at_most(1.3, "ssh"), _at_most(0.9, "go"))),
+        Row("p99", "GET latency p99, 1 conn", "ms"),
+        Row(
+            "churn",
+            f"new conns/s, {p.churn_clients} clients -k 0",
+            "conn/s",
+            (_at_least(10.0, "ssh"), _at_least(1.0, "go")),
+        ),
+        Row("bulk_p50", "p50 under bulk, 1 conn", "ms"),
+        Row("bulk_p99", "p99 under bulk, 1 conn", "ms", (Bar(BarKind.AT_MOST, 1.0, "ms"),)),
+        Row("bulk_during", "bulk rate during the above", "Gbit/s"),
+        Row("agent_rss", f"NOVAS RSS per agent ({p.agents:,} agents)", kib, (Bar(BarKind.AT_MOST, 100, kib),), ()),
+        Row("stream_rss_novas", f"NOVAS {ram} ({p.streams:,})", kib, (Bar(BarKind.AT_MOST, 10, kib),), ()),
+        Row("stream_rss_novac", f"NOVAC {ram} ({p.streams:,})", kib, (Bar(BarKind.AT_MOST, 10, kib),), ()),
+        Row("storm", f"reconnect storm ({p.agents:,} agents)", "s", (Bar(BarKind.AT_MOST, 10, "s"),), ()),
     ]
+    for profile in PROFILES:
+        k, name = profile.key, profile.label
+        budget = profile.rtt_ms + 2
+        rows += [
+            Row(f"{k}_bulk1", f"{name}: bulk, 1 stream", "Mbit/s", (_at_least(profile.bulk1_bar, "ssh"),)),
+            Row(
+                f"{k}_bulk1_up",
+                f"{name}: bulk, 1 stream, upload",
+                "Mbit/s",
+                (_at_least(profile.bulk1_bar, "ssh"),),
+            ),
+            Row(f"{k}_bulk4", f"{name}: bulk, 4 streams", "Mbit/s", (_at_least(1.0, "ssh"),)),
+            Row(f"{k}_p50", f"{name}: GET p50, 1 conn", "ms"),
+            Row(f"{k}_p99", f"{name}: GET p99, 1 conn", "ms"),
+            Row(
+                f"{k}_bulk_p99",
+                f"{name}: p99 under bulk, 1 conn",
+                "ms",
+                (Bar(BarKind.AT_MOST, budget, "ms"),) if profile.p99_bar else (),
+            ),
+            Row(f"{k}_bulk_during", f"{name}: bulk rate during the above", "Mbit/s"),
+        ]
     return {row.key: row for row in rows}
+
+
+SHAPED_KEYS = ("bulk1", "bulk1_up", "bulk4", "p50", "p99", "bulk_p99", "bulk_during")
 
 
 class Suite:
@@ -107,6 +169,9 @@ class Suite:
         self.rows = make_rows(params)
         self.raw: dict[str, Any] = {}
         self.errors: list[str] = []
+        self.skipped: dict[str, str] = {}  # what was not measured here -> why
+        self._go: Path | Unavailable | None = None
+        self.notes: list[str] = []  # printed under the table
 
     def fail(self, keys: list[str], what: str, error: Exception) -> None:
         message = f"{what}: {error}"
@@ -122,7 +187,38 @@ class Suite:
         except BenchError as e:
             self.fail(keys, what, e)
 
-    # Traffic: (a)-(e), NOVA beside ssh.
+    # The Go peer: built once per run.
+
+    def go_binary(self, keys: list[str]) -> Path | None:
+        """The Go peer's binary, or None (and its rows marked skipped, the reason printed) when it cannot be built."""
+        if self._go is None:
+            try:
+                self._go = build_goyamux(self.work)
+                log(f"Go peer built: {self._go}")
+            except Unavailable as e:
+                self._go = e
+                log(f"Go peer skipped: {e}")
+                self.skipped["go"] = str(e)
+            except BenchError as e:
+                self._go = Unavailable(f"build failed: {e}")
+                self.fail(keys, "go: build", e)
+        if isinstance(self._go, Unavailable):
+            for key in keys:
+                self.rows[key].skipped.setdefault("go", str(self._go))
+            return None
+        return self._go
+
+    def _pair(
+        self, kind: str, ports: list[int], keys: list[str], where: Placement = LOCAL, label: str = ""
+    ) -> AbstractContextManager[Tunnel] | None:
+        if kind == "ssh":
+            return ssh_pair(self.work, ports, where=where, label=label)
+        if kind == "nova":
+            return nova_pair(self.work, ports, where=where, label=label)
+        binary = self.go_binary(keys)
+        return None if binary is None else go_pair(self.work, binary, ports, where=where, label=label)
+
+    # Traffic: (a)-(e), NOVA beside ssh -R and the Go peer.
 
     def traffic(self) -> None:
         keys = ["bulk", "rps", "p50", "p99", "churn", "bulk_p50", "bulk_p99", "bulk_during"]
@@ -133,31 +229,40 @@ class Suite:
                 self.fail(keys, "target setup", e)
                 return
             ports = [targets.iperf_port, targets.redis_port]
-            for kind, pair in (("ssh", ssh_pair), ("nova", nova_pair)):
+            for kind in TUNNELS:
                 try:
-                    tunnel = stack.enter_context(pair(self.work, ports))
+                    pair = self._pair(kind, ports, keys)
+                    if pair is None:
+                        continue
+                    tunnel = stack.enter_context(pair)
                 except BenchError as e:
                     self.fail(keys, f"{kind}: tunnel setup", e)
                     continue
                 self._traffic_through(tunnel, targets.iperf_port, targets.redis_port)
+
+    def _runner(self, t: Tunnel, prefix: str = "") -> Callable[[list[str], str, Callable[[], None]], None]:
+        side = t.kind
+
+        def run(keys: list[str], what: str, measure: Callable[[], None]) -> None:
+            def checked() -> None:
+                t.check_alive()
+                if self.profile_dir is not None and side == "nova":
+                    with profiled({"novas": t.server, "novac": t.agent}, self.profile_dir, prefix + keys[0]):
+                        measure()
+                else:
+                    measure()
+                t.check_alive()
+
+            self.attempt(keys, f"{side}: {prefix}{what}", checked)
+
+        return run
 
     def _traffic_through(self, t: Tunnel, iperf_target: int, redis_target: int) -> None:
         p = self.p
         side = t.kind
         raw: dict[str, Any] = self.raw.setdefault(side, {})
         bulk_route, redis_route = t.routes[iperf_target], t.routes[redis_target]
-
-        def run(keys: list[str], what: str, measure: Callable[[], None]) -> None:
-            def checked() -> None:
-                t.check_alive()
-                if self.profile_dir is not None and side == "nova":
-                    with profiled({"novas": t.server, "novac": t.agent}, self.profile_dir, keys[0]):
-                        measure()
-                else:
-                    measure()
-                t.check_alive()
-
-            self.attempt(keys, f"{side}: {what}", checked)
+        run = self._runner(t)
 
         def bulk() -> None:
             r = iperf(bulk_route, p.iperf_seconds)
@@ -200,10 +305,150 @@ class Suite:
         run(["bulk_p50", "bulk_p99", "bulk_during"], "latency under bulk", under_bulk)
 
     def _set(self, key: str, side: str, value: float | None) -> None:
-        if side == "nova":
-            self.rows[key].nova = value
-        else:
-            self.rows[key].ssh = value
+        setattr(self.rows[key], side, value)
+
+    # Shaped link: the same tunnels across two network namespaces joined by shaped-link.
+
+    def shaped(self) -> None:
+        keys = [f"{profile.key}_{k}" for profile in PROFILES for k in SHAPED_KEYS]
+        try:
+            with shaped_link(self.work) as link:
+                where = link.placement
+                with ExitStack() as stack:
+                    try:
+                        targets = stack.enter_context(local_targets(self.work, where, label="-shaped"))
+                        raw_port = self._raw_iperf_server(stack, where.agent)
+                    except BenchError as e:
+                        self.fail(keys, "shaped: target setup", e)
+                        return
+                    for profile in PROFILES:
+                        try:
+                            link.set(profile)
+                        except BenchError as e:
+                            self.fail([k for k in keys if k.startswith(profile.key + "_")], "shaped: link", e)
+                            continue
+                        self._shaped_profile(profile, where, targets.iperf_port, targets.redis_port, raw_port)
+                        self.raw.setdefault("shaped", {}).setdefault(profile.key, {})["link_stats"] = link.stats()
+        except Unavailable as e:
+            log(f"shaped-link profiles skipped: {e}")
+            self.skipped["shaped"] = str(e)
+            for key in keys:
+                self.rows[key].skipped["all"] = str(e)
+        except BenchError as e:
+            self.fail(keys, "shaped: link setup", e)
+
+    def _raw_iperf_server(self, stack: ExitStack, side: Side) -> int:
+        """An C{iperf3 -s} on the agent side's link address, for raw TCP across the link (no tunnel)."""
+        port = free_port()
+        proc = Proc(
+            "iperf3-server-raw",
+            side.argv(["iperf3", "-s", "-B", ADDR_A, "-p", str(port)]),
+            self.work / "iperf3-server-raw.log",
+        )
+        stack.callback(proc.stop)
+
+        def listening() -> bool:
+            proc.check_alive()
+            return port in listening_ports(proc.pid)
+
+        wait_until(listening, 20, "iperf3 -s on the link address to listen")
+        return port
+
+    def _shaped_profile(
+        self, profile: Profile, where: Placement, iperf_target: int, redis_target: int, raw_port: int
+    ) -> None:
+        p = self.p
+        k = profile.key
+        keys = [f"{k}_{name}" for name in SHAPED_KEYS]
+        raw: dict[str, Any] = self.raw.setdefault("shaped", {}).setdefault(k, {})
+        clients = where.server
+        secs = p.shaped_iperf_seconds
+        requests = max(20, int(p.shaped_request_seconds * 1000 / profile.rtt_ms))
+        raw["requests"] = requests
+
+        # The link itself, no tunnel: iperf3 from the server side to the agent side's address.
+        def raw_tcp() -> None:
+            one = iperf(raw_port, secs, side=clients, host=ADDR_A, reverse=True)
+            four = iperf(raw_port, secs, side=clients, host=ADDR_A, streams=4, reverse=True)
+            up = iperf(raw_port, secs, side=clients, host=ADDR_A)
+            raw["raw_tcp"] = {"bulk1": one.as_dict(), "bulk4": four.as_dict(), "bulk1_up": up.as_dict()}
+            log(f"{profile.label}: raw TCP {one.gbit_s * 1000:,.0f} Mbit/s (1 stream), {four.gbit_s * 1000:,.0f} (4)")
+
+        self.attempt([], f"{profile.label}: raw TCP (iperf3)", raw_tcp)
+
+        for kind in TUNNELS:
+            try:
+                pair = self._pair(kind, [iperf_target, redis_target], keys, where, label=f"-{k}")
+                if pair is None:
+                    continue
+                with pair as t:
+                    self._shaped_through(t, profile, where.server, iperf_target, redis_target, requests, raw)
+            except BenchError as e:
+                self.fail(keys, f"{kind}: {profile.label}: tunnel", e)
+
+    def _shaped_through(
+        self,
+        t: Tunnel,
+        profile: Profile,
+        clients: Side,
+        iperf_target: int,
+        redis_target: int,
+        requests: int,
+        raw: dict[str, Any],
+    ) -> None:
+        p = self.p
+        k, side = profile.key, t.kind
+        mine: dict[str, Any] = raw.setdefault(side, {})
+        bulk_route, redis_route = t.routes[iperf_target], t.routes[redis_target]
+        run = self._runner(t, prefix=f"{profile.label}: ")
+        secs = p.shaped_iperf_seconds
+
+        def bulk(streams: int, download: bool = True) -> Callable[[], None]:
+            key = f"bulk{streams}" if download else f"bulk{streams}_up"
+
+            def measure() -> None:
+                r = iperf(bulk_route, secs, side=clients, streams=streams, reverse=download)
+                mine[key] = r.as_dict()
+                self._set(f"{k}_{key}", side, r.gbit_s * 1000)
+                way = "target to user" if download else "user to target"
+                log(f"{side}: {profile.label}: bulk {r.gbit_s * 1000:,.0f} Mbit/s with {streams} stream(s), {way}")
+
+            return measure
+
+        def latency() -> None:
+            r = redis_benchmark(redis_route, 1, requests, side=clients)
+            mine["latency"] = r.as_dict()
+            self._set(f"{k}_p50", side, r.p50_ms)
+            self._set(f"{k}_p99", side, r.p99_ms)
+            log(f"{side}: {profile.label}: latency p50 {r.p50_ms} ms, p99 {r.p99_ms} ms")
+
+        def under_bulk() -> None:
+            r = latency_under_bulk(bulk_route, redis_route, requests, p.shaped_warmup, side=clients, reverse=True)
+            mine["under_bulk"] = r.as_dict()
+            self._set(f"{k}_bulk_p99", side, r.latency.p99_ms)
+            rate = None if r.bulk_gbit_s is None else r.bulk_gbit_s * 1000
+            self._set(f"{k}_bulk_during", side, rate)
+            shown = "?" if rate is None else f"{rate:,.0f}"
+            log(f"{side}: {profile.label}: under bulk ({shown} Mbit/s) p99 {r.latency.p99_ms} ms")
+
+        run([f"{k}_bulk1"], "bulk, 1 stream (iperf3 -R)", bulk(1))
+        run([f"{k}_bulk1_up"], "bulk, 1 stream, upload (iperf3)", bulk(1, download=False))
+        run([f"{k}_bulk4"], "bulk, 4 streams (iperf3 -R -P 4)", bulk(4))
+        run([f"{k}_p50", f"{k}_p99"], "latency (redis-benchmark -c 1)", latency)
+        run([f"{k}_bulk_p99", f"{k}_bulk_during"], "latency under bulk", under_bulk)
+
+    def raw_tcp_lines(self) -> list[str]:
+        """The shaped link's own rate (no tunnel), for the shaped rows' context."""
+        parts = []
+        for profile in PROFILES:
+            got = self.raw.get("shaped", {}).get(profile.key, {}).get("raw_tcp")
+            if got:
+                one, four = got["bulk1"]["gbit_s"] * 1000, got["bulk4"]["gbit_s"] * 1000
+                up = got["bulk1_up"]["gbit_s"] * 1000
+                parts.append(f"{profile.label}: {one:,.0f} Mbit/s with 1 stream, {four:,.0f} with 4, {up:,.0f} upload")
+        if not parts:
+            return []
+        return ["", "Raw TCP across the shaped link, no tunnel (iperf3 -R): " + "; ".join(parts) + "."]
 
     # Scale: (f) and (g), NOVA only.
 
@@ -270,10 +515,14 @@ def main(argv: list[str] | None = None) -> int:
         " (needs py-spy; perturbs the NOVA figures a little)",
     )
     parser.add_argument(
-        "--only", default=",".join(GROUPS), help=f"comma-separated groups to run (default: all of {','.join(GROUPS)})"
+        "--only",
+        default=None,
+        help=f"comma-separated groups to run (default: all of {','.join(GROUPS)};"
+        f" with --quick, {','.join(QUICK_GROUPS)})",
     )
     args = parser.parse_args(argv)
-    groups = [g.strip() for g in args.only.split(",") if g.strip()]
+    only = args.only if args.only is not None else ",".join(QUICK_GROUPS if args.quick else GROUPS)
+    groups = [g.strip() for g in only.split(",") if g.strip()]
     if args.profile is not None and shutil.which("py-spy") is None:
         parser.error("--profile needs py-spy (pip install py-spy)")
     unknown = set(groups) - set(GROUPS)
@@ -299,13 +548,20 @@ def main(argv: list[str] | None = None) -> int:
             suite.streams()
         if "agents" in groups:
             suite.agents()
+        if "shaped" in groups:
+            suite.shaped()
     finally:
         Proc.stop_all()
     elapsed = time.monotonic() - t0
     rows = [row for row in suite.rows.values() if _in_groups(row.key, groups)]
-    print(table(rows), flush=True)
+    shown = [row for row in rows if "all" not in row.skipped]
+    print(table(shown), flush=True)
     failed = [row.key for row in rows if row.passed is False]
     broken = bool(suite.errors)
+    for line in suite.raw_tcp_lines():
+        print(line)
+    for what, why in suite.skipped.items():
+        print(f"\nSKIPPED {'the Go peer' if what == 'go' else 'the shaped-link profiles'}: {why}")
     print(
         f"\n{'quick' if args.quick else 'full'} run, {elapsed:.0f}s; bars missed: {', '.join(failed) or 'none'};"
         f" broken: {len(suite.errors)}"
@@ -323,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
             "rows": {row.key: row.as_dict() for row in rows},
             "raw": suite.raw,
             "errors": suite.errors,
+            "skipped": suite.skipped,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -339,6 +596,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _in_groups(key: str, groups: list[str]) -> bool:
+    if any(key.startswith(profile.key + "_") for profile in PROFILES):
+        return "shaped" in groups
     if key in ("stream_rss_novas", "stream_rss_novac"):
         return "streams" in groups
     if key in ("agent_rss", "storm"):

@@ -1,6 +1,7 @@
 """
 The benchmark's quick mode as a smoke test: every figure of the table is
-measured, NOVA beside ssh -R, and nothing breaks.  No timing is asserted
+measured, NOVA beside ssh -R and the Go peer (TLS 1.3 + hashicorp/yamux,
+built from bench/goyamux), and nothing breaks.  No timing is asserted
 (bench/README.md: the bars are for full runs on a quiet machine).
 """
 
@@ -12,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,6 +33,8 @@ def test_bench_quick_measures_every_figure(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["mode"] == "quick"
     assert result["errors"] == []
+    # test.sh installs golang-go and golang-github-hashicorp-yamux-dev: the Go peer is built, not skipped.
+    assert result["skipped"] == {}, result["skipped"]
     rows = result["rows"]
     assert set(rows) == {
         "bulk", "rps", "p50", "p99", "churn", "bulk_p50", "bulk_p99", "bulk_during",
@@ -39,11 +43,53 @@ def test_bench_quick_measures_every_figure(tmp_path: Path) -> None:
     for key, row in rows.items():
         assert row["error"] is None, f"{key}: {row['error']}"
         assert isinstance(row["nova"], float | int) and math.isfinite(row["nova"]) and row["nova"] > 0, (key, row)
-        if row["bar_kind"].startswith("ratio") or key in ("p99", "bulk_p50", "bulk_during"):
-            # Side by side: ssh -R measured in the same run, and the ratio from both.
-            assert isinstance(row["ssh"], float | int) and row["ssh"] > 0, (key, row)
-            assert math.isclose(row["ratio"], row["nova"] / row["ssh"], rel_tol=1e-9), (key, row)
+        if row["bar_kind"].startswith("ratio") or key in ("p99", "bulk_p50", "bulk_p99", "bulk_during"):
+            # Side by side: ssh -R and the Go peer measured in the same run, and NOVA's ratio to each.
+            for peer, ratio in (("ssh", "ratio"), ("go", "ratio_go")):
+                assert isinstance(row[peer], float | int) and row[peer] > 0, (key, peer, row)
+                assert math.isclose(row[ratio], row["nova"] / row[peer], rel_tol=1e-9), (key, peer, row)
+        else:
+            assert row["ssh"] is None and row["go"] is None, (key, row)
         assert row["result"] in ("pass", "FAIL", "-"), (key, row)
+        assert all(bar["passed"] in (True, False) for bar in row["bars"]), (key, row)
+    # The issue's bars against the Go peer are in the table beside those against ssh -R.
+    assert {bar["peer"] for bar in rows["churn"]["bars"]} == {"ssh", "go"}
+    assert {bar["peer"] for bar in rows["p50"]["bars"]} == {"ssh", "go"}
     # The one table, printed with every figure's label.
     for row in rows.values():
         assert row["label"] in proc.stdout
+    header = [cell.strip() for cell in proc.stdout.splitlines()[0].split("|")]
+    assert {"NOVA", "ssh -R", "Go", "NOVA/ssh", "NOVA/Go"} <= set(header), header
+    # The shaped-link profiles take minutes: not part of --quick.
+    assert not any(key.startswith("rtt") for key in rows)
+
+
+def _report() -> Any:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import report
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return report
+
+
+def test_row_with_bars_against_ssh_and_go_passes_only_when_both_are_met() -> None:
+    report = _report()
+    bars = (
+        report.Bar(report.BarKind.RATIO_AT_LEAST, 10.0, peer="ssh"),
+        report.Bar(report.BarKind.RATIO_AT_LEAST, 1.0, peer="go"),
+    )
+    row = report.Row("churn", "new conns/s", "conn/s", bars, nova=2000.0, ssh=100.0, go=2500.0)
+    assert row.ratio == 20.0 and row.ratio_to("go") == 0.8
+    assert row.results() == [True, False] and row.result == "FAIL"
+    row.go = 1500.0
+    assert row.result == "pass"
+    # The Go peer not measured here (no go): its bar cannot be judged, the row is not a pass.
+    skipped = report.Row("churn", "new conns/s", "conn/s", bars, nova=2000.0, ssh=100.0, skipped={"go": "no go"})
+    assert skipped.results() == [True, None] and skipped.result == "n/a"
+    assert "skipped" in report.table([skipped])
+    data = skipped.as_dict()
+    assert data["go"] is None and data["ratio_go"] is None and data["bar"] == ">= 10x ssh, >= 1x Go"
+    # A figure with an absolute bar and no peer (memory) ignores the peers' columns.
+    alone = report.Row("rss", "RSS", "KiB", (report.Bar(report.BarKind.AT_MOST, 10, "KiB"),), (), nova=4.0, ssh=9.0)
+    assert alone.result == "pass" and alone.as_dict()["ssh"] is None
