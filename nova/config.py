@@ -331,6 +331,18 @@ def parse_timing(v: dict[str, Any], prefix: str) -> tuple[float, float, float]:
     return keepalive, dead, drain
 
 
+def parse_max_window(v: dict[str, Any], prefix: str, minimum: int, maximum: int) -> int:
+    """C{--max-window}: at least the initial window (an auto-tuned window never shrinks below it)."""
+    window = parse_int(v["window"], f"--window / {prefix}_WINDOW", minimum, maximum)
+    what = f"--max-window / {prefix}_MAX_WINDOW"
+    value = parse_int(v["max-window"], what, minimum, maximum)
+    if value < window:
+        raise ConfigError(
+            f"{what} ({value}) must be at least --window / {prefix}_WINDOW ({window}); raise it or lower the window"
+        )
+    return value
+
+
 def timing_settings(prefix: str) -> tuple[Setting, ...]:
     return (
         Setting("keepalive", f"{prefix}_KEEPALIVE", "15", "Seconds between pings on an idle tunnel."),

@@ -16,6 +16,7 @@ from nova.config import (
     EnvOptions,
     Setting,
     parse_int,
+    parse_max_window,
     parse_port,
     parse_seconds,
     parse_tags,
@@ -166,7 +167,7 @@ def build_config(v: dict[str, Any]) -> AgentConfig:
         fingerprint=fingerprint,
         server_name=v["server-name"] or None,
         window=parse_int(v["window"], "--window / NOVAC_WINDOW", MIN_INITIAL_WINDOW, MAX_WINDOW),
-        max_window=_max_window(v),
+        max_window=parse_max_window(v, "NOVAC", MIN_INITIAL_WINDOW, MAX_WINDOW),
         connect_timeout=parse_seconds(v["connect-timeout"], "--connect-timeout / NOVAC_CONNECT_TIMEOUT"),
         max_streams=parse_int(v["max-streams"], "--max-streams / NOVAC_MAX_STREAMS", 1, 65536),
         max_open_rate=parse_int(v["max-open-rate"], "--max-open-rate / NOVAC_MAX_OPEN_RATE", 1, 10**6),
@@ -209,15 +210,3 @@ class Options(EnvOptions):
                 print(f"novac: warning: {warning}", file=sys.stderr)
 
             run(self.config)
-
-
-def _max_window(v: dict[str, Any]) -> int:
-    """C{--max-window}: at least the initial window (a window never shrinks below it)."""
-    window = parse_int(v["window"], "--window / NOVAC_WINDOW", MIN_INITIAL_WINDOW, MAX_WINDOW)
-    what = "--max-window / NOVAC_MAX_WINDOW"
-    value = parse_int(v["max-window"], what, MIN_INITIAL_WINDOW, MAX_WINDOW)
-    if value < window:
-        raise ConfigError(
-            f"{what} ({value}) must be at least --window / NOVAC_WINDOW ({window}); raise it or lower the window"
-        )
-    return value

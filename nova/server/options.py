@@ -17,6 +17,7 @@ from nova.config import (
     Setting,
     is_placeholder,
     parse_int,
+    parse_max_window,
     parse_port,
     parse_seconds,
     parse_timing,
@@ -247,7 +248,7 @@ def build_config(v: dict[str, Any]) -> ServerConfig:
         state_dir=Path(v["state-dir"]),
         routes=routes,
         window=parse_int(v["window"], "--window / NOVAS_WINDOW", MIN_INITIAL_WINDOW, MAX_WINDOW),
-        max_window=_max_window(v),
+        max_window=parse_max_window(v, "NOVAS", MIN_INITIAL_WINDOW, MAX_WINDOW),
         handshake_timeout=parse_seconds(v["handshake-timeout"], "--handshake-timeout / NOVAS_HANDSHAKE_TIMEOUT"),
         open_timeout=parse_seconds(v["open-timeout"], "--open-timeout / NOVAS_OPEN_TIMEOUT"),
         keepalive=keepalive,
@@ -325,15 +326,3 @@ class Options(EnvOptions):
 
     def build(self, values: dict[str, Any]) -> ServerConfig:
         return build_config(values)
-
-
-def _max_window(v: dict[str, Any]) -> int:
-    """C{--max-window}: at least the initial window (a window never shrinks below it)."""
-    window = parse_int(v["window"], "--window / NOVAS_WINDOW", MIN_INITIAL_WINDOW, MAX_WINDOW)
-    what = "--max-window / NOVAS_MAX_WINDOW"
-    value = parse_int(v["max-window"], what, MIN_INITIAL_WINDOW, MAX_WINDOW)
-    if value < window:
-        raise ConfigError(
-            f"{what} ({value}) must be at least --window / NOVAS_WINDOW ({window}); raise it or lower the window"
-        )
-    return value
