@@ -344,4 +344,3 @@ def test_compose_files_name_the_compose_version() -> None:
     for name in ("novas", "novac"):
         text = (ROOT / "etc" / "docker" / f"{name}-compose.yml").read_text()
         assert "docker-compose" in text and "v1" in text and "v2" in text
-

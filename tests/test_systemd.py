@@ -308,7 +308,7 @@ def test_memory_deny_write_execute_stays_off_for_a_reason(machine: Machine) -> N
             return state["NRestarts"] != "0" or state["Result"] != "success" or state["ExecMainStatus"] != "0"
 
         wait_for(failed, 30, "NOVAS to fail under MemoryDenyWriteExecute=yes")
-        assert "Cannot allocate write+execute memory for ffi.callback()" in m.journal("novas")[len(before):]
+        assert "Cannot allocate write+execute memory for ffi.callback()" in m.journal("novas")[len(before) :]
     finally:
         m.sh(
             "rm -r /etc/systemd/system/novas.service.d && systemctl daemon-reload && systemctl stop novas"

@@ -135,7 +135,7 @@ class AgentTunnel(TunnelProtocol):
         self.refused_for_rate = 0
         self._saw_hello = False
         self._ended_by: str | None = None  # a REJECT or GOAWAY: the reconnect's reason
-        self._heard = False  # any byte from the server at all
+        self._heard = False  # a frame (or bytes that were no frame) from the server before registering
         self._connected_at = 0.0
         self._mismatch: str | None = None
 
@@ -147,10 +147,6 @@ class AgentTunnel(TunnelProtocol):
         self.context.tunnels.add(self)
         self._connected_at = self.clock.seconds()
 
-    def dataReceived(self, data: bytes) -> None:
-        self._heard = True
-        super().dataReceived(data)
-
     def handshake_timed_out(self) -> None:
         # A plaintext agent and a TLS server both wait for the other to speak first.
         if not self.context.tls and not self._heard:
@@ -158,7 +154,12 @@ class AgentTunnel(TunnelProtocol):
 
     # Handshake.
 
+    def protocol_error(self, error: ProtocolError) -> None:
+        self._heard = True  # bytes arrived, even if they were no frame
+        super().protocol_error(error)
+
     def handshake_frame(self, frame: Frame) -> None:
+        self._heard = True
         if isinstance(frame, Hello) and not self._saw_hello:
             self._saw_hello = True
             binding = channel_binding(self.transport)

@@ -287,9 +287,7 @@ class SocksClient(EntryConnection):
             self._accept(username)
             return
         source = self._source()
-        if gate.blocked(source):
-            self._send(bytes([AUTH_VERSION, 1]))
-            self._close_quietly(gate.refused_blocked(source))
+        if self._refused_blocked(gate, source):
             return
         delay = gate.delay(source)
         if not delay:
@@ -310,10 +308,7 @@ class SocksClient(EntryConnection):
         if self._state == "closed":
             return
         source = self._source()
-        if gate.blocked(source):
-            # Blocked while this attempt waited: not checked either.
-            self._send(bytes([AUTH_VERSION, 1]))
-            self._close_quietly(gate.refused_blocked(source))
+        if self._refused_blocked(gate, source):  # blocked while this attempt waited: not checked either
             return
         self._state = "auth"
         if not gate.check(source, password):
@@ -321,6 +316,14 @@ class SocksClient(EntryConnection):
             self._close("wrong SOCKS password" + gate.failure_note(source))
             return
         self._accept(username)
+
+    def _refused_blocked(self, gate: PasswordGate, source: str) -> bool:
+        """Refuse, without checking its password, a source the throttle has blocked."""
+        if not gate.blocked(source):
+            return False
+        self._send(bytes([AUTH_VERSION, 1]))
+        self._close_quietly(gate.refused_blocked(source))
+        return True
 
     def _source(self) -> str:
         """The throttle's key for the client: its IPv4 address, or the /64 of its IPv6 one."""
