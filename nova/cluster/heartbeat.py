@@ -82,7 +82,7 @@ class ClusterMembership(Service):
         tunnels: Callable[[], Iterable[TunnelRecord]],
         clock: IReactorTime,
         run: Runner = inline,
-        on_routes: Callable[[int, Sequence[RouteRecord]], None] | None = None,
+        on_routes: Callable[[int, Sequence[RouteRecord]], object] | None = None,
         route_poll: float = ROUTE_POLL,
     ) -> None:
         self.store = store
