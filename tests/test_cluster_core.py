@@ -213,3 +213,23 @@ class RouteTableTests(SynchronousTestCase):
     def test_each_server_reads_a_spec_with_its_own_default_bind(self) -> None:
         d = desired([], [RouteRecord("r-1", "16000:web:80", "admin", 0.0)], default_bind="0.0.0.0")
         self.assertEqual(d.routes["r-1"].bind, "0.0.0.0")
+
+
+class RecordTests(SynchronousTestCase):
+    def test_a_tunnel_row_is_read_from_the_admin_apis_description(self) -> None:
+        described = {
+            "name": "db1",
+            "tags": {"env": "prod"},
+            "address": "10.0.0.5:40000",
+            "connected_since": 12.5,
+            "status": "draining",
+            "active_streams": 3,
+            "bytes_to_agent": 10,
+            "bytes_from_agent": 20,
+            "token_id": "ci",
+        }
+        self.assertEqual(
+            TunnelRecord.described("a", described),
+            TunnelRecord("a", "db1", {"env": "prod"}, "ci", 12.5, 3, 10, 20, True),
+        )
+        self.assertFalse(TunnelRecord.described("a", {**described, "status": "connected"}).draining)

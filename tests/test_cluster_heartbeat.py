@@ -6,18 +6,19 @@ view goes stale, nothing raises into the reactor, everything catches up).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from nova.cluster.heartbeat import ClusterMembership, WorkerThread
 from nova.cluster.membership import Beat, Membership
 from nova.cluster.records import RouteRecord, ServerRecord, TunnelRecord
-from nova.cluster.store import ClusterStoreError, SQLiteClusterStore
+from nova.cluster.store import SQLiteClusterStore
 
 T = TypeVar("T")
 DEAD = 30.0
@@ -210,27 +211,34 @@ class HeartbeatTests(SynchronousTestCase):
         self.successResultOf(a.stopService())
 
 
-class WorkerThreadTests(SynchronousTestCase):
-    def test_store_calls_run_off_the_calling_thread(self) -> None:
-        import threading
+class WorkerThreadTests(TestCase):
+    """The real thing: the store on its worker thread, the reactor never blocked."""
 
+    timeout = 30
+
+    @inlineCallbacks
+    def test_store_calls_run_on_the_worker_thread_which_stops_with_the_service(self) -> Generator[Any, Any, None]:
         from twisted.internet import reactor
 
+        path = Path(self.mktemp()) / "cluster.sqlite3"
+        threads: set[str] = set()
+
+        class Watched(SQLiteClusterStore):
+            def heartbeat(self, beat: Beat) -> None:
+                threads.add(threading.current_thread().name)
+                super().heartbeat(beat)
+
         worker = WorkerThread(reactor)
-        worker.start()
-        try:
-            seen: list[str] = []
-            done = threading.Event()
-
-            def call() -> None:
-                seen.append(threading.current_thread().name)
-                done.set()
-
-            worker(call)
-            self.assertTrue(done.wait(10))
-            self.assertNotEqual(seen, [threading.current_thread().name])
-        finally:
-            worker.stop()
-
-    def test_errors_are_typed(self) -> None:
-        self.assertTrue(issubclass(ClusterStoreError, Exception))
+        m = Membership(ServerRecord("a", "a:9023", 0.0, "0.1.0", 0.0), DEAD, reactor)  # type: ignore[arg-type]
+        a = ClusterMembership(Watched(path), m, list, reactor, run=worker)  # type: ignore[arg-type]
+        a.startService()
+        for _ in range(200):
+            if not a.view().stale:
+                break
+            yield deferLater(reactor, 0.05)  # type: ignore[arg-type]
+        self.assertFalse(a.view().stale)
+        self.assertEqual(len(threads), 1)
+        self.assertNotIn(threading.current_thread().name, threads)
+        yield a.stopService()
+        self.assertFalse(worker.pool.started)
+        self.assertEqual(SQLiteClusterStore(path).members(), ([], []))  # it left

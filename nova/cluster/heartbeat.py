@@ -44,7 +44,9 @@ class Runner(Protocol):
 class WorkerThread:
     """
     One thread for every store call: calls are serialised (one database
-    connection, used by one thread) and never run on the reactor.
+    connection, used by one thread) and never run on the reactor.  The
+    service it is handed to starts it and stops it once it has left the
+    cluster.
     """
 
     def __init__(self, reactor: Any) -> None:
@@ -107,6 +109,8 @@ class ClusterMembership(Service):
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
+        if isinstance(self.run, WorkerThread):
+            self.run.start()
         self._beats.start(self.membership.interval, now=True)
         if self.on_routes is not None:
             self._polls.start(self.route_poll, now=True)
@@ -128,6 +132,9 @@ class ClusterMembership(Service):
 
         d = self.run(leave)
         d.addErrback(self._trap, "leaving the cluster")
+        worker = self.run
+        if isinstance(worker, WorkerThread):
+            d.addCallback(lambda _: worker.stop())
         return d
 
     # -- the ticks

@@ -135,9 +135,7 @@ def _stop_listening(port: IListeningPort) -> object:
     return port.stopListening()
 
 
-def follow_store(
-    listeners: RouteListeners, static: Sequence[Route], default_bind: str = "127.0.0.1"
-) -> _StoreRoutes:
+def follow_store(listeners: RouteListeners, static: Sequence[Route], default_bind: str = "127.0.0.1") -> _StoreRoutes:
     """The C{on_routes} callback of L{nova.cluster.heartbeat.ClusterMembership} that keeps C{listeners} in step."""
     return _StoreRoutes(listeners, tuple(static), default_bind)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,26 @@ class TunnelRecord:
     @property
     def key(self) -> tuple[str, str]:
         return (self.server, self.agent)
+
+    @classmethod
+    def described(cls, server: str, d: Mapping[str, Any]) -> TunnelRecord:
+        """
+        The row for a tunnel as the admin API describes it
+        (C{ServerTunnel.describe()}): that description is already the
+        tunnel's public contract, so the cluster reads the same fields.
+        """
+        tags = d.get("tags") or {}
+        return cls(
+            server=server,
+            agent=str(d["name"]),
+            tags={str(k): str(v) for k, v in dict(tags).items()},
+            token_id=str(d.get("token_id") or ""),
+            since=float(d.get("connected_since") or 0.0),
+            streams=int(d.get("active_streams") or 0),
+            bytes_to_agent=int(d.get("bytes_to_agent") or 0),
+            bytes_from_agent=int(d.get("bytes_from_agent") or 0),
+            draining=d.get("status") == "draining",
+        )
 
 
 @dataclass(frozen=True)
