@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from nova.cluster.heartbeat import ClusterMembership, WorkerThread
+from nova.cluster.heartbeat import ClusterMembership, WorkerThread, inline
 from nova.cluster.membership import Beat, Membership
 from nova.cluster.records import RouteRecord, ServerRecord, TunnelRecord
 from nova.cluster.store import SQLiteClusterStore
@@ -71,6 +71,7 @@ def service(
     **kw: Any,
 ) -> ClusterMembership:
     m = Membership(ServerRecord(id, f"{id}:9023", clock.seconds(), "0.1.0", 0.0), DEAD, clock)
+    kw.setdefault("run", inline)
     return ClusterMembership(
         store,
         m,
@@ -201,7 +202,7 @@ class HeartbeatTests(SynchronousTestCase):
             raise RuntimeError("bug")
 
         m = Membership(ServerRecord("a", "a:9023", 0.0, "0.1.0", 0.0), DEAD, clock)
-        a = ClusterMembership(SQLiteClusterStore(self.path), m, list, clock, on_routes=broken)
+        a = ClusterMembership(SQLiteClusterStore(self.path), m, list, clock, inline, on_routes=broken)
         a.startService()
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         SQLiteClusterStore(self.path).add_route(RouteRecord("r-1", "16000:web:80", "bob", 1.0))

@@ -5,9 +5,11 @@ marked integration): the same tests against both, since the schema is one.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -186,6 +188,27 @@ def test_an_unreachable_store_is_a_clear_error_and_the_next_call_reconnects(tmp_
     store.open()
     store.heartbeat(beat("a", 2))
     assert [s.id for s in store.members()[0]] == ["a"]
+    store.close()
+
+
+def test_a_heartbeat_cut_half_way_writes_nothing(tmp_path: Path) -> None:
+    class CutAfterOurRow(SQLiteClusterStore):
+        cut = False
+
+        def _run(self, conn: Any, sql: str, args: Sequence[Any] = ()) -> Any:
+            if self.cut and sql.startswith("INSERT INTO nova_tunnels"):
+                raise sqlite3.OperationalError("disk I/O error")
+            return super()._run(conn, sql, args)
+
+    store = CutAfterOurRow(tmp_path / "cluster.sqlite3")
+    store.open()
+    store.heartbeat(beat("a", 1, [TunnelRecord("a", "db1")]))
+    store.cut = True
+    with pytest.raises(ClusterStoreError, match="disk I/O error"):
+        store.heartbeat(beat("a", 2, [TunnelRecord("a", "db2")]))
+    store.cut = False
+    servers, tunnels = store.members()  # the connection was dropped and is opened again
+    assert [s.heartbeat for s in servers] == [1] and [t.agent for t in tunnels] == ["db1"]
     store.close()
 
 

@@ -71,8 +71,9 @@ def inline(call: Callable[[], T]) -> Deferred[T]:
 class ClusterMembership(Service):
     """
     This server's part in the cluster.  C{tunnels} lists the tunnels this
-    server holds now (called on the reactor at each heartbeat); C{on_routes}
-    receives every new set of dynamic routes with its version.
+    server holds now (called on the reactor at each heartbeat); C{run} runs
+    the store's calls (a L{WorkerThread}; L{inline} only in tests);
+    C{on_routes} receives every new set of dynamic routes with its version.
     """
 
     log = Logger()
@@ -83,7 +84,7 @@ class ClusterMembership(Service):
         membership: Membership,
         tunnels: Callable[[], Iterable[TunnelRecord]],
         clock: IReactorTime,
-        run: Runner = inline,
+        run: Runner,
         on_routes: Callable[[int, Sequence[RouteRecord]], object] | None = None,
         route_poll: float = ROUTE_POLL,
     ) -> None:
