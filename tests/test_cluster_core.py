@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -233,3 +236,91 @@ class RecordTests(SynchronousTestCase):
             TunnelRecord("a", "db1", {"env": "prod"}, "ci", 12.5, 3, 10, 20, True),
         )
         self.assertFalse(TunnelRecord.described("a", {**described, "status": "connected"}).draining)
+
+
+class MembershipMachine(RuleBasedStateMachine):
+    """
+    Membership under any interleaving of time, reads and store failures:
+    we are always a member, no tunnel outlives its server, the view is stale
+    exactly when the last outcome was a failure (or there was none yet), and
+    a member seen alive at the last read stays in the view while stale.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = Clock()
+        self.m = membership(self.clock)
+        self.last_ok: float | None = None
+        self.first_failure: float | None = 0.0
+        self.read_alive: set[str] = set()
+
+    @rule(seconds=st.floats(min_value=0, max_value=2 * DEAD))
+    def time_passes(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+
+    @rule(ages=st.dictionaries(st.sampled_from(["a", "b", "c", "d"]), st.floats(0, 2 * DEAD), max_size=4))
+    def store_answers(self, ages: dict[str, float]) -> None:
+        now = self.clock.seconds()
+        servers = [server(id, now - age) for id, age in ages.items()]
+        self.m.read(servers, [TunnelRecord(s.id, f"agent-{s.id}") for s in servers])
+        self.last_ok, self.first_failure = now, None
+        self.read_alive = {id for id, age in ages.items() if age <= DEAD}
+
+    @rule()
+    def store_fails(self) -> None:
+        self.m.failed("down")
+        if self.first_failure is None:
+            self.first_failure = self.clock.seconds()
+
+    @invariant()
+    def we_are_a_member(self) -> None:
+        assert "a" in [s.id for s in self.m.view().servers]
+
+    @invariant()
+    def no_tunnel_outlives_its_server(self) -> None:
+        view = self.m.view()
+        live = {s.id for s in view.servers}
+        assert all(t.server in live and t.server != "a" for t in view.tunnels)
+        assert all(self.clock.seconds() - s.heartbeat <= DEAD or view.stale for s in view.servers if s.id != "a")
+
+    @invariant()
+    def stale_exactly_after_a_failure(self) -> None:
+        view = self.m.view()
+        assert view.stale_since == self.first_failure
+        assert view.as_of == self.last_ok
+
+    @invariant()
+    def an_outage_kills_no_member(self) -> None:
+        view = self.m.view()
+        if view.stale and self.last_ok is not None:
+            assert self.read_alive <= {s.id for s in view.servers}
+
+
+MembershipMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=30, deadline=None)
+TestMembershipMachine = MembershipMachine.TestCase
+
+
+class DesiredProperties(SynchronousTestCase):
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["r-1", "r-2", "r-3", "static-0", "r-4"]),
+                st.sampled_from(["16000:a:1", "16001:b:2", "0:c:3", "bad", "127.0.0.1:16000:d:4", "16002:e:5"]),
+                st.floats(0, 10),
+            ),
+            max_size=8,
+        ),
+        st.lists(st.sampled_from(["16000:s:1", "16003:t:2", "0:u:3"]), max_size=3, unique=True),
+    )
+    @settings(max_examples=200, deadline=None)
+    def test_the_wanted_set_never_listens_twice_on_one_address_and_keeps_every_static_route(
+        self, rows: list[tuple[str, str, float]], static_specs: list[str]
+    ) -> None:
+        static = [parse_route(s) for s in static_specs]
+        records = [RouteRecord(rid, spec, "x", at) for rid, spec, at in rows]
+        d = desired(static, records)
+        self.assertEqual([d.routes[f"static-{i}"] for i in range(len(static))], static)
+        keys = [f"{r.bind}:{r.port}" for r in d.routes.values() if r.port != 0]
+        self.assertEqual(len(keys), len(set(keys)))
+        for record in records:
+            self.assertTrue(record.id in d.routes or record.id in d.problems)
