@@ -224,3 +224,29 @@ class RouteListenersTests(TestCase):
         yield listeners.stopService()
         self.assertEqual(listeners.ports(), {})
         self.assertTrue((yield refused(port)))
+
+    @inlineCallbacks
+    def test_the_servers_own_route_factory_is_what_tap_will_hand_in(self) -> Generator[Any, Any, None]:
+        from twisted.internet import reactor
+
+        from nova.server.listener import RouteFactory
+        from nova.server.registry import Registry
+
+        def route_listener(route: Route) -> tuple[IStreamServerEndpoint, IProtocolFactory]:
+            endpoint = TCP4ServerEndpoint(reactor, route.port, interface=route.bind)  # type: ignore[arg-type]
+            return endpoint, RouteFactory(route, Registry(), reactor, 1.0)  # type: ignore[arg-type]
+
+        listeners = RouteListeners(route_listener)
+        listeners.startService()
+        self.addCleanup(listeners.stopService)
+        yield listeners.apply({"r-1": parse_route("0:db.internal:5432@env=prod")})
+        port = self.port(listeners, "r-1")
+
+        def no_agent_closes() -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                return s.recv(1)
+
+        # Accepted by the route, then closed: no agent matches env=prod.
+        self.assertEqual((yield deferToThread(no_agent_closes)), b"")
+        yield listeners.apply({})
+        self.assertTrue((yield refused(port)))
