@@ -96,11 +96,6 @@ class StreamTransport:
         protocol.makeConnection(self)
         self._deliver()
 
-    @property
-    def high_water(self) -> int:
-        """Queued unsent bytes at which a registered producer is paused."""
-        return self._high_water
-
     # ITransport.
 
     def write(self, data: bytes) -> None:
