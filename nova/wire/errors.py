@@ -101,4 +101,3 @@ class ControlFlood(ProtocolError):
     """
 
     code = ErrorCode.CONTROL_FLOOD
-
