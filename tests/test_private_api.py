@@ -213,6 +213,11 @@ class InstalledReleasesTests(TestCase):
             writer = FrameWriter(transport)
             assert writer.raw_tls
             assert writer.tcp is bottom
+            # The option goes on the socket itself (TLS on a listening
+            # port makes getHandle() the pyOpenSSL connection, not the socket).
+            fastpath.set_notsent_lowat(writer.tcp, 65_536)
+            raw = bottom.socket
+            assert raw.getsockopt(socket.IPPROTO_TCP, fastpath.TCP_NOTSENT_LOWAT) == 65_536
 
     @inlineCallbacks
     def test_tcp_takes_the_direct_send_path(self) -> Generator[Deferred[Any], Any, None]:

@@ -19,6 +19,10 @@ Twisted would, only sooner:
   and handed to the TCP socket with L{write_tcp}.  Anything unusual (the TLS
   handshake not finished, Twisted holding data of its own, a transport that is
   neither TLS-over-TCP nor TCP) takes Twisted's own path, in order.
+
+Every private Twisted and pyOpenSSL name used here is listed, and checked per
+transport class, in L{nova.mux.private}: a class that lacks one gets
+Twisted's public path.
 """
 
 from __future__ import annotations
@@ -181,7 +185,7 @@ def set_notsent_lowat(t: tcp.Connection | None, value: int = NOTSENT_LOWAT) -> N
     if t is None:
         return
     try:
-        t.getHandle().setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, value)
+        t.socket.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, value)
     except (OSError, AttributeError):
         pass
 
