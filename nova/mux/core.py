@@ -160,7 +160,7 @@ class Role(enum.Enum):
     AGENT = "agent"  # accepts them
 
 
-# Events returned by Multiplexer.receive().
+# Events returned by Multiplexer.receive() (and receive_data(), for a stream error).
 
 
 @dataclass(frozen=True)
@@ -184,6 +184,11 @@ class OpenRefused:
 
 @dataclass(frozen=True)
 class DataAvailable:
+    """
+    New bytes wait in the stream's inbox: C{receive_data}'s True as an event
+    (the tests' reference model returns it for a DATA frame).
+    """
+
     stream_id: int
 
 
