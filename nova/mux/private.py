@@ -7,9 +7,9 @@ Twisted's transports to write and read sooner than Twisted would
 (docs/datapath.md, "What the fast paths rely on").  Everything they touch
 that is not public API is listed here; a transport class gets a fast path
 only if every name it needs is there, checked once per class (the first
-connected instance of the class that has them all decides, and the pass is
-cached: these are attributes every instance of the class gets in its
-constructor or C{makeConnection}).  A class that fails the check gets the public path:
+connected instance that has them all decides, and the pass is cached: these
+are attributes every instance of the class gets in its constructor or
+C{makeConnection}).  A class that fails the check gets the public path:
 slower, never wrong.  setup.cfg bounds Twisted and pyOpenSSL at the releases
 this was checked against, and tests/test_private_api.py fails if the
 installed releases take the public path for real TCP and TLS connections.
