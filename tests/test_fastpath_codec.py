@@ -1,8 +1,10 @@
 """
-FrameDecoder.feed_into (nova.wire.codec), the decoder's fast path: the same
-frames and the same errors as feed() under any split of the bytes, DATA
-payloads handed over as the pieces they arrived in, feed() and feed_into()
-mixed on one decoder, and a callback that returns False stops decoding.
+FrameDecoder.feed_into (nova.wire.codec), the decoder's one receive path,
+checked against the reference model (tests/reference_decoder.py): the same
+frames and the same errors under any split of the bytes, DATA payloads
+handed over as the pieces they arrived in, feed() (a wrapper over
+feed_into) and feed_into() mixed on one decoder, and a callback that returns
+False stops decoding.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ from nova.wire.frames import (
     encode,
     max_payload,
 )
+
+from .reference_decoder import ReferenceDecoder
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MAX_BUFFERED = HEADER_SIZE + MAX_DATA_PAYLOAD
@@ -97,8 +101,8 @@ class Collector:
 
 
 def reference(blob: bytes) -> tuple[list[Frame], ProtocolError | None]:
-    """feed() one byte at a time: every frame as soon as it is complete, and the error, if any."""
-    decoder = FrameDecoder()
+    """The model fed one byte at a time: every frame as soon as it is complete, and the error, if any."""
+    decoder = ReferenceDecoder()
     frames: list[Frame] = []
     for i in range(len(blob)):
         try:
@@ -204,7 +208,7 @@ def hostile(draw: st.DrawFn) -> bytes:
 def test_feed_into_yields_the_frames_feed_yields_under_any_split(frame_list: list[Frame], cuts: list[int]) -> None:
     blob = b"".join(wire(f) for f in frame_list)
     chunks = split(blob, cuts)
-    fast, slow = FrameDecoder(), FrameDecoder()
+    fast, slow = FrameDecoder(), ReferenceDecoder()
     got = Collector()
     expected: list[Frame] = []
     for chunk in chunks:
@@ -221,7 +225,7 @@ def test_feed_into_yields_the_frames_feed_yields_under_any_split(frame_list: lis
 @given(frame_list=st.lists(frames.filter(lambda f: len(wire(f)) <= 400), min_size=1, max_size=3))
 def test_feed_into_byte_by_byte(frame_list: list[Frame]) -> None:
     blob = b"".join(wire(f) for f in frame_list)
-    decoder, plain, got = FrameDecoder(), FrameDecoder(), Collector()
+    decoder, plain, got = FrameDecoder(), ReferenceDecoder(), Collector()
     expected: list[Frame] = []
     for i in range(len(blob)):
         got.feed(decoder, blob[i : i + 1])
@@ -415,7 +419,7 @@ def test_error_midway_through_pieces_discards_them() -> None:
 @given(frame_list=frame_lists, cuts=cut_lists, methods=st.lists(st.booleans(), min_size=1))
 def test_feed_and_feed_into_mix_on_one_decoder(frame_list: list[Frame], cuts: list[int], methods: list[bool]) -> None:
     blob = b"".join(wire(f) for f in frame_list)
-    mixed, plain = FrameDecoder(), FrameDecoder()
+    mixed, plain = FrameDecoder(), ReferenceDecoder()
     got = Collector()
     for i, chunk in enumerate(split(blob, cuts)):
         if methods[i % len(methods)]:

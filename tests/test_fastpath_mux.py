@@ -1,6 +1,7 @@
 """
-The multiplexer's fast paths (nova.mux.core): pull() against next_frame(),
-take_upto() against take(), receive_data() against receive(Data), and
+The multiplexer's fast paths (nova.mux.core) against its reference model
+(tests/reference_mux.py): pull() against next_frame(), take_upto() against
+take(), receive_data() against receive(Data), and
 has_output(); and nova.mux.fastpath's record_chunks(), write_tcp() and
 writev_tcp() (the last two against a fake TCP connection).
 """
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from twisted.internet import tcp
 
 from nova.mux import fastpath
-from nova.mux.core import Buffer, DataAvailable, Event, Multiplexer, Role, StreamReset
+from nova.mux.core import Buffer, DataAvailable, Event, Role, StreamReset
 from nova.mux.fastpath import record_chunks, write_tcp, writev_tcp
 from nova.wire.codec import FrameDecoder
 from nova.wire.errors import ErrorCode, FlowControlError, ProtocolError
@@ -36,6 +37,7 @@ from nova.wire.frames import (
     encode,
 )
 
+from .reference_mux import ReferenceMultiplexer as Multiplexer  # the core plus its one-at-a-time model
 from .test_mux_core import frames_of
 
 FAST = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])

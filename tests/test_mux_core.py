@@ -18,7 +18,6 @@ from nova.mux.core import (
     DataAvailable,
     Event,
     GoAwayReceived,
-    Multiplexer,
     OpenAccepted,
     OpenRefused,
     PongReceived,
@@ -46,6 +45,8 @@ from nova.wire.frames import (
     WindowUpdate,
     encode,
 )
+
+from .reference_mux import ReferenceMultiplexer as Multiplexer  # the core plus its one-at-a-time model
 
 WINDOW = 16_384
 

@@ -15,12 +15,13 @@ from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from nova.mux.core import MAX_QUEUED_REPLIES, Buffer, Multiplexer, Role
+from nova.mux.core import MAX_QUEUED_REPLIES, Buffer, Role
 from nova.mux.tunnel import CLOSE_TIMEOUT, READ_PAUSE_REPLIES, Timing, TunnelProtocol
 from nova.wire.codec import FrameDecoder
 from nova.wire.errors import ControlFlood, ErrorCode, OpenFailReason
 from nova.wire.frames import Data, Frame, GoAway, Open, OpenFail, OpenOk, Ping, Pong, WindowUpdate, encode
 
+from .reference_mux import ReferenceMultiplexer as Multiplexer  # the core plus its one-at-a-time model
 from .test_tunnel import Recorder
 
 WINDOW = 65536

@@ -31,7 +31,6 @@ from nova.mux.core import (
     GROW_RTTS,
     IDLE_SHRINK,
     MIN_GROW_RTT,
-    Multiplexer,
     Role,
     WindowBudget,
 )
@@ -43,6 +42,7 @@ from nova.wire.handshake import make_auth
 
 from .processes import TOKEN, free_port, novas
 from .rawagent import RawAgent
+from .reference_mux import ReferenceMultiplexer as Multiplexer  # the core plus its one-at-a-time model
 from .test_tunnel import Harness, Producer
 
 INITIAL = 65_536

@@ -42,7 +42,9 @@ from nova.wire.frames import (
     Rst,
     Welcome,
     WindowUpdate,
+    data_header,
     encode,
+    fin_header,
     max_payload,
 )
 from nova.wire.handshake import make_auth, name_problem, tags_problem, verify_auth, window_problem
@@ -159,6 +161,13 @@ def test_every_frame_type_has_a_strategy() -> None:
 def test_header_layout() -> None:
     assert wire(Ping(b"abcdefgh")) == bytes([1, 0x30, 0, 0, 0, 0, 0, 0, 0, 0, 0, 8]) + b"abcdefgh"
     assert wire(Data(0x01020304, b"xyz")) == bytes([1, 0x20, 0, 0, 1, 2, 3, 4, 0, 0, 0, 3]) + b"xyz"
+
+
+@given(sid=st.integers(1, MAX_STREAM_ID), n=st.integers(1, MAX_DATA_PAYLOAD))
+def test_send_path_headers_are_encode_s(sid: int, n: int) -> None:
+    # The multiplexer packs DATA and FIN headers with these, not with encode().
+    assert data_header(sid, n) == encode(Data(sid, b"x" * n))[0]
+    assert fin_header(sid) == wire(Fin(sid))
 
 
 @pytest.mark.parametrize(

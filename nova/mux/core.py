@@ -66,15 +66,11 @@ from dataclasses import dataclass, field
 
 from nova.wire.errors import ControlFlood, ErrorCode, FlowControlError, OpenFailReason, ProtocolError
 from nova.wire.frames import (
-    HEADER,
     MAX_DATA_PAYLOAD,
     MAX_STREAM_ID,
     MAX_WINDOW,
-    VERSION,
-    Data,
     Fin,
     Frame,
-    FrameType,
     GoAway,
     Open,
     OpenFail,
@@ -83,16 +79,14 @@ from nova.wire.frames import (
     Pong,
     Rst,
     WindowUpdate,
+    data_header,
     encode,
+    fin_header,
 )
 
 # A payload piece: a received or written byte string, or a view of a part of
 # one (a long write split into frames).
 Buffer = bytes | memoryview
-
-_pack_header = HEADER.pack
-_DATA = int(FrameType.DATA)
-_FIN = int(FrameType.FIN)
 
 # The most replies (PONG, OPEN_OK, OPEN_FAIL) a multiplexer holds; a peer
 # frame that needs one more is a ControlFlood.  Safe for honest peers by a
@@ -166,7 +160,7 @@ class Role(enum.Enum):
     AGENT = "agent"  # accepts them
 
 
-# Events returned by Multiplexer.receive().
+# Events returned by Multiplexer.receive() (and receive_data(), for a stream error).
 
 
 @dataclass(frozen=True)
@@ -190,6 +184,11 @@ class OpenRefused:
 
 @dataclass(frozen=True)
 class DataAvailable:
+    """
+    New bytes wait in the stream's inbox: C{receive_data}'s True as an event
+    (the tests' reference model returns it for a DATA frame).
+    """
+
     stream_id: int
 
 
@@ -331,11 +330,6 @@ class Multiplexer:
         """Replies (PONG, OPEN_OK, OPEN_FAIL) queued and not yet taken by L{pull}."""
         return self._replies
 
-    @property
-    def queued_control(self) -> int:
-        """Control frames of any kind queued and not yet taken."""
-        return len(self._control)
-
     def send_window(self, stream_id: int) -> int:
         s = self._streams.get(stream_id)
         return s.send_window if s else 0
@@ -450,21 +444,13 @@ class Multiplexer:
         if self._drop(stream_id) is not None:
             self._control.append(Rst(stream_id, code))
 
-    def take(self, stream_id: int, now: float | None = None) -> bytes | None:
-        """
-        Take the oldest chunk from the stream's inbox, or None if it is
-        empty.  Taking means the bytes were consumed, so their credit goes
-        back to the peer (protocol.md §5.3).  C{now} (the adapter's clock)
-        drives window auto-tuning; without it the window stays as it is.
-        """
-        chunks = self.take_upto(stream_id, 1, now)
-        return chunks[0] if chunks else None
-
     def take_upto(self, stream_id: int, limit: int, now: float | None = None) -> list[bytes]:
         """
         Take chunks from the stream's inbox, oldest first, until at least
-        C{limit} bytes are taken or it is empty: several L{take}s at once,
-        with the credit returned as L{take} returns it.
+        C{limit} bytes are taken or it is empty.  Taking means the bytes were
+        consumed, so their credit goes back to the peer (protocol.md §5.3).
+        C{now} (the adapter's clock) drives window auto-tuning; without it
+        the window stays as it is.
         """
         s = self._streams.get(stream_id)
         if s is None or not s.inbox:
@@ -557,7 +543,8 @@ class Multiplexer:
         false: then they all wait, in order), then DATA and FIN round robin
         across the streams, at most one frame per stream per round, until
         about C{limit} bytes of DATA payload are taken (one more frame may
-        go over it).  The same order as repeated L{next_frame} calls.
+        go over it).  (tests/reference_mux.py writes the same frames one at
+        a time: the model this is checked against.)
 
         Returns the DATA payload bytes taken and the ids of the streams whose
         FIN was taken.
@@ -595,31 +582,6 @@ class Multiplexer:
                 fins.append(s.stream_id)
         return taken, fins
 
-    def next_frame(self, data_allowed: bool = True) -> Frame | None:
-        """
-        The next frame to write, or None.  Control frames come first; DATA
-        (and the FIN that follows a stream's last DATA) is scheduled round
-        robin across the streams, one frame at a time, each within its
-        window.  With C{data_allowed} false only control frames are returned.
-        """
-        if self._control:
-            frame = self._control.popleft()
-            if type(frame) in _REPLY_TYPES:
-                self._replies -= 1
-            return frame
-        while data_allowed and self._ready:
-            s = self._streams.get(self._ready.popleft())
-            if s is None:
-                continue
-            s.scheduled = False
-            out: list[Buffer] = []
-            n = self._stream_frame(s, out)
-            if n is None:
-                continue
-            self._schedule(s)
-            return Data(s.stream_id, b"".join(out[1:])) if n else Fin(s.stream_id)
-        return None
-
     def _stream_frame(self, s: _Stream, out: list[Buffer]) -> int | None:
         """
         Append the stream's next frame to C{out}, header and payload pieces
@@ -649,11 +611,11 @@ class Multiplexer:
                     chunk = outbox.popleft()
                     out.append(chunk)
                     n += len(chunk)
-                out[header_at] = _pack_header(VERSION, _DATA, 0, 0, sid, n)
+                out[header_at] = data_header(sid, n)
             else:
                 n = budget
                 view = first if isinstance(first, memoryview) else memoryview(first)
-                out.append(_pack_header(VERSION, _DATA, 0, 0, sid, n))
+                out.append(data_header(sid, n))
                 out.append(view[:n])
                 outbox[0] = view[n:]
             s.outbox_bytes -= n
@@ -661,7 +623,7 @@ class Multiplexer:
             return n
         if s.fin_wanted:
             s.local_closed = True
-            out.append(_pack_header(VERSION, _FIN, 0, 0, sid, 0))
+            out.append(fin_header(sid))
             self._forget_if_done(s)
             return 0
         return None
@@ -684,10 +646,10 @@ class Multiplexer:
 
     def receive_data(self, stream_id: int, pieces: list[bytes], n: int) -> bool | StreamReset:
         """
-        DATA from the peer, as the decoder's pieces (L{receive} for a
-        L{Data} frame, without the frame): True when the stream has new
-        bytes to deliver, False when the frame was discarded, a
-        L{StreamReset} for a stream error.
+        DATA from the peer, as the decoder's pieces: True when the stream
+        has new bytes to deliver, False when the frame was discarded, a
+        L{StreamReset} for a stream error.  (DATA has this one path;
+        L{receive} takes every other frame.)
         """
         s = self._streams.get(stream_id)
         if s is None:
@@ -713,9 +675,9 @@ class Multiplexer:
 
     def receive(self, frame: Frame) -> list[Event]:
         """
-        Process one frame from the peer.  Raises L{ProtocolError} for a
-        connection error; stream errors reset the stream and are reported as
-        L{StreamReset}.
+        Process one frame from the peer, other than DATA (that is
+        L{receive_data}).  Raises L{ProtocolError} for a connection error;
+        stream errors reset the stream and are reported as L{StreamReset}.
         """
         if isinstance(frame, Ping):
             self._check_reply_room("PING")
@@ -727,11 +689,6 @@ class Multiplexer:
             return [GoAwayReceived(frame.code, frame.message)]
         if isinstance(frame, Open):
             return self._receive_open(frame)
-        if isinstance(frame, Data):
-            result = self.receive_data(frame.stream_id, [frame.data], len(frame.data))
-            if result is True:
-                return [DataAvailable(frame.stream_id)]
-            return [] if result is False else [result]
         if isinstance(frame, (WindowUpdate, Fin, Rst, OpenOk, OpenFail)):
             return self._receive_stream_frame(frame)
         raise ProtocolError(f"{frame.TYPE.name} is only valid during the handshake")

@@ -19,6 +19,10 @@ Twisted would, only sooner:
   and handed to the TCP socket with L{write_tcp}.  Anything unusual (the TLS
   handshake not finished, Twisted holding data of its own, a transport that is
   neither TLS-over-TCP nor TCP) takes Twisted's own path, in order.
+
+Every private Twisted and pyOpenSSL name used here is listed, and checked per
+transport class, in L{nova.mux.private}: a class that lacks one gets
+Twisted's public path.
 """
 
 from __future__ import annotations
@@ -30,26 +34,20 @@ from typing import Any
 from twisted.internet import tcp
 from twisted.python.failure import Failure
 
+from . import private
 from .core import Buffer
+from .private import SSL_ERROR_WANT_READ as _WANT_READ
+from .private import BIO_read as _BIO_read
+from .private import SSL_get_error as _SSL_get_error
+from .private import SSL_read as _SSL_read
+from .private import ffi_buffer as _ffi_buffer
+from .private import ffi_new as _ffi_new
 
-try:  # Twisted's TLS transport; absent without pyOpenSSL
+try:  # public pyOpenSSL names; absent without pyOpenSSL
     from OpenSSL.SSL import Error as _SSLError
     from OpenSSL.SSL import WantReadError as _WantReadError
-    from twisted.protocols.tls import TLSMemoryBIOProtocol as _TLS
 except ImportError:  # pragma: no cover
-    _TLS = None  # type: ignore[assignment,misc]
-
-try:  # OpenSSL itself, through pyOpenSSL's bindings: calls that report "no data" without raising
-    from OpenSSL._util import ffi as _ffi
-    from OpenSSL._util import lib as _lib
-
-    _SSL_read = _lib.SSL_read
-    _SSL_get_error = _lib.SSL_get_error
-    _BIO_read = _lib.BIO_read
-    _WANT_READ = _lib.SSL_ERROR_WANT_READ
-    _ffi_buffer = _ffi.buffer
-except (ImportError, AttributeError):  # pragma: no cover
-    _lib = None
+    pass
 
 # One record's plaintext at most (TLS: 16 KiB), and the encrypted output of
 # one flush: shared by every tunnel of the process (the reactor is one
@@ -62,7 +60,7 @@ _buffers: dict[str, Any] = {}
 def _buffer(name: str, size: int) -> Any:
     buf = _buffers.get(name)
     if buf is None:
-        buf = _buffers[name] = _ffi.new("char[]", size)
+        buf = _buffers[name] = _ffi_new("char[]", size)
     return buf
 
 
@@ -76,15 +74,8 @@ NOTSENT_LOWAT = 128 * 1024
 _MAX_IOV = 512
 
 
-def tcp_transport(transport: object) -> tcp.Connection | None:
-    """The TCP connection under C{transport} (through any TLS wrapper), if any."""
-    for _ in range(4):
-        if isinstance(transport, tcp.Connection):
-            return transport
-        transport = getattr(transport, "transport", None)
-        if transport is None:
-            return None
-    return None
+# The connections handed to the functions below come from private.fast_tcp or
+# private.tcp_under: their class has every name private.TCP_NAMES lists.
 
 
 def _idle(t: tcp.Connection) -> bool:
@@ -185,23 +176,9 @@ def record_chunks(parts: Sequence[Buffer], record: int = _RECORD) -> list[Buffer
     return chunks
 
 
-# What the raw TLS path reads and calls of Twisted's TLS transport and of
-# pyOpenSSL's Connection: private names, so a release that renames one makes
-# the writer fall back to Twisted's own path (slower, never wrong).
-_TLS_NAMES = (
-    "_handshakeDone", "_appSendBuffer", "_lostTLSConnection", "_aborted", "_tlsConnection",
-    "_flushReceiveBIO", "_bufferedWrite", "_tlsShutdownFinished", "_producer", "disconnecting",
-    "wrappedProtocol", "transport",
-)  # fmt: skip
-_CONNECTION_NAMES = ("_ssl", "_from_ssl", "bio_write", "send")
-
-
 def raw_tls_supported(tls: Any) -> bool:
-    """Whether L{FrameWriter} can take the raw path for C{tls}, a C{TLSMemoryBIOProtocol}."""
-    if _lib is None or _TLS is None or not isinstance(tls, _TLS):
-        return False
-    conn = getattr(tls, "_tlsConnection", None)
-    return all(hasattr(tls, name) for name in _TLS_NAMES) and all(hasattr(conn, name) for name in _CONNECTION_NAMES)
+    """Whether L{FrameWriter} can take the raw path for C{tls} (L{private.fast_tls})."""
+    return private.fast_tls(tls)
 
 
 def set_notsent_lowat(t: tcp.Connection | None, value: int = NOTSENT_LOWAT) -> None:
@@ -228,7 +205,7 @@ class FrameWriter:
 
     def __init__(self, transport: Any) -> None:
         self.transport = transport
-        self.tcp = tcp_transport(transport)
+        self.tcp = private.tcp_under(transport)
         self._tls = transport if raw_tls_supported(transport) else None
         if self._tls is not None:
             if self._tls.transport is not self.tcp:
@@ -261,7 +238,7 @@ class FrameWriter:
             tls.writeSequence(parts)  # joins them: views are fine
             return
         aggregator = getattr(tls, "_aggregator", None)
-        if aggregator is not None and aggregator._buffer:
+        if aggregator is not None and getattr(aggregator, "_buffer", None):
             aggregator.flush()  # earlier writes (the handshake's) go first
             if tls._appSendBuffer:
                 tls.writeSequence(parts)

@@ -25,7 +25,6 @@ from nova.wire.errors import ErrorCode
 
 DEFAULT_KEEPALIVE = 15.0
 DEFAULT_DEAD_TIMEOUT = 45.0
-DEFAULT_DRAIN_TIMEOUT = 30.0
 
 
 class SessionHooks(Protocol):
@@ -89,9 +88,6 @@ class SessionCore:
     def heard(self) -> None:
         """Anything arrived from the peer (called for every read)."""
         self.last_heard = self.clock.seconds()
-
-    def silence(self) -> float:
-        return self.clock.seconds() - self.last_heard
 
     def waiter(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()

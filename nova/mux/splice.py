@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .fastpath import writev_tcp
+from .private import fast_tcp, transports
 
 # How much one read of a TCP connection may return (Twisted's default is
 # 64 KiB): fewer, larger reads when a lot is waiting.  Twisted also pauses a
@@ -85,21 +86,22 @@ def no_delay(transport: object) -> None:
     any TLS wrapper): NOVA forwards what it has at once, and Nagle plus
     delayed ACKs would add tens of milliseconds to request/response traffic.
     """
-    seen = 0
-    while transport is not None and seen < 4:
-        setter = getattr(transport, "setTcpNoDelay", None)
+    for t in transports(transport):
+        setter = getattr(t, "setTcpNoDelay", None)
         if setter is not None:
             try:
                 setter(True)
             except OSError:
                 pass
             return
-        transport = getattr(transport, "transport", None)
-        seen += 1
 
 
 def read_size(transport: tcp.Connection | None, size: int = READ_SIZE) -> None:
-    """Let C{transport} read up to C{size} bytes at a time."""
+    """
+    Let C{transport} read up to C{size} bytes at a time (its private
+    C{bufferSize}): a connection that L{fast_tcp} passed, or None.  Called
+    on every stream write, so it does no check of its own.
+    """
     if transport is not None:
         transport.bufferSize = size
 
@@ -114,9 +116,8 @@ def splice(a: Pipe, b: Pipe) -> None:
     no_delay(a.transport)
     no_delay(b.transport)
     for pipe in (a, b):
-        if isinstance(pipe.transport, tcp.Connection):
-            pipe._tcp = pipe.transport
-            read_size(pipe._tcp)
+        pipe._tcp = fast_tcp(pipe.transport)
+        read_size(pipe._tcp)
     ta: ITransport = a.transport
     tb: ITransport = b.transport
     ta.registerProducer(tb, True)  # type: ignore[attr-defined]

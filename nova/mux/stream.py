@@ -30,6 +30,7 @@ from zope.interface import implementer
 from nova.wire.errors import ErrorCode
 from nova.wire.frames import DEFAULT_INITIAL_WINDOW
 
+from .private import fast_tcp
 from .splice import read_size
 
 # The most bytes handed to the stream's protocol in one call.
@@ -95,11 +96,6 @@ class StreamTransport:
         self._parts_received = getattr(protocol, "parts_received", None)
         protocol.makeConnection(self)
         self._deliver()
-
-    @property
-    def high_water(self) -> int:
-        """Queued unsent bytes at which a registered producer is paused."""
-        return self._high_water
 
     # ITransport.
 
@@ -180,7 +176,7 @@ class StreamTransport:
             producer.stopProducing()
             return
         self._producer = producer
-        self._producer_tcp = producer if isinstance(producer, tcp.Connection) else None
+        self._producer_tcp = fast_tcp(producer)
         self._streaming = streaming
         self._producer_paused = False
         if not streaming:

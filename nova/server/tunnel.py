@@ -18,6 +18,7 @@ from zope.interface import implementer
 
 from nova.admin.audit import Audit
 from nova.mux.core import DEFAULT_MAX_WINDOW, OpenRefused, Role
+from nova.mux.private import innermost
 from nova.mux.stream import StreamTransport
 from nova.mux.tunnel import Timing, TunnelProtocol
 from nova.tls import channel_binding, client_identity, tls_version
@@ -574,12 +575,7 @@ class ServerTunnel(TunnelProtocol):
 
 def _reading(transport: object, on: bool) -> None:
     """Pause or resume reading on the connection under C{transport} (through a TLS wrapper)."""
-    bottom = transport
-    for _ in range(4):
-        below = getattr(bottom, "transport", None)
-        if below is None:
-            break
-        bottom = below
+    bottom = innermost(transport)
     if on:
         bottom.resumeProducing()  # type: ignore[attr-defined]
     else:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .errors import ProtocolError
-from .frames import HEADER, HEADER_SIZE, MAX_DATA_PAYLOAD, VERSION, Frame, FrameType, check_header, parse_payload
+from .frames import HEADER, HEADER_SIZE, MAX_DATA_PAYLOAD, VERSION, Data, Frame, FrameType, check_header, parse_payload
 
 _DATA = FrameType.DATA
 _DATA_BYTE = int(FrameType.DATA)
@@ -41,48 +41,28 @@ class FrameDecoder:
         return len(self._buffer) + self._have
 
     def feed(self, data: bytes) -> list[Frame]:
-        if self._error is not None:
-            raise self._error
-        if self._pieces:
-            self._buffer += b"".join(self._pieces)
-            self._pieces, self._have = [], 0
+        """
+        The frames C{data} completes, in order: L{feed_into} with callbacks
+        that collect them (a DATA payload joined into one byte string).  For
+        tests and handshakes; the tunnel's receive path is L{feed_into}.
+        """
         frames: list[Frame] = []
-        view = memoryview(data)
-        try:
-            while view:
-                if self._header is None:
-                    take = HEADER_SIZE - len(self._buffer)
-                    self._buffer += view[:take]
-                    view = view[take:]
-                    if len(self._buffer) < HEADER_SIZE:
-                        break
-                    version, type_byte, _flags, _reserved, stream_id, length = HEADER.unpack(self._buffer)
-                    self._buffer.clear()
-                    self._header = (check_header(version, type_byte, stream_id, length), stream_id, length)
-                frame_type, stream_id, length = self._header
-                take = length - len(self._buffer)
-                if not self._buffer and len(view) >= take:
-                    payload = bytes(view[:take])
-                else:
-                    self._buffer += view[:take]
-                    if len(self._buffer) < length:
-                        view = view[take:]
-                        break
-                    payload = bytes(self._buffer)
-                    self._buffer.clear()
-                view = view[take:]
-                self._header = None
-                frames.append(parse_payload(frame_type, stream_id, payload))
-        except ProtocolError as e:
-            self._error = e
-            self._buffer.clear()
-            raise
+        append = frames.append
+
+        def on_data(stream_id: int, pieces: list[bytes], length: int) -> bool:
+            append(Data(stream_id, pieces[0] if len(pieces) == 1 else b"".join(pieces)))
+            return True
+
+        def on_frame(frame: Frame) -> bool:
+            append(frame)
+            return True
+
+        self.feed_into(data, on_data, on_frame)
         return frames
 
     def feed_into(self, data: bytes, on_data: DataSink, on_frame: FrameSink) -> None:
         """
-        Like L{feed}, with the same checks, but each frame is handed over as
-        soon as it is complete: C{on_data(stream_id, pieces, length)} for
+        Decode C{data}, handing each frame over as soon as it is complete: C{on_data(stream_id, pieces, length)} for
         DATA, whose payload is the concatenation of C{pieces} (the received
         byte strings themselves where a piece spans one whole read, so a
         payload is never copied twice), and C{on_frame(frame)} for the
@@ -104,10 +84,6 @@ class FrameDecoder:
         buf = self._buffer
         pos, end = 0, len(data)
         header = self._header
-        if header is not None and header[0] is _DATA and buf:
-            # A DATA payload that feed() began: continue it as pieces.
-            self._pieces, self._have = [bytes(buf)], len(buf)
-            buf.clear()
         while True:
             if header is None:
                 if buf:

@@ -101,16 +101,3 @@ class ControlFlood(ProtocolError):
     """
 
     code = ErrorCode.CONTROL_FLOOD
-
-
-class StreamError(Exception):
-    """
-    A stream-level error: only stream C{stream_id} is reset (RST C{code});
-    the connection carries on.
-    """
-
-    def __init__(self, stream_id: int, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.stream_id = stream_id
-        self.code = code
-        self.message = message

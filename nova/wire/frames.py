@@ -10,8 +10,10 @@ payload back into a frame.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import partial
 from typing import ClassVar
 
 from .errors import ErrorCode, FrameTooLarge, OpenFailReason, ProtocolError, UnsupportedVersion
@@ -421,3 +423,20 @@ def encode(frame: Frame) -> list[bytes]:
     if (frame.TYPE in CONNECTION_TYPES) != (frame.stream_id == 0):
         raise ValueError(f"{frame.TYPE.name} with stream id {frame.stream_id}")
     return [HEADER.pack(VERSION, frame.TYPE, 0, 0, frame.stream_id, length), *parts]
+
+
+# DATA and FIN headers, packed on the send path (nova.mux.core) once per
+# frame, without building a frame: the same bytes as C{encode} writes
+# (HEADER with zero flags and reserved byte), the two constant leading bytes
+# bound in once.
+_STREAM_HEADER = struct.Struct(">HxxII")
+_DATA_TAG = VERSION << 8 | FrameType.DATA
+_FIN_TAG = VERSION << 8 | FrameType.FIN
+
+data_header: Callable[[int, int], bytes] = partial(_STREAM_HEADER.pack, _DATA_TAG)
+"""C{data_header(stream_id, length)}: the header of a DATA frame whose payload is sent as it is."""
+
+
+def fin_header(stream_id: int) -> bytes:
+    """The whole of a FIN frame on C{stream_id}."""
+    return _STREAM_HEADER.pack(_FIN_TAG, stream_id, 0)
