@@ -22,7 +22,7 @@ from nova.mux.stream import StreamTransport
 from nova.mux.tunnel import Timing, TunnelProtocol
 from nova.tls import channel_binding, client_identity, tls_version
 from nova.wire.errors import ErrorCode, OpenFailReason, ProtocolError, UnsupportedVersion
-from nova.wire.frames import VERSION, Auth, Frame, Hello, Reject, Welcome
+from nova.wire.frames import DEFAULT_INITIAL_WINDOW, VERSION, Auth, Frame, Hello, Reject, Welcome
 from nova.wire.handshake import name_problem, new_nonce, tags_problem, window_problem
 from nova.wire.text import untrusted
 
@@ -70,7 +70,8 @@ class ServerContext:
     tls: bool
     clock: IReactorTime
     registry: Registry = field(default_factory=Registry)
-    window: int = 262_144
+    # The defaults serve tests; NOVAS builds every field from its settings.
+    window: int = DEFAULT_INITIAL_WINDOW
     max_window: int = DEFAULT_MAX_WINDOW
     timing: Timing = field(default_factory=Timing)
     server_id: str = "novas"
