@@ -24,15 +24,13 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 import nova
+from nova.errors import ConfigError as ConfigError  # re-exported: where settings code has always found it
+from nova.errors import StartupError
 from nova.mux.core import DEFAULT_MAX_WINDOW
 from nova.mux.lifecycle import DEFAULT_DEAD_TIMEOUT, DEFAULT_KEEPALIVE
 from nova.wire.frames import DEFAULT_INITIAL_WINDOW, MAX_WINDOW, MIN_INITIAL_WINDOW
 
 log = Logger()
-
-
-class ConfigError(Exception):
-    """Configuration that cannot work; the message is one line for the user."""
 
 
 T = TypeVar("T")
@@ -279,12 +277,12 @@ class EnvOptions(usage.Options):
             close = difflib.get_close_matches(m.group(2), names, n=1, cutoff=0.6)
             hint = f"; did you mean --{close[0]}?" if close else ""
             message = f"unknown option {m.group(1)}{m.group(2)}{hint}"
-        raise SystemExit(f"{self.command}: error: {message} (--help lists the options)")
+        raise StartupError(f"{self.command}: error: {message} (--help lists the options)")
 
     def opt_version(self) -> NoReturn:
         """Print NOVA's version and exit."""
         print(f"{self.command} (NOVA) {nova.__version__}")
-        raise SystemExit(0)
+        raise StartupError(0)
 
     def _choose_log_format(self) -> None:
         """
@@ -301,7 +299,7 @@ class EnvOptions(usage.Options):
         try:
             parent["fileLogObserverFactory"] = log_observer_factory(self.env.get(LOG_FORMAT_VARIABLE))
         except ValueError as e:
-            raise SystemExit(f"{self.command}: error: {e}") from None
+            raise StartupError(f"{self.command}: error: {e}") from None
 
     def postOptions(self) -> None:
         self._choose_log_format()
@@ -311,7 +309,7 @@ class EnvOptions(usage.Options):
         except ConfigError as e:
             # The warnings first: a misspelt variable is often why a setting is missing.
             lines = [f"{self.command}: warning: {w}" for w in self.warnings]
-            raise SystemExit("\n".join([*lines, f"{self.command}: error: {e}"])) from None
+            raise StartupError("\n".join([*lines, f"{self.command}: error: {e}"])) from None
         for warning in self.warnings:
             # Before logging has begun: the log beginner keeps the event until it has.
             log.warn("{command}: {warning}", command=self.command, warning=warning)

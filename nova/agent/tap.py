@@ -13,7 +13,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
-from nova.service import exit_zero_on_sigterm, versions
+from nova.service import StartupError, exit_zero_on_sigterm, versions
 from nova.tls import TLSConfigError, client_creator
 from nova.wire.errors import ErrorCode
 
@@ -78,7 +78,7 @@ class NovacService(MultiService):
             try:
                 creator = client_creator(c.server_name or host, c.ca, c.fingerprint, c.client_cert)
             except TLSConfigError as e:
-                raise SystemExit(f"novac: error: {e}") from None
+                raise StartupError(f"novac: error: {e}") from None
             endpoint = wrapClientTLS(creator, endpoint)
         return endpoint
 

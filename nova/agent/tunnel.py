@@ -9,13 +9,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from OpenSSL import SSL
-from twisted.internet import error
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IProtocol, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from nova import __version__
+from nova.errors import NovaError, dial_failure
 from nova.mux.core import DEFAULT_MAX_WINDOW, OpenRefused, Role
 from nova.mux.defaults import DEFAULT_MAX_STREAMS
 from nova.mux.splice import Pipe, splice
@@ -64,7 +64,7 @@ def tls_mismatch(reason: Failure, tls: bool) -> str | None:
     return None
 
 
-class Rejected(Exception):
+class Rejected(NovaError):
     """The server refused the registration."""
 
     def __init__(self, code: ErrorCode, message: str) -> None:
@@ -101,18 +101,8 @@ class AgentContext:
 
 
 def classify(failure: Failure) -> OpenFailReason:
-    """The OPEN_FAIL reason for a failed connection to a target."""
-    if failure.check(PolicyDenied):
-        return OpenFailReason.DENIED
-    if failure.check(error.DNSLookupError):
-        return OpenFailReason.DNS_FAILURE
-    if failure.check(error.ConnectionRefusedError):
-        return OpenFailReason.REFUSED
-    if failure.check(error.TimeoutError, error.TCPTimedOutError, CancelledError):
-        return OpenFailReason.TIMEOUT
-    if failure.check(error.NoRouteError):
-        return OpenFailReason.UNREACHABLE
-    return OpenFailReason.OTHER
+    """The OPEN_FAIL reason for a failed connection to a target (see L{nova.errors.DIAL_ERRORS})."""
+    return OpenFailReason(dial_failure(failure).wire)
 
 
 class TargetPipe(Pipe):

@@ -141,7 +141,7 @@ class NovasService(MultiService):
                     f" (or --server-fingerprint {made.fingerprint})"
                 )
         except TLSConfigError as e:
-            raise SystemExit(f"novas: error: {e}") from None
+            raise StartupError(f"novas: error: {e}") from None
         endpoint: IStreamServerEndpoint = SSL4ServerEndpoint(
             reactor,
             c.agent_port,

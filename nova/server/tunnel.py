@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nova.admin.audit import Audit
+from nova.errors import OpenError, Why, reason_why
 from nova.mux.core import DEFAULT_MAX_WINDOW, OpenRefused, Role
 from nova.mux.stream import StreamTransport
 from nova.mux.tunnel import Timing, TunnelProtocol
@@ -33,22 +34,27 @@ from .security import AgentToken, Limits, Throttle, TokenSet, source_key
 META_PREFIX = "nova/"
 
 
-class OpenFailed(Exception):
-    """The agent could not open the stream."""
+class OpenFailed(OpenError):
+    """The agent could not open the stream: its OPEN_FAIL C{reason} is the row."""
 
     def __init__(self, reason: OpenFailReason, message: str, agent: str = "") -> None:
         super().__init__(f"{reason.name}: {message}")
         self.reason = reason
         self.message = message
         self.agent = agent
+        self.why = reason_why(reason)
 
 
-class TunnelGone(Exception):
-    """The tunnel closed before the stream was opened."""
+class TunnelGone(OpenError):
+    """The tunnel closed before the stream was opened (another agent may do)."""
+
+    why = Why.TUNNEL_GONE
 
 
-class TunnelBusy(TunnelGone):
-    """The tunnel has as many streams as the server allows it."""
+class TunnelBusy(OpenError):
+    """The tunnel has as many streams as the server allows it (another agent may do)."""
+
+    why = Why.TUNNEL_BUSY
 
 
 # The first byte of a TLS handshake record (a ClientHello), read as a NOVA
@@ -597,4 +603,4 @@ class ServerTunnelFactory(Factory):
         return ServerTunnel(self.context)
 
 
-__all__ = ["OpenFailed", "ServerContext", "ServerTunnel", "ServerTunnelFactory", "TunnelGone"]
+__all__ = ["OpenFailed", "ServerContext", "ServerTunnel", "ServerTunnelFactory", "TunnelBusy", "TunnelGone"]
