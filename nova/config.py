@@ -133,6 +133,11 @@ def labels(settings: Sequence[Setting[Any]]) -> dict[str, str]:
     return {s.name: s.label for s in settings}
 
 
+def together(a: Setting[Any], b: Setting[Any]) -> str:
+    """C{--a and --b (A, B) go together}: two settings that are given both or neither."""
+    return f"--{a.name} and --{b.name} ({a.env}, {b.env}) go together"
+
+
 def by_name(settings: Sequence[Setting[Any]], name: str) -> Setting[Any]:
     for s in settings:
         if s.name == name:

@@ -17,6 +17,10 @@ raised (the classes stay beside the code that raises them):
         nova.server.endpoint  NoAgent, AgentTimeout
         nova.server.tunnel    OpenFailed, TunnelGone, TunnelBusy
 
+(Still to derive from it, in modules being rewritten as this one was made:
+nova.agent.policy's PolicyError and PolicyDenied, nova.agent.check's
+StepFailed, nova.server.socks' Malformed.)
+
 An open failure carries its L{Why}; L{OPEN_FAILURES} says, once, what each
 means everywhere it is reported: the metrics and audit label, whether
 another agent may succeed, the SOCKS5 reply, the OPEN_FAIL reason an agent

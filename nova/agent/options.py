@@ -27,6 +27,7 @@ from nova.config import (
     separator_hint,
     split_host_port,
     timing_settings,
+    together,
     typed,
     window_settings,
 )
@@ -93,6 +94,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
     Setting(P, "reconnect-max", DEFAULT_MAX_DELAY, "Seconds: no reconnect waits longer than this.", seconds),
 )
 LABEL = labels(SETTINGS)
+TLS_OFF = f"{LABEL['no-tls']}=off"  # the negative flag as its variable is set
 TOKEN = by_name(SETTINGS, "token")
 
 
@@ -165,21 +167,21 @@ def build_config(v: dict[str, Any]) -> AgentConfig:
     if tls and ca is None and fingerprint is None:
         raise ConfigError(
             f"cannot verify the server: give {LABEL['ca']} or {LABEL['server-fingerprint']}"
-            " (NOVAS logs its fingerprint at start), or --no-tls / NOVAC_TLS=off for plaintext"
+            f" (NOVAS logs its fingerprint at start), or {TLS_OFF} for plaintext"
         )
     if ca is not None and fingerprint is not None:
         raise ConfigError(f"give either {LABEL['ca']} or {LABEL['server-fingerprint']}, not both")
     if ca is not None and not ca.is_file():
         raise ConfigError(f"{LABEL['ca']}: {ca} is not a readable file")
     if not tls and (ca is not None or fingerprint is not None):
-        raise ConfigError("--no-tls / NOVAC_TLS=off contradicts --ca / --server-fingerprint")
+        raise ConfigError(f"{TLS_OFF} contradicts --ca / --server-fingerprint")
     try:
         policy = parse_policy(v.get("allow") or [])
     except PolicyError as e:
         raise ConfigError(f"{LABEL['allow']}: {e}{separator_hint(v.get('allow') or [], 'NOVAC_ALLOW')}") from None
     keepalive, dead, drain = check_timing(v, LABEL)
     if bool(v["tls-cert"]) != bool(v["tls-key"]):
-        raise ConfigError("--tls-cert and --tls-key (NOVAC_TLS_CERT, NOVAC_TLS_KEY) go together")
+        raise ConfigError(together(by_name(SETTINGS, "tls-cert"), by_name(SETTINGS, "tls-key")))
     client_cert = (Path(v["tls-cert"]), Path(v["tls-key"])) if v["tls-cert"] else None
     if client_cert is not None and not tls:
         raise ConfigError(f"{LABEL['tls-cert']} needs TLS")

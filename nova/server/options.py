@@ -28,6 +28,7 @@ from nova.config import (
     seconds,
     separator_hint,
     timing_settings,
+    together,
     typed,
     window_settings,
 )
@@ -163,6 +164,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
     Setting(P, "auth-block-seconds", _LIMITS.block_seconds, "How long a blocked address stays blocked.", seconds),
 )
 LABEL = labels(SETTINGS)
+TLS_OFF = f"{LABEL['no-tls']}=off"  # the negative flag as its variable is set
 TOKEN = by_name(SETTINGS, "agent-token")
 TOKEN_FILE = by_name(SETTINGS, "agent-token-file")
 
@@ -221,9 +223,9 @@ def build_config(v: dict[str, Any]) -> ServerConfig:
     v = typed(SETTINGS, v)
     cert, key = v["tls-cert"], v["tls-key"]
     if bool(cert) != bool(key):
-        raise ConfigError("--tls-cert and --tls-key (NOVAS_TLS_CERT, NOVAS_TLS_KEY) go together")
+        raise ConfigError(together(by_name(SETTINGS, "tls-cert"), by_name(SETTINGS, "tls-key")))
     if v["no-tls"] and cert:
-        raise ConfigError("--no-tls / NOVAS_TLS=off contradicts --tls-cert")
+        raise ConfigError(f"{TLS_OFF} contradicts --tls-cert")
     try:
         routes = tuple(parse_route(r) for r in v["route"])
     except ConfigError as e:
