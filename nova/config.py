@@ -1,10 +1,13 @@
 """
 Command-line options that fall back to environment variables.
 
-Each command declares its settings once (name, variable, default, help); the
-same table drives parsing, the environment fallback and C{--help}, so the
-three cannot drift apart.  Bad input becomes one L{ConfigError} line, never a
-traceback.
+Each command declares its settings once, as typed L{Setting}s (name, typed
+default, parser, help; the variable and the label C{"--x / NOVAX_X"} are
+derived), in the manner of yamux's C{DefaultConfig()}: the same table drives
+parsing, the environment fallback and C{--help}, and is the only place a
+default is written.  A command's C{build_config} is its C{VerifyConfig()}:
+it checks the typed values against each other.  Bad input becomes one
+L{ConfigError} line, never a traceback.
 """
 
 from __future__ import annotations
@@ -13,32 +16,80 @@ import difflib
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar, Generic, NoReturn, TypeVar
 
 from twisted.logger import Logger
 from twisted.python import usage
 
 import nova
+from nova.errors import ConfigError as ConfigError  # re-exported: where settings code has always found it
+from nova.errors import StartupError
+from nova.mux.core import DEFAULT_MAX_WINDOW
+from nova.mux.lifecycle import DEFAULT_DEAD_TIMEOUT, DEFAULT_KEEPALIVE
+from nova.wire.frames import DEFAULT_INITIAL_WINDOW, MAX_WINDOW, MIN_INITIAL_WINDOW
 
 log = Logger()
 
 
-class ConfigError(Exception):
-    """Configuration that cannot work; the message is one line for the user."""
+T = TypeVar("T")
+
+# A parser turns the text of one setting into its typed value; the second
+# argument is the setting's label ("--x / NOVAX_X") for the error message.
+Parser = Callable[[str, str], T]
+
+
+def text(value: str, label: str) -> str:
+    """The value as given (paths, addresses, secrets checked by C{build})."""
+    return value
 
 
 @dataclass(frozen=True)
-class Setting:
+class Setting(Generic[T]):
+    """
+    One setting of a command: its option C{--name}, its variable (the
+    command's prefix and the name, unless C{var} says otherwise), its typed
+    default and the parser that turns given text into that type.  The label
+    that error messages use (C{"--name / PREFIX_NAME"}) is derived, never
+    typed by hand.
+
+    C{derive}, when set, computes the default from the other settings'
+    values (a coupling made visible: C{doc} says what it follows).
+    """
+
+    prefix: str
     name: str
-    env: str
-    default: str | None
+    initial: T | None
     help: str
+    parse: Parser[T] | None = None
+    var: str | None = None
     flag: bool = False
     repeat: bool = False
     env_separator: str = ","
     secret: bool = False
+    derive: Callable[[Mapping[str, Any]], T] | None = None
+    derived_doc: str = ""
+
+    @property
+    def env(self) -> str:
+        return f"{self.prefix}_{self.var or self.name.upper().replace('-', '_')}"
+
+    @property
+    def label(self) -> str:
+        """How messages name the setting: C{--name / PREFIX_NAME}."""
+        return f"--{self.name} / {self.env}"
+
+    @property
+    def default(self) -> str | None:
+        """The default as the documentation writes it (None: no default)."""
+        return show(self.initial)
+
+    def read(self, raw: str) -> T:
+        """The typed value of C{raw} (text given on the command line or in the environment)."""
+        if self.parse is None:
+            return raw  # type: ignore[return-value]  # an unparsed setting is text
+        return self.parse(raw, self.label)
 
     def doc(self) -> str:
         if self.flag:
@@ -46,22 +97,67 @@ class Setting:
         elif self.secret:
             # Never the value: only whether the environment sets it.
             where = f"[env {self.env}; {'set' if os.environ.get(self.env) else 'unset'}]"
+        elif self.derive is not None:
+            where = f"[env {self.env}; default {self.derived_doc}]"
         else:
             shown = "none" if self.default is None else (self.default or '""')
             where = f"[env {self.env}; default {shown}]"
         return f"{self.help} {where}"
 
 
+def show(value: object) -> str | None:
+    """A typed default as text: C{15.0} as C{15}, C{None} as None."""
+    if value is None:
+        return None
+    if isinstance(value, float):
+        return f"{value:g}"
+    if value == ():
+        return ""
+    return str(value)
+
+
+def typed(settings: Sequence[Setting[Any]], values: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    C{values} with any text still given for a parsed setting read by its
+    parser (L{resolve} gives typed values; a caller may pass text).
+    """
+    out = dict(values)
+    for s in settings:
+        if s.parse is not None and isinstance(out.get(s.name), str):
+            out[s.name] = s.read(out[s.name])
+    return out
+
+
+def labels(settings: Sequence[Setting[Any]]) -> dict[str, str]:
+    """Each setting's label by its name, for the messages of a C{build}."""
+    return {s.name: s.label for s in settings}
+
+
+def together(a: Setting[Any], b: Setting[Any]) -> str:
+    """C{--a and --b (A, B) go together}: two settings that are given both or neither."""
+    return f"--{a.name} and --{b.name} ({a.env}, {b.env}) go together"
+
+
+def by_name(settings: Sequence[Setting[Any]], name: str) -> Setting[Any]:
+    for s in settings:
+        if s.name == name:
+            return s
+    raise KeyError(name)
+
+
 _TRUE = frozenset({"on", "true", "1", "yes"})
 _FALSE = frozenset({"off", "false", "0", "no"})
 
 
-def resolve(settings: Sequence[Setting], given: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+def resolve(settings: Sequence[Setting[Any]], given: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     """
     Merge command line (C{given}), environment and defaults, in that order
-    of precedence.  Flags come back as bools; repeatable settings as lists.
+    of precedence, into typed values: each given text goes through its
+    setting's parser (a L{ConfigError} names the setting).  Flags come back
+    as bools; repeatable settings as lists of text.
     """
     values: dict[str, Any] = {}
+    derived: list[Setting[Any]] = []
     for s in settings:
         value = given.get(s.name)
         if s.flag:
@@ -82,13 +178,18 @@ def resolve(settings: Sequence[Setting], given: Mapping[str, Any], env: Mapping[
         else:
             if value is None:
                 value = env.get(s.env) or None
-            if value is None:
-                value = s.default
-            values[s.name] = value
+            if value is not None:
+                values[s.name] = s.read(value)
+            elif s.derive is not None:
+                derived.append(s)
+            else:
+                values[s.name] = s.initial
+    for s in derived:
+        values[s.name] = s.derive(values)  # type: ignore[misc]  # derived is only settings with derive
     return values
 
 
-def unknown_variables(settings: Sequence[Setting], env: Mapping[str, str]) -> list[str]:
+def unknown_variables(settings: Sequence[Setting[Any]], env: Mapping[str, str]) -> list[str]:
     """
     One warning per variable that looks like one of these settings' (same
     C{NOVAS_}/C{NOVAC_} prefix) but is none of them, naming the closest
@@ -146,7 +247,7 @@ class EnvOptions(usage.Options):
     values into a typed configuration (raising L{ConfigError}).
     """
 
-    settings: ClassVar[Sequence[Setting]] = ()
+    settings: ClassVar[Sequence[Setting[Any]]] = ()
     command: ClassVar[str] = "nova"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -181,12 +282,12 @@ class EnvOptions(usage.Options):
             close = difflib.get_close_matches(m.group(2), names, n=1, cutoff=0.6)
             hint = f"; did you mean --{close[0]}?" if close else ""
             message = f"unknown option {m.group(1)}{m.group(2)}{hint}"
-        raise SystemExit(f"{self.command}: error: {message} (--help lists the options)")
+        raise StartupError(f"{self.command}: error: {message} (--help lists the options)")
 
     def opt_version(self) -> NoReturn:
         """Print NOVA's version and exit."""
         print(f"{self.command} (NOVA) {nova.__version__}")
-        raise SystemExit(0)
+        raise StartupError(0)
 
     def _choose_log_format(self) -> None:
         """
@@ -203,7 +304,7 @@ class EnvOptions(usage.Options):
         try:
             parent["fileLogObserverFactory"] = log_observer_factory(self.env.get(LOG_FORMAT_VARIABLE))
         except ValueError as e:
-            raise SystemExit(f"{self.command}: error: {e}") from None
+            raise StartupError(f"{self.command}: error: {e}") from None
 
     def postOptions(self) -> None:
         self._choose_log_format()
@@ -213,7 +314,7 @@ class EnvOptions(usage.Options):
         except ConfigError as e:
             # The warnings first: a misspelt variable is often why a setting is missing.
             lines = [f"{self.command}: warning: {w}" for w in self.warnings]
-            raise SystemExit("\n".join([*lines, f"{self.command}: error: {e}"])) from None
+            raise StartupError("\n".join([*lines, f"{self.command}: error: {e}"])) from None
         for warning in self.warnings:
             # Before logging has begun: the log beginner keeps the event until it has.
             log.warn("{command}: {warning}", command=self.command, warning=warning)
@@ -232,7 +333,7 @@ def _given_to_twist(option: str, command: str) -> bool:
     return False
 
 
-def _repeatable(s: Setting) -> Any:
+def _repeatable(s: Setting[Any]) -> Any:
     def opt(self: EnvOptions, value: str) -> None:
         self[s.name].append(value)
 
@@ -306,46 +407,92 @@ def split_host_port(value: str, what: str) -> tuple[str, int]:
     return host, parse_port(port, what)
 
 
-def read_secret(value: str | None, setting: Setting, minimum: int = 8) -> bytes:
+def port(allow_zero: bool = False, optional: bool = False) -> Parser[int | None]:
+    """A port number; with C{optional}, empty text means none (the listener is off)."""
+
+    def parse(value: str, label: str) -> int | None:
+        if optional and not value.strip():
+            return None
+        return parse_port(value, label, allow_zero)
+
+    return parse
+
+
+def port_or_off(value: str, label: str) -> int | None:
+    """A port, or C{off}/C{none}/empty for no listener at all."""
+    if value.strip().lower() in ("off", "none", ""):
+        return None
+    return parse_port(value, label, True)
+
+
+def integer(low: int, high: int) -> Parser[int]:
+    def parse(value: str, label: str) -> int:
+        return parse_int(value, label, low, high)
+
+    return parse
+
+
+def seconds(value: str, label: str) -> float:
+    return parse_seconds(value, label)
+
+
+def read_secret(value: str | None, setting: Setting[Any], minimum: int = 8) -> bytes:
     """A token from its setting; refuses a missing, empty or short one by name."""
     if value is None or not value.strip():
-        raise ConfigError(f"--{setting.name} / {setting.env} is required")
+        raise ConfigError(f"{setting.label} is required")
     if is_placeholder(value):
-        raise placeholder_error(f"--{setting.name} / {setting.env}")
+        raise placeholder_error(setting.label)
     token = value.strip().encode("utf-8")
     if len(token) < minimum:
-        raise ConfigError(f"--{setting.name} / {setting.env} must be at least {minimum} characters")
+        raise ConfigError(f"{setting.label} must be at least {minimum} characters")
     return token
 
 
-def parse_timing(v: dict[str, Any], prefix: str) -> tuple[float, float, float]:
+def check_timing(v: Mapping[str, Any], label: Mapping[str, str]) -> tuple[float, float, float]:
     """Keepalive, dead timeout and drain timeout, checked against each other."""
-    keepalive = parse_seconds(v["keepalive"], f"--keepalive / {prefix}_KEEPALIVE")
-    dead = parse_seconds(v["dead-timeout"], f"--dead-timeout / {prefix}_DEAD_TIMEOUT")
-    drain = parse_seconds(v["drain-timeout"], f"--drain-timeout / {prefix}_DRAIN_TIMEOUT")
+    keepalive, dead, drain = v["keepalive"], v["dead-timeout"], v["drain-timeout"]
     if dead <= keepalive:
         raise ConfigError(
-            f"--dead-timeout / {prefix}_DEAD_TIMEOUT ({dead:g}s) must be longer than"
-            f" --keepalive / {prefix}_KEEPALIVE ({keepalive:g}s)"
+            f"{label['dead-timeout']} ({dead:g}s) must be longer than {label['keepalive']} ({keepalive:g}s)"
         )
     return keepalive, dead, drain
 
 
-def parse_max_window(v: dict[str, Any], prefix: str, minimum: int, maximum: int) -> int:
+def check_max_window(v: Mapping[str, Any], label: Mapping[str, str]) -> int:
     """C{--max-window}: at least the initial window (an auto-tuned window never shrinks below it)."""
-    window = parse_int(v["window"], f"--window / {prefix}_WINDOW", minimum, maximum)
-    what = f"--max-window / {prefix}_MAX_WINDOW"
-    value = parse_int(v["max-window"], what, minimum, maximum)
+    window, value = v["window"], v["max-window"]
     if value < window:
         raise ConfigError(
-            f"{what} ({value}) must be at least --window / {prefix}_WINDOW ({window}); raise it or lower the window"
+            f"{label['max-window']} ({value}) must be at least {label['window']} ({window});"
+            " raise it or lower the window"
         )
-    return value
+    return int(value)
 
 
-def timing_settings(prefix: str) -> tuple[Setting, ...]:
+def window_settings(prefix: str) -> tuple[Setting[Any], ...]:
+    """A stream's initial and largest receive windows (checked against each other by L{check_max_window})."""
+    sizes = integer(MIN_INITIAL_WINDOW, MAX_WINDOW)
     return (
-        Setting("keepalive", f"{prefix}_KEEPALIVE", "15", "Seconds between pings on an idle tunnel."),
-        Setting("dead-timeout", f"{prefix}_DEAD_TIMEOUT", "45", "Drop a tunnel that sent nothing for this long."),
-        Setting("drain-timeout", f"{prefix}_DRAIN_TIMEOUT", "30", "On SIGTERM, how long open streams may run."),
+        Setting(prefix, "window", DEFAULT_INITIAL_WINDOW, "Per-stream receive window in bytes.", sizes),
+        Setting(
+            prefix,
+            "max-window",
+            DEFAULT_MAX_WINDOW,
+            "Most a stream's receive window grows to on a fast, distant link (bytes).",
+            sizes,
+        ),
+    )
+
+
+# How long a draining tunnel's open streams may run (seconds).
+DEFAULT_DRAIN = 30.0
+
+
+def timing_settings(prefix: str) -> tuple[Setting[Any], ...]:
+    return (
+        Setting(prefix, "keepalive", DEFAULT_KEEPALIVE, "Seconds between pings on an idle tunnel.", seconds),
+        Setting(
+            prefix, "dead-timeout", DEFAULT_DEAD_TIMEOUT, "Drop a tunnel that sent nothing for this long.", seconds
+        ),
+        Setting(prefix, "drain-timeout", DEFAULT_DRAIN, "On SIGTERM, how long open streams may run.", seconds),
     )

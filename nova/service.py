@@ -21,18 +21,7 @@ from twisted.python.failure import Failure
 
 import nova
 import twisted
-
-
-class StartupError(SystemExit, Exception):
-    """
-    A service cannot start (port in use, audit database down): the message is
-    the one line for the user.
-
-    A L{SystemExit}, so that C{twist} prints the line and exits 1 without a
-    traceback; an L{Exception} as well, because C{twistd}'s start-up catches
-    only C{Exception} to remove its pid file and tell the parent process it
-    detached from (which otherwise waits forever and leaves the pid file).
-    """
+from nova.errors import StartupError as StartupError  # re-exported for the taps and tests
 
 
 def versions(command: str) -> str:

@@ -27,10 +27,11 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import TLSVersion
 from zope.interface import implementer
 
+from nova.errors import NovaError
 from nova.wire.handshake import BINDING_SIZE, EXPORTER_LABEL
 
 
-class TLSConfigError(Exception):
+class TLSConfigError(NovaError):
     """A certificate, key or CA file cannot be used; the message names the setting and says why."""
 
 

@@ -22,6 +22,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from twisted.logger import Logger
 
+from nova.errors import NovaError
+
 log = Logger()
 
 
@@ -201,7 +203,7 @@ class PostgresBackend:
             self._conn = None
 
 
-class AuditStoreError(Exception):
+class AuditStoreError(NovaError):
     """The audit store cannot be opened; the message names its setting, never the database password."""
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import socket
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,73 +15,96 @@ from nova.config import (
     ConfigError,
     EnvOptions,
     Setting,
-    parse_int,
-    parse_max_window,
-    parse_port,
-    parse_seconds,
+    by_name,
+    check_max_window,
+    check_timing,
+    integer,
+    labels,
     parse_tags,
-    parse_timing,
+    port,
     read_secret,
+    seconds,
     separator_hint,
     split_host_port,
     timing_settings,
+    together,
+    typed,
+    window_settings,
 )
-from nova.mux.core import DEFAULT_MAX_WINDOW
+from nova.mux.defaults import DEFAULT_MAX_STREAMS
+from nova.mux.tunnel import Timing
 from nova.tls import parse_fingerprint
-from nova.wire.frames import DEFAULT_INITIAL_WINDOW, MAX_WINDOW, MIN_INITIAL_WINDOW
 from nova.wire.handshake import name_problem, tags_problem
 
 from .policy import Policy, PolicyError, parse_policy
+from .reconnect import DEFAULT_INITIAL_DELAY, DEFAULT_MAX_DELAY
+from .tunnel import DEFAULT_MAX_OPEN_RATE
 
-TOKEN = Setting("token", "NOVAC_TOKEN", None, "Shared secret (NOVAS's agent token).", secret=True)
+P = "NOVAC"
 
-SETTINGS = (
-    Setting("server", "NOVAC_SERVER", None, "HOST:PORT[,HOST:PORT...]: register with every one (required)."),
-    TOKEN,
-    Setting("name", "NOVAC_NAME", None, "Tunnel name (default: this host's name, i.e. the pod name)."),
-    Setting("tags", "NOVAC_TAGS", "", "Tags as Key=Value;Key=Value."),
-    Setting("ca", "NOVAC_TLS_CA", None, "CA bundle (PEM) that verifies the server's certificate and name."),
-    Setting("server-fingerprint", "NOVAC_TLS_FINGERPRINT", None, "Pinned server certificate, sha256:HEX."),
-    Setting("server-name", "NOVAC_TLS_SERVER_NAME", None, "Name to verify and send as SNI (default: HOST)."),
-    Setting("no-tls", "NOVAC_TLS", None, "Plaintext tunnel (NOVAC_TLS=off); only for trusted networks.", flag=True),
-    Setting("window", "NOVAC_WINDOW", str(DEFAULT_INITIAL_WINDOW), "Per-stream receive window in bytes."),
+SETTINGS: tuple[Setting[Any], ...] = (
+    Setting(P, "server", None, "HOST:PORT[,HOST:PORT...]: register with every one (required)."),
+    Setting(P, "token", None, "Shared secret (NOVAS's agent token).", secret=True),
+    Setting(P, "name", None, "Tunnel name (default: this host's name, i.e. the pod name)."),
+    Setting(P, "tags", (), "Tags as Key=Value;Key=Value.", parse_tags),
+    Setting(P, "ca", None, "CA bundle (PEM) that verifies the server's certificate and name.", var="TLS_CA"),
+    Setting(P, "server-fingerprint", None, "Pinned server certificate, sha256:HEX.", var="TLS_FINGERPRINT"),
+    Setting(P, "server-name", None, "Name to verify and send as SNI (default: HOST).", var="TLS_SERVER_NAME"),
+    Setting(P, "no-tls", None, "Plaintext tunnel (NOVAC_TLS=off); only for trusted networks.", var="TLS", flag=True),
+    *window_settings(P),
+    Setting(P, "connect-timeout", 10.0, "Seconds to connect to a server or a target.", seconds),
     Setting(
-        "max-window",
-        "NOVAC_MAX_WINDOW",
-        str(DEFAULT_MAX_WINDOW),
-        "Most a stream's receive window grows to on a fast, distant link (bytes).",
+        P,
+        "handshake-timeout",
+        None,
+        "Seconds a server has to complete the registration once connected.",
+        seconds,
+        derive=lambda v: v["connect-timeout"],
+        derived_doc="--connect-timeout's value",
     ),
-    Setting("connect-timeout", "NOVAC_CONNECT_TIMEOUT", "10", "Seconds to connect to a server or a target."),
-    Setting("max-streams", "NOVAC_MAX_STREAMS", "1024", "Streams open at once per tunnel."),
-    Setting("max-open-rate", "NOVAC_MAX_OPEN_RATE", "5000", "Stream opens per second a server may ask for."),
-    Setting("tls-cert", "NOVAC_TLS_CERT", None, "Client certificate (PEM) for servers that require one."),
-    Setting("tls-key", "NOVAC_TLS_KEY", None, "Client certificate's private key (PEM)."),
-    Setting("health-port", "NOVAC_HEALTH_PORT", None, "Port for /healthz and /readyz probes (off unless set)."),
-    Setting("health-bind", "NOVAC_HEALTH_BIND", "0.0.0.0", "Address the probe port listens on."),
+    Setting(P, "max-streams", DEFAULT_MAX_STREAMS, "Streams open at once per tunnel.", integer(1, 65536)),
     Setting(
+        P, "max-open-rate", DEFAULT_MAX_OPEN_RATE, "Stream opens per second a server may ask for.", integer(1, 10**6)
+    ),
+    Setting(P, "tls-cert", None, "Client certificate (PEM) for servers that require one."),
+    Setting(P, "tls-key", None, "Client certificate's private key (PEM)."),
+    Setting(
+        P, "health-port", None, "Port for /healthz and /readyz probes (off unless set).", port(True, optional=True)
+    ),
+    Setting(P, "health-bind", "0.0.0.0", "Address the probe port listens on."),
+    Setting(
+        P,
         "no-metrics",
-        "NOVAC_METRICS",
         None,
         "No Prometheus /metrics on the probe port (NOVAC_METRICS=off); it is served there, without a credential.",
+        var="METRICS",
         flag=True,
     ),
     Setting(
+        P,
         "allow",
-        "NOVAC_ALLOW",
         None,
         "Targets this agent may dial: CIDR, IP, host-name pattern (*.internal) or *, with optional"
         " :PORT or :LOW-HIGH; repeatable (variable: ,-separated). Without it, anything but"
         " link-local/metadata addresses.",
         repeat=True,
     ),
-    *timing_settings("NOVAC"),
-    Setting("reconnect-initial", "NOVAC_RECONNECT_INITIAL", "1", "Seconds: the first reconnect waits up to this."),
-    Setting("reconnect-max", "NOVAC_RECONNECT_MAX", "30", "Seconds: no reconnect waits longer than this."),
+    *timing_settings(P),
+    Setting(P, "reconnect-initial", DEFAULT_INITIAL_DELAY, "Seconds: the first reconnect waits up to this.", seconds),
+    Setting(P, "reconnect-max", DEFAULT_MAX_DELAY, "Seconds: no reconnect waits longer than this.", seconds),
 )
+LABEL = labels(SETTINGS)
+TLS_OFF = f"{LABEL['no-tls']}=off"  # the negative flag as its variable is set
+TOKEN = by_name(SETTINGS, "token")
 
 
 @dataclass(frozen=True)
 class AgentConfig:
+    """
+    Everything NOVAC runs with, typed and checked.  No field has a default:
+    the defaults are the settings' (L{SETTINGS}), written once.
+    """
+
     servers: tuple[tuple[str, int], ...]
     token: bytes
     name: str
@@ -91,72 +114,80 @@ class AgentConfig:
     fingerprint: bytes | None
     server_name: str | None
     window: int
+    max_window: int
     connect_timeout: float
+    handshake_timeout: float
     max_streams: int
-    max_open_rate: int = 5000
-    keepalive: float = 15.0
-    dead_timeout: float = 45.0
-    drain_timeout: float = 30.0
-    reconnect_initial: float = 1.0
-    reconnect_max: float = 30.0
-    policy: Policy = field(default_factory=Policy)
-    client_cert: tuple[Path, Path] | None = None
-    health_port: int | None = None
-    health_bind: str = "0.0.0.0"
-    metrics: bool = True
-    max_window: int = DEFAULT_MAX_WINDOW
+    max_open_rate: int
+    keepalive: float
+    dead_timeout: float
+    drain_timeout: float
+    reconnect_initial: float
+    reconnect_max: float
+    policy: Policy
+    client_cert: tuple[Path, Path] | None
+    health_port: int | None
+    health_bind: str
+    metrics: bool
 
     def __repr__(self) -> str:
         return f"<AgentConfig {self.name} -> {len(self.servers)} server(s), tls={self.tls}>"
 
+    def timing(self) -> Timing:
+        return Timing(self.handshake_timeout, self.keepalive, self.dead_timeout)
+
 
 def build_config(v: dict[str, Any]) -> AgentConfig:
+    """
+    The typed values of L{resolve} checked against each other (a value alone
+    is checked by its setting's parser).
+    """
+    v = typed(SETTINGS, v)
     if not v["server"]:
-        raise ConfigError("--server / NOVAC_SERVER is required (HOST:PORT[,HOST:PORT...])")
-    servers = tuple(split_host_port(s, "--server / NOVAC_SERVER") for s in v["server"].split(",") if s.strip())
+        raise ConfigError(f"{LABEL['server']} is required (HOST:PORT[,HOST:PORT...])")
+    servers = tuple(split_host_port(s, LABEL["server"]) for s in v["server"].split(",") if s.strip())
     if not servers:
-        raise ConfigError("--server / NOVAC_SERVER names no server")
+        raise ConfigError(f"{LABEL['server']} names no server")
     name = v["name"] or socket.gethostname().split(".")[0]
     problem = name_problem(name)
     if problem:
-        raise ConfigError(f"--name / NOVAC_NAME {name!r}: {problem}")
-    tags = parse_tags(v["tags"], "--tags / NOVAC_TAGS")
+        raise ConfigError(f"{LABEL['name']} {name!r}: {problem}")
+    tags = v["tags"]
     problem = tags_problem(tags)
     if problem:
-        raise ConfigError(f"--tags / NOVAC_TAGS: {problem}")
+        raise ConfigError(f"{LABEL['tags']}: {problem}")
     tls = not v["no-tls"]
     fingerprint = None
     if v["server-fingerprint"]:
         try:
             fingerprint = parse_fingerprint(v["server-fingerprint"])
         except ValueError as e:
-            raise ConfigError(f"--server-fingerprint / NOVAC_TLS_FINGERPRINT: {e}") from None
+            raise ConfigError(f"{LABEL['server-fingerprint']}: {e}") from None
     ca = Path(v["ca"]) if v["ca"] else None
     if tls and ca is None and fingerprint is None:
         raise ConfigError(
-            "cannot verify the server: give --ca / NOVAC_TLS_CA or --server-fingerprint / NOVAC_TLS_FINGERPRINT"
-            " (NOVAS logs its fingerprint at start), or --no-tls / NOVAC_TLS=off for plaintext"
+            f"cannot verify the server: give {LABEL['ca']} or {LABEL['server-fingerprint']}"
+            f" (NOVAS logs its fingerprint at start), or {TLS_OFF} for plaintext"
         )
     if ca is not None and fingerprint is not None:
-        raise ConfigError("give either --ca / NOVAC_TLS_CA or --server-fingerprint / NOVAC_TLS_FINGERPRINT, not both")
+        raise ConfigError(f"give either {LABEL['ca']} or {LABEL['server-fingerprint']}, not both")
     if ca is not None and not ca.is_file():
-        raise ConfigError(f"--ca / NOVAC_TLS_CA: {ca} is not a readable file")
+        raise ConfigError(f"{LABEL['ca']}: {ca} is not a readable file")
     if not tls and (ca is not None or fingerprint is not None):
-        raise ConfigError("--no-tls / NOVAC_TLS=off contradicts --ca / --server-fingerprint")
+        raise ConfigError(f"{TLS_OFF} contradicts --ca / --server-fingerprint")
     try:
         policy = parse_policy(v.get("allow") or [])
     except PolicyError as e:
-        raise ConfigError(f"--allow / NOVAC_ALLOW: {e}{separator_hint(v.get('allow') or [], 'NOVAC_ALLOW')}") from None
-    keepalive, dead, drain = parse_timing(v, "NOVAC")
+        raise ConfigError(f"{LABEL['allow']}: {e}{separator_hint(v.get('allow') or [], 'NOVAC_ALLOW')}") from None
+    keepalive, dead, drain = check_timing(v, LABEL)
     if bool(v["tls-cert"]) != bool(v["tls-key"]):
-        raise ConfigError("--tls-cert and --tls-key (NOVAC_TLS_CERT, NOVAC_TLS_KEY) go together")
+        raise ConfigError(together(by_name(SETTINGS, "tls-cert"), by_name(SETTINGS, "tls-key")))
     client_cert = (Path(v["tls-cert"]), Path(v["tls-key"])) if v["tls-cert"] else None
     if client_cert is not None and not tls:
-        raise ConfigError("--tls-cert / NOVAC_TLS_CERT needs TLS")
-    initial = parse_seconds(v["reconnect-initial"], "--reconnect-initial / NOVAC_RECONNECT_INITIAL")
-    cap = parse_seconds(v["reconnect-max"], "--reconnect-max / NOVAC_RECONNECT_MAX")
+        raise ConfigError(f"{LABEL['tls-cert']} needs TLS")
+    initial, cap = v["reconnect-initial"], v["reconnect-max"]
     if cap < initial:
-        raise ConfigError("--reconnect-max / NOVAC_RECONNECT_MAX must not be below --reconnect-initial")
+        raise ConfigError(f"{LABEL['reconnect-max']} must not be below --reconnect-initial")
     return AgentConfig(
         servers=servers,
         token=read_secret(v["token"], TOKEN, minimum=16),  # what NOVAS accepts (nova.server.security)
@@ -166,11 +197,12 @@ def build_config(v: dict[str, Any]) -> AgentConfig:
         ca=ca,
         fingerprint=fingerprint,
         server_name=v["server-name"] or None,
-        window=parse_int(v["window"], "--window / NOVAC_WINDOW", MIN_INITIAL_WINDOW, MAX_WINDOW),
-        max_window=parse_max_window(v, "NOVAC", MIN_INITIAL_WINDOW, MAX_WINDOW),
-        connect_timeout=parse_seconds(v["connect-timeout"], "--connect-timeout / NOVAC_CONNECT_TIMEOUT"),
-        max_streams=parse_int(v["max-streams"], "--max-streams / NOVAC_MAX_STREAMS", 1, 65536),
-        max_open_rate=parse_int(v["max-open-rate"], "--max-open-rate / NOVAC_MAX_OPEN_RATE", 1, 10**6),
+        window=v["window"],
+        max_window=check_max_window(v, LABEL),
+        connect_timeout=v["connect-timeout"],
+        handshake_timeout=v["handshake-timeout"],
+        max_streams=v["max-streams"],
+        max_open_rate=v["max-open-rate"],
         keepalive=keepalive,
         dead_timeout=dead,
         drain_timeout=drain,
@@ -178,9 +210,7 @@ def build_config(v: dict[str, Any]) -> AgentConfig:
         reconnect_max=cap,
         policy=policy,
         client_cert=client_cert,
-        health_port=(
-            parse_port(v["health-port"], "--health-port / NOVAC_HEALTH_PORT", True) if v["health-port"] else None
-        ),
+        health_port=v["health-port"],
         health_bind=v["health-bind"],
         metrics=not v["no-metrics"],
     )

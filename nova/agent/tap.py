@@ -13,8 +13,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
-from nova.mux.tunnel import Timing
-from nova.service import exit_zero_on_sigterm, versions
+from nova.service import StartupError, exit_zero_on_sigterm, versions
 from nova.tls import TLSConfigError, client_creator
 from nova.wire.errors import ErrorCode
 
@@ -47,7 +46,7 @@ class NovacService(MultiService):
             connect_target=connect_target,
             window=config.window,
             max_window=config.max_window,
-            timing=Timing(config.connect_timeout, config.keepalive, config.dead_timeout),
+            timing=config.timing(),
             max_streams=config.max_streams,
             max_open_rate=float(config.max_open_rate),
             policy=config.policy,
@@ -79,7 +78,7 @@ class NovacService(MultiService):
             try:
                 creator = client_creator(c.server_name or host, c.ca, c.fingerprint, c.client_cert)
             except TLSConfigError as e:
-                raise SystemExit(f"novac: error: {e}") from None
+                raise StartupError(f"novac: error: {e}") from None
             endpoint = wrapClientTLS(creator, endpoint)
         return endpoint
 

@@ -9,19 +9,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from OpenSSL import SSL
-from twisted.internet import error
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IProtocol, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from nova import __version__
+from nova.errors import NovaError, dial_failure
 from nova.mux.core import DEFAULT_MAX_WINDOW, OpenRefused, Role
+from nova.mux.defaults import DEFAULT_MAX_STREAMS
 from nova.mux.splice import Pipe, splice
 from nova.mux.tunnel import Timing, TunnelProtocol
 from nova.tls import channel_binding
 from nova.wire.errors import ErrorCode, OpenFailReason, ProtocolError
-from nova.wire.frames import Frame, Hello, Reject, Welcome
+from nova.wire.frames import DEFAULT_INITIAL_WINDOW, Frame, Hello, Reject, Welcome
 from nova.wire.handshake import make_auth, window_problem
 from nova.wire.hostname import host_problem
 from nova.wire.text import untrusted
@@ -63,12 +64,16 @@ def tls_mismatch(reason: Failure, tls: bool) -> str | None:
     return None
 
 
-class Rejected(Exception):
+class Rejected(NovaError):
     """The server refused the registration."""
 
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
+
+
+# OPENs per second a server may ask of an agent (see AgentContext.max_open_rate).
+DEFAULT_MAX_OPEN_RATE = 5000
 
 
 @dataclass
@@ -79,10 +84,11 @@ class AgentContext:
     tls: bool
     clock: IReactorTime
     connect_target: TargetConnector
-    window: int = 262_144
+    # The defaults serve tests; NOVAC builds every field from its settings.
+    window: int = DEFAULT_INITIAL_WINDOW
     max_window: int = DEFAULT_MAX_WINDOW
     timing: Timing = field(default_factory=Timing)
-    max_streams: int = 1024
+    max_streams: int = DEFAULT_MAX_STREAMS
     tunnels: set[AgentTunnel] = field(default_factory=set)
     # Checked before connect_target is called; connect_target checks the
     # resolved addresses (see nova.agent.policy.Dialer).
@@ -90,23 +96,13 @@ class AgentContext:
     on_denied: DenialHook | None = None
     # OPENs per second a server may ask of this agent (a token bucket whose
     # burst is one second's worth); beyond it OPEN_FAIL OVERLOADED.
-    max_open_rate: float = 5000.0
+    max_open_rate: float = DEFAULT_MAX_OPEN_RATE
     metrics: AgentMetrics = field(default_factory=AgentMetrics)
 
 
 def classify(failure: Failure) -> OpenFailReason:
-    """The OPEN_FAIL reason for a failed connection to a target."""
-    if failure.check(PolicyDenied):
-        return OpenFailReason.DENIED
-    if failure.check(error.DNSLookupError):
-        return OpenFailReason.DNS_FAILURE
-    if failure.check(error.ConnectionRefusedError):
-        return OpenFailReason.REFUSED
-    if failure.check(error.TimeoutError, error.TCPTimedOutError, CancelledError):
-        return OpenFailReason.TIMEOUT
-    if failure.check(error.NoRouteError):
-        return OpenFailReason.UNREACHABLE
-    return OpenFailReason.OTHER
+    """The OPEN_FAIL reason for a failed connection to a target (see L{nova.errors.DIAL_ERRORS})."""
+    return OpenFailReason(dial_failure(failure).wire)
 
 
 class TargetPipe(Pipe):

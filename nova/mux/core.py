@@ -64,6 +64,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
+from nova.mux.defaults import DEFAULT_MAX_STREAMS
 from nova.wire.errors import ControlFlood, ErrorCode, FlowControlError, OpenFailReason, ProtocolError
 from nova.wire.frames import (
     MAX_DATA_PAYLOAD,
@@ -280,7 +281,7 @@ class Multiplexer:
         role: Role,
         local_window: int,
         peer_window: int,
-        max_streams: int = 1024,
+        max_streams: int = DEFAULT_MAX_STREAMS,
         max_window: int | None = None,
         tunnel_budget: int = TUNNEL_WINDOW_BUDGET,
         budget: WindowBudget | None = None,

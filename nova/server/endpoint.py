@@ -19,41 +19,37 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from nova.errors import OpenError, Why, open_failure
 from nova.mux.stream import StreamTransport
-from nova.wire.errors import OpenFailReason
 from nova.wire.hostname import InvalidHostName, host_problem
 from nova.wire.text import untrusted
 
 from .registry import Registered, Registry
 from .routes import Selector
-from .tunnel import OpenFailed, TunnelGone
 
 DEFAULT_OPEN_TIMEOUT = 30.0
 DEFAULT_ATTEMPTS = 3
 
-# Failures that say nothing about the target: another agent may well succeed.
-_AGENT_REASONS = frozenset({OpenFailReason.DRAINING, OpenFailReason.OVERLOADED})
 
-
-class NoAgent(Exception):
+class NoAgent(OpenError):
     """No registered agent matches the selector (or all that do are draining)."""
+
+    why = Why.NO_AGENT
 
     def __init__(self, selector: Selector) -> None:
         super().__init__(f"no agent matches {selector}")
         self.selector = selector
 
 
-class AgentTimeout(Exception):
+class AgentTimeout(OpenError):
     """The agent did not answer the OPEN in time."""
+
+    why = Why.AGENT_TIMEOUT
 
 
 def retryable(failure: Failure) -> bool:
-    """Did the stream fail because of the agent (so another may work)?"""
-    if failure.check(TunnelGone, AgentTimeout):
-        return True
-    if failure.check(OpenFailed):
-        return failure.value.reason in _AGENT_REASONS  # type: ignore[union-attr]
-    return False
+    """Did the stream fail because of the agent (so another may work)?  See L{nova.errors.OPEN_FAILURES}."""
+    return open_failure(failure).retryable
 
 
 @dataclass
@@ -129,7 +125,7 @@ class TunnelEndpoint:
         attempt.tried.append(tunnel)
         try:
             d = tunnel.open_stream(self.host, self.port)
-        except TunnelGone:
+        except OpenError:  # TunnelGone, TunnelBusy: this agent cannot take it now
             self._try(attempt, result, factory, Failure())
             return
         attempt.current = d

@@ -15,13 +15,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from nova.admin.audit import Audit
+from nova.errors import open_failure
 from nova.mux.splice import Pipe, splice
 from nova.mux.stream import StreamTransport
 
-from .endpoint import DEFAULT_OPEN_TIMEOUT, AgentTimeout, NoAgent, TunnelEndpoint
+from .endpoint import DEFAULT_OPEN_TIMEOUT, TunnelEndpoint
 from .registry import Registry
 from .routes import Route
-from .tunnel import OpenFailed, TunnelGone
 
 
 def describe_close(failure: Failure) -> str:
@@ -33,17 +33,8 @@ def describe_close(failure: Failure) -> str:
 
 
 def failure_reason(failure: Failure) -> str:
-    """A short, stable reason for metrics and the audit history."""
-    if failure.check(NoAgent):
-        return "no_agent"
-    if failure.check(OpenFailed):
-        reason: str = failure.value.reason.name.lower()  # type: ignore[union-attr]
-        return reason
-    if failure.check(AgentTimeout):
-        return "agent_timeout"
-    if failure.check(TunnelGone):
-        return "tunnel_gone"
-    return "error"
+    """A short, stable reason for metrics and the audit history (see L{nova.errors.OPEN_FAILURES})."""
+    return open_failure(failure).label
 
 
 class StreamWatch:

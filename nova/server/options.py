@@ -6,7 +6,8 @@ variable (see README.md).
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,116 +16,166 @@ from nova.config import (
     ConfigError,
     EnvOptions,
     Setting,
+    by_name,
+    check_max_window,
+    check_timing,
+    integer,
     is_placeholder,
-    parse_int,
-    parse_max_window,
-    parse_port,
-    parse_seconds,
-    parse_timing,
+    labels,
     placeholder_error,
+    port,
+    port_or_off,
+    seconds,
     separator_hint,
     timing_settings,
+    together,
+    typed,
+    window_settings,
 )
-from nova.mux.core import DEFAULT_MAX_WINDOW
-from nova.wire.frames import DEFAULT_INITIAL_WINDOW, MAX_WINDOW, MIN_INITIAL_WINDOW
+from nova.mux.tunnel import DEFAULT_HANDSHAKE_TIMEOUT, Timing
 
+from .endpoint import DEFAULT_OPEN_TIMEOUT
 from .routes import Route, parse_route
 from .security import MIN_TOKEN_LENGTH, AgentToken, Limits, ScopeError, parse_tokens, read_token_file
 
-TOKEN = Setting(
-    "agent-token",
-    "NOVAS_AGENT_TOKEN",
-    None,
-    f"Secret(s) agents prove, ','-separated for rotation; at least {MIN_TOKEN_LENGTH} characters each"
-    " (guessing is throttled per address, not across many: the length is what keeps a token safe).",
-    secret=True,
-)
-TOKEN_FILE = Setting(
-    "agent-token-file",
-    "NOVAS_AGENT_TOKEN_FILE",
-    None,
-    "File of agent tokens, one per line: TOKEN [id=LABEL] [name=GLOB] [tags=K=V;K=V] (scope); re-read on SIGHUP.",
-)
+P = "NOVAS"
+# The limits' defaults are L{Limits}' own: written once, there.
+_LIMITS = Limits()
 
 # The SOCKS password is all that stands between the SOCKS port and the
 # private networks behind the agents: long enough that guessing it over the
 # network, at the throttled rate, is hopeless.
 MIN_SOCKS_PASSWORD = 16
 
-SETTINGS = (
-    Setting("agent-port", "NOVAS_AGENT_PORT", "9022", "Port agents dial."),
-    Setting("agent-bind", "NOVAS_AGENT_BIND", "0.0.0.0", "Address the agent port listens on."),
-    TOKEN,
-    TOKEN_FILE,
-    Setting("tls-cert", "NOVAS_TLS_CERT", None, "Server certificate (PEM, may include the chain)."),
-    Setting("tls-key", "NOVAS_TLS_KEY", None, "Server private key (PEM)."),
-    Setting("tls-client-ca", "NOVAS_TLS_CLIENT_CA", None, "Require agent certificates from this CA; name = cert name."),
-    Setting("no-tls", "NOVAS_TLS", None, "Plaintext agent port (NOVAS_TLS=off); only for trusted networks.", flag=True),
-    Setting("state-dir", "NOVAS_STATE_DIR", "/var/lib/nova", "Directory for the generated certificate."),
+
+def _delay_after(v: Mapping[str, Any]) -> int:
+    """Today's coupling, now a visible default: delays start at a quarter of the block threshold."""
+    block_after: int = v["auth-block-after"]
+    return max(1, block_after // 4)
+
+
+SETTINGS: tuple[Setting[Any], ...] = (
+    Setting(P, "agent-port", 9022, "Port agents dial.", port(allow_zero=True)),
+    Setting(P, "agent-bind", "0.0.0.0", "Address the agent port listens on."),
     Setting(
-        "route",
-        "NOVAS_ROUTES",
+        P,
+        "agent-token",
         None,
-        "[BIND:]PORT:HOST:HOSTPORT[@SELECTOR], repeatable (env: ','-separated).",
-        repeat=True,
-    ),
-    Setting("window", "NOVAS_WINDOW", str(DEFAULT_INITIAL_WINDOW), "Per-stream receive window in bytes."),
-    Setting(
-        "max-window",
-        "NOVAS_MAX_WINDOW",
-        str(DEFAULT_MAX_WINDOW),
-        "Most a stream's receive window grows to on a fast, distant link (bytes).",
-    ),
-    Setting("handshake-timeout", "NOVAS_HANDSHAKE_TIMEOUT", "10", "Seconds an agent has to register."),
-    Setting("open-timeout", "NOVAS_OPEN_TIMEOUT", "30", "Seconds to wait for an agent to open a stream."),
-    *timing_settings("NOVAS"),
-    Setting("socks-port", "NOVAS_SOCKS_PORT", None, "SOCKS5 entry port (off unless set); username = SELECTOR."),
-    Setting("socks-bind", "NOVAS_SOCKS_BIND", "127.0.0.1", "Address the SOCKS5 port listens on."),
-    Setting(
-        "socks-password",
-        "NOVAS_SOCKS_PASSWORD",
-        None,
-        "SOCKS5 password, 16+ characters (required beyond loopback).",
+        f"Secret(s) agents prove, ','-separated for rotation; at least {MIN_TOKEN_LENGTH} characters each"
+        " (guessing is throttled per address, not across many: the length is what keeps a token safe).",
         secret=True,
     ),
-    Setting("admin-port", "NOVAS_ADMIN_PORT", "9023", "Admin API and page, /metrics, /healthz, /readyz ('off': none)."),
-    Setting("admin-bind", "NOVAS_ADMIN_BIND", "127.0.0.1", "Address the admin port listens on."),
     Setting(
-        "admin-token", "NOVAS_ADMIN_TOKEN", None, "Bearer token for the admin API and page (off if unset).", secret=True
+        P,
+        "agent-token-file",
+        None,
+        "File of agent tokens, one per line: TOKEN [id=LABEL] [name=GLOB] [tags=K=V;K=V] (scope); re-read on SIGHUP.",
     ),
+    Setting(P, "tls-cert", None, "Server certificate (PEM, may include the chain)."),
+    Setting(P, "tls-key", None, "Server private key (PEM)."),
+    Setting(P, "tls-client-ca", None, "Require agent certificates from this CA; name = cert name."),
     Setting(
+        P, "no-tls", None, "Plaintext agent port (NOVAS_TLS=off); only for trusted networks.", var="TLS", flag=True
+    ),
+    Setting(P, "state-dir", "/var/lib/nova", "Directory for the generated certificate."),
+    Setting(
+        P,
+        "route",
+        None,
+        "[BIND:]PORT:HOST:HOSTPORT[@SELECTOR], repeatable (env: ','-separated).",
+        var="ROUTES",
+        repeat=True,
+    ),
+    *window_settings(P),
+    Setting(P, "handshake-timeout", DEFAULT_HANDSHAKE_TIMEOUT, "Seconds an agent has to register.", seconds),
+    Setting(P, "open-timeout", DEFAULT_OPEN_TIMEOUT, "Seconds to wait for an agent to open a stream.", seconds),
+    *timing_settings(P),
+    Setting(
+        P, "socks-port", None, "SOCKS5 entry port (off unless set); username = SELECTOR.", port(True, optional=True)
+    ),
+    Setting(P, "socks-bind", "127.0.0.1", "Address the SOCKS5 port listens on."),
+    Setting(P, "socks-password", None, "SOCKS5 password, 16+ characters (required beyond loopback).", secret=True),
+    Setting(
+        P,
+        "socks-timeout",
+        None,
+        "Seconds a SOCKS5 client has to finish its negotiation (greeting, password, CONNECT).",
+        seconds,
+        derive=lambda v: v["handshake-timeout"],
+        derived_doc="--handshake-timeout's value",
+    ),
+    Setting(P, "admin-port", 9023, "Admin API and page, /metrics, /healthz, /readyz ('off': none).", port_or_off),
+    Setting(P, "admin-bind", "127.0.0.1", "Address the admin port listens on."),
+    Setting(P, "admin-token", None, "Bearer token for the admin API and page (off if unset).", secret=True),
+    Setting(
+        P,
         "metrics-token",
-        "NOVAS_METRICS_TOKEN",
         None,
         "Read-only bearer token for /metrics alone (Prometheus); the admin token works there too.",
         secret=True,
     ),
     Setting(
+        P,
         "metrics-agents",
-        "NOVAS_METRICS_AGENTS",
-        str(DEFAULT_AGENT_LABELS),
+        DEFAULT_AGENT_LABELS,
         "Agents with their own 'agent' label value in /metrics at once; the rest share '(other)'.",
+        integer(0, 10_000),
     ),
-    Setting("audit-db", "NOVAS_AUDIT_DB", None, "Audit store: postgresql://... (default: SQLite in the state dir)."),
-    Setting("audit-retention-days", "NOVAS_AUDIT_RETENTION_DAYS", "30", "Days of audit history to keep."),
-    Setting("max-tunnels", "NOVAS_MAX_TUNNELS", "10000", "Registered tunnels at most."),
-    Setting("max-pending-handshakes", "NOVAS_MAX_PENDING_HANDSHAKES", "1000", "Unfinished handshakes at most."),
+    Setting(P, "audit-db", None, "Audit store: postgresql://... (default: SQLite in the state dir)."),
+    Setting(P, "audit-retention-days", 30.0, "Days of audit history to keep.", seconds),
+    Setting(P, "max-tunnels", _LIMITS.max_tunnels, "Registered tunnels at most.", integer(1, 10**7)),
     Setting(
+        P,
+        "max-pending-handshakes",
+        _LIMITS.max_pending_handshakes,
+        "Unfinished handshakes at most.",
+        integer(1, 10**6),
+    ),
+    Setting(
+        P,
         "max-pending-per-source",
-        "NOVAS_MAX_PENDING_PER_SOURCE",
-        "128",
+        _LIMITS.max_pending_per_source,
         "Unfinished handshakes at most from one address (IPv6: one /64).",
+        integer(1, 10**6),
     ),
-    Setting("max-streams-per-tunnel", "NOVAS_MAX_STREAMS_PER_TUNNEL", "4096", "Streams open at once per tunnel."),
     Setting(
-        "auth-block-after", "NOVAS_AUTH_BLOCK_AFTER", "20", "Failed handshakes per address before a block; 0: off."
+        P,
+        "max-streams-per-tunnel",
+        _LIMITS.max_streams_per_tunnel,
+        "Streams open at once per tunnel.",
+        integer(1, 10**6),
     ),
-    Setting("auth-block-seconds", "NOVAS_AUTH_BLOCK_SECONDS", "300", "How long a blocked address stays blocked."),
+    Setting(
+        P,
+        "auth-block-after",
+        _LIMITS.failures_before_block,
+        "Failed handshakes per address before a block; 0: off.",
+        integer(0, 10**6),
+    ),
+    Setting(
+        P,
+        "auth-delay-after",
+        None,
+        "Failed handshakes per address before each further one waits (1, 2, then 4 s) before HELLO.",
+        integer(1, 10**6),
+        derive=_delay_after,
+        derived_doc="a quarter of --auth-block-after, at least 1",
+    ),
+    Setting(P, "auth-block-seconds", _LIMITS.block_seconds, "How long a blocked address stays blocked.", seconds),
 )
+LABEL = labels(SETTINGS)
+TLS_OFF = f"{LABEL['no-tls']}=off"  # the negative flag as its variable is set
+TOKEN = by_name(SETTINGS, "agent-token")
+TOKEN_FILE = by_name(SETTINGS, "agent-token-file")
 
 
 @dataclass(frozen=True)
 class ServerConfig:
+    """
+    Everything NOVAS runs with, typed and checked.  No field has a default:
+    the defaults are the settings' (L{SETTINGS}), written once.
+    """
+
     agent_port: int
     agent_bind: str
     tokens: tuple[AgentToken, ...]
@@ -134,136 +185,130 @@ class ServerConfig:
     state_dir: Path
     routes: tuple[Route, ...]
     window: int
+    max_window: int
     handshake_timeout: float
     open_timeout: float
-    keepalive: float = 15.0
-    dead_timeout: float = 45.0
-    drain_timeout: float = 30.0
-    socks_port: int | None = None
-    socks_bind: str = "127.0.0.1"
-    socks_password: bytes | None = None
-    admin_port: int | None = 9023
-    admin_bind: str = "127.0.0.1"
-    admin_token: bytes | None = None
-    metrics_token: bytes | None = None
-    metrics_agents: int = DEFAULT_AGENT_LABELS
-    audit_db: str | None = None
-    audit_retention_days: float = 30.0
-    token_file: Path | None = None
-    env_tokens: tuple[bytes, ...] = ()  # from --agent-token itself; the file's are re-read on SIGHUP
-    client_ca: Path | None = None
-    limits: Limits = field(default_factory=Limits)
-    max_window: int = DEFAULT_MAX_WINDOW
+    keepalive: float
+    dead_timeout: float
+    drain_timeout: float
+    socks_port: int | None
+    socks_bind: str
+    socks_password: bytes | None
+    socks_timeout: float
+    admin_port: int | None
+    admin_bind: str
+    admin_token: bytes | None
+    metrics_token: bytes | None
+    metrics_agents: int
+    audit_db: str | None
+    audit_retention_days: float
+    token_file: Path | None
+    env_tokens: tuple[bytes, ...]  # from --agent-token itself; the file's are re-read on SIGHUP
+    client_ca: Path | None
+    limits: Limits
 
     def __repr__(self) -> str:
         # Never show the token.
         return f"<ServerConfig agent port {self.agent_port}, {len(self.routes)} routes, tls={self.tls}>"
 
+    def timing(self) -> Timing:
+        return Timing(self.handshake_timeout, self.keepalive, self.dead_timeout)
+
 
 def build_config(v: dict[str, Any]) -> ServerConfig:
+    """
+    The typed values of L{resolve} checked against each other (a value alone
+    is checked by its setting's parser).
+    """
+    v = typed(SETTINGS, v)
     cert, key = v["tls-cert"], v["tls-key"]
     if bool(cert) != bool(key):
-        raise ConfigError("--tls-cert and --tls-key (NOVAS_TLS_CERT, NOVAS_TLS_KEY) go together")
+        raise ConfigError(together(by_name(SETTINGS, "tls-cert"), by_name(SETTINGS, "tls-key")))
     if v["no-tls"] and cert:
-        raise ConfigError("--no-tls / NOVAS_TLS=off contradicts --tls-cert")
+        raise ConfigError(f"{TLS_OFF} contradicts --tls-cert")
     try:
         routes = tuple(parse_route(r) for r in v["route"])
     except ConfigError as e:
-        raise ConfigError(f"--route / NOVAS_ROUTES: {e}{separator_hint(v['route'], 'NOVAS_ROUTES')}") from None
+        raise ConfigError(f"{LABEL['route']}: {e}{separator_hint(v['route'], 'NOVAS_ROUTES')}") from None
     seen: dict[tuple[str, int], Route] = {}
     for r in routes:
         if r.port and (r.bind, r.port) in seen:
             raise ConfigError(f"routes {seen[(r.bind, r.port)]} and {r} listen on the same port")
         seen[(r.bind, r.port)] = r
-    keepalive, dead, drain = parse_timing(v, "NOVAS")
+    keepalive, dead, drain = check_timing(v, LABEL)
     env_tokens = tuple(parse_tokens(v["agent-token"] or ""))
     token_file = Path(v["agent-token-file"]) if v["agent-token-file"] else None
     tokens = load_tokens(env_tokens, token_file)
     if v["tls-client-ca"] and v["no-tls"]:
-        raise ConfigError("--tls-client-ca / NOVAS_TLS_CLIENT_CA needs TLS")
+        raise ConfigError(f"{LABEL['tls-client-ca']} needs TLS")
     if v["tls-client-ca"] and not Path(v["tls-client-ca"]).is_file():
-        raise ConfigError(f"--tls-client-ca / NOVAS_TLS_CLIENT_CA: {v['tls-client-ca']} is not a readable file")
-    block_after = parse_int(v["auth-block-after"], "--auth-block-after / NOVAS_AUTH_BLOCK_AFTER", 0, 10**6)
-    socks_port = parse_port(v["socks-port"], "--socks-port / NOVAS_SOCKS_PORT", True) if v["socks-port"] else None
+        raise ConfigError(f"{LABEL['tls-client-ca']}: {v['tls-client-ca']} is not a readable file")
+    socks_port = v["socks-port"]
     if v["socks-password"] and is_placeholder(v["socks-password"]):
-        raise placeholder_error("--socks-password / NOVAS_SOCKS_PASSWORD")
+        raise placeholder_error(LABEL["socks-password"])
     socks_password = v["socks-password"].encode("utf-8") if v["socks-password"] else None
     if v["socks-password"] and len(v["socks-password"]) < MIN_SOCKS_PASSWORD:
         raise ConfigError(
-            f"--socks-password / NOVAS_SOCKS_PASSWORD must be at least {MIN_SOCKS_PASSWORD} characters"
+            f"{LABEL['socks-password']} must be at least {MIN_SOCKS_PASSWORD} characters"
             " (it can be guessed over the network): use a random one, like `openssl rand -hex 16`"
         )
     if socks_port is not None and socks_password is None and not is_loopback(v["socks-bind"]):
-        raise ConfigError(
-            f"--socks-bind / NOVAS_SOCKS_BIND {v['socks-bind']} is beyond loopback:"
-            " set --socks-password / NOVAS_SOCKS_PASSWORD"
-        )
-    admin_port = (
-        None
-        if v["admin-port"].strip().lower() in ("off", "none", "")
-        else parse_port(v["admin-port"], "--admin-port / NOVAS_ADMIN_PORT", True)
-    )
+        raise ConfigError(f"{LABEL['socks-bind']} {v['socks-bind']} is beyond loopback: set {LABEL['socks-password']}")
     if v["admin-token"] and is_placeholder(v["admin-token"]):
-        raise placeholder_error("--admin-token / NOVAS_ADMIN_TOKEN")
+        raise placeholder_error(LABEL["admin-token"])
     admin_token = v["admin-token"].strip().encode("utf-8") if v["admin-token"] else None
     if admin_token is not None and len(admin_token) < 8:
-        raise ConfigError("--admin-token / NOVAS_ADMIN_TOKEN must be at least 8 characters")
+        raise ConfigError(f"{LABEL['admin-token']} must be at least 8 characters")
     metrics_token = v["metrics-token"].strip().encode("utf-8") if v["metrics-token"] else None
     if metrics_token is not None and len(metrics_token) < 8:
-        raise ConfigError("--metrics-token / NOVAS_METRICS_TOKEN must be at least 8 characters")
+        raise ConfigError(f"{LABEL['metrics-token']} must be at least 8 characters")
     if metrics_token is not None and metrics_token == admin_token:
         raise ConfigError(
-            "--metrics-token / NOVAS_METRICS_TOKEN must differ from --admin-token / NOVAS_ADMIN_TOKEN"
+            f"{LABEL['metrics-token']} must differ from {LABEL['admin-token']}"
             " (it is handed to Prometheus and opens /metrics only)"
         )
     audit_db = v["audit-db"] or None
     if audit_db is not None and not audit_db.startswith(("postgresql://", "postgres://", "sqlite:///")):
-        raise ConfigError("--audit-db / NOVAS_AUDIT_DB must be postgresql://... or sqlite:///PATH")
-    retention = parse_seconds(v["audit-retention-days"], "--audit-retention-days / NOVAS_AUDIT_RETENTION_DAYS")
+        raise ConfigError(f"{LABEL['audit-db']} must be postgresql://... or sqlite:///PATH")
     return ServerConfig(
-        agent_port=parse_port(v["agent-port"], "--agent-port / NOVAS_AGENT_PORT", allow_zero=True),
+        agent_port=v["agent-port"],
         agent_bind=v["agent-bind"],
         tokens=tokens,
         token_file=token_file,
         env_tokens=env_tokens,
         client_ca=Path(v["tls-client-ca"]) if v["tls-client-ca"] else None,
         limits=Limits(
-            max_tunnels=parse_int(v["max-tunnels"], "--max-tunnels / NOVAS_MAX_TUNNELS", 1, 10**7),
-            max_pending_handshakes=parse_int(
-                v["max-pending-handshakes"], "--max-pending-handshakes / NOVAS_MAX_PENDING_HANDSHAKES", 1, 10**6
-            ),
-            max_pending_per_source=parse_int(
-                v["max-pending-per-source"], "--max-pending-per-source / NOVAS_MAX_PENDING_PER_SOURCE", 1, 10**6
-            ),
-            max_streams_per_tunnel=parse_int(
-                v["max-streams-per-tunnel"], "--max-streams-per-tunnel / NOVAS_MAX_STREAMS_PER_TUNNEL", 1, 10**6
-            ),
-            failures_before_block=block_after,
-            failures_before_delay=max(1, block_after // 4),
-            block_seconds=parse_seconds(v["auth-block-seconds"], "--auth-block-seconds / NOVAS_AUTH_BLOCK_SECONDS"),
+            max_tunnels=v["max-tunnels"],
+            max_pending_handshakes=v["max-pending-handshakes"],
+            max_pending_per_source=v["max-pending-per-source"],
+            max_streams_per_tunnel=v["max-streams-per-tunnel"],
+            failures_before_block=v["auth-block-after"],
+            failures_before_delay=v["auth-delay-after"],
+            block_seconds=v["auth-block-seconds"],
         ),
         tls=not v["no-tls"],
         tls_cert=Path(cert) if cert else None,
         tls_key=Path(key) if key else None,
         state_dir=Path(v["state-dir"]),
         routes=routes,
-        window=parse_int(v["window"], "--window / NOVAS_WINDOW", MIN_INITIAL_WINDOW, MAX_WINDOW),
-        max_window=parse_max_window(v, "NOVAS", MIN_INITIAL_WINDOW, MAX_WINDOW),
-        handshake_timeout=parse_seconds(v["handshake-timeout"], "--handshake-timeout / NOVAS_HANDSHAKE_TIMEOUT"),
-        open_timeout=parse_seconds(v["open-timeout"], "--open-timeout / NOVAS_OPEN_TIMEOUT"),
+        window=v["window"],
+        max_window=check_max_window(v, LABEL),
+        handshake_timeout=v["handshake-timeout"],
+        open_timeout=v["open-timeout"],
         keepalive=keepalive,
         dead_timeout=dead,
         drain_timeout=drain,
         socks_port=socks_port,
         socks_bind=v["socks-bind"],
         socks_password=socks_password,
-        admin_port=admin_port,
+        socks_timeout=v["socks-timeout"],
+        admin_port=v["admin-port"],
         admin_bind=v["admin-bind"],
         admin_token=admin_token,
         metrics_token=metrics_token,
-        metrics_agents=parse_int(v["metrics-agents"], "--metrics-agents / NOVAS_METRICS_AGENTS", 0, 10_000),
+        metrics_agents=v["metrics-agents"],
         audit_db=audit_db,
-        audit_retention_days=retention,
+        audit_retention_days=v["audit-retention-days"],
     )
 
 
@@ -274,13 +319,11 @@ def load_tokens(env_tokens: tuple[bytes, ...], path: Path | None) -> tuple[Agent
     """
     tokens = [AgentToken(t) for t in env_tokens]
     if any(is_placeholder(t.decode("utf-8", "replace")) for t in env_tokens):
-        raise placeholder_error("--agent-token / NOVAS_AGENT_TOKEN")
+        raise placeholder_error(TOKEN.label)
     if any(len(t.secret) < MIN_TOKEN_LENGTH for t in tokens):
-        raise ConfigError(
-            f"--agent-token / NOVAS_AGENT_TOKEN: every token must be at least {MIN_TOKEN_LENGTH} characters"
-        )
+        raise ConfigError(f"{TOKEN.label}: every token must be at least {MIN_TOKEN_LENGTH} characters")
     if path is not None:
-        what = "--agent-token-file / NOVAS_AGENT_TOKEN_FILE"
+        what = TOKEN_FILE.label
         try:
             from_file = read_token_file(path)
         except OSError as e:
@@ -306,7 +349,7 @@ def load_tokens(env_tokens: tuple[bytes, ...], path: Path | None) -> tuple[Agent
             by_secret[t.secret] = t
         tokens += from_file
     if not tokens:
-        raise ConfigError("--agent-token / NOVAS_AGENT_TOKEN (or --agent-token-file) is required")
+        raise ConfigError(f"{TOKEN.label} (or --{TOKEN_FILE.name}) is required")
     return tuple(tokens)
 
 

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nova.errors import NovaError
 from nova.wire.frames import Auth
 from nova.wire.handshake import verify_auth
 
@@ -34,7 +35,7 @@ MIN_TOKEN_LENGTH = 16
 _LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,62}")
 
 
-class ScopeError(ValueError):
+class ScopeError(NovaError, ValueError):
     """A token file line whose scope words cannot be understood."""
 
 

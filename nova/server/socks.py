@@ -24,16 +24,15 @@ from twisted.python.failure import Failure
 
 from nova.admin.audit import Audit
 from nova.config import ConfigError
-from nova.wire.errors import OpenFailReason
+from nova.errors import open_failure
 from nova.wire.hostname import host_problem
 from nova.wire.text import untrusted
 
-from .endpoint import DEFAULT_OPEN_TIMEOUT, NoAgent, TunnelEndpoint
+from .endpoint import DEFAULT_OPEN_TIMEOUT, TunnelEndpoint
 from .listener import EntryConnection, StreamWatch, address
 from .registry import Registry
 from .routes import Selector, parse_selector
 from .security import Limits, Throttle, source_key
-from .tunnel import OpenFailed
 
 VERSION = 5
 AUTH_VERSION = 1
@@ -55,22 +54,9 @@ class Reply(IntEnum):
     ADDRESS_TYPE_NOT_SUPPORTED = 0x08
 
 
-_REASON_REPLY = {
-    OpenFailReason.REFUSED: Reply.CONNECTION_REFUSED,
-    OpenFailReason.DNS_FAILURE: Reply.HOST_UNREACHABLE,
-    OpenFailReason.UNREACHABLE: Reply.HOST_UNREACHABLE,
-    OpenFailReason.TIMEOUT: Reply.TTL_EXPIRED,
-    OpenFailReason.DENIED: Reply.NOT_ALLOWED,
-}
-
-
 def reply_for(failure: Failure) -> Reply:
-    """The SOCKS reply code for a failed tunnel connect."""
-    if failure.check(NoAgent):
-        return Reply.NETWORK_UNREACHABLE
-    if failure.check(OpenFailed):
-        return _REASON_REPLY.get(failure.value.reason, Reply.GENERAL_FAILURE)  # type: ignore[union-attr]
-    return Reply.GENERAL_FAILURE
+    """The SOCKS reply code for a failed tunnel connect (see L{nova.errors.OPEN_FAILURES})."""
+    return Reply(open_failure(failure).socks_reply)
 
 
 def reply(code: Reply) -> bytes:

@@ -21,7 +21,6 @@ from nova.admin.site import BoundedSite
 from nova.admin.store import AuditStore, AuditStoreError, backend_for
 from nova.admin.web import admin_resource
 from nova.config import ConfigError
-from nova.mux.tunnel import Timing
 from nova.service import ListenerService, StartupError, exit_zero_on_sigterm, on_signal, versions
 from nova.tls import STATE_DIR, TLSConfigError, ensure_server_certificate, server_options
 from nova.wire.errors import ErrorCode
@@ -61,7 +60,7 @@ class NovasService(MultiService):
             clock=reactor,  # type: ignore[arg-type]
             window=config.window,
             max_window=config.max_window,
-            timing=Timing(config.handshake_timeout, config.keepalive, config.dead_timeout),
+            timing=config.timing(),
             server_id=socket.gethostname(),
         )
         self.metrics.watch_routes(self.route_agents)
@@ -119,7 +118,7 @@ class NovasService(MultiService):
                     config.socks_password,
                     config.open_timeout,
                     self.context.audit,
-                    config.handshake_timeout,
+                    config.socks_timeout,
                     limits=config.limits,
                 ),
             )
@@ -142,7 +141,7 @@ class NovasService(MultiService):
                     f" (or --server-fingerprint {made.fingerprint})"
                 )
         except TLSConfigError as e:
-            raise SystemExit(f"novas: error: {e}") from None
+            raise StartupError(f"novas: error: {e}") from None
         endpoint: IStreamServerEndpoint = SSL4ServerEndpoint(
             reactor,
             c.agent_port,

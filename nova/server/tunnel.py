@@ -17,13 +17,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nova.admin.audit import Audit
+from nova.errors import OpenError, Why, reason_why
 from nova.mux.core import DEFAULT_MAX_WINDOW, OpenRefused, Role
 from nova.mux.private import innermost
 from nova.mux.stream import StreamTransport
 from nova.mux.tunnel import Timing, TunnelProtocol
 from nova.tls import channel_binding, client_identity, tls_version
 from nova.wire.errors import ErrorCode, OpenFailReason, ProtocolError, UnsupportedVersion
-from nova.wire.frames import VERSION, Auth, Frame, Hello, Reject, Welcome
+from nova.wire.frames import DEFAULT_INITIAL_WINDOW, VERSION, Auth, Frame, Hello, Reject, Welcome
 from nova.wire.handshake import name_problem, new_nonce, tags_problem, window_problem
 from nova.wire.text import untrusted
 
@@ -34,22 +35,27 @@ from .security import AgentToken, Limits, Throttle, TokenSet, source_key
 META_PREFIX = "nova/"
 
 
-class OpenFailed(Exception):
-    """The agent could not open the stream."""
+class OpenFailed(OpenError):
+    """The agent could not open the stream: its OPEN_FAIL C{reason} is the row."""
 
     def __init__(self, reason: OpenFailReason, message: str, agent: str = "") -> None:
         super().__init__(f"{reason.name}: {message}")
         self.reason = reason
         self.message = message
         self.agent = agent
+        self.why = reason_why(reason)
 
 
-class TunnelGone(Exception):
-    """The tunnel closed before the stream was opened."""
+class TunnelGone(OpenError):
+    """The tunnel closed before the stream was opened (another agent may do)."""
+
+    why = Why.TUNNEL_GONE
 
 
-class TunnelBusy(TunnelGone):
-    """The tunnel has as many streams as the server allows it."""
+class TunnelBusy(OpenError):
+    """The tunnel has as many streams as the server allows it (another agent may do)."""
+
+    why = Why.TUNNEL_BUSY
 
 
 # The first byte of a TLS handshake record (a ClientHello), read as a NOVA
@@ -71,7 +77,8 @@ class ServerContext:
     tls: bool
     clock: IReactorTime
     registry: Registry = field(default_factory=Registry)
-    window: int = 262_144
+    # The defaults serve tests; NOVAS builds every field from its settings.
+    window: int = DEFAULT_INITIAL_WINDOW
     max_window: int = DEFAULT_MAX_WINDOW
     timing: Timing = field(default_factory=Timing)
     server_id: str = "novas"
@@ -592,4 +599,4 @@ class ServerTunnelFactory(Factory):
         return ServerTunnel(self.context)
 
 
-__all__ = ["OpenFailed", "ServerContext", "ServerTunnel", "ServerTunnelFactory", "TunnelGone"]
+__all__ = ["OpenFailed", "ServerContext", "ServerTunnel", "ServerTunnelFactory", "TunnelBusy", "TunnelGone"]

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from nova.errors import NovaError
+
 
 class ErrorCode(IntEnum):
     """Codes used in REJECT, RST and GOAWAY."""
@@ -59,7 +61,7 @@ class OpenFailReason(IntEnum):
             return cls.OTHER
 
 
-class ProtocolError(Exception):
+class ProtocolError(NovaError):
     """
     The peer broke the protocol.  A connection error: the connection is
     ended with GOAWAY (or REJECT during the handshake) carrying C{code}.

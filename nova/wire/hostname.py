@@ -22,6 +22,8 @@ import ipaddress
 import re
 import unicodedata
 
+from nova.errors import NovaError
+
 MAX_NAME = 253  # octets of a name in its ASCII form, without the trailing dot (RFC 1035 2.3.4 less the root)
 MAX_LABEL = 63  # octets of one label in its ASCII form (RFC 1035 2.3.4)
 MAX_INPUT = 1024  # characters looked at in all: anything longer is refused before any work
@@ -34,7 +36,7 @@ _REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"}
 _DOTS = re.compile("[.\u3002\uff0e\uff61]")
 
 
-class InvalidHostName(ValueError):
+class InvalidHostName(NovaError, ValueError):
     """A destination host name that is refused; C{why} says which rule it breaks (no peer text in it)."""
 
     def __init__(self, why: str) -> None:
