@@ -24,10 +24,21 @@ from nova.mux.stream import StreamTransport
 from nova.mux.tunnel import Timing, TunnelProtocol
 from nova.tls import channel_binding, client_identity, tls_version
 from nova.wire.errors import ErrorCode, OpenFailReason, ProtocolError, UnsupportedVersion
-from nova.wire.frames import DEFAULT_INITIAL_WINDOW, VERSION, Auth, Frame, Hello, Reject, Welcome
+from nova.wire.frames import (
+    DEFAULT_INITIAL_WINDOW,
+    FEATURE_NONE,
+    MAX_VERSION,
+    VERSION,
+    Auth,
+    Frame,
+    Hello,
+    Reject,
+    Welcome,
+)
 from nova.wire.handshake import name_problem, new_nonce, tags_problem, window_problem
 from nova.wire.text import untrusted
 
+from .members import MembersProvider, single_server, wire_members
 from .refusals import Refusals
 from .registry import Registry
 from .security import AgentToken, Limits, Throttle, TokenSet, source_key
@@ -94,8 +105,13 @@ class ServerContext:
     waiting: dict[str, deque[ServerTunnel]] = field(default_factory=dict)
     waiting_count: int = 0
     refusals: Refusals = field(init=False)
+    # This server's id and the cluster's member ids, for version-2 agents
+    # (nova.server.members); None: this server alone.
+    members: MembersProvider | None = None
 
     def __post_init__(self) -> None:
+        if self.members is None:
+            self.members = single_server(self.server_id)
         if self.tokens is None:
             if self.token is None:
                 raise ValueError("a token or a token set is needed")
@@ -135,6 +151,8 @@ class ServerTunnel(TunnelProtocol):
         self._handshake_rtt = -1.0
         self._opening: dict[int, tuple[Deferred[StreamTransport], str, int]] = {}
         self._probes: list[Deferred[bool]] = []
+        self._auth_version = VERSION  # the layout of the agent's AUTH, and so of our REJECT
+        self.members_sent: tuple[str, ...] = ()  # the member list this (version-2) agent was last sent
 
     def __repr__(self) -> str:
         return f"<ServerTunnel {self.name or '?'}>"
@@ -217,7 +235,10 @@ class ServerTunnel(TunnelProtocol):
         if waited and self.session is not None:
             self.session.handshake_restarted()  # the delay is ours: it must not eat the agent's deadline
         self._nonce = new_nonce()
-        self.send_frame(Hello(self._nonce))
+        # The offer (protocol.md §4.2): a version-2 agent answers with a
+        # version-2 AUTH, a version-1 agent ignores it.
+        self.accept_version(MAX_VERSION)
+        self.send_frame(Hello(self._nonce, MAX_VERSION))
         self._hello_sent_at = self.clock.seconds()
 
     def _report(self, code: str, why: str, claimed: str = "", token: str = "") -> None:
@@ -258,6 +279,7 @@ class ServerTunnel(TunnelProtocol):
         assert c.tokens is not None and c.throttle is not None
         if not self._nonce:
             raise ProtocolError("AUTH before HELLO")
+        self._auth_version = frame.version
         # HELLO to AUTH is a round trip measured on an idle connection (window
         # auto-tuning needs one before bulk data can skew a PING's).
         self._handshake_rtt = self.clock.seconds() - self._hello_sent_at
@@ -361,7 +383,18 @@ class ServerTunnel(TunnelProtocol):
         self.registered_at = c.clock.seconds()
         self.start_streams(frame.initial_window)
         self.rtt_measured(self._handshake_rtt, keepalive=False)
-        self.send_frame(Welcome(self.local_window, int(c.timing.keepalive * 1000), c.server_id))
+        self.protocol_version = frame.version
+        self.accept_version(frame.version)
+        keepalive_ms = int(c.timing.keepalive * 1000)
+        if frame.version >= 2:
+            assert c.members is not None
+            own, members = c.members()
+            self.members_sent = wire_members(own, members)
+            self.send_frame(
+                Welcome(self.local_window, keepalive_ms, own, 2, FEATURE_NONE & frame.features, self.members_sent)
+            )
+        else:
+            self.send_frame(Welcome(self.local_window, keepalive_ms, c.server_id))
         self.registered = True
         c.registry.register(self)
         self.log.info(
@@ -380,6 +413,14 @@ class ServerTunnel(TunnelProtocol):
             tls=self.tls_version or "off",
             token_id=self.token_id,
         )
+
+    def send_members(self, members: tuple[str, ...]) -> None:
+        """Tell a version-2 agent the cluster's members (MEMBERS), if they changed since it was last told."""
+        if self.protocol_version < 2 or self.mux is None or self.closed or members == self.members_sent:
+            return
+        self.members_sent = members
+        self.mux.members(members)
+        self.flush_soon()
 
     def answers_ping(self, timeout: float) -> Deferred[bool]:
         """
@@ -437,7 +478,13 @@ class ServerTunnel(TunnelProtocol):
         """
         self._rejected = True
         self._report(reported or code.name, message, claimed_name, token)
-        self.send_frame(Reject(code, message))
+        if self._auth_version >= 2:
+            # Who refused: an agent that dials every member learns whether it
+            # landed on one it already holds (NAME_IN_USE), protocol.md §4.2.
+            assert self.context.members is not None
+            self.send_frame(Reject(code, message, 2, self.context.members()[0]))
+        else:
+            self.send_frame(Reject(code, message))
         self.close()  # the handshake deadline drops it if the peer never reads
 
     def protocol_error(self, error: ProtocolError) -> None:
@@ -568,6 +615,9 @@ class ServerTunnel(TunnelProtocol):
             "address": self.address,
             "connected_since": self.registered_at,
             "protocol_version": VERSION,
+            # What the handshake agreed on (protocol.md §4.2); protocol_version
+            # stays the version of the frames every tunnel shares.
+            "negotiated_version": self.protocol_version,
             "agent_version": self.meta.get("version", ""),
             "status": "draining" if self.draining else "connected",
             "active_streams": self.open_streams(),
