@@ -22,13 +22,22 @@ from nova.admin.metrics import OPEN_BUCKETS, base_registry
 from nova.mux.stream import StreamTransport
 from nova.wire.errors import ErrorCode
 
-RECONNECT_REASONS = ("connect_failed", "handshake_failed", "rejected", "server_shutdown", "goaway", "lost")
+RECONNECT_REASONS = (
+    "connect_failed",
+    "handshake_failed",
+    "rejected",
+    "server_shutdown",
+    "goaway",
+    "lost",
+    "duplicate",
+)
 """
 Why a tunnel (or an attempt at one) ended while the agent runs, so that
 another attempt follows: the connection could not be made; it ended before
 registration; the server refused the registration; the server announced its
 shutdown (GOAWAY SHUTDOWN: a restart, most likely); it sent another GOAWAY
-(e.g. REPLACED); a registered tunnel was lost otherwise (network, keepalive).
+(e.g. REPLACED); a registered tunnel was lost otherwise (network, keepalive);
+discovery led to a member the agent already holds (docs/cluster.md).
 """
 
 
@@ -66,6 +75,18 @@ class AgentMetrics:
             buckets=OPEN_BUCKETS,
             registry=r,
         )
+        self.pool_members = Gauge(
+            "nova_agent_pool_members",
+            "Cluster members the servers behind this address named (1 for a server without a cluster).",
+            ["server"],
+            registry=r,
+        )
+        self.pool_tunnels = Gauge(
+            "nova_agent_pool_tunnels",
+            "Tunnels held through this address, one per member reached (docs/cluster.md, Discovery).",
+            ["server"],
+            registry=r,
+        )
         self.denials = Counter(
             "nova_agent_policy_denials", "Streams the destination policy refused, by server.", ["server"], registry=r
         )
@@ -89,6 +110,12 @@ class AgentMetrics:
         if not stopping:
             reason = ended_by or ("lost" if registered else "handshake_failed")
             self.reconnects.labels(server, reason).inc()
+
+    def pool(self, server: str, tunnels: int, members: int) -> None:
+        """The pool behind C{server} holds C{tunnels} of the C{members} it knows; up while it holds one."""
+        self.pool_tunnels.labels(server).set(tunnels)
+        self.pool_members.labels(server).set(members)
+        self.tunnel_up.labels(server).set(1 if tunnels else 0)
 
     def connecting(self, endpoint: IStreamClientEndpoint, server: str) -> IStreamClientEndpoint:
         """C{endpoint}, counting each connection it fails to make as a C{connect_failed} reconnect."""
