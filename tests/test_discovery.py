@@ -10,14 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IProtocol
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
+from nova.agent.discovery import AgentPool
 from nova.agent.pool import PoolState
+from nova.agent.reconnect import Backoff
 from nova.agent.tunnel import AgentContext, AgentTunnel, Duplicate
 from nova.server.members import announce_members, single_server, wire_members
 from nova.server.tunnel import ServerContext, ServerTunnel
@@ -220,3 +223,109 @@ class WireMembersTests(SynchronousTestCase):
 
     def test_single_server(self) -> None:
         self.assertEqual(single_server("s")(), ("s", ("s",)))
+
+
+@implementer(IStreamClientEndpoint)
+class BalancerEndpoint:
+    """A round-robin balancer in memory: each connect reaches the next server that is up."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.up: list[str] = list(cluster.servers)
+        self.turn = 0
+        self.connects = 0
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        self.connects += 1
+        if not self.up:
+            return fail(ConnectionRefusedError())
+        server_id = self.up[self.turn % len(self.up)]
+        self.turn += 1
+        server = ServerTunnel(self.cluster.servers[server_id])
+        agent = factory.buildProtocol(None)
+        assert agent is not None
+        self.cluster.pumps.append(
+            iosim.connect(server, iosim.makeFakeServer(server), agent, iosim.makeFakeClient(agent), greet=False)
+        )
+        return succeed(agent)
+
+
+class PoolOverBalancerTests(SynchronousTestCase):
+    """NOVAC's pool service (nova.agent.discovery) behind a balancer in front of three servers."""
+
+    def setUp(self) -> None:
+        self.c = Cluster()
+        self.ids = ("novas-a", "novas-b", "novas-c")
+        self.providers = {sid: Members(sid, *(o for o in self.ids if o != sid)) for sid in self.ids}
+        for sid in self.ids:
+            self.c.server(sid, self.providers[sid])
+        self.balancer = BalancerEndpoint(self.c)
+        self.context = self.c.agent_context()
+        self.backoff = Backoff(1.0, 30.0, random=lambda: 0.5, server="lb:9022")
+        self.pool = AgentPool(self.balancer, self.context, "lb:9022", self.backoff, self.c.clock)
+
+    def run_for(self, seconds: float) -> None:
+        for _ in range(int(seconds * 10)):
+            self.c.clock.advance(0.1)
+            self.c.flush()
+
+    def registered_on(self) -> set[str]:
+        return {sid for sid, ctx in self.c.servers.items() if ctx.registry.get("db-agent") is not None}
+
+    def test_reaches_every_member_and_closes_duplicates(self) -> None:
+        self.pool.startService()
+        self.c.flush()
+        self.run_for(60)
+        self.assertEqual(self.registered_on(), set(self.ids))
+        self.assertEqual(set(self.pool.state.held), set(self.ids))
+        self.assertEqual(len([t for t in self.context.tunnels if not t.closed]), 3)
+        connects = self.balancer.connects
+        self.run_for(120)
+        self.assertEqual(self.balancer.connects, connects)  # satisfied: no more dials
+        metrics = self.context.metrics
+        self.assertEqual(metrics.pool_tunnels.labels("lb:9022")._value.get(), 3)
+        self.assertEqual(metrics.pool_members.labels("lb:9022")._value.get(), 3)
+
+    def test_a_killed_server_is_not_redialled_once_the_cluster_forgets_it(self) -> None:
+        self.pool.startService()
+        self.run_for(60)
+        self.assertEqual(set(self.pool.state.held), set(self.ids))
+        # novas-c dies: its tunnel drops, the balancer stops sending to it.
+        self.balancer.up.remove("novas-c")
+        [tunnel] = [t for t in self.context.tunnels if t.server_id == "novas-c"]
+        tunnel.abort("novas-c was killed")
+        self.c.flush()
+        self.run_for(30)
+        self.assertEqual(set(self.pool.state.held), {"novas-a", "novas-b"})
+        self.assertGreater(self.pool.state.duplicates, 0)  # it kept trying, landing on the survivors
+        # The survivors' view drops novas-c: they tell the agent, which stops.
+        for sid in ("novas-a", "novas-b"):
+            self.providers[sid].ids = ("novas-a", "novas-b")
+            announce_members(self.c.servers[sid].registry, self.providers[sid])
+        self.c.flush()
+        connects = self.balancer.connects
+        self.run_for(120)
+        self.assertEqual(self.balancer.connects, connects)
+
+    def test_a_new_member_is_reached(self) -> None:
+        self.pool.startService()
+        self.run_for(60)
+        self.c.server("novas-d", Members("novas-d", *self.ids))
+        self.balancer.up.append("novas-d")
+        for sid in self.ids:
+            self.providers[sid].ids = (*self.ids, "novas-d")
+            announce_members(self.c.servers[sid].registry, self.providers[sid])
+        self.run_for(120)
+        self.assertEqual(self.registered_on(), {*self.ids, "novas-d"})
+
+    def test_stop_drains_every_tunnel(self) -> None:
+        self.pool.startService()
+        self.run_for(60)
+        d = self.pool.stopService()
+        self.c.flush()
+        self.run_for(1)
+        self.successResultOf(d)
+        self.assertEqual(self.registered_on(), set())
+        connects = self.balancer.connects
+        self.run_for(120)
+        self.assertEqual(self.balancer.connects, connects)
