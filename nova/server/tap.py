@@ -4,6 +4,7 @@ C{twist novas}: build the server's service tree from its options.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 
@@ -26,6 +27,7 @@ from nova.tls import STATE_DIR, TLSConfigError, ensure_server_certificate, serve
 from nova.wire.errors import ErrorCode
 
 from .listener import RouteFactory
+from .members import members_test_hook
 from .options import Options, ServerConfig, load_tokens
 from .security import TokenSet
 from .socks import SocksFactory
@@ -50,6 +52,7 @@ class NovasService(MultiService):
             retention=config.audit_retention_days * 86400,
             on_dropped=self.metrics.audit_dropped.inc,
         )
+        members_hook = members_test_hook(os.environ)  # tests only (nova.server.members)
         self.context = ServerContext(
             audit=Audit(self.store, self.metrics, server=socket.gethostname()),
             token=None,
@@ -61,8 +64,11 @@ class NovasService(MultiService):
             window=config.window,
             max_window=config.max_window,
             timing=config.timing(),
-            server_id=socket.gethostname(),
+            server_id=members_hook.own if members_hook is not None else socket.gethostname(),
+            members=members_hook,
         )
+        if members_hook is not None:
+            members_hook.service(self.context.registry).setServiceParent(self)  # type: ignore[no-untyped-call]
         self.metrics.watch_routes(self.route_agents)
         self.reactor = reactor
         self._fingerprint_note: str | None = None
