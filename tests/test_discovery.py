@@ -210,6 +210,7 @@ class DuplicateTests(SynchronousTestCase):
         )
         self.assertTrue(transport.disconnecting)
         self.assertIs(state.held["novas-a"], held)
+        self.assertEqual(state.duplicates, 1)
 
 
 class WireMembersTests(SynchronousTestCase):

@@ -202,7 +202,7 @@ class AgentTunnel(TunnelProtocol):
                 )
             self.server_id = frame.server_id
             self.members = frame.members if frame.version >= 2 else (frame.server_id,)
-            if self.pool is not None and not self.pool.welcomed(self, frame.server_id, self.members):
+            if self.pool is not None and self.pool.holds(frame.server_id):
                 # Discovery landed on a member this agent holds a tunnel to:
                 # close this one at once (docs/cluster.md, "Discovery").
                 self.log.info(
@@ -212,6 +212,9 @@ class AgentTunnel(TunnelProtocol):
                     agent=self.context.name,
                 )
                 self._ended_by = "duplicate"
+                self.pool.refused_duplicate()
+                if self.backoff is not None:
+                    self.backoff.failed(f"landed on server {frame.server_id} again, which this agent holds")
                 self.send_frame(GoAway(ErrorCode.NO_ERROR, "already connected to this server"))
                 self._fail_registration(Duplicate(frame.server_id))
                 self.close()
@@ -230,7 +233,11 @@ class AgentTunnel(TunnelProtocol):
                 server_id=frame.server_id,
             )
             self.context.metrics.registered(self.server)
+            if self.backoff is not None:
+                self.backoff.failed(f"registered with server {frame.server_id}")  # the last attempt, for the next line
             self._settle(self)
+            if self.pool is not None and not self.pool.welcomed(self, frame.server_id, self.members):
+                self.close()  # a duplicate after all (checked above: not expected)
         elif (
             isinstance(frame, Reject) and frame.server_id and self.pool is not None and self.pool.holds(frame.server_id)
         ):
@@ -475,7 +482,12 @@ class AgentTunnel(TunnelProtocol):
                 )
             self._fail_registration(ConnectionError(reason.getErrorMessage()))
         else:
-            self.log.info("tunnel to {server} closed: {reason}", server=self.server, reason=reason.getErrorMessage())
+            self.log.info(
+                "tunnel to {server} closed: {reason}{member}",
+                server=self.server,
+                reason=reason.getErrorMessage(),
+                member=f" (server {self.server_id})" if self.pool is not None and self.server_id else "",
+            )
             if self.backoff is not None and not isinstance(self._outcome, Failure):  # not the REJECT just noted
                 self.backoff.failed(f"tunnel closed: {reason.getErrorMessage()}")
         if self.pool is not None:
