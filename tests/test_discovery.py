@@ -13,7 +13,8 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -171,6 +172,9 @@ class NegotiationTests(SynchronousTestCase):
 
 
 class DuplicateTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
     def test_a_second_tunnel_to_a_held_member_is_refused_and_not_counted_as_a_rejection(self) -> None:
         c = Cluster()
         c.server("novas-a", Members("novas-a", "novas-b"))
@@ -188,6 +192,8 @@ class DuplicateTests(SynchronousTestCase):
         c.clock.advance(0.1)
         c.flush()
         self.failureResultOf(second.when_registered(), Duplicate)
+        # Normal discovery, not a refusal: nothing for the operator to see.
+        self.assertEqual([e for e in self.logged if "refused" in str(e.get("log_format", ""))], [])
         self.assertTrue(second.closed)
         self.assertFalse(first.closed)
         self.assertEqual(state.duplicates, 1)
@@ -243,7 +249,7 @@ class BalancerEndpoint:
         server_id = self.up[self.turn % len(self.up)]
         self.turn += 1
         server = ServerTunnel(self.cluster.servers[server_id])
-        agent = factory.buildProtocol(None)
+        agent = factory.buildProtocol(iosim.FakeAddress())
         assert agent is not None
         self.cluster.pumps.append(
             iosim.connect(server, iosim.makeFakeServer(server), agent, iosim.makeFakeClient(agent), greet=False)

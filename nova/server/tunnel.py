@@ -356,12 +356,19 @@ class ServerTunnel(TunnelProtocol):
                 self._admit(frame, token)  # it changed meanwhile: look again
             elif alive:
                 since = datetime.fromtimestamp(current.registered_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                # A version-2 agent with the live tunnel's own token that dials
+                # again is discovery landing here twice (docs/cluster.md): normal,
+                # so not reported as a refusal; the REJECT is the same.
+                discovery = frame.version >= 2 and current.token_key == token.key
+                if discovery:
+                    self.log.debug("agent {agent} reached this server again through the balancer", agent=frame.name)
                 self._reject(
                     ErrorCode.NAME_IN_USE,
                     f"the agent name {frame.name!r} is in use by a live agent connected from"
                     f" {current.address} since {since}",
                     frame.name,
                     token.id,
+                    report=not discovery,
                 )
             else:
                 current.dead(f"it did not answer a ping when {frame.name} registered again from {self.address}")
@@ -471,13 +478,24 @@ class ServerTunnel(TunnelProtocol):
             self.flush()
         self.close()
 
-    def _reject(self, code: ErrorCode, message: str, claimed_name: str, token: str = "", *, reported: str = "") -> None:
+    def _reject(
+        self,
+        code: ErrorCode,
+        message: str,
+        claimed_name: str,
+        token: str = "",
+        *,
+        reported: str = "",
+        report: bool = True,
+    ) -> None:
         """
         Refuse the registration: REJECT C{code}, close, and report it
-        (aggregated per source) as C{reported}, else as C{code}.
+        (aggregated per source) as C{reported}, else as C{code}, unless not
+        to C{report} it.
         """
         self._rejected = True
-        self._report(reported or code.name, message, claimed_name, token)
+        if report:
+            self._report(reported or code.name, message, claimed_name, token)
         if self._auth_version >= 2:
             # Who refused: an agent that dials every member learns whether it
             # landed on one it already holds (NAME_IN_USE), protocol.md §4.2.
