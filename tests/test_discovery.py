@@ -19,7 +19,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from nova.agent.discovery import AgentPool
+from nova.agent.discovery import AgentPool, PoolGroup
 from nova.agent.pool import PoolState
 from nova.agent.reconnect import Backoff
 from nova.agent.tunnel import AgentContext, AgentTunnel, Duplicate
@@ -336,3 +336,35 @@ class PoolOverBalancerTests(SynchronousTestCase):
         connects = self.balancer.connects
         self.run_for(120)
         self.assertEqual(self.balancer.connects, connects)
+
+
+class SeveralAddressesTests(SynchronousTestCase):
+    """NOVAC_SERVER lists each member's own address: each pool holds its member and none looks for the others'."""
+
+    def test_members_held_through_another_address_are_not_looked_for(self) -> None:
+        c = Cluster()
+        ids = ("novas-a", "novas-b")
+        for sid in ids:
+            c.server(sid, Members(sid, *ids))
+        context = c.agent_context()
+        group = PoolGroup()
+        pools = []
+        endpoints = []
+        for sid in ids:
+            endpoint = BalancerEndpoint(c)
+            endpoint.up = [sid]  # this address reaches this member only
+            backoff = Backoff(1.0, 30.0, random=lambda: 0.5, server=f"{sid}:9022")
+            pools.append(AgentPool(endpoint, context, f"{sid}:9022", backoff, c.clock, group=group))
+            endpoints.append(endpoint)
+        for pool in pools:
+            pool.startService()
+        for _ in range(600):
+            c.clock.advance(0.1)
+            c.flush()
+        self.assertEqual([set(p.state.held) for p in pools], [{"novas-a"}, {"novas-b"}])
+        connects = [e.connects for e in endpoints]
+        for _ in range(1200):
+            c.clock.advance(0.1)
+            c.flush()
+        self.assertEqual([e.connects for e in endpoints], connects)  # nobody dials for the other's member
+        self.assertLessEqual(sum(connects), 3)

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from nova.service import StartupError, exit_zero_on_sigterm, versions
 from nova.tls import TLSConfigError, client_creator
 
-from .discovery import AgentPool
+from .discovery import AgentPool, PoolGroup
 from .health import health_service
 from .options import AgentConfig, Options
 from .policy import Dialer, reactor_resolver, tcp_connector
@@ -55,12 +55,13 @@ class NovacService(MultiService):
         # delays none of the others.  Each keeps a tunnel to every member of
         # the cluster behind its address (docs/cluster.md, "Discovery").
         self.pools: dict[str, AgentPool] = {}
+        group = PoolGroup()
         for host, port in config.servers:
             label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             backoff = Backoff(config.reconnect_initial, config.reconnect_max, server=label)
             self.context.metrics.server_configured(label)
             endpoint = self.context.metrics.connecting(self._endpoint(host, port), label)
-            pool = AgentPool(endpoint, self.context, label, backoff, reactor, config.drain_timeout)
+            pool = AgentPool(endpoint, self.context, label, backoff, reactor, config.drain_timeout, group)
             pool.setServiceParent(self)  # type: ignore[no-untyped-call]
             self.pools[label] = pool
         if config.health_port is not None:
