@@ -481,7 +481,7 @@ class AgentTunnel(TunnelProtocol):
                     else f"ended before registration: {reason.getErrorMessage()}"
                 )
             self._fail_registration(ConnectionError(reason.getErrorMessage()))
-        else:
+        elif self._ended_by != "duplicate":  # a duplicate was logged when it was found out
             self.log.info(
                 "tunnel to {server} closed: {reason}{member}",
                 server=self.server,
