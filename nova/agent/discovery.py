@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from nova.wire.errors import ErrorCode
 
 from .pool import PoolState
-from .reconnect import Backoff, _NotingEndpoint
+from .reconnect import Backoff, NotingEndpoint
 from .tunnel import AgentContext, AgentTunnel, AgentTunnelFactory
 
 log = Logger()
@@ -39,7 +39,7 @@ class AgentPool(Service):
         drain_timeout: float = 30.0,
         group: PoolGroup | None = None,
     ) -> None:
-        self.endpoint = _NotingEndpoint(endpoint, backoff)
+        self.endpoint = NotingEndpoint(endpoint, backoff)
         self.context = context
         self.label = label
         self.backoff = backoff
@@ -51,7 +51,6 @@ class AgentPool(Service):
         self._held_reported: frozenset[str] = frozenset()
         self.factory = AgentTunnelFactory(context, label, backoff, self.state)
         self._connecting: Deferred[IProtocol] | None = None
-        self._tunnels: set[AgentTunnel] = set()
 
     # PoolHooks.
 

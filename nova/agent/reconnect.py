@@ -125,7 +125,7 @@ class _ClientService(ClientService):
 
 
 @implementer(IStreamClientEndpoint)
-class _NotingEndpoint:
+class NotingEndpoint:
     """An endpoint that tells the backoff why a connection attempt failed."""
 
     def __init__(self, endpoint: IStreamClientEndpoint, backoff: Backoff) -> None:
@@ -164,4 +164,4 @@ def reconnecting(
         )
         return delay
 
-    return _ClientService(_NotingEndpoint(endpoint, backoff), factory, retryPolicy=retry, clock=clock)
+    return _ClientService(NotingEndpoint(endpoint, backoff), factory, retryPolicy=retry, clock=clock)
