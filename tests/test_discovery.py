@@ -23,7 +23,7 @@ from nova.agent.discovery import AgentPool, PoolGroup
 from nova.agent.pool import PoolState
 from nova.agent.reconnect import Backoff
 from nova.agent.tunnel import AgentContext, AgentTunnel, Duplicate
-from nova.server.members import announce_members, single_server, wire_members
+from nova.server.members import announce_members, current_members, single_server, wire_members
 from nova.server.tunnel import ServerContext, ServerTunnel
 from nova.wire.codec import FrameDecoder
 from nova.wire.errors import ErrorCode
@@ -227,6 +227,25 @@ class WireMembersTests(SynchronousTestCase):
         self.assertLessEqual(len(many), MAX_MEMBERS)
         encode(Welcome(65536, 1, "me" * 100, 2, 0, many))  # fits, or this raises
         self.assertEqual(wire_members("me", ["", "y" * 300]), ("me",))
+
+    def test_a_failing_provider_names_this_server_alone_and_announces_nothing(self) -> None:
+        def broken() -> tuple[str, tuple[str, ...]]:
+            raise RuntimeError("the view is gone")
+
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.assertEqual(current_members(broken, "me"), ("me", ("me",)))
+        self.assertEqual(announce_members([object()], broken), 0)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+        self.assertTrue(logged)
+        c = Cluster()
+        c.server("novas-a", broken)
+        _, agent = c.connect("novas-a", c.agent_context())
+        self.successResultOf(agent.when_registered())
+        self.assertEqual(agent.members, ("novas-a",))
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_ids_the_wire_cannot_carry_are_left_out(self) -> None:
+        self.assertEqual(wire_members("me", ["ok", "bad\udc80"]), ("me", "ok"))
 
     def test_single_server(self) -> None:
         self.assertEqual(single_server("s")(), ("s", ("s",)))

@@ -14,8 +14,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 from twisted.application.internet import TimerService
+from twisted.logger import Logger
 
 from nova.wire.frames import MAX_CONTROL_PAYLOAD, MAX_MEMBER_ID, MAX_MEMBERS
+
+log = Logger()
 
 # () -> (this server's id, the ids of the cluster's members).
 MembersProvider = Callable[[], tuple[str, Iterable[str]]]
@@ -30,6 +33,20 @@ def single_server(server_id: str) -> MembersProvider:
     return lambda: (server_id, (server_id,))
 
 
+def current_members(provider: MembersProvider, fallback: str) -> tuple[str, tuple[str, ...]]:
+    """
+    This server's id and the member list as sent (L{wire_members}).  A
+    provider that fails is logged and taken for this server alone: a
+    registration never fails because the cluster view did.
+    """
+    try:
+        own, members = provider()
+    except Exception:
+        log.failure("the cluster's member list could not be read; naming this server alone")
+        return fallback, (fallback,)
+    return own, wire_members(own, members)
+
+
 def wire_members(own: str, members: Iterable[str]) -> tuple[str, ...]:
     """
     The list as sent: this server first (always, even if the view lacks it),
@@ -40,7 +57,10 @@ def wire_members(own: str, members: Iterable[str]) -> tuple[str, ...]:
     ids = [own]
     budget = MAX_CONTROL_PAYLOAD - _WELCOME_FIXED - 2 - len(own.encode("utf-8"))
     for member in sorted(set(members) - {own}):
-        size = len(member.encode("utf-8", "replace"))
+        try:
+            size = len(member.encode("utf-8"))
+        except UnicodeEncodeError:
+            continue
         if not 1 <= size <= MAX_MEMBER_ID or len(ids) >= MAX_MEMBERS or size + 2 > budget:
             continue
         budget -= size + 2
@@ -54,8 +74,9 @@ def announce_members(tunnels: Iterable[object], provider: MembersProvider) -> in
     sends MEMBERS only to a version-2 agent, and only if its list changed).
     Returns how many tunnels were asked.
     """
-    own, members = provider()
-    ids = wire_members(own, members)
+    own, ids = current_members(provider, "")
+    if not own:
+        return 0  # the provider failed (logged): keep what the agents were told
     n = 0
     for tunnel in tunnels:
         send = getattr(tunnel, "send_members", None)

@@ -38,7 +38,7 @@ from nova.wire.frames import (
 from nova.wire.handshake import name_problem, new_nonce, tags_problem, window_problem
 from nova.wire.text import untrusted
 
-from .members import MembersProvider, single_server, wire_members
+from .members import MembersProvider, current_members, single_server
 from .refusals import Refusals
 from .registry import Registry
 from .security import AgentToken, Limits, Throttle, TokenSet, source_key
@@ -395,8 +395,7 @@ class ServerTunnel(TunnelProtocol):
         keepalive_ms = int(c.timing.keepalive * 1000)
         if frame.version >= 2:
             assert c.members is not None
-            own, members = c.members()
-            self.members_sent = wire_members(own, members)
+            own, self.members_sent = current_members(c.members, c.server_id)
             self.send_frame(
                 Welcome(self.local_window, keepalive_ms, own, 2, FEATURE_NONE & frame.features, self.members_sent)
             )
@@ -500,7 +499,8 @@ class ServerTunnel(TunnelProtocol):
             # Who refused: an agent that dials every member learns whether it
             # landed on one it already holds (NAME_IN_USE), protocol.md §4.2.
             assert self.context.members is not None
-            self.send_frame(Reject(code, message, 2, self.context.members()[0]))
+            own, _ = current_members(self.context.members, self.context.server_id)
+            self.send_frame(Reject(code, message, 2, own))
         else:
             self.send_frame(Reject(code, message))
         self.close()  # the handshake deadline drops it if the peer never reads
