@@ -191,8 +191,8 @@ def new_pool(core: PoolCore) -> Pool:
 class PoolState:
     """
     The pool's two sets and its machine, driven by what the tunnels report
-    (the adapter, L{nova.agent.tap}, forwards each report here and carries
-    out the hooks).  No I/O.
+    (L{nova.agent.tunnel}) and the adapter sees (L{nova.agent.discovery},
+    which also carries out the hooks).  No I/O.
     """
 
     def __init__(
