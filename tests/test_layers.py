@@ -1,0 +1,29 @@
+"""
+Which layers a module may import: each import is checked in a fresh
+interpreter, so nothing another test has loaded hides a dependency.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from twisted.trial.unittest import SynchronousTestCase
+
+
+def loaded_after(statement: str) -> set[str]:
+    """The modules a fresh interpreter holds after running C{statement}."""
+    code = f"import sys, json\n{statement}\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60)
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def under(modules: set[str], *packages: str) -> list[str]:
+    return sorted(m for m in modules if any(m == p or m.startswith(p + ".") for p in packages))
+
+
+class LayerTests(SynchronousTestCase):
+    def test_routes_do_not_import_the_command_line(self) -> None:
+        loaded = loaded_after("import nova.server.routes")
+        self.assertEqual(under(loaded, "nova.config", "nova.server.options", "twisted.python.usage"), [])
