@@ -27,3 +27,7 @@ class LayerTests(SynchronousTestCase):
     def test_routes_do_not_import_the_command_line(self) -> None:
         loaded = loaded_after("import nova.server.routes")
         self.assertEqual(under(loaded, "nova.config", "nova.server.options", "twisted.python.usage"), [])
+
+    def test_the_policy_rule_language_is_pure(self) -> None:
+        loaded = loaded_after("import nova.agent.policy")
+        self.assertEqual(under(loaded, "twisted"), [])

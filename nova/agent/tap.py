@@ -18,9 +18,9 @@ from nova.service import exit_zero_on_sigterm, versions
 from nova.tls import TLSConfigError, client_creator
 from nova.wire.errors import ErrorCode
 
+from .dialer import Dialer, reactor_resolver, tcp_connector
 from .health import health_service
 from .options import AgentConfig, Options
-from .policy import Dialer, reactor_resolver, tcp_connector
 from .reconnect import Backoff, reconnecting
 from .tunnel import AgentContext, AgentTunnelFactory
 
