@@ -31,3 +31,31 @@ class LayerTests(SynchronousTestCase):
     def test_the_policy_rule_language_is_pure(self) -> None:
         loaded = loaded_after("import nova.agent.policy")
         self.assertEqual(under(loaded, "twisted"), [])
+
+    def test_novac_loads_neither_the_admin_page_nor_prometheus(self) -> None:
+        # The agent's service, built as `twist novac` builds it, with a probe
+        # port but no /metrics: Prometheus is loaded only to serve /metrics.
+        loaded = loaded_after(
+            "from twisted.internet import reactor\n"
+            "from nova.agent.options import Options\n"
+            "from nova.agent.tap import makeService\n"
+            "options = Options(env={'NOVAC_SERVER': 's:1', 'NOVAC_TOKEN': 'x' * 16, 'NOVAC_TLS': 'off',"
+            " 'NOVAC_HEALTH_PORT': '0', 'NOVAC_METRICS': 'off'})\n"
+            "options.parseOptions([])\n"
+            "makeService(options)"
+        )
+        self.assertEqual(under(loaded, "nova.admin", "prometheus_client"), [])
+        self.assertIn("nova.agent.health", loaded)
+
+    def test_novac_loads_prometheus_to_serve_metrics(self) -> None:
+        loaded = loaded_after(
+            "from twisted.internet import reactor\n"
+            "from nova.agent.options import Options\n"
+            "from nova.agent.tap import makeService\n"
+            "options = Options(env={'NOVAC_SERVER': 's:1', 'NOVAC_TOKEN': 'x' * 16, 'NOVAC_TLS': 'off',"
+            " 'NOVAC_HEALTH_PORT': '0'})\n"
+            "options.parseOptions([])\n"
+            "makeService(options)"
+        )
+        self.assertIn("prometheus_client", loaded)
+        self.assertEqual(under(loaded, "nova.admin"), [])

@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
+from twisted.web.resource import Resource
 
 from nova.mux.tunnel import Timing
 from nova.service import exit_zero_on_sigterm, versions
@@ -19,6 +20,7 @@ from nova.tls import TLSConfigError, client_creator
 from nova.wire.errors import ErrorCode
 
 from .dialer import Dialer, reactor_resolver, tcp_connector
+from .events import AgentEvents
 from .health import health_service
 from .options import AgentConfig, Options
 from .reconnect import Backoff, reconnecting
@@ -38,6 +40,15 @@ class NovacService(MultiService):
         dialer = Dialer(config.policy, reactor_resolver(reactor), tcp_connector(reactor, config.connect_timeout))
         connect_target = dialer.connect
 
+        # Counted for Prometheus only where /metrics is served: otherwise
+        # neither prometheus_client nor the counters are loaded.
+        events = AgentEvents()
+        metrics_page: Resource | None = None
+        if config.health_port is not None and config.metrics:
+            from .metrics import AgentMetrics
+
+            counted = AgentMetrics()
+            events, metrics_page = counted, counted.page()
         self.context = AgentContext(
             name=config.name,
             tags=config.tags,
@@ -51,6 +62,7 @@ class NovacService(MultiService):
             max_streams=config.max_streams,
             max_open_rate=float(config.max_open_rate),
             policy=config.policy,
+            metrics=events,
         )
         # One independent reconnecting tunnel per server: a server that is
         # down delays none of the others.
@@ -64,8 +76,7 @@ class NovacService(MultiService):
             client.setServiceParent(self)
             self.clients[label] = client
         if config.health_port is not None:
-            metrics = self.context.metrics.registry if config.metrics else None
-            health = health_service(reactor, config.health_bind, config.health_port, self.ready, metrics)
+            health = health_service(reactor, config.health_bind, config.health_port, self.ready, metrics_page)
             health.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def ready(self) -> bool:
