@@ -59,3 +59,12 @@ class LayerTests(SynchronousTestCase):
         )
         self.assertIn("prometheus_client", loaded)
         self.assertEqual(under(loaded, "nova.admin"), [])
+
+    def test_the_options_do_not_import_the_check(self) -> None:
+        # --check is dispatched by nova.agent.tap.makeService, not by the options.
+        self.assertNotIn("nova.agent.check", loaded_after("import nova.agent.options"))
+        self.assertNotIn("nova.agent.check", loaded_after("import nova.agent.tap"))
+
+    def test_the_check_loads_neither_the_admin_page_nor_prometheus(self) -> None:
+        loaded = loaded_after("import nova.agent.check")
+        self.assertEqual(under(loaded, "nova.admin", "prometheus_client"), [])

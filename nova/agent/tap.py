@@ -4,7 +4,8 @@ C{twist novac}: one reconnecting tunnel per configured server.
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
 from twisted.application.internet import ClientService
 from twisted.application.service import IService, MultiService, Service
@@ -148,6 +149,17 @@ def _then_stop(_: object, client: ClientService) -> Deferred[None]:
 
 
 def makeService(options: Options) -> IService:
+    if options.get("check"):
+        run_check(options)
     from twisted.internet import reactor
 
     return NovacService(options.config, reactor)
+
+
+def run_check(options: Options) -> NoReturn:
+    """C{--check}: a one-off run instead of the service; never returns, and logs nothing."""
+    from .check import run  # only --check needs it (and what it imports)
+
+    for warning in options.warnings:
+        print(f"novac: warning: {warning}", file=sys.stderr)
+    run(options.config)
