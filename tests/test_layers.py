@@ -23,14 +23,27 @@ def under(modules: set[str], *packages: str) -> list[str]:
     return sorted(m for m in modules if any(m == p or m.startswith(p + ".") for p in packages))
 
 
+PURE = (
+    "nova.wire.codec",
+    "nova.wire.handshake",
+    "nova.mux.core",
+    "nova.values",
+    "nova.server.routes",
+    "nova.server.socks5",
+    "nova.agent.policy",
+    "nova.agent.events",
+)
+"""Cores that do no I/O: they load no Twisted at all."""
+
+
 class LayerTests(SynchronousTestCase):
     def test_routes_do_not_import_the_command_line(self) -> None:
         loaded = loaded_after("import nova.server.routes")
         self.assertEqual(under(loaded, "nova.config", "nova.server.options", "twisted.python.usage"), [])
 
-    def test_the_policy_rule_language_is_pure(self) -> None:
-        loaded = loaded_after("import nova.agent.policy")
-        self.assertEqual(under(loaded, "twisted"), [])
+    def test_the_pure_cores_load_no_twisted(self) -> None:
+        for module in PURE:
+            self.assertEqual(under(loaded_after(f"import {module}"), "twisted"), [], module)
 
     def test_novac_loads_neither_the_admin_page_nor_prometheus(self) -> None:
         # The agent's service, built as `twist novac` builds it, with a probe

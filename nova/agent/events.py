@@ -8,10 +8,14 @@ without a probe port never loads prometheus_client.  Pure: no I/O.
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IStreamClientEndpoint
+from typing import TYPE_CHECKING
 
-from nova.mux.stream import StreamTransport
 from nova.wire.errors import ErrorCode
+
+if TYPE_CHECKING:  # types only: this module loads nothing of Twisted
+    from twisted.internet.interfaces import IStreamClientEndpoint
+
+    from nova.mux.stream import StreamTransport
 
 RECONNECT_REASONS = ("connect_failed", "handshake_failed", "rejected", "server_shutdown", "goaway", "lost")
 """
