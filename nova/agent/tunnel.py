@@ -71,6 +71,13 @@ class Rejected(Exception):
         self.code = code
 
 
+def _prometheus_metrics() -> AgentEvents:
+    # Imported here: an agent that serves no /metrics never loads prometheus_client.
+    from .metrics import AgentMetrics
+
+    return AgentMetrics()
+
+
 @dataclass
 class AgentContext:
     name: str
@@ -93,14 +100,7 @@ class AgentContext:
     max_open_rate: float = 5000.0
     # Where the agent's events are counted: Prometheus unless told otherwise
     # (NOVAC passes a plain AgentEvents when it serves no /metrics).
-    metrics: AgentEvents = field(default_factory=lambda: _prometheus_metrics())
-
-
-def _prometheus_metrics() -> AgentEvents:
-    # Imported here: an agent that serves no /metrics never loads prometheus_client.
-    from .metrics import AgentMetrics
-
-    return AgentMetrics()
+    metrics: AgentEvents = field(default_factory=_prometheus_metrics)
 
 
 def classify(failure: Failure) -> OpenFailReason:
