@@ -32,6 +32,7 @@ OTHER = "(other)"
 NONE = "(none)"
 """The C{agent} label of a stream that found no agent."""
 
+
 class AgentLabels:
     """
     Which agent names have a label value of their own: at most C{limit}

@@ -67,8 +67,7 @@ from nova.wire.handshake import name_problem
 from .events import AgentEvents
 from .options import AgentConfig
 from .tunnel import AgentContext, AgentTunnel, Rejected
-from .wiring import agent_context, server_endpoint
-from .wiring import server_label as _label
+from .wiring import agent_context, server_endpoint, server_label
 
 EXIT_OK = 0
 EXIT_CONFIG = 1
@@ -384,7 +383,7 @@ class Checker:
         ]
 
     async def server(self, host: str, port: int, name: str) -> ServerReport:
-        attempt = Attempt(host, port, name, _label(host, port))
+        attempt = Attempt(host, port, name, server_label(host, port))
         report = ServerReport(attempt.label)
         try:
             for step, run in self.steps():
@@ -433,7 +432,7 @@ class Checker:
         assert isinstance(protocol, CheckTunnel) and protocol.transport is not None
         attempt.tunnel = protocol
         peer = protocol.transport.getPeer()
-        where = _label(getattr(peer, "host", "?"), getattr(peer, "port", attempt.port))
+        where = server_label(getattr(peer, "host", "?"), getattr(peer, "port", attempt.port))
         return f"connected to {where} ({self._took(started)})"
 
     async def tls(self, attempt: Attempt) -> str:
@@ -469,8 +468,7 @@ class Checker:
         # At once: NOVAS must not choose this tunnel for a stream.
         tunnel.send_goaway(ErrorCode.NO_ERROR, "connectivity check (twist novac --check): takes no streams")
         return (
-            f"registered as {attempt.name} with server {tunnel.server_id or '?'}; GOAWAY sent"
-            f" ({self._took(started)})"
+            f"registered as {attempt.name} with server {tunnel.server_id or '?'}; GOAWAY sent ({self._took(started)})"
         )
 
     async def rtt(self, attempt: Attempt) -> str:
@@ -548,7 +546,7 @@ async def check(reactor: Any, config: AgentConfig, out: TextIO) -> int:
         ensureDeferred(checker.server(host, port, name))
         for (host, port), name in zip(config.servers, names, strict=True)
     ]
-    width = max(len(_label(host, port)) for host, port in config.servers)
+    width = max(len(server_label(host, port)) for host, port in config.servers)
     reports: list[ServerReport] = []
     for d in pending:
         report = await d
