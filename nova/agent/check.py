@@ -33,6 +33,13 @@ With a client certificate (NOVAC_TLS_CERT) the certificate binds the name:
 the check uses C{NAME-check} if the certificate carries it, and NAME
 otherwise (a running agent with that name is then replaced for a moment and
 reconnects).
+
+How it is built: L{Checker.steps} lists the six steps, each a small
+coroutine that returns its line's detail or raises L{StepFailed};
+L{Checker.server} runs them in order for one server over the agent's own
+endpoint and tunnel context (L{nova.agent.wiring}); L{check} runs every
+server and prints; L{run} is the command, which
+L{nova.agent.tap.makeService} runs instead of the service.
 """
 
 from __future__ import annotations
