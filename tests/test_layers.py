@@ -81,3 +81,35 @@ class LayerTests(SynchronousTestCase):
     def test_the_check_loads_neither_the_admin_page_nor_prometheus(self) -> None:
         loaded = loaded_after("import nova.agent.check")
         self.assertEqual(under(loaded, "nova.admin", "prometheus_client"), [])
+
+
+class CheckDispatchTests(SynchronousTestCase):
+    """C{--check} is read by the options and run by C{makeService}, instead of the service."""
+
+    ENV = {"NOVAC_SERVER": "s:1", "NOVAC_TOKEN": "x" * 16, "NOVAC_TLS": "off"}
+
+    def test_parsing_check_runs_nothing(self) -> None:
+        from nova.agent.options import Options
+
+        options = Options(env=self.ENV)
+        options.parseOptions(["--check"])  # before, postOptions ran the check and exited here
+        self.assertTrue(options["check"])
+
+    def test_make_service_runs_the_check_instead_of_the_service(self) -> None:
+        from nova.agent import check, tap
+        from nova.agent.options import Options
+
+        ran: list[object] = []
+
+        class Ran(Exception):
+            pass
+
+        def run(config: object) -> None:
+            ran.append(config)
+            raise Ran()  # the real one exits the process with the check's status
+
+        self.patch(check, "run", run)
+        options = Options(env=self.ENV)
+        options.parseOptions(["--check"])
+        self.assertRaises(Ran, tap.makeService, options)
+        self.assertEqual(ran, [options.config])
