@@ -17,9 +17,9 @@ raised (the classes stay beside the code that raises them):
         nova.server.endpoint  NoAgent, AgentTimeout
         nova.server.tunnel    OpenFailed, TunnelGone, TunnelBusy
 
-(Still to derive from it, in modules being rewritten as this one was made:
-nova.agent.policy's PolicyError and PolicyDenied, nova.agent.check's
-StepFailed, nova.server.socks' Malformed.)
+    nova.agent.policy    PolicyError, PolicyDenied    a rule that cannot parse; a destination the rules deny
+    nova.agent.check     StepFailed, Skipped          a step of C{novac --check} that failed or was not run
+    nova.server.socks5   Malformed                    a SOCKS5 client that broke the protocol
 
 An open failure carries its L{Why}; L{OPEN_FAILURES} says, once, what each
 means everywhere it is reported: the metrics and audit label, whether

@@ -6,7 +6,7 @@ bounded memory, the port keeps answering); headers and the request line are
 bounded; NOVAC's probe port serves the two probes and nothing else; every
 answer carries the browser security headers and a CSP without inline script.
 
-The in-memory tests drive L{nova.admin.site.BoundedSite} over a
+The in-memory tests drive L{nova.site.BoundedSite} over a
 L{StringTransport}; the integration tests attack real processes on loopback,
 each parametrized over both ports so one failure never hides another.
 """
@@ -39,8 +39,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from nova.admin.probe import probe_resource
-from nova.admin.site import MAX_REQUEST_BODY, SECURITY_HEADERS, BoundedRequest, BoundedSite
+from nova.probes import probe_resource
+from nova.site import MAX_REQUEST_BODY, SECURITY_HEADERS, BoundedRequest, BoundedSite
 
 from .processes import ADMIN_TOKEN, Proc, free_port, novac, novas, rss_kib, wait_for
 

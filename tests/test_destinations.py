@@ -27,10 +27,10 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from nova.agent.dialer import Dialer
 from nova.agent.policy import (
     METADATA,
     WHY_SENSITIVE,
-    Dialer,
     IPAddress,
     PolicyDenied,
     PolicyError,

@@ -34,11 +34,11 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from nova.admin.audit import Audit
 from nova.admin.metrics import NONE, OTHER, AgentLabels, Metrics
-from nova.admin.probe import MetricsPage
 from nova.agent.metrics import RECONNECT_REASONS, AgentMetrics
 from nova.agent.options import Options as AgentOptions
 from nova.agent.policy import parse_policy
 from nova.config import resolve
+from nova.prometheus import MetricsPage
 from nova.server.options import SETTINGS as SERVER_SETTINGS
 from nova.server.options import build_config as server_config
 from nova.server.routes import parse_route

@@ -26,11 +26,11 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from nova.agent.dialer import Dialer, reactor_resolver, tcp_connector
 from nova.agent.options import Options, build_config
 from nova.agent.policy import (
     WHY_NO_RULE,
     WHY_SENSITIVE,
-    Dialer,
     IPAddress,
     Policy,
     PolicyDenied,
@@ -38,8 +38,6 @@ from nova.agent.policy import (
     is_sensitive,
     parse_policy,
     parse_rule,
-    reactor_resolver,
-    tcp_connector,
 )
 from nova.agent.tap import NovacService
 from nova.agent.tunnel import classify

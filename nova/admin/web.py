@@ -6,7 +6,7 @@ Everything but C{/healthz}, C{/readyz} and the page's own files (C{/},
 C{/page.js}, C{/page.css}) needs C{Authorization: Bearer TOKEN}.  The page
 itself carries no data; its script asks for the token and sends it with each
 API call.  The page's script and style are files, so the Content-Security-
-Policy (L{nova.admin.site}) allows nothing inline.
+Policy (L{nova.site}) allows nothing inline.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from nova.probes import Probe
+
 from .metrics import Metrics
-from .probe import Probe
 from .store import AuditStore, Query
 
 _FILES = resources.files("nova.admin")
@@ -154,7 +155,7 @@ class MetricsPage(Guarded):
 
 
 class Page(_Leaf):
-    """A static file of the page; the security headers come from L{nova.admin.site.BoundedRequest}."""
+    """A static file of the page; the security headers come from L{nova.site.BoundedRequest}."""
 
     def __init__(self, content_type: bytes, body: bytes) -> None:
         super().__init__()

@@ -6,7 +6,6 @@ variable (see README.md).
 from __future__ import annotations
 
 import socket
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,15 +227,5 @@ class Options(EnvOptions):
 
     def opt_check(self) -> None:
         """Check every server (DNS, TCP, TLS, registration, round trip), one line per step; exit 0 if all pass."""
+        # Read by nova.agent.tap.makeService, which runs the check instead of the service.
         self["check"] = True
-
-    def postOptions(self) -> None:
-        super().postOptions()
-        if self.get("check"):
-            # A one-off run instead of a service: never returns, and logs nothing.
-            from .check import run
-
-            for warning in self.warnings:
-                print(f"novac: warning: {warning}", file=sys.stderr)
-
-            run(self.config)

@@ -27,7 +27,7 @@ from nova.wire.handshake import make_auth, window_problem
 from nova.wire.hostname import host_problem
 from nova.wire.text import untrusted
 
-from .metrics import AgentMetrics, goaway_reason
+from .events import AgentEvents, goaway_reason
 from .policy import Policy, PolicyDenied
 from .reconnect import Backoff
 
@@ -76,6 +76,13 @@ class Rejected(NovaError):
 DEFAULT_MAX_OPEN_RATE = 5000
 
 
+def _prometheus_metrics() -> AgentEvents:
+    # Imported here: an agent that serves no /metrics never loads prometheus_client.
+    from .metrics import AgentMetrics
+
+    return AgentMetrics()
+
+
 @dataclass
 class AgentContext:
     name: str
@@ -97,7 +104,9 @@ class AgentContext:
     # OPENs per second a server may ask of this agent (a token bucket whose
     # burst is one second's worth); beyond it OPEN_FAIL OVERLOADED.
     max_open_rate: float = DEFAULT_MAX_OPEN_RATE
-    metrics: AgentMetrics = field(default_factory=AgentMetrics)
+    # Where the agent's events are counted: Prometheus unless told otherwise
+    # (NOVAC passes a plain AgentEvents when it serves no /metrics).
+    metrics: AgentEvents = field(default_factory=_prometheus_metrics)
 
 
 def classify(failure: Failure) -> OpenFailReason:

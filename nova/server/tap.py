@@ -16,12 +16,12 @@ from twisted.logger import Logger
 
 from nova.admin.audit import Audit
 from nova.admin.metrics import Metrics
-from nova.admin.probe import MetricsPage
-from nova.admin.site import BoundedSite
 from nova.admin.store import AuditStore, AuditStoreError, backend_for
 from nova.admin.web import admin_resource
 from nova.config import ConfigError
+from nova.prometheus import MetricsPage
 from nova.service import ListenerService, StartupError, exit_zero_on_sigterm, on_signal, versions
+from nova.site import BoundedSite
 from nova.tls import STATE_DIR, TLSConfigError, ensure_server_certificate, server_options
 from nova.wire.errors import ErrorCode
 
