@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 # Address families whose bind/connect reach the network stack: a socketpair
 # or a pipe (the reactor's waker) is in-memory and stays allowed.
@@ -82,3 +83,30 @@ def _guarded(item: pytest.Item) -> Generator[None, Any, None]:
 # the setup of the first test that uses it.
 pytest_runtest_setup = pytest.hookimpl(hookwrapper=True)(_guarded)
 pytest_runtest_call = pytest.hookimpl(hookwrapper=True)(_guarded)
+
+
+# The fast loop is the edit loop: each Hypothesis property runs a quarter of
+# its examples there (at least 10).  Every other run (the full pytest run,
+# trial) keeps each test's own budget.
+FAST_LOOP_EXAMPLES = 0.25
+
+
+def _fast_settings(parent: settings) -> settings:
+    return settings(parent, max_examples=max(10, int(parent.max_examples * FAST_LOOP_EXAMPLES)))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if "not integration" not in (config.option.markexpr or ""):
+        return
+    done: set[int] = set()  # parametrized tests share one function
+    for item in items:
+        test = getattr(item, "obj", None)
+        test = getattr(test, "__func__", test)
+        if getattr(test, "is_hypothesis_test", False) and id(test) not in done:
+            done.add(id(test))
+            own = getattr(test, "_hypothesis_internal_use_settings", None) or settings.default
+            test._hypothesis_internal_use_settings = _fast_settings(own)  # type: ignore[union-attr]
+        case = getattr(item, "cls", None)
+        if case is not None and isinstance(getattr(case, "settings", None), settings) and id(case) not in done:
+            done.add(id(case))
+            case.settings = _fast_settings(case.settings)
