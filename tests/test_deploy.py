@@ -59,8 +59,12 @@ EXERCISED = {
     # etc/kubernetes: the kustomize layout and the two rendered overlays
     # (novac-deployment.yaml, novac-deployment-ha.yaml), in test_kubernetes.py.
     **KUBERNETES_FILES,
-    ETC / "prometheus" / "nova-alerts.yml": "test_metrics_integration.py::test_the_alert_rules_pass_promtool, ::test_metrics_on_*",
-    ETC / "grafana" / "nova-dashboard.json": "test_metrics.py::test_the_dashboard_*, test_metrics_integration.py::test_metrics_on_*",
+    ETC
+    / "prometheus"
+    / "nova-alerts.yml": "test_metrics_integration.py::test_the_alert_rules_pass_promtool, ::test_metrics_on_*",
+    ETC
+    / "grafana"
+    / "nova-dashboard.json": "test_metrics.py::test_the_dashboard_*, test_metrics_integration.py::test_metrics_on_*",
     CONSTRAINTS: "test_dockerfile, tests/test_image.py::test_image_user_dependencies_and_no_build_secret",
 }
 
