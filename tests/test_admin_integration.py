@@ -11,8 +11,7 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nova.server.security import token_id
 
-from .processes import ADMIN_TOKEN, TOKEN, Proc, echo_roundtrip, fingerprint, free_port, novac, novas, target, wait_for
+from .processes import (
+    ADMIN_TOKEN,
+    TOKEN,
+    Proc,
+    echo_roundtrip,
+    fingerprint,
+    free_port,
+    novac,
+    novas,
+    postgres_server,
+    target,
+    wait_for,
+)
 from .test_admin import get
 
 pytestmark = pytest.mark.integration
@@ -119,44 +130,10 @@ def test_api_history_metrics_and_probes(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def postgres(tmp_path: Path) -> Any:
-    """A throwaway PostgreSQL server on loopback."""
-    bindir = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
-    assert bindir is not None, ".ci/run installs postgresql"
-    # pytest's tmp_path is private to root; PostgreSQL runs as its own user.
-    home = Path(tempfile.mkdtemp(prefix="nova-pg-"))
-    data = home / "pgdata"
-    data.mkdir()
-    run_as: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        shutil.chown(home, "postgres")
-        shutil.chown(data, "postgres")
-        run_as = ["runuser", "-u", "postgres", "--"]
-    subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "nova"], check=True,
-                   capture_output=True)  # fmt: skip
-    port = free_port()
-    proc = subprocess.Popen(
-        [*run_as, str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-h", "127.0.0.1", "-k", str(home)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    dsn = f"postgresql://nova@127.0.0.1:{port}/postgres"
-    try:
-        import psycopg
-
-        def up() -> bool:
-            try:
-                psycopg.connect(dsn, connect_timeout=1).close()
-                return True
-            except psycopg.OperationalError:
-                return False
-
-        wait_for(up, 30, "PostgreSQL to start")
-        yield dsn
-    finally:
-        proc.terminate()
-        proc.wait(20)
-        shutil.rmtree(home, ignore_errors=True)
+def postgres() -> Iterator[str]:
+    """The address of a throwaway PostgreSQL server (L{tests.processes.postgres_server})."""
+    with postgres_server() as (port, _):
+        yield f"postgresql://nova@127.0.0.1:{port}/postgres"
 
 
 def test_audit_in_postgresql_shared_by_two_servers(tmp_path: Path, postgres: str) -> None:
