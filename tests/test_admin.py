@@ -19,7 +19,7 @@ from nova.admin.audit import Audit
 from nova.admin.metrics import Metrics
 from nova.admin.store import AuditStore, Query, Record, SQLiteBackend
 
-from .processes import ADMIN_TOKEN
+from .processes import ADMIN_TOKEN, wait_for
 
 
 def get(port: int, path: str, token: str | None = ADMIN_TOKEN) -> tuple[int, bytes, dict[str, str]]:
@@ -84,7 +84,8 @@ class StoreTests(SynchronousTestCase):
         store = AuditStore(Counting(Path(self.mktemp()) / "a.db"), retention=None, linger=1.0)
         store.start()
         store.record(Record("stream_opened", 1.0))
-        time.sleep(0.1)  # the writer has the first record and waits for more
+        # The writer has taken the first record and lingers for more.
+        wait_for(store._queue.empty, 10, "the writer to take the first record")
         for i in range(99):
             store.record(Record("stream_closed", 2.0 + i))
         store.stop()

@@ -383,6 +383,7 @@ class PauseOnRealTLSTests(TestCase):
                 for _ in range(400):  # 20 s
                     if predicate():
                         return
+                    # Polling with a deadline: the state is another process's.
                     await deferLater(reactor, 0.05)  # type: ignore[arg-type]
                 raise AssertionError(f"timed out waiting for {what}")
 

@@ -61,6 +61,7 @@ def test_token_rotation_with_sighup(tmp_path: Path) -> None:
             server.proc.send_signal(signal.SIGHUP)
             server.wait_log("closing 1 tunnel(s) whose token was removed")
             server.wait_log("agent old disconnected: its token was revoked")
+            # An absence: give a wrong close the time to show in the log.
             time.sleep(1)
             assert "agent new disconnected" not in server.text()
     for log in tmp_path.glob("*.log"):
@@ -143,7 +144,7 @@ class Stage:
                     chunk = os.urandom(64 * 1024)
                     self.sent.update(chunk)
                     s.sendall(chunk)
-                    time.sleep(0.01)
+                    time.sleep(0.01)  # pacing: a steady transfer beside the bad input, not a flood
                 s.shutdown(socket.SHUT_WR)
                 reader.join(60)
         except BaseException as e:
@@ -233,7 +234,7 @@ def case_slow_handshake(stage: Stage) -> tuple[RawAgent | socket.socket, str]:
             agent.send(bytes([b]))
         except (OSError, SSL.Error):
             break  # dropped at the deadline: a reset, not a graceful close
-        time.sleep(1)
+        time.sleep(1)  # the input under test: a handshake one byte a second
     return agent, "did not finish within"
 
 
@@ -296,7 +297,7 @@ def case_data_after_fin(stage: Stage) -> None:
         pass
     user.close()
     # The hostile tunnel itself is still registered.
-    time.sleep(0.5)
+    time.sleep(0.5)  # an absence: give a wrong disconnect the time to show in the log
     assert "agent evil-fin disconnected" not in stage.server.text()
     agent.close()
 
@@ -460,14 +461,14 @@ def test_bad_input_flood_leaves_memory_bounded(stage: Stage) -> None:
                     pass
 
     flood(500)  # warm up: caches, allocator pools, the audit queue
-    time.sleep(1)
+    time.sleep(1)  # no event says the process is done freeing: let it settle before measuring RSS
     start = rss_kib(stage.plain.proc.pid)
     workers = [threading.Thread(target=flood, args=(2500,)) for _ in range(4)]
     for w in workers:
         w.start()
     for w in workers:
         w.join(300)
-    time.sleep(1)
+    time.sleep(1)  # as above, before the second RSS measurement
     grown = rss_kib(stage.plain.proc.pid) - start
     assert grown < 16 * 1024, f"NOVAS grew by {grown} KiB over 10,000 bad connections"
     assert echo_roundtrip(stage.route, b"after the flood") == b"after the flood"
