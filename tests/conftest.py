@@ -52,7 +52,7 @@ def _watching(seen: list[str]) -> Iterator[None]:
 
         return watched
 
-    subprocess.Popen.__init__ = popen  # type: ignore[assignment,method-assign]
+    subprocess.Popen.__init__ = popen  # type: ignore[method-assign]
     for name in originals:
         setattr(socket.socket, name, wrap(name))
     try:
@@ -105,6 +105,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if getattr(test, "is_hypothesis_test", False) and id(test) not in done:
             done.add(id(test))
             own = getattr(test, "_hypothesis_internal_use_settings", None) or settings.default
+            assert isinstance(own, settings)
             test._hypothesis_internal_use_settings = _fast_settings(own)  # type: ignore[union-attr]
         case = getattr(item, "cls", None)
         if case is not None and isinstance(getattr(case, "settings", None), settings) and id(case) not in done:

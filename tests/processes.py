@@ -130,7 +130,12 @@ def target(kind: str = "echo") -> Iterator[int]:
 def echo_roundtrip(port: int, payload: bytes, timeout: float = 60.0) -> bytes:
     """Send C{payload} while reading the echo; return what came back."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        sender = threading.Thread(target=lambda: (s.sendall(payload), s.shutdown(socket.SHUT_WR)))
+
+        def send() -> None:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send)
         sender.start()
         chunks = []
         while data := s.recv(1 << 20):

@@ -119,7 +119,8 @@ class BlockedStoreTunnelTests(SynchronousTestCase):
 
         store = AuditStore(Stuck(Path(self.mktemp()) / "a.db"), max_queue=2)
         store.start()
-        self.addCleanup(lambda: (release.set(), store.stop()))
+        self.addCleanup(store.stop)
+        self.addCleanup(release.set)  # cleanups run last-in first-out: release, then stop
         h = Harness()
         h.server_context.audit = Audit(store)
         for _ in range(20):

@@ -162,7 +162,9 @@ def test_audit_in_postgresql_shared_by_two_servers(tmp_path: Path, postgres: str
                         # Server one sees server two's streams: one shared history.
                         wait_for(lambda: agents_in_history() == {"agent-a", "agent-b"}, 15)
     with psycopg.connect(postgres) as conn:
-        (n,) = conn.execute("SELECT count(*) FROM nova_events WHERE kind = 'tunnel_registered'").fetchone()
+        row = conn.execute("SELECT count(*) FROM nova_events WHERE kind = 'tunnel_registered'").fetchone()
+        assert row is not None
+        (n,) = row
         assert n == 2
 
 
@@ -193,7 +195,12 @@ def test_reverse_tunnels_page_in_a_real_browser(tmp_path: Path) -> None:
 
                 page.on("console", on_console)
                 dialogs: list[str] = []
-                page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+
+                def on_dialog(dialog: Any) -> None:
+                    dialogs.append(dialog.message)
+                    dialog.dismiss()
+
+                page.on("dialog", on_dialog)
                 # Every CSP violation the page causes, as the browser reports it.
                 page.add_init_script(
                     "window.cspViolations = [];"

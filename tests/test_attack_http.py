@@ -47,6 +47,7 @@ class _Recorder(Resource):
         self.bodies: list[bytes] = []
 
     def render(self, request: Request) -> bytes:
+        assert request.content is not None
         self.bodies.append(request.content.read())
         return b"ok"
 
@@ -73,7 +74,8 @@ class _Conn:
 
     @property
     def status(self) -> bytes:
-        return self.transport.value().split(b"\r\n", 1)[0]
+        status: bytes = self.transport.value().split(b"\r\n", 1)[0]
+        return status
 
     def headers(self) -> dict[bytes, bytes]:
         head = self.transport.value().split(b"\r\n\r\n", 1)[0]

@@ -201,7 +201,7 @@ def test_twistd_daemon_pidfile_logfile_and_sigterm(tmp_path: Path) -> None:
 def _http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
+            return bool(response.status == 200)
     except OSError:
         return False
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -313,12 +313,12 @@ class NovasAdminPortTests(SynchronousTestCase):
         from nova.server.tap import NovasService
 
         state = {"NOVAS_STATE_DIR": self.mktemp(), "NOVAS_TLS": "off", "NOVAS_ROUTES": "1:db:5432@env=prod"}
-        service = NovasService(server_settings(**state, **env), MemoryReactorClock())  # type: ignore[arg-type]
+        service = NovasService(server_settings(**state, **env), MemoryReactorClock())
         assert service.admin_listener is not None
         root = service.admin_listener.factory.resource  # type: ignore[attr-defined]
         page = root.getChildWithDefault(b"metrics", DummyRequest([b"metrics"]))
         self.assertIsInstance(page, MetricsPage)
-        return page
+        return cast(MetricsPage, page)
 
     def test_the_metrics_token_alone(self) -> None:
         page = self.admin_metrics(NOVAS_ADMIN_TOKEN="", NOVAS_METRICS_TOKEN="metrics-token-123")

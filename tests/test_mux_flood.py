@@ -159,7 +159,7 @@ class TunnelFloodTests(SynchronousTestCase):
         self.transport = StringTransport()
         self.tunnel = Bare(self.clock)
         self.tunnel.makeConnection(self.transport)
-        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
 
     def written(self) -> list[Frame]:
         frames = decode(self.transport.value())

@@ -199,8 +199,8 @@ CASES = [
 class RetryLineTests(SynchronousTestCase):
     def test_the_retry_line_names_the_server_the_reason_novas_count_and_delay(self) -> None:
         events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        globalLogPublisher.addObserver(events.append)  # type: ignore[arg-type]
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)  # type: ignore[arg-type]
         clock = Clock()
         endpoint = _RefusingEndpoint()
         backoff = Backoff(1.0, 30.0, random=lambda: 0.5, server="novas.example.com:9022")

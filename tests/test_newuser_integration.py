@@ -296,7 +296,7 @@ def test_demo_ctrl_c_stops_cleanly_and_removes_its_files(tmp_path: Path, keep: b
 def test_bench_novas_listens_on_no_admin_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # With the default admin port (9023) it could not start while a demo or another NOVAS held it.
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
-    import tunnels  # type: ignore[import-not-found]
+    import tunnels
 
     server = tunnels.Novas(tmp_path, free_port(), tmp_path / "state")
     try:

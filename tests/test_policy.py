@@ -296,7 +296,7 @@ ANSWERS = {
 
 class DialerTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
         self.resolver = FakeResolver(ANSWERS)
         self.connector = FakeConnector()
 
@@ -410,7 +410,7 @@ class ReactorPlumbingTests(SynchronousTestCase):
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
         resolve = reactor_resolver(None, getaddrinfo, maybeDeferred)
-        self.assertEqual(list(self.successResultOf(resolve("x.invalid"))), [])
+        self.assertEqual(list(self.successResultOf(resolve("x.invalid"))), [])  # type: ignore[arg-type]
 
     def test_reactor_resolver_fails_on_any_other_error(self) -> None:
         """
@@ -454,7 +454,7 @@ class TunnelPolicyTests(SynchronousTestCase):
     """OPEN_FAIL DENIED end to end over the in-memory TLS tunnel."""
 
     def setUp(self) -> None:
-        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
 
     def open_denied(self, h: Harness, host: str, port: int) -> OpenFailed:
         failure, *_ = h.open(host, port)

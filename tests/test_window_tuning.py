@@ -361,7 +361,7 @@ class TunnelTests(SynchronousTestCase):
             h.flush()
             h.clock.advance(0.001)
         self.assertGreater(budget.used, 0)
-        h.server_tls.transport.loseConnection()
+        h.server_tls.transport.loseConnection()  # type: ignore[union-attr]
         h.flush()
         self.assertEqual(budget.used, 0)
 

@@ -32,7 +32,7 @@ class Probe(Resource):
     isLeaf = True
 
     def __init__(self, check: Callable[[], bool], what: str) -> None:
-        Resource.__init__(self)  # type: ignore[no-untyped-call]
+        Resource.__init__(self)
         self._check = check
         self._what = what
 
@@ -70,7 +70,7 @@ class MetricsPage(Resource):
     isLeaf = True
 
     def __init__(self, registry: CollectorRegistry, tokens: Sequence[bytes] | None, off_hint: str = "") -> None:
-        Resource.__init__(self)  # type: ignore[no-untyped-call]
+        Resource.__init__(self)
         self._registry = registry
         self._tokens = tokens
         self._off_hint = off_hint
@@ -103,7 +103,7 @@ class _NotFound(Resource):
     isLeaf = True
 
     def __init__(self) -> None:
-        Resource.__init__(self)  # type: ignore[no-untyped-call]
+        Resource.__init__(self)
 
     def render(self, request: Request) -> bytes:
         return _plain(request, 404, "not found\n")
@@ -113,11 +113,11 @@ class ProbesOnly(Resource):
     """C{/healthz} and C{/readyz}, and C{/metrics} if given a registry; 404 for every other path."""
 
     def __init__(self, ready: Callable[[], bool], what: str, metrics: CollectorRegistry | None = None) -> None:
-        Resource.__init__(self)  # type: ignore[no-untyped-call]
-        self.putChild(b"healthz", Probe(lambda: True, "alive"))  # type: ignore[no-untyped-call]
-        self.putChild(b"readyz", Probe(ready, what))  # type: ignore[no-untyped-call]
+        Resource.__init__(self)
+        self.putChild(b"healthz", Probe(lambda: True, "alive"))
+        self.putChild(b"readyz", Probe(ready, what))
         if metrics is not None:
-            self.putChild(b"metrics", MetricsPage(metrics, None))  # type: ignore[no-untyped-call]
+            self.putChild(b"metrics", MetricsPage(metrics, None))
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         return _NotFound()
