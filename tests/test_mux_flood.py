@@ -19,16 +19,13 @@ from nova.mux.core import MAX_QUEUED_REPLIES, Buffer, Multiplexer, Role
 from nova.mux.tunnel import CLOSE_TIMEOUT, READ_PAUSE_REPLIES, Timing, TunnelProtocol
 from nova.wire.codec import FrameDecoder
 from nova.wire.errors import ControlFlood, ErrorCode, OpenFailReason
-from nova.wire.frames import Data, Frame, GoAway, Open, OpenFail, OpenOk, Ping, Pong, WindowUpdate, encode
+from nova.wire.frames import Data, Frame, GoAway, Open, OpenFail, OpenOk, Ping, Pong, WindowUpdate
 
+from .strategies import wire
 from .test_tunnel import Recorder
 
 WINDOW = 65536
 KEEPALIVE = 15.0
-
-
-def wire(*frames: Frame) -> bytes:
-    return b"".join(b"".join(encode(f)) for f in frames)
 
 
 def pings(n: int, start: int = 0) -> bytes:

@@ -24,7 +24,6 @@ from OpenSSL import SSL
 
 from nova.wire.errors import ErrorCode
 from nova.wire.frames import (
-    HEADER,
     Data,
     Fin,
     Open,
@@ -38,6 +37,7 @@ from nova.wire.handshake import make_auth
 from .pki import CA
 from .processes import ADMIN_TOKEN, TOKEN, Proc, echo_roundtrip, fingerprint, free_port, novac, novas, target, wait_for
 from .rawagent import RawAgent
+from .strategies import header
 
 pytestmark = pytest.mark.integration
 
@@ -168,10 +168,6 @@ def tls_bytes(stage: Stage, data: bytes) -> RawAgent:
     agent.hello()
     agent.send(data)
     return agent
-
-
-def header(type_byte: int, stream_id: int, length: int, version: int = 1) -> bytes:
-    return HEADER.pack(version, type_byte, 0, 0, stream_id, length)
 
 
 def registered(stage: Stage, name: str) -> RawAgent:
