@@ -221,10 +221,3 @@ class BoundedSiteTests(SynchronousTestCase):
 
 
 # --- Real processes -----------------------------------------------------------
-
-
-ATTACK_BODY = 289 * MiB  # the size in the review's report
-SNDBUF = 64 * 1024
-
-
-PORTS = ["admin", "health"]

@@ -407,5 +407,3 @@ def test_the_dashboard_is_grafana_json_with_queries() -> None:
 
 
 # --- Real processes -------------------------------------------------------------
-
-METRICS_TOKEN = "integration-metrics-token-7c4e"

@@ -26,9 +26,11 @@ from nova.wire.frames import Open, OpenFail, Ping, Pong, Welcome
 
 from .processes import ADMIN_TOKEN, TOKEN, echo_roundtrip, free_port, novac, novas, target, wait_for
 from .rawagent import RawAgent
-from .test_metrics import ALERTS, METRICS_TOKEN, ROOT, dashboard_expressions, used_names
+from .test_metrics import ALERTS, ROOT, dashboard_expressions, used_names
 
 pytestmark = pytest.mark.integration
+
+METRICS_TOKEN = "integration-metrics-token-7c4e"
 
 
 def alert_expressions() -> list[str]:

@@ -13,11 +13,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import sys
-from pathlib import Path
 from typing import Any
 
-import pytest
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
@@ -39,7 +36,6 @@ from nova.service import StartupError, json_line
 
 from .processes import TOKEN
 
-BIN = Path(sys.executable).parent
 SECRET_PASSWORD = "pg-secret-pw-77"
 
 
@@ -119,75 +115,6 @@ class ValueTests(SynchronousTestCase):
 
 
 # --- The real commands -------------------------------------------------------------
-
-
-CASES = [
-    pytest.param(
-        "novas",
-        {"NOVAS_AGENT_TOKEN": "change-me-to-a-long-random-secret"},
-        "--agent-token / NOVAS_AGENT_TOKEN is still the example's placeholder",
-        id="novas-placeholder-agent-token",
-    ),
-    pytest.param(
-        "novas",
-        {"NOVAS_AGENT_TOKEN": TOKEN, "NOVAS_ADMIN_TOKEN": "change-me-to-another-long-random-secret"},
-        "--admin-token / NOVAS_ADMIN_TOKEN is still the example's placeholder",
-        id="novas-placeholder-admin-token",
-    ),
-    pytest.param(
-        "novac",
-        {"NOVAC_SERVER": "a:1", "NOVAC_TLS": "off", "NOVAC_TOKEN": "change-me-to-a-long-random-secret"},
-        "--token / NOVAC_TOKEN is still the example's placeholder",
-        id="novac-placeholder-token",
-    ),
-    pytest.param(
-        "novac",
-        {"NOVAC_SERVER": "https://novas.example.com:9022", "NOVAC_TLS": "off", "NOVAC_TOKEN": TOKEN},
-        "--server / NOVAC_SERVER: 'https://novas.example.com:9022' is a URL: give HOST:PORT without https://",
-        id="novac-server-url",
-    ),
-    pytest.param(
-        "novas",
-        {"NOVAS_AGENT_TOKEN": TOKEN, "NOVAS_ROUTES": "15432:db:5432;16379:cache:6379"},
-        "--route / NOVAS_ROUTES: route '15432:db:5432;16379:cache:6379' is not [BIND:]PORT:HOST:HOSTPORT"
-        "[@SELECTOR] (NOVAS_ROUTES separates entries with ',', not ';')",
-        id="novas-routes-semicolon",
-    ),
-    pytest.param(
-        "novas",
-        {"NOVAS_AGENT_TOKEN": TOKEN, "NOVAS_TLS_CERT": "{missing}", "NOVAS_TLS_KEY": "{missing}"},
-        "--tls-cert / NOVAS_TLS_CERT: cannot read certificate",
-        id="novas-unreadable-cert",
-    ),
-    pytest.param(
-        "novas",
-        {"NOVAS_AGENT_TOKEN": TOKEN, "NOVAS_TLS_CERT": "{garbage}", "NOVAS_TLS_KEY": "{missing}"},
-        "--tls-cert / NOVAS_TLS_CERT: certificate",
-        id="novas-garbage-cert",
-    ),
-    pytest.param(
-        "novac",
-        {
-            "NOVAC_SERVER": "a:1",
-            "NOVAC_TOKEN": TOKEN,
-            "NOVAC_TLS_FINGERPRINT": "sha256:" + "ab" * 32,
-            "NOVAC_TLS_CERT": "{missing}",
-            "NOVAC_TLS_KEY": "{missing}",
-        },
-        "--tls-cert / NOVAC_TLS_CERT: cannot read client certificate",
-        id="novac-unreadable-client-cert",
-    ),
-    pytest.param(
-        "novas",
-        {
-            "NOVAS_AGENT_TOKEN": TOKEN,
-            "NOVAS_ADMIN_PORT": "off",
-            "NOVAS_AUDIT_DB": f"postgresql://nova:{SECRET_PASSWORD}@127.0.0.1:{{closed}}/nova",
-        },
-        "--audit-db / NOVAS_AUDIT_DB: cannot open the audit store postgresql://nova:***@127.0.0.1:",
-        id="novas-audit-db-down",
-    ),
-]
 
 
 # --- twistd: a start that fails exits non-zero, leaving no pid file -----------------
