@@ -1,6 +1,8 @@
 """
-Real NOVAS and NOVAC processes on loopback, and small target servers, for
-integration tests.
+Real NOVAS and NOVAC processes on loopback, and the real servers they carry
+traffic to (sshd with SFTP, PostgreSQL, Redis, echo and HTTP servers), for
+integration tests.  Every process starts through L{tests.harness}; its
+C{free_port}, C{wait_for}, C{clean_env} and C{rss_kib} are re-exported here.
 """
 
 from __future__ import annotations
