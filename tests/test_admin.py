@@ -1,6 +1,9 @@
 """
 The admin interface: the API, audit history, metrics and probes with real
 processes; the audit store's queue; PostgreSQL; the page in a real browser.
+
+The tests that start processes or open real sockets are in
+tests/test_admin_integration.py.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ answer carries the browser security headers and a CSP without inline script.
 The in-memory tests drive L{nova.admin.site.BoundedSite} over a
 L{StringTransport}; the integration tests attack real processes on loopback,
 each parametrized over both ports so one failure never hides another.
+
+The tests that start processes or open real sockets are in
+tests/test_attack_http_integration.py.
 """
 
 from __future__ import annotations

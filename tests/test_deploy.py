@@ -5,6 +5,9 @@ Deployment: the files in etc/, the Dockerfile, `twistd` daemon mode and
 Every file in etc/ is read by at least one test here (the first test keeps
 that list honest), and every NOVAS_/NOVAC_ name those files use must be a
 setting the code reads, so the examples cannot drift from the code.
+
+The tests that start processes or open real sockets are in
+tests/test_deploy_integration.py.
 """
 
 from __future__ import annotations

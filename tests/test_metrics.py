@@ -6,6 +6,9 @@ shipped alert rules and dashboard checked against what the code exports.
 The unit tests drive the code in memory (the tunnel harness of
 L{tests.test_tunnel}, a Clock); the integration tests run NOVAS and NOVAC
 on loopback and check real /metrics output with Debian's C{promtool}.
+
+The tests that start processes or open real sockets are in
+tests/test_metrics_integration.py.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ twistd, the agent's retry line and the example files.
 Each check runs the real command (`python -m twisted novas|novac`, `twistd`)
 the way a user would and asserts what the user sees: the exit status, the one
 line that names the setting, no traceback and no secret.
+
+The tests that start processes or open real sockets are in
+tests/test_newuser_integration.py.
 """
 
 from __future__ import annotations

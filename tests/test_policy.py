@@ -6,6 +6,9 @@ tunnel.
 Nothing here sends a packet to a denied address: decisions are pure,
 resolvers and connectors are fakes (or a MemoryReactor), and the one
 real-process test uses loopback only.
+
+The tests that start processes or open real sockets are in
+tests/test_policy_integration.py.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ The pure rule is tested on the multiplexer core with an explicit clock; the
 tunnel in memory (iosim, Clock) shows a bulk stream's sender really gets a
 window above the initial one; property tests check the flow-control
 invariants under arbitrary schedules.
+
+The tests that start processes or open real sockets are in
+tests/test_window_tuning_integration.py.
 """
 
 from __future__ import annotations
