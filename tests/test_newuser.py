@@ -3,12 +3,9 @@ What a new user trips over (issue 17, item 5): settings mistakes that were
 silently accepted or explained badly, the version, start-up failures under
 twistd, the agent's retry line and the example files.
 
-Each check runs the real command (`python -m twisted novas|novac`, `twistd`)
-the way a user would and asserts what the user sees: the exit status, the one
-line that names the setting, no traceback and no secret.
-
-The tests that start processes or open real sockets are in
-tests/test_newuser_integration.py.
+Here the decisions and messages, in memory.  The checks that run the real
+command (`python -m twisted novas|novac`, `twistd`) the way a user would and
+assert what the user sees are in tests/test_newuser_integration.py.
 """
 
 from __future__ import annotations
