@@ -31,7 +31,7 @@ class Probe(Resource):
     isLeaf = True
 
     def __init__(self, check: Callable[[], bool], what: str) -> None:
-        Resource.__init__(self)  # type: ignore[no-untyped-call]
+        Resource.__init__(self)
         self._check = check
         self._what = what
 
@@ -53,7 +53,7 @@ class _NotFound(Resource):
     isLeaf = True
 
     def __init__(self) -> None:
-        Resource.__init__(self)  # type: ignore[no-untyped-call]
+        Resource.__init__(self)
 
     def render(self, request: Request) -> bytes:
         return plain(request, 404, "not found\n")
@@ -63,11 +63,11 @@ class ProbesOnly(Resource):
     """C{/healthz} and C{/readyz}, and C{/metrics} if given its page; 404 for every other path."""
 
     def __init__(self, ready: Callable[[], bool], what: str, metrics: Resource | None = None) -> None:
-        Resource.__init__(self)  # type: ignore[no-untyped-call]
-        self.putChild(b"healthz", Probe(lambda: True, "alive"))  # type: ignore[no-untyped-call]
-        self.putChild(b"readyz", Probe(ready, what))  # type: ignore[no-untyped-call]
+        Resource.__init__(self)
+        self.putChild(b"healthz", Probe(lambda: True, "alive"))
+        self.putChild(b"readyz", Probe(ready, what))
         if metrics is not None:
-            self.putChild(b"metrics", metrics)  # type: ignore[no-untyped-call]
+            self.putChild(b"metrics", metrics)
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         return _NotFound()

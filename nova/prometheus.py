@@ -55,7 +55,7 @@ class MetricsPage(Resource):
     isLeaf = True
 
     def __init__(self, registry: CollectorRegistry, tokens: Sequence[bytes] | None, off_hint: str = "") -> None:
-        Resource.__init__(self)  # type: ignore[no-untyped-call]
+        Resource.__init__(self)
         self._registry = registry
         self._tokens = tokens
         self._off_hint = off_hint

@@ -233,6 +233,7 @@ def test_a_postgresql_connection_cut_mid_heartbeat_is_an_error_then_reconnects(p
     store.close()
 
 
+@pytest.mark.integration  # connects to a port nothing listens on
 def test_a_postgresql_error_never_carries_the_password() -> None:
     from .processes import free_port
 

@@ -323,7 +323,7 @@ class AgentOpenTests(SynchronousTestCase):
     """NOVAC answers every OPEN: a bad name or a failing resolver is OPEN_FAIL DNS_FAILURE, never silence."""
 
     def setUp(self) -> None:
-        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
 
     def refused(self, h: Harness, host: str) -> OpenFailed:
         result, *_ = h.open(host, 80)

@@ -68,7 +68,7 @@ class FakeTunnel:
 def registry(*tunnels: FakeTunnel) -> Registry:
     r = Registry()
     for t in tunnels:
-        r.register(t)  # type: ignore[arg-type]
+        r.register(t)
     return r
 
 
@@ -189,7 +189,8 @@ class SocksTests(SynchronousTestCase):
     def send(self, data: bytes) -> bytes:
         self.transport.clear()
         self.client.dataReceived(data)
-        return self.transport.value()
+        answer: bytes = self.transport.value()
+        return answer
 
     def auth(self, user: bytes, password: bytes) -> bytes:
         self.assertEqual(self.send(b"\x05\x01\x02"), b"\x05\x02")

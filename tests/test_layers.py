@@ -9,7 +9,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 from twisted.trial.unittest import SynchronousTestCase
+
+# Each test imports a module in a fresh interpreter (a subprocess).
+pytestmark = pytest.mark.integration
 
 
 def loaded_after(statement: str) -> set[str]:

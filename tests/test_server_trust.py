@@ -93,7 +93,7 @@ class StalledTLSTests(SynchronousTestCase):
         tls = self.factory.buildProtocol(address)
         transport = StringTransport(peerAddress=address)
         tls.makeConnection(transport)
-        tunnel: ServerTunnel = tls.wrappedProtocol
+        tunnel: ServerTunnel = tls.wrappedProtocol  # type: ignore[assignment]
         self.assertEqual(self.context.pending, 1)
         self.assertEqual(tunnel._nonce, b"")  # no HELLO queued behind an unfinished TLS handshake
         self.clock.advance(self.context.timing.handshake_timeout)
@@ -285,7 +285,7 @@ class RefusalLogTests(SynchronousTestCase):
 
 class FloodReportTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
         self.records: list[Record] = []
 
         class Store:

@@ -136,8 +136,8 @@ class Harness:
         address = iosim.FakeAddress()
         self.server_tls = server_factory.buildProtocol(address)
         self.client_tls = client_factory.buildProtocol(address)
-        self.server: ServerTunnel = self.server_tls.wrappedProtocol
-        self.agent: AgentTunnel = self.client_tls.wrappedProtocol
+        self.server: ServerTunnel = self.server_tls.wrappedProtocol  # type: ignore[assignment]
+        self.agent: AgentTunnel = self.client_tls.wrappedProtocol  # type: ignore[assignment]
         self.pump = iosim.connect(
             self.server_tls,
             iosim.makeFakeServer(self.server_tls),
@@ -182,7 +182,7 @@ class Harness:
 
 class HandshakeTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
 
     def log_text(self) -> str:
         return "\n".join(formatEvent(e) for e in self.logged)
@@ -369,7 +369,7 @@ class StreamTests(SynchronousTestCase):
         h = Harness()
         _s1, user1, target1, _ = h.open()
         _s2, user2, target2, _ = h.open("cache.internal", 6379)
-        h.server_tls.transport.loseConnection()
+        h.server_tls.transport.loseConnection()  # type: ignore[union-attr]
         h.flush()
         self.assertIsNotNone(user1.lost)
         self.assertIsNotNone(user2.lost)
@@ -383,7 +383,7 @@ def _gauge(context: ServerContext) -> float | None:
 
 class LifeCycleTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
 
     def _register(self, context: ServerContext, name: str) -> tuple[ServerTunnel, StringTransport]:
         tunnel = ServerTunnel(context)
@@ -391,7 +391,7 @@ class LifeCycleTests(SynchronousTestCase):
         tunnel.makeConnection(transport)
         [hello] = FrameDecoder().feed(transport.value())
         transport.clear()
-        tunnel.dataReceived(b"".join(encode(make_auth(TOKEN, hello.nonce, b"", name, (), 65536))))
+        tunnel.dataReceived(b"".join(encode(make_auth(TOKEN, hello.nonce, b"", name, (), 65536))))  # type: ignore[union-attr]
         return tunnel, transport
 
     def _frames(self, transport: StringTransport) -> list[Any]:
@@ -497,7 +497,7 @@ class OpenRateTests(SynchronousTestCase):
         refused = [r for r in results if isinstance(r, Failure)]
         self.assertEqual(len(refused), 3)
         for failure in refused:
-            self.assertEqual(failure.value.reason, OpenFailReason.OVERLOADED)
+            self.assertEqual(failure.value.reason, OpenFailReason.OVERLOADED)  # type: ignore[union-attr]
         self.assertEqual(h.agent.refused_for_rate, 3)
         h.clock.advance(1)
         self.assertNotIsInstance(h.open("later.internal", 80)[0], Failure)
@@ -514,7 +514,7 @@ class TunnelLossTests(SynchronousTestCase):
         h.flush()
         self.assertEqual(user.received, b"")
         # The agent's side is done with every stream, so it closes the tunnel.
-        h.client_tls.transport.loseConnection()
+        h.client_tls.transport.loseConnection()  # type: ignore[union-attr]
         h.flush()
         self.assertIsNone(user.lost)
         stream.resumeProducing()
@@ -524,7 +524,7 @@ class TunnelLossTests(SynchronousTestCase):
     def test_unfinished_stream_is_cut_when_the_tunnel_goes(self) -> None:
         h = Harness()
         _stream, user, _target_transport, _ = h.open()
-        h.client_tls.transport.loseConnection()
+        h.client_tls.transport.loseConnection()  # type: ignore[union-attr]
         h.flush()
         self.assertTrue(user.lost.check(error.ConnectionLost))  # type: ignore[union-attr]
 

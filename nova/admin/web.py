@@ -49,7 +49,7 @@ class _Leaf(Resource):
     isLeaf = True
 
     def __init__(self) -> None:
-        Resource.__init__(self)  # type: ignore[no-untyped-call]
+        Resource.__init__(self)
 
 
 class Guarded(_Leaf):
@@ -175,7 +175,7 @@ class NotFound(_Leaf):
 
 class Root(Resource):
     def __init__(self, children: dict[bytes, Resource]) -> None:
-        Resource.__init__(self)  # type: ignore[no-untyped-call]
+        Resource.__init__(self)
         self._children = children
 
     def getChild(self, path: bytes, request: Request) -> Resource:

@@ -98,7 +98,7 @@ class NovasService(MultiService):
             # admin root's own /metrics.
             tokens = tuple(t for t in (config.admin_token, config.metrics_token) if t is not None)
             hint = "NOVAS_METRICS_TOKEN or NOVAS_ADMIN_TOKEN"
-            admin.putChild(b"metrics", MetricsPage(self.metrics.registry, tokens, hint))  # type: ignore[no-untyped-call]
+            admin.putChild(b"metrics", MetricsPage(self.metrics.registry, tokens, hint))
             self.admin_listener = ListenerService(
                 "novas",
                 f"admin on {config.admin_bind}:{config.admin_port}",
@@ -147,7 +147,7 @@ class NovasService(MultiService):
             c.agent_port,
             options,
             backlog=BACKLOG,
-            interface=c.agent_bind,  # type: ignore[arg-type]
+            interface=c.agent_bind,
         )
         return endpoint
 
@@ -259,13 +259,13 @@ class NovasService(MultiService):
 def _tcp_endpoint(reactor: IReactorCore, bind: str, port: int) -> IStreamServerEndpoint:
     endpoint: IStreamServerEndpoint
     if ":" in bind:
-        endpoint = TCP6ServerEndpoint(reactor, port, backlog=BACKLOG, interface=bind)  # type: ignore[arg-type]
+        endpoint = TCP6ServerEndpoint(reactor, port, backlog=BACKLOG, interface=bind)
     else:
-        endpoint = TCP4ServerEndpoint(reactor, port, backlog=BACKLOG, interface=bind)  # type: ignore[arg-type]
+        endpoint = TCP4ServerEndpoint(reactor, port, backlog=BACKLOG, interface=bind)
     return endpoint
 
 
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    return NovasService(options.config, reactor)  # type: ignore[arg-type]
+    return NovasService(options.config, reactor)
