@@ -31,6 +31,7 @@ from twisted.internet import tcp
 from twisted.python.failure import Failure
 
 from .core import Buffer
+from .inbound import ReadBatches
 
 try:  # Twisted's TLS transport; absent without pyOpenSSL
     from OpenSSL.SSL import Error as _SSLError
@@ -316,6 +317,9 @@ def fast_tls_receive(tls: Any, t: tcp.Connection | None) -> None:
     own code runs.
     """
     original = tls.dataReceived
+    # The protocol may want to know when the records of one read end.
+    wrapped = tls.wrappedProtocol
+    batches: ReadBatches | None = wrapped if isinstance(wrapped, ReadBatches) else None
 
     def data_received(data: bytes) -> None:
         if not tls._handshakeDone or tls._appSendBuffer or tls._lostTLSConnection or tls._aborted:
@@ -327,10 +331,8 @@ def fast_tls_receive(tls: Any, t: tcp.Connection | None) -> None:
         buf = _buffer("in", _RECORD)
         protocol = tls.wrappedProtocol
         deliver = protocol.dataReceived
-        # The protocol may want to know when the records of this read end.
-        begin = getattr(protocol, "begin_read", None)
-        if begin is not None:
-            begin()
+        if batches is not None:
+            batches.begin_read()
         try:
             while not tls._lostTLSConnection:
                 n = _SSL_read(ssl, buf, _RECORD)
@@ -343,8 +345,8 @@ def fast_tls_receive(tls: Any, t: tcp.Connection | None) -> None:
                 if not tls._aborted:
                     deliver(chunk)
         finally:
-            if begin is not None:
-                protocol.end_read()
+            if batches is not None:
+                batches.end_read()
         if tls.transport is not None:
             _drain_bio(conn, tls.transport, t)
 
