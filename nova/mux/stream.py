@@ -38,6 +38,7 @@ from zope.interface import implementer
 from nova.wire.errors import ErrorCode
 from nova.wire.frames import DEFAULT_INITIAL_WINDOW
 
+from .lifecycle import start_halves
 from .splice import read_size
 
 # The most bytes handed to the stream's protocol in one call.
@@ -142,19 +143,19 @@ class StreamTransport:
         self._high_water = high_water
         self._quantum = quantum
         self.protocol: IProtocol | None = None
-        self.disconnected = False
+        # Where each half is (nova.mux.lifecycle): the machines decide, the
+        # data path reads their core's fields.
+        self._halves, self._read, self._write = start_halves(self)
+        self.disconnected = False  # gone, either way (ITransport's usual field)
+        # Flow control, not state: our protocol paused what we hand it; we
+        # paused our producer until our queue drains; a hand-over is running.
         self._reading_paused = False
+        self._producer_paused = False
         self._delivering = False
         # A pull producer is driven as a push producer (Twisted's
         # _PullToPush), so every producer here is a push producer.
         self._producer: IPushProducer | None = None
         self._pull: _PullToPush | None = None
-        self._producer_paused = False
-        self._write_closed = False
-        self._fin_sent = False
-        self._remote_ended = False
-        self._read_closed = False
-        self._closing = False
         self.bytes_written = 0  # by our protocol, toward the peer
         self.bytes_delivered = 0  # from the peer, to our protocol
         self.on_close: list[Callable[[StreamTransport, Failure], None]] = []
@@ -177,7 +178,7 @@ class StreamTransport:
     # ITransport.
 
     def write(self, data: bytes) -> None:
-        if self._write_closed or self.disconnected or not data:
+        if not self._halves.can_write or not data:
             return
         # Small writes wait for the end of the reactor turn, to go out with
         # everything else written meanwhile; a queue at the high-water mark
@@ -195,10 +196,7 @@ class StreamTransport:
 
     def loseWriteConnection(self) -> None:
         """Half-close: send FIN after everything written so far."""
-        if self._write_closed or self.disconnected:
-            return
-        self._write_closed = True
-        self._owner.end_stream(self.stream_id)
+        self._write.end()
 
     def loseConnection(self) -> None:
         """
@@ -206,12 +204,8 @@ class StreamTransport:
         ended its direction by then, the stream is reset (like closing a
         socket with unread data).
         """
-        if self.disconnected or self._closing:
-            return
-        self._closing = True
-        self.loseWriteConnection()
-        if self._fin_sent:
-            self._finish_close()
+        self._read.drop()
+        self._write.close()
 
     def abortConnection(self) -> None:
         if self.disconnected:
@@ -270,19 +264,11 @@ class StreamTransport:
         self._deliver()
 
     def remote_ended(self) -> None:
-        self._remote_ended = True
+        self._read.peer_ended()
         self._deliver()
 
     def fin_sent(self) -> None:
-        self._fin_sent = True
-        if self._closing:
-            self._finish_close()
-            return
-        proto = IHalfCloseableProtocol(self.protocol, None)
-        if proto is not None:
-            proto.writeConnectionLost()
-        if self._read_closed:
-            self._lost(ConnectionDone())
+        self._write.fin_sent()
 
     def drained(self, queued: int) -> bool:
         """
@@ -309,7 +295,8 @@ class StreamTransport:
         soon as its side of every stream is done (a draining agent does).
         Any other stream is cut.
         """
-        if self._remote_ended and self._fin_sent and not self.disconnected:
+        halves = self._halves
+        if halves.eof_due and halves.write_over and not self.disconnected:
             self._deliver()
             return
         self._lost(ConnectionLost(f"tunnel lost: {reason.getErrorMessage()}"))
@@ -327,13 +314,14 @@ class StreamTransport:
         try:
             sid = self.stream_id
             owner = self._owner
+            halves = self._halves
             while not self._reading_paused and not self.disconnected:
                 # What arrived in one read, up to a window's worth, in one
                 # hand-over (one sendmsg() for a Pipe).
                 chunks = owner.read_data(sid, _HANDOVER)
                 if not chunks:
                     break
-                if not self._closing:
+                if not halves.dropping:
                     if len(chunks) == 1:
                         self.bytes_delivered += len(chunks[0])
                         self.protocol.dataReceived(chunks[0])
@@ -345,33 +333,37 @@ class StreamTransport:
                             self.protocol.dataReceived(b"".join(chunks))
             waiting = owner.data_consumed(sid)
             if (
-                self._remote_ended
-                and not self._read_closed
+                halves.eof_due
                 and not self.disconnected
-                and (not self._reading_paused or self._closing)
+                and (not self._reading_paused or halves.dropping)
                 and waiting == 0
             ):
-                self._read_eof()
+                self._read.all_delivered()
         finally:
             self._delivering = False
 
-    def _read_eof(self) -> None:
-        self._read_closed = True
-        if self._closing:
-            if self._fin_sent:
-                self._lost(ConnectionDone())
-            return
+    # StreamHalvesHooks: what the half machines decide.
+
+    def send_fin(self) -> None:
+        self._owner.end_stream(self.stream_id)
+
+    def read_closed(self) -> None:
         proto = IHalfCloseableProtocol(self.protocol, None)
         if proto is None:
             # A protocol that cannot half-close sees EOF as the end (as TCP).
             self.loseConnection()
-            return
-        proto.readConnectionLost()
-        if self._fin_sent and not self.disconnected:
-            self._lost(ConnectionDone())
+        else:
+            proto.readConnectionLost()
 
-    def _finish_close(self) -> None:
-        if not self._read_closed:
+    def write_closed(self) -> None:
+        proto = IHalfCloseableProtocol(self.protocol, None)
+        if proto is not None:
+            proto.writeConnectionLost()
+
+    def finish(self, cut: bool) -> None:
+        if self.disconnected:
+            return
+        if cut:
             self._owner.reset_stream(self.stream_id, ErrorCode.CANCEL)
         self._lost(ConnectionDone())
 
@@ -379,6 +371,8 @@ class StreamTransport:
         if self.disconnected:
             return
         self.disconnected = True
+        self._read.gone()
+        self._write.gone()
         self._owner.stream_closed(self.stream_id)
         failure = Failure(reason)
         for hook in self.on_close:
