@@ -98,12 +98,25 @@ class QuantumTests(SynchronousTestCase):
         self.out.note_active(self.a, self.clock.seconds())
         self.clock.advance(RECOUNT_EVERY)
         self.assertEqual(self.out.note_active(self.b, self.clock.seconds()), SHARED_QUANTUM)
-        self.assertEqual(self.streams[self.a].quanta, [SHARED_QUANTUM])  # streams are told
         # b falls silent: once it has been quiet for ACTIVE_WINDOW, a alone is active.
         self.clock.advance(ACTIVE_WINDOW + RECOUNT_EVERY)
         self.assertEqual(self.out.note_active(self.a, self.clock.seconds()), QUANTUM)
-        self.assertEqual(self.streams[self.b].quanta, [SHARED_QUANTUM, QUANTUM])
         self.out._check_invariants()
+
+    def test_active_streams_are_told_of_each_change_and_idle_ones_when_they_wake(self) -> None:
+        a, b = self.streams[self.a], self.streams[self.b]
+        self.out.note_active(self.a, self.clock.seconds())
+        self.assertEqual(a.quanta, [QUANTUM])  # on becoming active
+        self.out.note_active(self.a, self.clock.seconds())
+        self.assertEqual(a.quanta, [QUANTUM])  # not on every write
+        self.clock.advance(RECOUNT_EVERY)
+        self.out.note_active(self.b, self.clock.seconds())
+        self.assertEqual((a.quanta, b.quanta), ([QUANTUM, SHARED_QUANTUM], [SHARED_QUANTUM]))
+        self.clock.advance(ACTIVE_WINDOW + RECOUNT_EVERY)
+        self.out.note_active(self.a, self.clock.seconds())
+        self.assertEqual((a.quanta, b.quanta), ([QUANTUM, SHARED_QUANTUM, QUANTUM], [SHARED_QUANTUM]))
+        self.out.note_active(self.b, self.clock.seconds())  # b wakes: told the quantum of now
+        self.assertEqual(b.quanta, [SHARED_QUANTUM, QUANTUM])
 
     def test_the_count_is_not_redone_within_the_recount_interval(self) -> None:
         self.out.note_active(self.a, self.clock.seconds())

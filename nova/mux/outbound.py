@@ -27,7 +27,7 @@ The policy, as named constants:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -100,9 +100,13 @@ class OutboundScheduler:
         """
         A stream moved data at C{now}.  Returns the current quantum:
         L{QUANTUM} while at most one stream moved data in the last
-        L{ACTIVE_WINDOW} seconds, else L{SHARED_QUANTUM}.
+        L{ACTIVE_WINDOW} seconds, else L{SHARED_QUANTUM}.  The active
+        streams hear of it (L{StreamEvents.quantum_changed}) when it changes,
+        and a stream that becomes active hears of it then: idle streams cost
+        nothing.
         """
         active = self._active
+        fresh = stream_id not in active
         active[stream_id] = now
         if now - self._active_checked >= RECOUNT_EVERY:
             self._active_checked = now
@@ -114,9 +118,18 @@ class OutboundScheduler:
                 self.quantum = quantum
                 if self.writer is not None:
                     read_size(self.writer.tcp, quantum)
-                for stream in self._streams.values():
-                    stream.quantum_changed(quantum)
+                self._tell_quantum(active)
+                return quantum
+        if fresh:
+            self._tell_quantum((stream_id,))
         return self.quantum
+
+    def _tell_quantum(self, stream_ids: Iterable[int]) -> None:
+        streams = self._streams
+        for sid in stream_ids:
+            stream = streams.get(sid)
+            if stream is not None:
+                stream.quantum_changed(self.quantum)
 
     def block(self, stream_id: int) -> None:
         """The stream paused its producer: tell it (L{StreamEvents.drained}) when its queue drains."""
