@@ -9,6 +9,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from twisted.internet import error
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
@@ -153,6 +156,15 @@ class HalfCloseTests(SynchronousTestCase):
         self.assertEqual(protocol.events, [])
         stream.resumeProducing()
         self.assertEqual(protocol.received, [b"before the fin"])
+        self.assertEqual(protocol.events, ["eof"])
+
+    def test_a_paused_protocol_hears_of_eof_when_it_resumes(self) -> None:
+        protocol = HalfCloser()
+        stream, _ = connected(protocol)
+        stream.pauseProducing()
+        stream.remote_ended()
+        self.assertEqual(protocol.events, [])
+        stream.resumeProducing()
         self.assertEqual(protocol.events, ["eof"])
 
     def test_a_protocol_that_cannot_half_close_closes_at_eof(self) -> None:
@@ -304,3 +316,113 @@ def _start_with(cooperator: Cooperator) -> object:
         self._coopTask = cooperator.cooperate(self._pull())
 
     return startStreaming
+
+
+class StreamMachine(RuleBasedStateMachine):
+    """
+    Arbitrary interleavings of what a protocol and a tunnel do to a stream:
+    each end is told of each half-close at most once, in order, and the
+    stream ends exactly once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.protocol = HalfCloser()
+        self.lost = 0
+        self.protocol.connectionLost = self._connection_lost  # type: ignore[method-assign]
+        self.protocol.readConnectionLost = self._read_connection_lost  # type: ignore[method-assign]
+        self.paused = False
+        self.eof_while_paused = False
+        self.stream, self.owner = connected(self.protocol)
+        self.peer_fin = False
+        self.fin_out = False
+        self.arrived = 0
+        self.written_after_fin = False
+
+    def _connection_lost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.lost += 1
+        self.protocol.reason = reason
+
+    def _read_connection_lost(self) -> None:
+        self.eof_while_paused |= self.paused
+        self.protocol.events.append("eof")
+
+    def _live(self) -> bool:
+        return ("closed", SID) not in self.owner.calls
+
+    @rule(size=st.integers(1, 2000))
+    def protocol_writes(self, size: int) -> None:
+        fin_asked = ("fin", SID) in self.owner.calls
+        before = len(self.owner.calls)
+        self.stream.write(b"w" * size)
+        if fin_asked and len(self.owner.calls) != before:
+            self.written_after_fin = True
+
+    @rule()
+    def protocol_half_closes(self) -> None:
+        self.stream.loseWriteConnection()
+
+    @rule()
+    def protocol_closes(self) -> None:
+        self.stream.loseConnection()
+
+    @rule(paused=st.booleans())
+    def protocol_pauses(self, paused: bool) -> None:
+        self.paused = paused
+        if paused:
+            self.stream.pauseProducing()
+        else:
+            self.stream.resumeProducing()
+
+    @precondition(lambda self: self._live() and not self.peer_fin)
+    @rule(size=st.integers(1, 100))
+    def peer_sends(self, size: int) -> None:
+        self.owner.inbox.append(b"r" * size)
+        self.arrived += size
+        self.stream.data_available()
+
+    @precondition(lambda self: self._live() and not self.peer_fin)
+    @rule()
+    def peer_ends(self) -> None:
+        self.peer_fin = True
+        self.stream.remote_ended()
+
+    @precondition(lambda self: self._live() and ("fin", SID) in self.owner.calls and not self.fin_out)
+    @rule()
+    def our_fin_goes_out(self) -> None:
+        self.fin_out = True
+        self.stream.fin_sent()
+
+    @precondition(lambda self: self._live())
+    @rule(how=st.sampled_from(["abort", "reset", "tunnel lost"]))
+    def ends_abruptly(self, how: str) -> None:
+        """One rule for the three abrupt ends, so that most runs get far before one."""
+        if how == "abort":
+            self.stream.abortConnection()
+        elif how == "reset":
+            self.stream.reset_by_peer(ErrorCode.CANCEL)
+        else:
+            self.stream.tunnel_lost(Failure(error.ConnectionLost()))
+
+    @invariant()
+    def each_end_is_told_once_and_in_order(self) -> None:
+        events = self.protocol.events
+        assert events.count("eof") <= 1 and events.count("write closed") <= 1, events
+        if "eof" in events:
+            assert self.peer_fin
+            delivered = sum(map(len, self.protocol.received))
+            assert delivered == self.arrived, (delivered, self.arrived)
+        if "write closed" in events:
+            assert self.fin_out
+        assert not self.written_after_fin
+        assert not self.eof_while_paused  # a paused protocol hears of nothing, EOF included
+        assert self.lost <= 1
+        assert self.owner.calls.count(("closed", SID)) == self.lost
+        assert self.stream.disconnected == (self.lost == 1)
+        assert self.owner.calls.count(("rst", ErrorCode.CANCEL)) <= 1
+        if self.stream.disconnected:
+            assert not self.stream._halves.can_write
+
+
+StreamMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=25, deadline=None)
+TestStreamMachine = StreamMachine.TestCase
