@@ -202,7 +202,7 @@ class TunnelProtocol(Protocol):
         self.handshake_started()
 
     def dataReceived(self, data: bytes) -> None:
-        if self.closed:
+        if self._closed:
             return
         self.core.heard()
         inbound = self.inbound
