@@ -136,6 +136,8 @@ class TunnelProtocol(Protocol):
         self.draining = False
         self.rtt: float | None = None
         self.mux: Multiplexer | None = None
+        # The open streams, by id; the outbound and inbound halves read this
+        # same dict (it is cleared, never replaced).
         self.streams: dict[int, StreamTransport] = {}
         self._closed = False
         self._lost = False
@@ -529,7 +531,7 @@ class TunnelProtocol(Protocol):
         L{READ_PAUSE_REPLIES} replies wait; read again once they are written.
         """
         mux = self.mux
-        if mux is None or self.closed or self.transport is None:
+        if mux is None or self._closed or self.transport is None:
             return
         hold = self.outbound.paused and mux.queued_replies >= READ_PAUSE_REPLIES
         if hold == self.reading_paused:
