@@ -126,6 +126,11 @@ class StreamTransport:
     """
     The transport of one multiplexed stream.  Created by the tunnel (its
     L{StreamOwner}); the protocol is attached with L{makeConnection}.
+
+    To the tunnel it is a L{StreamEvents}; to its two half machines
+    (L{nova.mux.lifecycle.ReadHalf}, L{nova.mux.lifecycle.WriteHalf}) a
+    L{nova.mux.lifecycle.StreamHalvesHooks}.  Everything it does to the
+    tunnel is one L{StreamOwner} call.
     """
 
     def __init__(
