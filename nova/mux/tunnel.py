@@ -78,11 +78,9 @@ from .core import Buffer, Multiplexer, OpenRefused, Role, WindowBudget
 from .fastpath import FrameWriter, set_notsent_lowat
 from .inbound import InboundDelivery
 from .lifecycle import DEFAULT_DEAD_TIMEOUT, DEFAULT_KEEPALIVE, Session, SessionCore, start_session
-from .outbound import ACTIVE_WINDOW, QUANTUM, QUIET, SHARED_QUANTUM, OutboundScheduler
+from .outbound import OutboundScheduler
 from .splice import no_delay, read_size
 from .stream import StreamAddress, StreamTransport
-
-__all__ = ["ACTIVE_WINDOW", "QUANTUM", "QUIET", "SHARED_QUANTUM", "Timing", "TunnelProtocol"]
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 
