@@ -75,7 +75,9 @@ class InboundDelivery:
     """
     Received frames, to the multiplexer and on to the streams.
 
-    Invariants (L{_check_invariants}, run by the tests between reads):
+    Invariants (1 by L{_check_invariants}, which the tests run between and
+    inside reads; 2 to 4 are orders of events, checked by
+    tests/test_inbound.py on what the streams and hooks are told):
 
      1. C{arrived} is C{None} outside a read batch (L{begin_read} ..
         L{end_read}) and a dict inside one.
@@ -135,7 +137,7 @@ class InboundDelivery:
                     stream.data_available()
         elif result is not False:
             self._deliver_arrived()
-            self.dispatch([result])
+            self._dispatch([result])
         return not self.closed
 
     def frame_received(self, frame: Frame) -> bool:
@@ -146,10 +148,10 @@ class InboundDelivery:
         assert mux is not None
         if self.arrived:
             self._deliver_arrived()  # DATA before (say) a FIN or an RST reaches the stream first
-        self.dispatch(mux.receive(frame))
+        self._dispatch(mux.receive(frame))
         return not self.closed
 
-    def dispatch(self, events: list[Event]) -> None:
+    def _dispatch(self, events: list[Event]) -> None:
         """Tell each event to the stream or to the tunnel it is for."""
         streams = self._streams
         hooks = self._hooks

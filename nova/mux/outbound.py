@@ -56,7 +56,8 @@ class OutboundScheduler:
     Writes what the multiplexer has ready: control frames first, then about
     one quantum of DATA round robin over the streams, in one write.
 
-    Invariants (L{_check_invariants}, run by the tests after every step):
+    Invariants (1 to 4 by L{_check_invariants}, which the tests run after
+    every step; 5 is checked by tests/test_outbound.py on what is written):
 
      1. C{quantum} is L{QUANTUM} or L{SHARED_QUANTUM}.
      2. Every blocked stream is a live stream: a stream that ends leaves the
