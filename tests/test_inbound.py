@@ -171,3 +171,34 @@ class ReadBatchesTests(SynchronousTestCase):
         from twisted.internet.protocol import Protocol
 
         self.assertNotIsInstance(Protocol(), ReadBatches)
+
+
+class RawTLSReadBatchTests(SynchronousTestCase):
+    def test_the_raw_tls_path_announces_each_read_to_the_tunnel(self) -> None:
+        import os
+
+        from tests.test_tunnel import Harness
+
+        h = Harness()
+        calls: list[str] = []
+        inbound = h.agent.inbound
+        begin, end = inbound.begin_read, inbound.end_read
+
+        def begin_read() -> None:
+            calls.append("begin")
+            begin()
+
+        def end_read() -> None:
+            end()
+            inbound._check_invariants()
+            calls.append("end")
+
+        inbound.begin_read = begin_read  # type: ignore[method-assign]
+        inbound.end_read = end_read  # type: ignore[method-assign]
+        stream, _recorder, target_transport, _target = h.open()
+        payload = os.urandom(200_000)
+        stream.write(payload)
+        h.flush()
+        self.assertEqual(target_transport.value(), payload)
+        self.assertGreater(len(calls), 0)
+        self.assertEqual(calls, ["begin", "end"] * (len(calls) // 2))
