@@ -181,8 +181,8 @@ class RawTLSReadBatchTests(SynchronousTestCase):
 
         h = Harness()
         calls: list[str] = []
-        inbound = h.agent.inbound
-        begin, end = inbound.begin_read, inbound.end_read
+        tunnel = h.agent
+        begin, end = tunnel.begin_read, tunnel.end_read
 
         def begin_read() -> None:
             calls.append("begin")
@@ -190,11 +190,13 @@ class RawTLSReadBatchTests(SynchronousTestCase):
 
         def end_read() -> None:
             end()
-            inbound._check_invariants()
+            tunnel.inbound._check_invariants()
             calls.append("end")
 
-        inbound.begin_read = begin_read  # type: ignore[method-assign]
-        inbound.end_read = end_read  # type: ignore[method-assign]
+        # What fast_tls_receive calls (the tunnel's own dataReceived calls
+        # the inbound delivery directly).
+        tunnel.begin_read = begin_read  # type: ignore[method-assign]
+        tunnel.end_read = end_read  # type: ignore[method-assign]
         stream, _recorder, target_transport, _target = h.open()
         payload = os.urandom(200_000)
         stream.write(payload)
