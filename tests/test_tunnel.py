@@ -365,6 +365,42 @@ class StreamTests(SynchronousTestCase):
                 break
         self.assertEqual(target_transport.value(), payload)
 
+    def test_outbound_and_inbound_invariants_hold_through_transfers(self) -> None:
+        h = Harness(window=65536)
+
+        def check() -> None:
+            for tunnel in (h.server, h.agent):
+                tunnel.outbound._check_invariants()
+                tunnel.inbound._check_invariants()
+
+        bulk, _, bulk_target, _ = h.open()
+        producer = Producer()
+        bulk.registerProducer(producer, True)
+        chat, chat_user, _, chat_target = h.open("cache.internal", 6379)
+        agent_bulk = h.agent.streams[bulk.stream_id]
+        agent_bulk.pauseProducing()
+        for i in range(40):
+            bulk.write(bytes([i]) * 16384)
+            chat.write(b"PING\r\n")
+            chat_target.dataReceived(b"+PONG\r\n")  # the target answers
+            h.flush()
+            check()
+        self.assertTrue(producer.paused)
+        self.assertIn(bulk.stream_id, h.server.outbound.blocked)
+        for _ in range(200):
+            agent_bulk.resumeProducing()
+            h.flush()
+            check()
+            if not producer.paused and len(bulk_target.value()) == 40 * 16384:
+                break
+        self.assertEqual(len(bulk_target.value()), 40 * 16384)
+        self.assertEqual(h.server.outbound.blocked, set())
+        self.assertEqual(chat_user.received, b"+PONG\r\n" * 40)
+        bulk.loseConnection()
+        chat.loseConnection()
+        h.flush()
+        check()
+
     def test_tunnel_loss_closes_every_stream(self) -> None:
         h = Harness()
         _s1, user1, target1, _ = h.open()
