@@ -81,8 +81,8 @@ def wire(mux: Multiplexer) -> bytes:
 class DeliveryTests(SynchronousTestCase):
     def setUp(self) -> None:
         # A server multiplexer sends to an agent-side delivery.
-        self.server = Multiplexer(Role.SERVER, WINDOW, WINDOW, 16)
-        self.agent = Multiplexer(Role.AGENT, WINDOW, WINDOW, 16)
+        self.server = Multiplexer(Role.SERVER, WINDOW, WINDOW, 16, WINDOW)
+        self.agent = Multiplexer(Role.AGENT, WINDOW, WINDOW, 16, WINDOW)
         self.log: list[tuple[int, str]] = []
         self.streams: dict[int, Stream] = {}
         self.hooks = Hooks()

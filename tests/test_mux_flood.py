@@ -16,6 +16,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from nova.mux.core import MAX_QUEUED_REPLIES, Buffer, Role
+from nova.mux.defaults import DEFAULT_MAX_STREAMS
 from nova.mux.tunnel import CLOSE_TIMEOUT, READ_PAUSE_REPLIES, Timing, TunnelProtocol
 from nova.wire.codec import FrameDecoder
 from nova.wire.errors import ControlFlood, ErrorCode, OpenFailReason
@@ -142,7 +143,7 @@ class Bare(TunnelProtocol):
         self.recorders: dict[int, Recorder] = {}
 
     def handshake_started(self) -> None:
-        self.start_streams(WINDOW)
+        self.start_streams(WINDOW, DEFAULT_MAX_STREAMS)
 
     def stream_requested(self, stream_id: int, host: str, port: int) -> None:
         assert self.mux is not None

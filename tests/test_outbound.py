@@ -68,7 +68,7 @@ def scheduler(clock: Clock, streams: int = 2) -> tuple[OutboundScheduler, Multip
     """A scheduler over a server-side multiplexer with C{streams} open streams."""
     table: dict[int, Stream] = {}
     out = OutboundScheduler(clock, table, lambda: None)
-    mux = Multiplexer(Role.SERVER, WINDOW, WINDOW, 16)
+    mux = Multiplexer(Role.SERVER, WINDOW, WINDOW, 16, WINDOW)
     for _ in range(streams):
         sid = mux.open("db", 5432)
         mux.receive(OpenOk(sid))

@@ -64,7 +64,6 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
-from nova.mux.defaults import DEFAULT_MAX_STREAMS
 from nova.wire.errors import ControlFlood, ErrorCode, FlowControlError, OpenFailReason, ProtocolError
 from nova.wire.frames import (
     MAX_DATA_PAYLOAD,
@@ -281,8 +280,8 @@ class Multiplexer:
         role: Role,
         local_window: int,
         peer_window: int,
-        max_streams: int = DEFAULT_MAX_STREAMS,
-        max_window: int | None = None,
+        max_streams: int,
+        max_window: int,
         tunnel_budget: int = TUNNEL_WINDOW_BUDGET,
         budget: WindowBudget | None = None,
     ) -> None:
@@ -290,7 +289,7 @@ class Multiplexer:
         self.local_window = local_window
         self.peer_window = peer_window
         self.max_streams = max_streams
-        self.max_window = max(local_window, max_window if max_window is not None else local_window)
+        self.max_window = max(local_window, max_window)
         self._tuning = self.max_window > local_window
         self.tunnel_budget = tunnel_budget
         self.budget = budget if budget is not None else WindowBudget(tunnel_budget)

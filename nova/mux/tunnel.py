@@ -357,7 +357,7 @@ class TunnelProtocol(Protocol):
         assert self.transport is not None
         self.transport.writeSequence(encode(frame))
 
-    def start_streams(self, peer_window: int, max_streams: int = 1024) -> None:
+    def start_streams(self, peer_window: int, max_streams: int) -> None:
         """The handshake succeeded: from now on frames go to the multiplexer."""
         self.peer_window = peer_window
         self.mux = self.inbound.mux = self.outbound.mux = Multiplexer(

@@ -19,6 +19,7 @@ from zope.interface import implementer
 from nova.admin.audit import Audit
 from nova.errors import OpenError, Why, reason_why
 from nova.mux.core import DEFAULT_MAX_WINDOW, OpenRefused, Role
+from nova.mux.defaults import DEFAULT_MAX_STREAMS
 from nova.mux.private import innermost
 from nova.mux.stream import StreamTransport
 from nova.mux.tunnel import Timing, TunnelProtocol
@@ -359,7 +360,8 @@ class ServerTunnel(TunnelProtocol):
         self.meta = {k[len(META_PREFIX) :]: v for k, v in frame.tags if k.startswith(META_PREFIX)}
         self.tls_version = tls_version(self.transport)
         self.registered_at = c.clock.seconds()
-        self.start_streams(frame.initial_window)
+        # The limit counts streams the peer opens, and agents open none.
+        self.start_streams(frame.initial_window, DEFAULT_MAX_STREAMS)
         self.rtt_measured(self._handshake_rtt, keepalive=False)
         self.send_frame(Welcome(self.local_window, int(c.timing.keepalive * 1000), c.server_id))
         self.registered = True
