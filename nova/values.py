@@ -2,7 +2,7 @@
 The text forms of setting values that more than the command line reads
 (ports, C{Key=Value} tags), parsed to typed values.  Pure: no Twisted, no
 environment; bad input is one L{ConfigError} line.  Routes and selectors
-(L{nova.server.routes}) parse with these without importing the
+(L{nova.rules.routes}) parse with these without importing the
 command-line layer (L{nova.config}), which re-exports them.
 """
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nova.server.security import token_id
+from nova.rules.admission import token_id
 
 from .processes import (
     ADMIN_TOKEN,

@@ -30,9 +30,9 @@ from twisted.internet.threads import deferToThread
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
 
-from nova.mux import fastpath
 from nova.mux.core import MAX_QUEUED_REPLIES
 from nova.tls import certificate_fingerprint, server_options
+from nova.transport import fastpath
 from nova.wire.codec import FrameDecoder
 from nova.wire.errors import ProtocolError
 from nova.wire.frames import Auth, Hello, Ping, Welcome, encode

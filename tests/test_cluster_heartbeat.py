@@ -16,9 +16,9 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from nova.cluster.heartbeat import ClusterMembership, WorkerThread, inline
-from nova.cluster.membership import Beat, Membership
-from nova.cluster.records import RouteRecord, ServerRecord, TunnelRecord
 from nova.cluster.store import SQLiteClusterStore
+from nova.rules.membership import Beat, Membership
+from nova.rules.records import RouteRecord, ServerRecord, TunnelRecord
 
 T = TypeVar("T")
 DEAD = 30.0

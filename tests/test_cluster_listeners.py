@@ -21,8 +21,8 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from nova.cluster.listeners import RouteListeners, follow_store
-from nova.cluster.records import RouteRecord
-from nova.server.routes import Route, parse_route
+from nova.rules.records import RouteRecord
+from nova.rules.routes import Route, parse_route
 
 from .processes import free_port
 

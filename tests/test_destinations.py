@@ -28,7 +28,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from nova.agent.dialer import Dialer
-from nova.agent.policy import (
+from nova.config import ConfigError
+from nova.rules.destinations import (
     METADATA,
     WHY_SENSITIVE,
     IPAddress,
@@ -39,9 +40,8 @@ from nova.agent.policy import (
     parse_rule,
     unwrap,
 )
-from nova.config import ConfigError
+from nova.rules.routes import Selector, parse_route
 from nova.server.endpoint import InvalidHostName, TunnelEndpoint
-from nova.server.routes import Selector, parse_route
 from nova.server.tunnel import OpenFailed
 from nova.wire.errors import OpenFailReason
 from nova.wire.hostname import MAX_LABEL, MAX_NAME, check_host, host_problem

@@ -16,9 +16,9 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from nova.rules.routes import Selector, parse_selector
 from nova.server.endpoint import AgentTimeout, NoAgent, TunnelEndpoint
 from nova.server.registry import Registry
-from nova.server.routes import Selector, parse_selector
 from nova.server.socks import Reply, SocksFactory
 from nova.server.tunnel import OpenFailed, TunnelGone
 from nova.wire.errors import OpenFailReason

@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from nova.mux.core import Buffer, Multiplexer, OpenRefused, Role
 from nova.mux.inbound import InboundDelivery, ReadBatches
-from nova.mux.tunnel import Timing, TunnelProtocol
+from nova.transport.tunnel import Timing, TunnelProtocol
 from nova.wire.codec import FrameDecoder
 from nova.wire.errors import ErrorCode
 from nova.wire.frames import OpenOk

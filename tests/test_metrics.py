@@ -30,10 +30,10 @@ from nova.admin.audit import Audit
 from nova.admin.metrics import NONE, OTHER, AgentLabels, Metrics
 from nova.agent.metrics import RECONNECT_REASONS, AgentMetrics
 from nova.agent.options import Options as AgentOptions
-from nova.agent.policy import parse_policy
 from nova.agent.tunnel import AgentContext
 from nova.config import resolve
 from nova.prometheus import MetricsPage
+from nova.rules.destinations import parse_policy
 from nova.server.options import SETTINGS as SERVER_SETTINGS
 from nova.server.options import build_config as server_config
 from nova.wire.errors import ErrorCode

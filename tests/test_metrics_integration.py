@@ -20,7 +20,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from nova.admin.metrics import NONE, OTHER
-from nova.server.routes import parse_route
+from nova.rules.routes import parse_route
 from nova.wire.errors import OpenFailReason
 from nova.wire.frames import Open, OpenFail, Ping, Pong, Welcome
 

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from nova.mux.core import MAX_QUEUED_REPLIES, Buffer, Role
 from nova.mux.defaults import DEFAULT_MAX_STREAMS
-from nova.mux.tunnel import CLOSE_TIMEOUT, READ_PAUSE_REPLIES, Timing, TunnelProtocol
+from nova.transport.tunnel import CLOSE_TIMEOUT, READ_PAUSE_REPLIES, Timing, TunnelProtocol
 from nova.wire.codec import FrameDecoder
 from nova.wire.errors import ControlFlood, ErrorCode, OpenFailReason
 from nova.wire.frames import Data, Frame, GoAway, Open, OpenFail, OpenOk, Ping, Pong, WindowUpdate

@@ -1,5 +1,5 @@
 """
-The outbound scheduler (nova.mux.outbound): flush, flush_soon, the quantum
+The outbound scheduler (nova.transport.outbound): flush, flush_soon, the quantum
 and the blocked streams, driven by a Clock, with its invariants checked
 after every step.
 """
@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from nova.mux.core import Buffer, Multiplexer, Role
-from nova.mux.outbound import ACTIVE_WINDOW, QUANTUM, QUIET, RECOUNT_EVERY, SHARED_QUANTUM, OutboundScheduler
+from nova.transport.outbound import ACTIVE_WINDOW, QUANTUM, QUIET, RECOUNT_EVERY, SHARED_QUANTUM, OutboundScheduler
 from nova.wire.errors import ErrorCode
 from nova.wire.frames import OpenOk
 

@@ -29,7 +29,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from nova.agent.dialer import Dialer, reactor_resolver, tcp_connector
 from nova.agent.options import Options, build_config
-from nova.agent.policy import (
+from nova.agent.tap import NovacService
+from nova.agent.tunnel import classify
+from nova.config import ConfigError, resolve
+from nova.rules.destinations import (
     WHY_NO_RULE,
     WHY_SENSITIVE,
     IPAddress,
@@ -40,9 +43,6 @@ from nova.agent.policy import (
     parse_policy,
     parse_rule,
 )
-from nova.agent.tap import NovacService
-from nova.agent.tunnel import classify
-from nova.config import ConfigError, resolve
 from nova.server.tunnel import OpenFailed
 from nova.wire.errors import OpenFailReason
 

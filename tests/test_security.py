@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from nova.server.security import Limits, Throttle, TokenSet, token_id
+from nova.rules.admission import Limits, Throttle, TokenSet, token_id
 from nova.wire.handshake import make_auth
 
 

@@ -1,5 +1,5 @@
 """
-The SOCKS5 negotiation parser (L{nova.server.socks5}) on its own: bytes in
+The SOCKS5 negotiation parser (L{nova.wire.socks5}) on its own: bytes in
 any split give the same events; valid negotiations round-trip; nothing
 beyond L{MAX_BUFFER} is kept; garbage is refused, never raised.
 """
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from nova.server.socks5 import (
+from nova.wire.socks5 import (
     AUTH_FAILED,
     AUTH_OK,
     MAX_BUFFER,

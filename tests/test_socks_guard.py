@@ -17,8 +17,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from nova.config import ConfigError, resolve
+from nova.rules.admission import Limits
 from nova.server.options import SETTINGS, build_config
-from nova.server.security import Limits
 from nova.server.socks import Reply, SocksClient, SocksFactory
 
 from .test_destinations import BAD_NAMES

@@ -1,5 +1,5 @@
 """
-A stream transport on its own (nova.mux.stream), against a fake owner: the
+A stream transport on its own (nova.transport.stream), against a fake owner: the
 StreamOwner/StreamEvents contract, the two half machines
 (nova.mux.lifecycle) and pull producers through _PullToPush.
 """
@@ -21,9 +21,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from nova.mux import stream as stream_module
 from nova.mux.lifecycle import start_halves
-from nova.mux.stream import StreamAddress, StreamTransport
+from nova.transport import stream as stream_module
+from nova.transport.stream import StreamAddress, StreamTransport
 from nova.wire.errors import ErrorCode
 
 SID = 7

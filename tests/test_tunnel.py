@@ -24,7 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from nova.agent.tunnel import AgentContext, AgentTunnel, AgentTunnelFactory, Rejected
-from nova.server.routes import Selector
+from nova.rules.routes import Selector
 from nova.server.tunnel import LIVE_NAME_PROBE, OpenFailed, ServerContext, ServerTunnel, ServerTunnelFactory
 from nova.tls import certificate_fingerprint, client_creator, parse_fingerprint, server_options
 from nova.wire.codec import FrameDecoder
@@ -582,7 +582,7 @@ class FrameWriterPathTests(SynchronousTestCase):
         self.assertEqual(target_transport.value(), payload)
 
     def test_a_transport_without_the_private_names_gets_write_sequence(self) -> None:
-        from nova.mux.fastpath import FrameWriter, raw_tls_supported
+        from nova.transport.fastpath import FrameWriter, raw_tls_supported
 
         transport = StringTransport()
         self.assertFalse(raw_tls_supported(transport))

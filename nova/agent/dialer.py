@@ -1,6 +1,6 @@
 """
 The agent's dialer: connects to a target the way the destination policy
-(L{nova.agent.policy}) allows.  The name is checked, resolved once, every
+(L{nova.rules.destinations}) allows.  The name is checked, resolved once, every
 address checked, and only the allowed addresses are dialled, so a DNS
 answer cannot change between the check and the connection (no DNS
 rebinding).  This is the Twisted adapter over the pure rule language: it
@@ -22,9 +22,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from nova.wire.hostname import host_problem
-
-from .policy import (
+from nova.rules.destinations import (
     WHY_NO_RULE,
     WHY_SENSITIVE,
     Decision,
@@ -35,6 +33,7 @@ from .policy import (
     normalize,
     parse_ip,
 )
+from nova.wire.hostname import host_problem
 
 # resolve(host) -> Deferred firing with the host's addresses (empty: no such name).
 Resolver = Callable[[str], "Deferred[Sequence[IPAddress]]"]

@@ -15,7 +15,7 @@ from nova.wire.errors import ErrorCode
 if TYPE_CHECKING:  # types only: this module loads nothing of Twisted
     from twisted.internet.interfaces import IStreamClientEndpoint
 
-    from nova.mux.stream import StreamTransport
+    from nova.transport.stream import StreamTransport
 
 RECONNECT_REASONS = ("connect_failed", "handshake_failed", "rejected", "server_shutdown", "goaway", "lost")
 """

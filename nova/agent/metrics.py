@@ -19,8 +19,8 @@ from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClie
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from nova.mux.stream import StreamTransport
 from nova.prometheus import OPEN_BUCKETS, MetricsPage, base_registry
+from nova.transport.stream import StreamTransport
 
 from .events import RECONNECT_REASONS as RECONNECT_REASONS  # the label values of nova_agent_reconnects
 from .events import AgentEvents

@@ -31,11 +31,11 @@ from nova.config import (
     window_settings,
 )
 from nova.mux.defaults import DEFAULT_MAX_STREAMS
-from nova.mux.tunnel import Timing
+from nova.rules.destinations import Policy, PolicyError, parse_policy
 from nova.tls import parse_fingerprint
+from nova.transport.tunnel import Timing
 from nova.wire.handshake import name_problem, tags_problem
 
-from .policy import Policy, PolicyError, parse_policy
 from .reconnect import DEFAULT_INITIAL_DELAY, DEFAULT_MAX_DELAY
 from .tunnel import DEFAULT_MAX_OPEN_RATE
 
@@ -189,7 +189,7 @@ def build_config(v: dict[str, Any]) -> AgentConfig:
         raise ConfigError(f"{LABEL['reconnect-max']} must not be below --reconnect-initial")
     return AgentConfig(
         servers=servers,
-        token=read_secret(v["token"], TOKEN, minimum=16),  # what NOVAS accepts (nova.server.security)
+        token=read_secret(v["token"], TOKEN, minimum=16),  # what NOVAS accepts (nova.rules.admission)
         name=name,
         tags=tags,
         tls=tls,

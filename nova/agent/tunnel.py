@@ -18,9 +18,10 @@ from nova import __version__
 from nova.errors import NovaError, dial_failure
 from nova.mux.core import DEFAULT_MAX_WINDOW, OpenRefused, Role
 from nova.mux.defaults import DEFAULT_MAX_STREAMS
-from nova.mux.splice import Pipe, splice
-from nova.mux.tunnel import Timing, TunnelProtocol
+from nova.rules.destinations import Policy, PolicyDenied
 from nova.tls import channel_binding
+from nova.transport.splice import Pipe, splice
+from nova.transport.tunnel import Timing, TunnelProtocol
 from nova.wire.errors import ErrorCode, OpenFailReason, ProtocolError
 from nova.wire.frames import DEFAULT_INITIAL_WINDOW, Frame, Hello, Reject, Welcome
 from nova.wire.handshake import make_auth, window_problem
@@ -28,7 +29,6 @@ from nova.wire.hostname import host_problem
 from nova.wire.text import untrusted
 
 from .events import AgentEvents, goaway_reason
-from .policy import Policy, PolicyDenied
 from .reconnect import Backoff
 
 # connect(host, port, protocol) -> Deferred firing with the protocol once connected.
@@ -98,7 +98,7 @@ class AgentContext:
     max_streams: int = DEFAULT_MAX_STREAMS
     tunnels: set[AgentTunnel] = field(default_factory=set)
     # Checked before connect_target is called; connect_target checks the
-    # resolved addresses (see nova.agent.policy.Dialer).
+    # resolved addresses (see nova.rules.destinations.Dialer).
     policy: Policy = field(default_factory=Policy)
     on_denied: DenialHook | None = None
     # OPENs per second a server may ask of this agent (a token bucket whose

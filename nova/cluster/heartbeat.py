@@ -23,8 +23,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from .membership import ClusterView, Membership
-from .records import RouteRecord, ServerRecord, TunnelRecord
+from nova.rules.membership import ClusterView, Membership
+from nova.rules.records import RouteRecord, ServerRecord, TunnelRecord
+
 from .store import ClusterStore
 
 T = TypeVar("T")

@@ -1,11 +1,11 @@
 """
-Stream multiplexing over one tunnel connection.
+Stream multiplexing, as state machines that do no I/O (a pure core).
 
-L{nova.mux.core} is the pure state machine (frames in, events and frames
-out); L{nova.mux.lifecycle} holds the session's and a stream's life-cycle
-machines; L{nova.mux.stream} (one stream as a transport),
-L{nova.mux.outbound} (when and how much to write), L{nova.mux.inbound}
-(received frames to the streams) and L{nova.mux.tunnel} (the connection that
-wires them) adapt it to Twisted, and L{nova.mux.splice} joins a stream to a
-TCP connection.  docs/datapath.md has the map.
+L{nova.mux.core}: the multiplexer (frames in, events and frames out;
+windows, window tuning, stream limits).  L{nova.mux.lifecycle}: the tunnel
+session's and a stream's two halves' life cycles, as explicit machines with
+time passed in.  L{nova.mux.inbound}: received frames delivered to the
+streams, a read at a time.  L{nova.mux.defaults}: the defaults the settings
+start from.  L{nova.transport} adapts all of this to Twisted;
+docs/datapath.md has the map.
 """

@@ -17,7 +17,7 @@ Every other control frame is bounded by this side's own activity or by flow
 control: a WINDOW_UPDATE is sent for at least half a window that this side
 consumed, and the peer cannot send more DATA until it has received it.
 The adapter holds control frames while its transport pushes back and stops
-reading while replies pile up (L{nova.mux.tunnel.TunnelProtocol}).
+reading while replies pile up (L{nova.transport.tunnel.TunnelProtocol}).
 
 Window auto-tuning (docs/datapath.md, "Window auto-tuning").  A fixed
 window caps a stream at one window per round trip (256 KiB over 50 ms is

@@ -36,14 +36,14 @@ from .core import (
 )
 
 if TYPE_CHECKING:
-    from .stream import StreamEvents
+    from nova.transport.stream import StreamEvents
 
 
 @runtime_checkable
 class ReadBatches(Protocol):
     """
     A protocol that wants to know where one read's worth of C{dataReceived}
-    calls begins and ends (L{nova.mux.fastpath.fast_tls_receive} calls
+    calls begins and ends (L{nova.transport.fastpath.fast_tls_receive} calls
     these around the TLS records of one socket read).
     """
 

@@ -14,7 +14,7 @@ L{IReactorTime}: the handshake deadline, the keepalive ping, the dead-peer
 check (nothing heard for C{dead_timeout} drops the tunnel) and the drain
 deadline.  What it decides is carried out through L{SessionHooks}.
 
-A stream (L{nova.mux.stream.StreamTransport}) has two halves, each a machine
+A stream (L{nova.transport.stream.StreamTransport}) has two halves, each a machine
 of its own, sharing one L{HalvesCore}:
 
     read half:   Reading --peer_ended--> PeerEnded --all_delivered--> ReadDone

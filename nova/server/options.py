@@ -32,11 +32,11 @@ from nova.config import (
     typed,
     window_settings,
 )
-from nova.mux.tunnel import DEFAULT_HANDSHAKE_TIMEOUT, Timing
+from nova.rules.admission import MIN_TOKEN_LENGTH, AgentToken, Limits, ScopeError, parse_token_file, parse_tokens
+from nova.rules.routes import Route, parse_route
+from nova.transport.tunnel import DEFAULT_HANDSHAKE_TIMEOUT, Timing
 
 from .endpoint import DEFAULT_OPEN_TIMEOUT
-from .routes import Route, parse_route
-from .security import MIN_TOKEN_LENGTH, AgentToken, Limits, ScopeError, parse_tokens, read_token_file
 
 P = "NOVAS"
 # The limits' defaults are L{Limits}' own: written once, there.
@@ -325,7 +325,7 @@ def load_tokens(env_tokens: tuple[bytes, ...], path: Path | None) -> tuple[Agent
     if path is not None:
         what = TOKEN_FILE.label
         try:
-            from_file = read_token_file(path)
+            from_file = parse_token_file(path.read_text(encoding="utf-8"))
         except OSError as e:
             raise ConfigError(f"{what}: cannot read {path}: {e.strerror}") from None
         except UnicodeDecodeError:

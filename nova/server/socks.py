@@ -1,6 +1,6 @@
 """
 The SOCKS5 entry (RFC 1928 CONNECT, RFC 1929 username/password): the
-Twisted adapter over the sans-I/O parser L{nova.server.socks5}.
+Twisted adapter over the sans-I/O parser L{nova.wire.socks5}.
 
 The username is a selector (C{env=prod}, C{name:db-agent}, or empty for any
 agent); the password is NOVAS's SOCKS password, when one is set.  Domain
@@ -23,15 +23,15 @@ from twisted.python.failure import Failure
 from nova.admin.audit import Audit
 from nova.config import ConfigError
 from nova.errors import open_failure
+from nova.rules.admission import Limits, Throttle, source_key
+from nova.rules.routes import Selector, parse_selector
+from nova.wire.socks5 import NEGOTIATING, Connect, Credentials, Event, Negotiation, Send, State, reply
+from nova.wire.socks5 import Reply as Reply  # the reply codes, for reply_for and its callers
 from nova.wire.text import untrusted
 
 from .endpoint import DEFAULT_OPEN_TIMEOUT, TunnelEndpoint
 from .listener import EntryConnection, StreamWatch, address
 from .registry import Registry
-from .routes import Selector, parse_selector
-from .security import Limits, Throttle, source_key
-from .socks5 import NEGOTIATING, Connect, Credentials, Event, Negotiation, Send, State, reply
-from .socks5 import Reply as Reply  # the reply codes, for reply_for and its callers
 
 
 def reply_for(failure: Failure) -> Reply:
@@ -98,7 +98,7 @@ class PasswordGate:
 class SocksClient(EntryConnection):
     """
     One SOCKS5 client connection: the Twisted adapter over
-    L{nova.server.socks5.Negotiation}.  It carries out the parser's events,
+    L{nova.wire.socks5.Negotiation}.  It carries out the parser's events,
     checks the password (with the throttle's delays), enforces the
     negotiation timeout, opens the tunnel stream, then relays.
     """

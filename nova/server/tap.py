@@ -20,6 +20,7 @@ from nova.admin.store import AuditStore, AuditStoreError, backend_for
 from nova.admin.web import admin_resource
 from nova.config import ConfigError
 from nova.prometheus import MetricsPage
+from nova.rules.admission import TokenSet
 from nova.service import ListenerService, StartupError, exit_zero_on_sigterm, on_signal, versions
 from nova.site import BoundedSite
 from nova.tls import STATE_DIR, TLSConfigError, ensure_server_certificate, server_options
@@ -27,7 +28,6 @@ from nova.wire.errors import ErrorCode
 
 from .listener import RouteFactory
 from .options import Options, ServerConfig, load_tokens
-from .security import TokenSet
 from .socks import SocksFactory
 from .tunnel import ServerContext, ServerTunnel, ServerTunnelFactory
 

@@ -20,10 +20,11 @@ from nova.admin.audit import Audit
 from nova.errors import OpenError, Why, reason_why
 from nova.mux.core import DEFAULT_MAX_WINDOW, OpenRefused, Role
 from nova.mux.defaults import DEFAULT_MAX_STREAMS
-from nova.mux.private import innermost
-from nova.mux.stream import StreamTransport
-from nova.mux.tunnel import Timing, TunnelProtocol
+from nova.rules.admission import AgentToken, Limits, Throttle, TokenSet, source_key
 from nova.tls import channel_binding, client_identity, tls_version
+from nova.transport.private import innermost
+from nova.transport.stream import StreamTransport
+from nova.transport.tunnel import Timing, TunnelProtocol
 from nova.wire.errors import ErrorCode, OpenFailReason, ProtocolError, UnsupportedVersion
 from nova.wire.frames import DEFAULT_INITIAL_WINDOW, VERSION, Auth, Frame, Hello, Reject, Welcome
 from nova.wire.handshake import name_problem, new_nonce, tags_problem, window_problem
@@ -31,7 +32,6 @@ from nova.wire.text import untrusted
 
 from .refusals import Refusals
 from .registry import Registry
-from .security import AgentToken, Limits, Throttle, TokenSet, source_key
 
 META_PREFIX = "nova/"
 

@@ -35,12 +35,11 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from nova.mux.lifecycle import start_halves
+from nova.transport.private import fast_tcp
+from nova.transport.splice import read_size
 from nova.wire.errors import ErrorCode
 from nova.wire.frames import DEFAULT_INITIAL_WINDOW
-
-from .lifecycle import start_halves
-from .private import fast_tcp
-from .splice import read_size
 
 # The most bytes handed to the stream's protocol in one call.
 _HANDOVER = DEFAULT_INITIAL_WINDOW

@@ -8,7 +8,7 @@ L{nova.agent.tunnel}).  It is an adapter that wires four parts together:
 
  - the multiplexer (L{nova.mux.core.Multiplexer}, no I/O): streams,
    windows, frames;
- - the outbound scheduler (L{nova.mux.outbound.OutboundScheduler}): when
+ - the outbound scheduler (L{nova.transport.outbound.OutboundScheduler}): when
    what is ready is written, the quantum, blocked streams;
  - the inbound delivery (L{nova.mux.inbound.InboundDelivery}): received
    frames to the multiplexer and on to the streams, batched per read
@@ -16,9 +16,9 @@ L{nova.agent.tunnel}).  It is an adapter that wires four parts together:
  - the session machine (L{nova.mux.lifecycle}): handshake deadline,
    keepalive, drain.
 
-To its streams the tunnel is a L{nova.mux.stream.StreamOwner} (every call
+To its streams the tunnel is a L{nova.transport.stream.StreamOwner} (every call
 keyed by stream id), and it tells them what happens through
-L{nova.mux.stream.StreamEvents}.  How data moves through it (batched
+L{nova.transport.stream.StreamEvents}.  How data moves through it (batched
 flushes, the quantum, the raw TLS path) is described in docs/datapath.md.
 
 Back-pressure from the peer (a peer that does not read).  DATA is bounded by
@@ -69,18 +69,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from nova.mux.core import Buffer, Multiplexer, OpenRefused, Role, WindowBudget
+from nova.mux.inbound import InboundDelivery
+from nova.mux.lifecycle import DEFAULT_DEAD_TIMEOUT, DEFAULT_KEEPALIVE, Session, SessionCore, start_session
+from nova.transport.fastpath import FrameWriter, set_notsent_lowat
+from nova.transport.outbound import OutboundScheduler
+from nova.transport.splice import no_delay, read_size
+from nova.transport.stream import StreamAddress, StreamTransport
 from nova.wire.codec import FrameDecoder
 from nova.wire.errors import ErrorCode, ProtocolError
 from nova.wire.frames import Data, Frame, encode
 from nova.wire.text import untrusted
-
-from .core import Buffer, Multiplexer, OpenRefused, Role, WindowBudget
-from .fastpath import FrameWriter, set_notsent_lowat
-from .inbound import InboundDelivery
-from .lifecycle import DEFAULT_DEAD_TIMEOUT, DEFAULT_KEEPALIVE, Session, SessionCore, start_session
-from .outbound import OutboundScheduler
-from .splice import no_delay, read_size
-from .stream import StreamAddress, StreamTransport
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 
@@ -179,7 +178,7 @@ class TunnelProtocol(Protocol):
 
     @property
     def quantum(self) -> int:
-        """The most DATA a stream reads, and the tunnel writes, per reactor turn (L{nova.mux.outbound})."""
+        """The most DATA a stream reads, and the tunnel writes, per reactor turn (L{nova.transport.outbound})."""
         return self.outbound.quantum
 
     @property

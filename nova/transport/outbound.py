@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from .core import Buffer, Multiplexer
-from .splice import READ_SIZE, read_size
+from nova.mux.core import Buffer, Multiplexer
+from nova.transport.splice import READ_SIZE, read_size
 
 if TYPE_CHECKING:
-    from .fastpath import FrameWriter
-    from .stream import StreamEvents
+    from nova.transport.fastpath import FrameWriter
+    from nova.transport.stream import StreamEvents
 
 QUANTUM = READ_SIZE
 SHARED_QUANTUM = 32 * 1024
@@ -69,8 +69,8 @@ class OutboundScheduler:
         due: if the transport takes more (not paused) and the tunnel is
         open, a flush is scheduled for the next turn.
      5. While the transport pushes back (C{paused}) nothing is written, not
-        even control frames (see L{nova.mux.tunnel}); only
-        L{nova.mux.tunnel.TunnelProtocol.close} writes those regardless.
+        even control frames (see L{nova.transport.tunnel}); only
+        L{nova.transport.tunnel.TunnelProtocol.close} writes those regardless.
     """
 
     def __init__(

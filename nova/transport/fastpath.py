@@ -21,7 +21,7 @@ Twisted would, only sooner:
   neither TLS-over-TCP nor TCP) takes Twisted's own path, in order.
 
 Every private Twisted and pyOpenSSL name used here is listed, and checked per
-transport class, in L{nova.mux.private}: a class that lacks one gets
+transport class, in L{nova.transport.private}: a class that lacks one gets
 Twisted's public path.
 """
 
@@ -34,15 +34,15 @@ from typing import Any
 from twisted.internet import tcp
 from twisted.python.failure import Failure
 
-from . import private
-from .core import Buffer
-from .inbound import ReadBatches
-from .private import SSL_ERROR_WANT_READ as _WANT_READ
-from .private import BIO_read as _BIO_read
-from .private import SSL_get_error as _SSL_get_error
-from .private import SSL_read as _SSL_read
-from .private import ffi_buffer as _ffi_buffer
-from .private import ffi_new as _ffi_new
+from nova.mux.core import Buffer
+from nova.mux.inbound import ReadBatches
+from nova.transport import private
+from nova.transport.private import SSL_ERROR_WANT_READ as _WANT_READ
+from nova.transport.private import BIO_read as _BIO_read
+from nova.transport.private import SSL_get_error as _SSL_get_error
+from nova.transport.private import SSL_read as _SSL_read
+from nova.transport.private import ffi_buffer as _ffi_buffer
+from nova.transport.private import ffi_new as _ffi_new
 
 try:  # public pyOpenSSL names; absent without pyOpenSSL
     from OpenSSL.SSL import Error as _SSLError
