@@ -138,6 +138,27 @@ class ClusterMembership(Service):
             d.addCallback(lambda _: worker.stop())
         return d
 
+    def change(self, call: Callable[[ClusterStore], T]) -> Deferred[T]:
+        """
+        One change of the shared data (a route added or removed), on the
+        worker thread after whatever store call is under way; the routes are
+        read again at once after it, so this server follows its own change
+        without waiting for the next poll.  Fails with the store's error.
+        """
+
+        def run() -> T:
+            self._open()
+            return call(self.store)
+
+        d = self.run(run)
+
+        def then(result: T) -> T:
+            if self.on_routes is not None and self.running:
+                self.poll_routes()
+            return result
+
+        return d.addCallback(then)
+
     # -- the ticks
 
     def heartbeat(self) -> Deferred[None]:
