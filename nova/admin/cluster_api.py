@@ -16,10 +16,13 @@ from typing import Any, Protocol
 from urllib.parse import unquote
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
 from .web import Guarded, send_json
+
+log = Logger()
 
 WHO = "admin"
 """
@@ -73,10 +76,15 @@ def _answer(request: Request, d: Deferred[dict[str, Any]], code: int = 200) -> i
     gone: list[bool] = []
     request.notifyFinish().addErrback(lambda _: gone.append(True))
 
+    def write(data: bytes) -> None:
+        # A length rather than chunks: the answer is complete already.
+        request.setHeader(b"content-length", b"%d" % len(data))
+        request.write(data)
+        request.finish()
+
     def done(body: dict[str, Any]) -> None:
         if not gone:
-            request.write(send_json(request, body, code))
-            request.finish()
+            write(send_json(request, body, code))
 
     def failed(failure: Failure) -> None:
         if gone:
@@ -84,10 +92,10 @@ def _answer(request: Request, d: Deferred[dict[str, Any]], code: int = 200) -> i
         if failure.check(Refused):
             error = failure.value
             assert isinstance(error, Refused)
-            request.write(send_json(request, {"error": str(error)}, error.status))
+            write(send_json(request, {"error": str(error)}, error.status))
         else:
-            request.write(send_json(request, {"error": "internal error"}, 500))
-        request.finish()
+            log.failure("admin API: {method} {path} failed", failure, method=request.method, path=request.uri)
+            write(send_json(request, {"error": "internal error"}, 500))
 
     d.addCallbacks(done, failed)
     return NOT_DONE_YET
