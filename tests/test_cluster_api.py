@@ -317,3 +317,47 @@ class _Endpoint:
         port = _Port(self.ports, self.port)
         port.startListening()
         return succeed(port)
+
+
+class ClusterSettingsTests(SynchronousTestCase):
+    """The cluster's settings: typed, defaults derived and said so in --help."""
+
+    def config(self, **env: str) -> Any:
+        from nova.config import resolve
+        from nova.server.options import SETTINGS, build_config
+
+        base = {"NOVAS_AGENT_TOKEN": "x" * 16, "NOVAS_AGENT_PORT": "9100"}
+        return build_config(resolve(SETTINGS, {}, base | env))
+
+    def test_defaults_follow_the_host_name_the_agent_port_and_the_dead_timeout(self) -> None:
+        import socket
+
+        c = self.config(NOVAS_DEAD_TIMEOUT="20")
+        self.assertEqual(c.server_id, socket.gethostname())
+        self.assertEqual(c.advertise_address, f"{socket.gethostname()}:9100")
+        self.assertEqual(c.cluster_dead_timeout, 20.0)
+
+    def test_given_values(self) -> None:
+        c = self.config(
+            NOVAS_SERVER_ID="novas-b", NOVAS_ADVERTISE_ADDRESS="10.0.0.2:9022", NOVAS_CLUSTER_DEAD_TIMEOUT="6"
+        )
+        self.assertEqual((c.server_id, c.advertise_address, c.cluster_dead_timeout), ("novas-b", "10.0.0.2:9022", 6.0))
+
+    def test_bad_values_name_the_setting(self) -> None:
+        from nova.config import ConfigError
+
+        for env, label in (
+            ({"NOVAS_SERVER_ID": "a b"}, "--server-id / NOVAS_SERVER_ID"),
+            ({"NOVAS_SERVER_ID": "x" * 65}, "--server-id / NOVAS_SERVER_ID"),
+            ({"NOVAS_CLUSTER_DEAD_TIMEOUT": "0"}, "--cluster-dead-timeout / NOVAS_CLUSTER_DEAD_TIMEOUT"),
+        ):
+            with self.assertRaises(ConfigError) as e:
+                self.config(**env)
+            self.assertIn(label, str(e.exception))
+
+    def test_help_says_what_the_defaults_follow(self) -> None:
+        from nova.config import by_name
+        from nova.server.options import SETTINGS
+
+        self.assertIn("default the host name]", by_name(SETTINGS, "server-id").doc())
+        self.assertIn("default --dead-timeout's value", by_name(SETTINGS, "cluster-dead-timeout").doc())

@@ -239,3 +239,26 @@ def test_two_servers_share_routes_views_and_survive_the_store_and_a_member(tmp_p
                 wait_for(lambda: set(members(A)) == {"novas-a"}, DEAD + 3, "B to expire")
                 assert holders(A) == {("agent-a", "novas-a")}
                 assert time.monotonic() - t0 <= DEAD + 3
+
+
+def test_a_command_line_route_that_cannot_listen_still_stops_the_server(tmp_path: Path) -> None:
+    import sys
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOVAS_", "NOVAC_"))}
+        env |= {"NOVAS_AGENT_TOKEN": "x" * 16, "NOVAS_AGENT_PORT": "0", "NOVAS_ADMIN_PORT": "off",
+                "NOVAS_STATE_DIR": str(tmp_path / "state")}  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "twisted", "novas", "--route", f"{taken}:127.0.0.1:22"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1, done
+    assert f"novas: error: cannot listen for route 127.0.0.1:{taken}:127.0.0.1:22" in done.stderr + done.stdout
+    # It never joined the cluster: nothing was written to the store.
+    assert not (tmp_path / "state" / "cluster.sqlite3").exists()
