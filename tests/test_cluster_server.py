@@ -138,7 +138,8 @@ def test_two_servers_share_routes_views_and_survive_the_store_and_a_member(tmp_p
             "NOVAS_CLUSTER_DEAD_TIMEOUT": str(DEAD),
         }
 
-    with target("echo") as echo, novas(tmp_path / "a", [], env("novas-a")) as (a, port_a):
+    static_a = free_port()
+    with target("echo") as echo, novas(tmp_path / "a", [f"{static_a}:127.0.0.1:{echo}"], env("novas-a")) as (a, port_a):
         with novas(tmp_path / "b", [], env("novas-b")) as (b, port_b):
             A, B = a.admin_port, b.admin_port
             with (
@@ -164,6 +165,11 @@ def test_two_servers_share_routes_views_and_survive_the_store_and_a_member(tmp_p
                 assert members(A)["novas-b"]["address"] == "novas-b.test:9022"
                 assert members(A)["novas-a"]["this"] and members(A)["novas-b"]["state"] == "alive"
                 assert holders(A, "?server=novas-b") == {("agent-b", "novas-b")}
+
+                # A stream through A's command-line route stays up across every change below.
+                other = socket.create_connection(("127.0.0.1", static_a), timeout=10)
+                other.sendall(b"static")
+                assert other.recv(6) == b"static"
 
                 # A route added on A: listened for on A at once, on B within 5 s.
                 status, added = call(A, "POST", "/api/v1/routes", {"route": f"0:127.0.0.1:{echo}"})
@@ -201,6 +207,12 @@ def test_two_servers_share_routes_views_and_survive_the_store_and_a_member(tmp_p
                     wait_for(lambda: refused(pb), CHANGE, "B to stop listening")
                     held.sendall(b"after")
                     assert held.recv(5) == b"after"
+
+                other.sendall(b"untouched")
+                assert other.recv(9) == b"untouched"
+                other.close()
+                assert [r["id"] for r in get(A, "/api/v1/routes")["routes"]] == ["static-0"]
+                assert [r["id"] for r in get(B, "/api/v1/routes")["routes"]] == []
 
                 # PostgreSQL goes away: tunnels and routes carry on, changes are
                 # refused naming the store, the views say stale.
