@@ -160,7 +160,10 @@ class ClusterApiTests(SynchronousTestCase):
         self.assertEqual((status, answer["removed"]), (200, True))
         self.assertNotIn(7002, self.listening())
         self.assertIn(7001, self.listening())  # the others are left alone
-        self.assertEqual([k for k, _, _ in self.audit.events], ["route_added", "route_removed"])
+        self.assertEqual(
+            [(k, d["route_id"], d["route"]) for k, _, d in self.audit.events],
+            [("route_added", rid, "127.0.0.1:7002:cache:6379"), ("route_removed", rid, "7002:cache:6379")],
+        )
         self.assertEqual(self.call("DELETE", f"/api/v1/routes/{rid}")[0], 404)
 
     def test_invalid_routes_are_refused_with_the_reason(self) -> None:
@@ -236,6 +239,10 @@ class ClusterApiTests(SynchronousTestCase):
         self.store.remove_route("r-elsewhere")
         self.reactor.advance(2.0)
         self.assertNotIn(7005, self.listening())
+        # Removed through this server's API before it polled: audited with its spec all the same.
+        self.store.add_route(RouteRecord("r-new", "7006:h:1", "admin", 2.0))
+        self.assertEqual(self.call("DELETE", "/api/v1/routes/r-new")[0], 200)
+        self.assertEqual(self.audit.events[-1][2]["route"], "7006:h:1")
 
     # -- the store gone
 

@@ -252,6 +252,17 @@ def test_two_servers_share_routes_views_and_survive_the_store_and_a_member(tmp_p
                 assert holders(A) == {("agent-a", "novas-a")}
                 assert time.monotonic() - t0 <= DEAD + 3
 
+                # Its rows are deleted from the store too, at A's next heartbeat.
+                import psycopg
+
+                def rows() -> tuple[set[str], set[str]]:
+                    with psycopg.connect(postgres.dsn) as conn:
+                        servers = {r[0] for r in conn.execute("SELECT id FROM nova_servers").fetchall()}
+                        held = {r[0] for r in conn.execute("SELECT server FROM nova_tunnels").fetchall()}
+                    return servers, held
+
+                wait_for(lambda: rows() == ({"novas-a"}, {"novas-a"}), 5, "B's rows to be deleted")
+
 
 def test_a_command_line_route_that_cannot_listen_still_stops_the_server(tmp_path: Path) -> None:
     import sys

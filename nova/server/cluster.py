@@ -241,10 +241,17 @@ class ServerCluster:
                     " change it there and restart"
                 )
             )
-        spec = next((r.spec for r in self.records if r.id == route_id), "")
-        d = self.membership.change(lambda store: store.remove_route(route_id))
 
-        def removed(version: int | None) -> dict[str, Any]:
+        def remove(store: ClusterStore) -> tuple[int | None, str]:
+            # The spec as the store has it (this server may not have polled
+            # it yet, if another member added it a moment ago): for the audit.
+            spec = next((r.spec for r in store.routes()[1] if r.id == route_id), "")
+            return store.remove_route(route_id), spec
+
+        d = self.membership.change(remove)
+
+        def removed(outcome: tuple[int | None, str]) -> dict[str, Any]:
+            version, spec = outcome
             if version is None:
                 raise NotFound(f"no route {route_id[:64]!r}")
             self.audit.route_removed(route_id, spec, who)
