@@ -285,3 +285,41 @@ def test_a_command_line_route_that_cannot_listen_still_stops_the_server(tmp_path
     assert f"novas: error: cannot listen for route 127.0.0.1:{taken}:127.0.0.1:22" in done.stderr + done.stdout
     # It never joined the cluster: nothing was written to the store.
     assert not (tmp_path / "state" / "cluster.sqlite3").exists()
+
+
+def test_drain_through_the_api_sends_new_streams_elsewhere_and_lets_open_ones_finish(tmp_path: Path) -> None:
+    route = free_port()
+    with target("echo") as echo, novas(tmp_path, [f"{route}:127.0.0.1:{echo}"]) as (server, port):
+        admin = server.admin_port
+        env = {"NOVAC_SERVER": f"127.0.0.1:{port}", "NOVAC_TLS_FINGERPRINT": fingerprint(server)}
+        with novac(tmp_path, env, name="agent-1"), novac(tmp_path, env, name="agent-2"):
+            server.wait_log("agent agent-1 registered")
+            server.wait_log("agent agent-2 registered")
+            with socket.create_connection(("127.0.0.1", route), timeout=10) as held:
+                held.sendall(b"held")
+                assert held.recv(4) == b"held"
+                # (The history is written behind: wait for the held stream's record.)
+                wait_for(lambda: get(admin, "/api/v1/events?kind=stream_opened")["total"] == 1, 10, "its record")
+                busy = {t["name"] for t in get(admin, "/api/v1/tunnels")["tunnels"] if t["active_streams"]}
+                (drained,) = busy
+                (other,) = {"agent-1", "agent-2"} - busy
+                status, answer = call(admin, "POST", f"/api/v1/tunnels/{drained}/drain")
+                assert status == 202 and answer["status"] == "draining", answer
+                status, _ = call(admin, "POST", f"/api/v1/tunnels/{drained}/drain")
+                assert status == 202  # again: harmless, audited once
+                states = {t["name"]: t["status"] for t in get(admin, "/api/v1/tunnels")["tunnels"]}
+                assert states == {drained: "draining", other: "connected"}
+                before = get(admin, "/api/v1/events?kind=stream_opened&limit=1000")["total"]
+                for i in range(6):
+                    assert echo_roundtrip(route, b"new %d" % i) == b"new %d" % i
+                held.sendall(b"still")
+                assert held.recv(5) == b"still"
+
+            def opened_after() -> list[str]:
+                events = get(admin, "/api/v1/events?kind=stream_opened&limit=1000")["events"]
+                return [e["agent"] for e in events[: len(events) - before]]
+
+            wait_for(lambda: len(opened_after()) == 6, 10, "the new streams in the history")
+            assert set(opened_after()) == {other}
+            events = get(admin, "/api/v1/events?kind=tunnel_drained")["events"]
+            assert [(e["agent"], e["who"]) for e in events] == [(drained, "admin")]
