@@ -263,6 +263,13 @@ def test_two_servers_share_routes_views_and_survive_the_store_and_a_member(tmp_p
 
                 wait_for(lambda: rows() == ({"novas-a"}, {"novas-a"}), 5, "B's rows to be deleted")
 
+                # A stops while the store is gone: a warning, no traceback (checked as it stops).
+                postgres.stop()
+                wait_for(lambda: get(A, "/api/v1/servers")["stale_since"] is not None, 10, "a stale view")
+            a.stop()
+            assert a.proc.returncode == 0
+            assert "cluster store unreachable while leaving" in a.text()
+
 
 def test_a_command_line_route_that_cannot_listen_still_stops_the_server(tmp_path: Path) -> None:
     import sys

@@ -25,7 +25,7 @@ from twisted.python.threadpool import ThreadPool
 
 from .membership import ClusterView, Membership
 from .records import RouteRecord, ServerRecord, TunnelRecord
-from .store import ClusterStore
+from .store import ClusterStore, ClusterStoreError
 
 T = TypeVar("T")
 
@@ -132,6 +132,7 @@ class ClusterMembership(Service):
                 self.store.close()
 
         d = self.run(leave)
+        d.addErrback(self._cannot_leave)
         d.addErrback(self._trap, "leaving the cluster")
         worker = self.run
         if isinstance(worker, WorkerThread):
@@ -236,6 +237,15 @@ class ClusterMembership(Service):
         self.routes_version = version
         if self.on_routes is not None:
             self.on_routes(version, records)
+
+    def _cannot_leave(self, failure: Failure) -> None:
+        """The store is unreachable as we stop: our rows expire instead, within the dead timeout."""
+        failure.trap(ClusterStoreError)
+        self.log.warn(
+            "cluster store unreachable while leaving: {error}; this server's rows expire within {dead:g}s",
+            error=failure.getErrorMessage(),
+            dead=self.membership.dead_timeout,
+        )
 
     def _trap(self, failure: Failure, doing: str) -> None:
         self.log.failure("cluster: unexpected error {doing}", failure, doing=doing)
