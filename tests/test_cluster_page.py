@@ -31,7 +31,7 @@ def api(admin: int, path: str) -> Any:
 def test_cluster_controls_in_a_real_browser(tmp_path: Path) -> None:
     chromium = shutil.which("chromium")
     assert chromium, ".ci/run installs Debian's chromium"
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import Dialog, expect, sync_playwright
 
     nowhere = free_port()
     with (
@@ -59,7 +59,12 @@ def test_cluster_controls_in_a_real_browser(tmp_path: Path) -> None:
                     " (e) => window.cspViolations.push(e.violatedDirective + ' ' + e.blockedURI));"
                 )
                 dialogs: list[str] = []
-                page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+
+                def on_dialog(dialog: Dialog) -> None:
+                    dialogs.append(dialog.message)
+                    dialog.dismiss()
+
+                page.on("dialog", on_dialog)
                 page.goto(f"http://127.0.0.1:{admin}/#token={ADMIN_TOKEN}")
                 # The members, and the server that holds each tunnel.
                 expect(page.locator("#servers")).to_contain_text("novas-page (this server)", timeout=15000)
