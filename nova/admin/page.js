@@ -109,7 +109,7 @@ async function refresh() {
       cell(row, x.name); cell(row, x.server); cell(row, tags(x.tags), "wrap"); cell(row, x.address); cell(row, when(x.connected_since));
       const st = cell(row, x.status); st.className = x.status;
       cell(row, x.active_streams); cell(row, bytes(x.bytes_to_agent)); cell(row, bytes(x.bytes_from_agent));
-      cell(row, x.rtt_ms == null ? "" : x.rtt_ms.toFixed(2) + " ms"); cell(row, x.tls || "off"); cell(row, x.agent_version);
+      cell(row, x.rtt_ms == null ? "" : x.rtt_ms.toFixed(2) + " ms"); cell(row, x.tls || (x.server === t.server ? "off" : "")); cell(row, x.agent_version);
       cell(row, x.token_id);
       // Drain is for the tunnels this server holds; another member drains its own.
       const local = x.server === t.server && x.status === "connected";
