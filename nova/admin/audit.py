@@ -123,7 +123,6 @@ class Audit:
             "open_failed", agent, entry=entry, requester=requester, target=target, reason=reason, message=message
         )
 
-
     # Changes an operator made (the admin API).
 
     def route_added(self, route_id: str, spec: str, who: str) -> None:
