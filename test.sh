@@ -45,7 +45,9 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
 
-.venv/bin/python -m ruff check nova tests twisted
-.venv/bin/python -m mypy
+.venv/bin/python -m ruff check nova tests twisted bench
+.venv/bin/python -m mypy  # nova/, tests/ and bench/ (pyproject.toml)
+# The full run, deploy tests included; the fast loop is
+# ./test.sh -m "not integration and not deploy" (README: Tests).
 .venv/bin/python -m pytest "$@"
 .venv/bin/python -m twisted.trial --reporter=summary tests

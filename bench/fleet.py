@@ -49,20 +49,20 @@ def main(argv: list[str] | None = None) -> int:
     observer = FilteringLogObserver(textFileLogObserver(sys.stdout), [LogLevelFilterPredicate(defaultLogLevel=level)])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
-    fleet = MultiService()  # type: ignore[no-untyped-call]
+    fleet = MultiService()
     for i in range(args.count):
         options = Options()  # the token comes from NOVAC_TOKEN, as for novac
         name = f"{args.prefix}{i:04d}"
-        options.parseOptions(["--server", args.server, "--server-fingerprint", args.fingerprint, "--name", name])  # type: ignore[no-untyped-call]
+        options.parseOptions(["--server", args.server, "--server-fingerprint", args.fingerprint, "--name", name])
         NovacService(options.config, reactor).setServiceParent(fleet)  # type: ignore[no-untyped-call]
 
     def start() -> None:
-        fleet.startService()  # type: ignore[no-untyped-call]
+        fleet.startService()
         print(f"fleet: started {args.count} agents", flush=True)
 
-    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
-    reactor.addSystemEventTrigger("before", "shutdown", fleet.stopService)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", fleet.stopService)
+    reactor.run()
     return 0
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,16 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
+
+# The process harness is the tests' own (tests/harness.py: the standard
+# library only), so the benchmark and the tests start, watch and stop
+# programs the same way.  Appended, so that nothing installed is shadowed.
+sys.path.append(str(Path(__file__).resolve().parent.parent))
+from tests import harness as _harness
+from tests.harness import clean_env as clean_env
+from tests.harness import free_port as free_port
+from tests.harness import rss_kib as rss_kib
 
 LOOPBACK = "127.0.0.1"
 
@@ -40,7 +49,7 @@ class Side:
 
     def argv(self, argv: Sequence[str]) -> list[str]:
         """C{argv} to run on this side (C{ip netns exec} execs the program: its pid is the program's)."""
-        return ["ip", "netns", "exec", self.netns, *argv] if self.netns else list(argv)
+        return _harness.in_netns(self.netns, argv)
 
 
 HERE = Side()
@@ -51,23 +60,9 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> float:
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> float:
     """Poll C{predicate} until it holds; return the seconds it took.  Raises L{BenchError} on timeout."""
-    start = time.monotonic()
-    deadline = start + timeout
-    while True:
-        if predicate():
-            return time.monotonic() - start
-        if time.monotonic() >= deadline:
-            raise BenchError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
+    return _harness.wait_for(predicate, timeout, what, interval, error=BenchError)
 
 
 def raise_nofile(wanted: int) -> int:
@@ -101,137 +96,18 @@ def listening_ports(pid: int | None = None) -> set[int]:
     return ports
 
 
-def rss_kib(pid: int) -> int:
-    """Resident set size of C{pid} in KiB (VmRSS in /proc/PID/status)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise BenchError(f"no VmRSS for pid {pid}")
-
-
-def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This environment without any NOVAS_/NOVAC_ settings, plus C{extra}."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOVAS_", "NOVAC_"))}
-    env.update(extra or {})
-    return env
-
-
-class Proc:
+class Proc(_harness.Proc):
     """
-    A program in its own process group (session), stdout and stderr to a
-    log file.  L{stop} ends the whole group: first SIGTERM, then SIGKILL.
+    L{tests.harness.Proc} as the benchmark wants it: failures are
+    L{BenchError}s, logs are appended to, and what happens on the way out
+    is logged.
     """
 
-    live: list[Proc] = []
+    failure: ClassVar[type[Exception]] = BenchError
+    log_mode: ClassVar[str] = "ab"
 
-    def __init__(
-        self,
-        name: str,
-        argv: Sequence[str],
-        log_path: Path,
-        env: Mapping[str, str] | None = None,
-        cwd: Path | None = None,
-        stdin: int | None = subprocess.DEVNULL,
-        stdout: int | None = None,
-    ) -> None:
-        self.name = name
-        self.argv = list(argv)
-        self.log_path = log_path
-        self._log = open(log_path, "ab")  # closed in stop()
-        self.popen = subprocess.Popen(
-            self.argv,
-            stdin=stdin,
-            stdout=self._log if stdout is None else stdout,
-            stderr=self._log,
-            env=dict(env) if env is not None else None,
-            cwd=cwd,
-            start_new_session=True,
-        )
-        self.pid = self.popen.pid
-        self._read_offset = 0
-        Proc.live.append(self)
-
-    def __repr__(self) -> str:
-        return f"<Proc {self.name} pid {self.pid}>"
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def tail(self, lines: int = 25) -> str:
-        return "\n".join(self.text().splitlines()[-lines:])
-
-    def check_alive(self) -> None:
-        if not self.alive():
-            raise BenchError(
-                f"{self.name} exited with status {self.popen.returncode}; last lines of {self.log_path}:\n{self.tail()}"
-            )
-
-    def wait_log(self, needle: str, timeout: float) -> float:
-        """Wait until C{needle} appears in the log; fail early if the process exits."""
-
-        def found() -> bool:
-            if needle in self.text():
-                return True
-            self.check_alive()
-            return False
-
-        return wait_until(found, timeout, f"{needle!r} in {self.log_path.name}")
-
-    def new_lines(self) -> list[str]:
-        """Complete log lines written since the last call."""
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(self._read_offset)
-                chunk = f.read()
-        except OSError:
-            return []
-        end = chunk.rfind(b"\n")
-        if end < 0:
-            return []
-        self._read_offset += end + 1
-        return chunk[: end + 1].decode(errors="replace").splitlines()
-
-    def rss_kib(self) -> int:
-        self.check_alive()
-        return rss_kib(self.pid)
-
-    def signal(self, sig: int) -> None:
-        if self.alive():
-            try:
-                os.killpg(self.pid, sig)
-            except ProcessLookupError:
-                pass
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """End the process group (SIGTERM, then SIGKILL after C{timeout}); return the exit status."""
-        if self.alive():
-            self.signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log(f"{self.name} (pid {self.pid}) ignored SIGTERM for {timeout:g}s; killing it")
-        # Whatever is left in the group (children of the leader) goes too.
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.popen.wait(5)
-        except subprocess.TimeoutExpired:
-            log(f"{self.name} (pid {self.pid}) did not die after SIGKILL")
-        if not self._log.closed:
-            self._log.close()
-        if self in Proc.live:
-            Proc.live.remove(self)
-        return self.popen.returncode
-
-    @classmethod
-    def stop_all(cls) -> None:
-        for proc in reversed(list(cls.live)):
-            proc.stop(timeout=5.0)
+    def note(self, message: str) -> None:
+        log(message)
 
 
 def run_tool(argv: Sequence[str], timeout: float, what: str) -> subprocess.CompletedProcess[str]:

@@ -28,6 +28,10 @@ from nova.errors import ConfigError as ConfigError  # re-exported: where setting
 from nova.errors import StartupError
 from nova.mux.core import DEFAULT_MAX_WINDOW
 from nova.mux.lifecycle import DEFAULT_DEAD_TIMEOUT, DEFAULT_KEEPALIVE
+
+# Re-exported: the settings below parse with them, and callers import them from here.
+from nova.values import parse_port as parse_port
+from nova.values import parse_tags as parse_tags
 from nova.wire.frames import DEFAULT_INITIAL_WINDOW, MAX_WINDOW, MIN_INITIAL_WINDOW
 
 log = Logger()
@@ -344,16 +348,6 @@ def _repeatable(s: Setting[Any]) -> Any:
 # Parsers shared by both commands.
 
 
-def parse_port(value: str, what: str, allow_zero: bool = False) -> int:
-    try:
-        port = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{what} must be a port number, not {value!r}") from None
-    if not (0 if allow_zero else 1) <= port <= 65535:
-        raise ConfigError(f"{what} must be between 1 and 65535, not {port}")
-    return port
-
-
 def parse_seconds(value: str, what: str) -> float:
     try:
         seconds = float(value)
@@ -372,20 +366,6 @@ def parse_int(value: str, what: str, low: int, high: int) -> int:
     if not low <= number <= high:
         raise ConfigError(f"{what} must be between {low} and {high}, not {number}")
     return number
-
-
-def parse_tags(value: str, what: str) -> tuple[tuple[str, str], ...]:
-    """C{Key=Value;Key=Value} to pairs, in order; empty string means none."""
-    tags: list[tuple[str, str]] = []
-    for part in value.split(";"):
-        part = part.strip()
-        if not part:
-            continue
-        key, sep, val = part.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"{what}: {part!r} is not Key=Value")
-        tags.append((key.strip(), val.strip()))
-    return tuple(tags)
 
 
 def split_host_port(value: str, what: str) -> tuple[str, int]:

@@ -9,7 +9,7 @@ raised (the classes stay beside the code that raises them):
     nova.service         StartupError (defined here)  the program cannot start
     nova.tls             TLSConfigError               unusable certificate files
     nova.admin.store     AuditStoreError              the audit store is unreachable
-    nova.server.security ScopeError                   a token file's scope words
+    nova.rules.admission ScopeError                   a token file's scope words
     nova.wire.errors     ProtocolError (+4)           the peer broke the protocol
     nova.wire.hostname   InvalidHostName              a host no agent could resolve
     nova.agent.tunnel    Rejected                     the server refused registration
@@ -17,9 +17,9 @@ raised (the classes stay beside the code that raises them):
         nova.server.endpoint  NoAgent, AgentTimeout
         nova.server.tunnel    OpenFailed, TunnelGone, TunnelBusy
 
-(Still to derive from it, in modules being rewritten as this one was made:
-nova.agent.policy's PolicyError and PolicyDenied, nova.agent.check's
-StepFailed, nova.server.socks' Malformed.)
+    nova.rules.destinations    PolicyError, PolicyDenied    a rule that cannot parse; a destination the rules deny
+    nova.agent.check     StepFailed, Skipped          a step of C{novac --check} that failed or was not run
+    nova.wire.socks5   Malformed                    a SOCKS5 client that broke the protocol
 
 An open failure carries its L{Why}; L{OPEN_FAILURES} says, once, what each
 means everywhere it is reported: the metrics and audit label, whether
@@ -166,7 +166,7 @@ def open_failure(failure: Any) -> Category:
 # An agent's failed connection to a target: the errors of the dial, by class
 # name (this module imports no Twisted), first match wins.
 DIAL_ERRORS: tuple[tuple[str, Why], ...] = (
-    ("nova.agent.policy.PolicyDenied", Why.DENIED),
+    ("nova.rules.destinations.PolicyDenied", Why.DENIED),
     ("twisted.internet.error.DNSLookupError", Why.DNS_FAILURE),
     ("twisted.internet.error.ConnectionRefusedError", Why.REFUSED),
     ("twisted.internet.error.TimeoutError", Why.TIMEOUT),

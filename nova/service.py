@@ -103,7 +103,7 @@ class ListenerService(Service):
         super().stopService()  # type: ignore[no-untyped-call]
         port, self.port = self.port, None
         if port is not None:
-            return port.stopListening()  # type: ignore[return-value]
+            return port.stopListening()
         return None
 
 

@@ -1,106 +1,54 @@
 """
-Real NOVAS and NOVAC processes on loopback, and small target servers, for
-integration tests.
+Real NOVAS and NOVAC processes on loopback, and the real servers they carry
+traffic to (sshd with SFTP, PostgreSQL, Redis, echo and HTTP servers), for
+integration tests.  Every process starts through L{tests.harness}; its
+C{free_port}, C{wait_for}, C{clean_env} and C{rss_kib} are re-exported here.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import random
 import socket
 import socketserver
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import harness
+from .harness import clean_env as clean_env
+from .harness import free_port as free_port
+from .harness import rss_kib as rss_kib
+from .harness import wait_for as wait_for
+
 TOKEN = "integration-test-token-5d1c"
 ADMIN_TOKEN = "integration-admin-token-91b2"
 
 
-_EPHEMERAL = (32768, 60999)
-try:
-    _EPHEMERAL = tuple(int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())  # type: ignore[assignment]
-except (OSError, ValueError):
-    pass
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
+class Proc(harness.Proc):
     """
-    A port nothing listens on, chosen below the kernel's ephemeral range: a
-    port the kernel handed out for binding to port 0 can be taken by any
-    outgoing connection (a flood test's, say) before the server under test
-    binds it.  Checked free on the wildcard address, as NOVAS binds it.
+    A twist plugin (C{novas}, C{novac}) in a subprocess, logging as text to
+    a file, with no NOVAS_/NOVAC_ setting from this environment but C{env}.
     """
-    for _ in range(1000):
-        port = random.randrange(10_000, min(_EPHEMERAL[0], 32_768))
-        if port in _handed_out:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
-    raise AssertionError("no free port below the ephemeral range")
-
-
-def wait_for(predicate: object, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-class Proc:
-    """A twist plugin in a subprocess, logging as text to a file."""
 
     def __init__(self, plugin: str, args: list[str], env: dict[str, str], log: Path) -> None:
+        argv = [sys.executable, "-m", "twisted", "--log-format=text", plugin, *args]
+        super().__init__(plugin, argv, log, env=clean_env(env))
         self.admin_port = 0
-        self.log_path = log
-        self._log = open(log, "wb")
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("NOVAS_", "NOVAC_"))}
-        full_env.update(env)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "twisted", "--log-format=text", plugin, *args],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=full_env,
-        )
 
-    def text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_log(self, needle: str, timeout: float = 20.0) -> None:
-        def found() -> bool:
-            if self.proc.poll() is not None and needle not in self.text():
-                raise AssertionError(f"process exited ({self.proc.returncode}):\n{self.text()}")
-            return needle in self.text()
-
-        wait_for(found, timeout, f"{needle!r} in {self.log_path.name}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+    def stop(self, timeout: float = 10.0) -> int | None:
+        status = super().stop(timeout)
         # Whatever the test checked, a NOVA process must never log a traceback.
         text = self.text()
         for bad in ("Traceback", "Unhandled error"):
             if bad in text:
                 raise AssertionError(f"{self.log_path.name} logged {bad!r}:\n{text[-4000:]}")
+        return status
 
 
 @contextmanager
@@ -184,7 +132,12 @@ def target(kind: str = "echo") -> Iterator[int]:
 def echo_roundtrip(port: int, payload: bytes, timeout: float = 60.0) -> bytes:
     """Send C{payload} while reading the echo; return what came back."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        sender = threading.Thread(target=lambda: (s.sendall(payload), s.shutdown(socket.SHUT_WR)))
+
+        def send() -> None:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send)
         sender.start()
         chunks = []
         while data := s.recv(1 << 20):
@@ -241,7 +194,8 @@ class Relay:
         try:
             while not self._stop.is_set():
                 if self.stalled.is_set():
-                    time.sleep(0.05)
+                    # The stall itself (forward nothing), not synchronisation.
+                    self._stop.wait(0.05)
                     continue
                 if self.idle_cut is not None and time.monotonic() - last > self.idle_cut:
                     self.cuts += 1
@@ -299,33 +253,31 @@ def http_server(body: bytes) -> Iterator[int]:
 
 @contextmanager
 def sshd(tmp: Path) -> Iterator[tuple[int, Path]]:
-    """A private OpenSSH server on loopback; yields its port and a client key."""
-    keys = tmp / "ssh"
+    """
+    A private OpenSSH server on loopback, public keys only, with the SFTP
+    subsystem that scp uses by default since OpenSSH 9.0; yields its port
+    and a client key (use L{ssh_options}).
+    """
+    keys = tmp / "sshd"
     keys.mkdir()
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / "host")], check=True)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / "user")], check=True)
+    for name in ("host", "user"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / name)], check=True)
     (keys / "authorized_keys").write_bytes((keys / "user.pub").read_bytes())
     port = free_port()
     config = keys / "sshd_config"
     config.write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {keys / 'host'}\n"
         f"AuthorizedKeysFile {keys / 'authorized_keys'}\nPidFile none\nUsePAM no\nStrictModes no\n"
-        "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+        "PermitRootLogin prohibit-password\nPasswordAuthentication no\nSubsystem sftp internal-sftp\n"
     )
     if os.geteuid() == 0:
         os.makedirs("/run/sshd", exist_ok=True)
-    proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)], stderr=subprocess.DEVNULL)
+    proc = harness.Proc("sshd", ["/usr/sbin/sshd", "-D", "-e", "-f", str(config)], keys / "sshd.log")
     try:
-
-        def listening() -> bool:
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", port)) == 0
-
-        wait_for(listening, 20, "sshd to listen")
+        proc.wait_log(f"Server listening on 127.0.0.1 port {port}")
         yield port, keys / "user"
     finally:
-        proc.terminate()
-        proc.wait(10)
+        proc.stop()
 
 
 # Helpers for the end-to-end suite (tests/test_e2e.py, tests/test_soak.py).
@@ -357,51 +309,19 @@ asyncio.run(main())
 @contextmanager
 def echo_process() -> Iterator[int]:
     """An echo server in its own process, so it does not compete with the test for the GIL."""
-    proc = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        yield int(proc.stdout.readline())
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-@contextmanager
-def sshd_sftp(tmp: Path) -> Iterator[tuple[int, Path]]:
-    """
-    Like L{sshd}, with the SFTP subsystem that scp uses by default since
-    OpenSSH 9.0 (L{sshd} has none, so only C{scp -O} works against it).
-    """
-    keys = tmp / "sshd-sftp"
-    keys.mkdir()
-    for name in ("host", "user"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / name)], check=True)
-    (keys / "authorized_keys").write_bytes((keys / "user.pub").read_bytes())
-    port = free_port()
-    config = keys / "sshd_config"
-    config.write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {keys / 'host'}\n"
-        f"AuthorizedKeysFile {keys / 'authorized_keys'}\nPidFile none\nUsePAM no\nStrictModes no\n"
-        "PermitRootLogin prohibit-password\nPasswordAuthentication no\nSubsystem sftp internal-sftp\n"
-    )
-    if os.geteuid() == 0:
-        os.makedirs("/run/sshd", exist_ok=True)
-    proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)], stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: _listening(port), 20, "sshd to listen")
-        yield port, keys / "user"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+    with tempfile.TemporaryDirectory(prefix="nova-echo-") as tmp:
+        proc = harness.Proc(
+            "echo", [sys.executable, "-c", _ECHO_SERVER], Path(tmp) / "echo.log", stdout=subprocess.PIPE
+        )
+        try:
+            assert proc.popen.stdout is not None
+            yield int(proc.popen.stdout.readline())
+        finally:
+            proc.stop()
 
 
 def ssh_options(key: Path) -> list[str]:
-    """Options for ssh/scp against L{sshd} or L{sshd_sftp}: no config, no host key prompts, no passwords."""
+    """Options for ssh/scp against L{sshd}: no config, no host key prompts, no passwords."""
     return ["-F", "/dev/null", "-i", str(key), "-o", "StrictHostKeyChecking=no",
             "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]  # fmt: skip
 
@@ -410,7 +330,6 @@ def ssh_options(key: Path) -> list[str]:
 def postgres_server() -> Iterator[tuple[int, Path]]:
     """A throwaway PostgreSQL server on loopback (user C{nova}, trust); yields its port and bin dir."""
     import shutil
-    import tempfile
 
     bindir = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
     assert bindir is not None, ".ci/run installs postgresql"
@@ -426,19 +345,18 @@ def postgres_server() -> Iterator[tuple[int, Path]]:
     subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "nova"], check=True,
                    capture_output=True)  # fmt: skip
     port = free_port()
-    proc = subprocess.Popen(
+    proc = harness.Proc(
+        "postgres",
         [*run_as, str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-h", "127.0.0.1", "-k", str(home),
          "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        home / "postgres.log",
     )  # fmt: skip
     try:
         ready = [str(bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)]
         wait_for(lambda: subprocess.run(ready).returncode == 0, 30, "PostgreSQL to start")
         yield port, bindir
     finally:
-        proc.terminate()
-        proc.wait(20)
+        proc.stop(20)
         shutil.rmtree(home, ignore_errors=True)
 
 
@@ -446,17 +364,14 @@ def postgres_server() -> Iterator[tuple[int, Path]]:
 def redis_server() -> Iterator[int]:
     """A throwaway Redis server on loopback, persisting nothing."""
     port = free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        ping = ["redis-cli", "-p", str(port), "ping"]
-        wait_for(lambda: subprocess.run(ping, capture_output=True).stdout.strip() == b"PONG", 20, "redis")
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    with tempfile.TemporaryDirectory(prefix="nova-redis-") as tmp:
+        proc = harness.Proc("redis", argv, Path(tmp) / "redis.log", cwd=Path(tmp))
+        try:
+            proc.wait_log("Ready to accept connections")
+            yield port
+        finally:
+            proc.stop()
 
 
 def admin_api(admin_port: int, path: str) -> object:
@@ -479,14 +394,6 @@ def tunnels(server: Proc) -> list[dict[str, object]]:
 def fd_count(pid: int) -> int:
     """Open file descriptors of a process (Linux)."""
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def rss_kib(pid: int) -> int:
-    """Resident set size of a process in KiB (Linux)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def file_sha256(path: Path) -> str:

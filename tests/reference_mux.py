@@ -18,13 +18,36 @@ Tests that drive the multiplexer frame by frame use this class too.
 
 from __future__ import annotations
 
-from nova.mux.core import Buffer, DataAvailable, Event, Multiplexer
+from nova.mux.core import TUNNEL_WINDOW_BUDGET, Buffer, DataAvailable, Event, Multiplexer, Role, WindowBudget
+from nova.mux.defaults import DEFAULT_MAX_STREAMS
 from nova.wire.frames import Data, Fin, Frame, OpenFail, OpenOk, Pong
 
 _REPLY_TYPES = frozenset((Pong, OpenOk, OpenFail))
 
 
 class ReferenceMultiplexer(Multiplexer):
+    def __init__(
+        self,
+        role: Role,
+        local_window: int,
+        peer_window: int,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        max_window: int | None = None,
+        tunnel_budget: int = TUNNEL_WINDOW_BUDGET,
+        budget: WindowBudget | None = None,
+    ) -> None:
+        # The core takes every limit from its caller (the tunnel, from the
+        # settings); frame-by-frame tests name only what they vary.
+        super().__init__(
+            role,
+            local_window,
+            peer_window,
+            max_streams,
+            local_window if max_window is None else max_window,
+            tunnel_budget=tunnel_budget,
+            budget=budget,
+        )
+
     @property
     def queued_control(self) -> int:
         """Control frames of any kind queued and not yet taken."""

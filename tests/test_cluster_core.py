@@ -13,11 +13,11 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from nova.cluster.membership import Membership
-from nova.cluster.records import RouteRecord, ServerRecord, TunnelRecord
-from nova.cluster.routetable import RouteRejected, desired, new_route_id, validate, validate_id
-from nova.cluster.selection import LeastLoaded
-from nova.server.routes import Selector, parse_route, parse_selector
+from nova.rules.membership import Membership
+from nova.rules.records import RouteRecord, ServerRecord, TunnelRecord
+from nova.rules.routes import Selector, parse_route, parse_selector
+from nova.rules.routetable import RouteRejected, desired, new_route_id, validate, validate_id
+from nova.rules.selection import LeastLoaded
 
 DEAD = 30.0
 

@@ -16,9 +16,9 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from nova.cluster.heartbeat import ClusterMembership, WorkerThread, inline
-from nova.cluster.membership import Beat, Membership
-from nova.cluster.records import RouteRecord, ServerRecord, TunnelRecord
 from nova.cluster.store import SQLiteClusterStore
+from nova.rules.membership import Beat, Membership
+from nova.rules.records import RouteRecord, ServerRecord, TunnelRecord
 
 T = TypeVar("T")
 DEAD = 30.0
@@ -230,13 +230,13 @@ class WorkerThreadTests(TestCase):
                 super().heartbeat(beat)
 
         worker = WorkerThread(reactor)
-        m = Membership(ServerRecord("a", "a:9023", 0.0, "0.1.0", 0.0), DEAD, reactor)  # type: ignore[arg-type]
-        a = ClusterMembership(Watched(path), m, list, reactor, run=worker)  # type: ignore[arg-type]
+        m = Membership(ServerRecord("a", "a:9023", 0.0, "0.1.0", 0.0), DEAD, reactor)
+        a = ClusterMembership(Watched(path), m, list, reactor, run=worker)
         a.startService()
         for _ in range(200):
             if not a.view().stale:
                 break
-            yield deferLater(reactor, 0.05)  # type: ignore[arg-type]
+            yield deferLater(reactor, 0.05)
         self.assertFalse(a.view().stale)
         self.assertEqual(len(threads), 1)
         self.assertNotIn(threading.current_thread().name, threads)

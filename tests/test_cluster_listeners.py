@@ -21,8 +21,8 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from nova.cluster.listeners import RouteListeners, follow_store
-from nova.cluster.records import RouteRecord
-from nova.server.routes import Route, parse_route
+from nova.rules.records import RouteRecord
+from nova.rules.routes import Route, parse_route
 
 from .processes import free_port
 
@@ -45,8 +45,8 @@ class Echo(Protocol):
 def listen_for(route: Route) -> tuple[IStreamServerEndpoint, IProtocolFactory]:
     from twisted.internet import reactor
 
-    endpoint = TCP4ServerEndpoint(reactor, route.port, interface=route.bind)  # type: ignore[arg-type]
-    return endpoint, Factory.forProtocol(lambda: Echo(route))  # type: ignore[no-untyped-call]
+    endpoint = TCP4ServerEndpoint(reactor, route.port, interface=route.bind)
+    return endpoint, Factory.forProtocol(lambda: Echo(route))
 
 
 class Client:
@@ -233,8 +233,8 @@ class RouteListenersTests(TestCase):
         from nova.server.registry import Registry
 
         def route_listener(route: Route) -> tuple[IStreamServerEndpoint, IProtocolFactory]:
-            endpoint = TCP4ServerEndpoint(reactor, route.port, interface=route.bind)  # type: ignore[arg-type]
-            return endpoint, RouteFactory(route, Registry(), reactor, 1.0)  # type: ignore[arg-type]
+            endpoint = TCP4ServerEndpoint(reactor, route.port, interface=route.bind)
+            return endpoint, RouteFactory(route, Registry(), reactor, 1.0)
 
         listeners = RouteListeners(route_listener)
         listeners.startService()

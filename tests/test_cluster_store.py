@@ -13,9 +13,6 @@ from typing import Any
 
 import pytest
 
-from nova.cluster.membership import Beat
-from nova.cluster.records import RouteRecord, ServerRecord, TunnelRecord
-from nova.cluster.routetable import RouteRejected
 from nova.cluster.store import (
     ClusterStoreError,
     DuplicateRoute,
@@ -24,6 +21,9 @@ from nova.cluster.store import (
     _SQLStore,
     cluster_store_for,
 )
+from nova.rules.membership import Beat
+from nova.rules.records import RouteRecord, ServerRecord, TunnelRecord
+from nova.rules.routetable import RouteRejected
 
 from .processes import postgres_server
 
@@ -233,6 +233,7 @@ def test_a_postgresql_connection_cut_mid_heartbeat_is_an_error_then_reconnects(p
     store.close()
 
 
+@pytest.mark.integration  # connects to a port nothing listens on
 def test_a_postgresql_error_never_carries_the_password() -> None:
     from .processes import free_port
 

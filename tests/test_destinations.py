@@ -27,10 +27,11 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from nova.agent.policy import (
+from nova.agent.dialer import Dialer
+from nova.config import ConfigError
+from nova.rules.destinations import (
     METADATA,
     WHY_SENSITIVE,
-    Dialer,
     IPAddress,
     PolicyDenied,
     PolicyError,
@@ -39,9 +40,8 @@ from nova.agent.policy import (
     parse_rule,
     unwrap,
 )
-from nova.config import ConfigError
+from nova.rules.routes import Selector, parse_route
 from nova.server.endpoint import InvalidHostName, TunnelEndpoint
-from nova.server.routes import Selector, parse_route
 from nova.server.tunnel import OpenFailed
 from nova.wire.errors import OpenFailReason
 from nova.wire.hostname import MAX_LABEL, MAX_NAME, check_host, host_problem
@@ -323,7 +323,7 @@ class AgentOpenTests(SynchronousTestCase):
     """NOVAC answers every OPEN: a bad name or a failing resolver is OPEN_FAIL DNS_FAILURE, never silence."""
 
     def setUp(self) -> None:
-        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
 
     def refused(self, h: Harness, host: str) -> OpenFailed:
         result, *_ = h.open(host, 80)

@@ -20,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from nova.agent.discovery import AgentPool, PoolGroup
+from nova.agent.metrics import AgentMetrics
 from nova.agent.pool import PoolState
 from nova.agent.reconnect import Backoff
 from nova.agent.tunnel import AgentContext, AgentTunnel, Duplicate
@@ -173,7 +174,7 @@ class NegotiationTests(SynchronousTestCase):
 
 class DuplicateTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
 
     def test_a_second_tunnel_to_a_held_member_is_refused_and_not_counted_as_a_rejection(self) -> None:
         c = Cluster()
@@ -232,7 +233,7 @@ class WireMembersTests(SynchronousTestCase):
         def broken() -> tuple[str, tuple[str, ...]]:
             raise RuntimeError("the view is gone")
 
-        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
         self.assertEqual(current_members(broken, "me"), ("me", ("me",)))
         self.assertEqual(announce_members([object()], broken), 0)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
@@ -309,6 +310,7 @@ class PoolOverBalancerTests(SynchronousTestCase):
         self.run_for(120)
         self.assertEqual(self.balancer.connects, connects)  # satisfied: no more dials
         metrics = self.context.metrics
+        assert isinstance(metrics, AgentMetrics)
         self.assertEqual(metrics.pool_tunnels.labels("lb:9022")._value.get(), 3)
         self.assertEqual(metrics.pool_members.labels("lb:9022")._value.get(), 3)
 

@@ -196,56 +196,68 @@ def test_a_version_1_agent_registers_with_a_version_2_server(tmp_path: Path) -> 
             raw.close()
 
 
-@contextmanager
-def version_1_server() -> Iterator[tuple[int, list[str]]]:
+class Version1Server:
     """
     A raw NOVAS of version 1 (plaintext): HELLO without an offer, a decoder
     that knows only version 1, a version-1 WELCOME, then PONG to every PING.
-    What it saw (or why it failed) goes to the list it yields.
+    What it saw (or why it failed) goes to C{seen}.
     """
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    seen: list[str] = []
-    stop = threading.Event()
 
-    def serve() -> None:
-        while not stop.is_set():
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.port: int = self.listener.getsockname()[1]
+        self.seen: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
             try:
-                conn, _ = listener.accept()
+                conn, _ = self.listener.accept()
             except TimeoutError:
                 continue
             except OSError:
                 return
-            decoder = FrameDecoder(max_version=1)
-            conn.sendall(b"".join(encode(Hello(bytes(32)))))
-            conn.settimeout(0.2)
             try:
-                while not stop.is_set():
-                    try:
-                        data = conn.recv(65536)
-                    except TimeoutError:
-                        continue
-                    if not data:
-                        break
-                    for frame in decoder.feed(data):
-                        if isinstance(frame, Auth):
-                            seen.append(f"AUTH version {frame.version}")
-                            conn.sendall(b"".join(encode(Welcome(65536, 15000, "old-server"))))
-                        elif isinstance(frame, Ping):
-                            conn.sendall(b"".join(encode(Pong(frame.opaque))))
+                self._converse(conn)
             except Exception as e:  # a version-2 frame, say: the test reports it
-                seen.append(f"error: {e}")
+                self.seen.append(f"error: {e}")
             finally:
                 conn.close()
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    def _converse(self, conn: socket.socket) -> None:
+        decoder = FrameDecoder(max_version=1)
+        conn.sendall(b"".join(encode(Hello(bytes(32)))))
+        conn.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                data = conn.recv(65536)
+            except TimeoutError:
+                continue
+            if not data:
+                return
+            for frame in decoder.feed(data):
+                if isinstance(frame, Auth):
+                    self.seen.append(f"AUTH version {frame.version}")
+                    conn.sendall(b"".join(encode(Welcome(65536, 15000, "old-server"))))
+                elif isinstance(frame, Ping):
+                    conn.sendall(b"".join(encode(Pong(frame.opaque))))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.listener.close()
+        self.thread.join(5)
+
+
+@contextmanager
+def version_1_server() -> Iterator[tuple[int, list[str]]]:
+    server = Version1Server()
     try:
-        yield listener.getsockname()[1], seen
+        yield server.port, server.seen
     finally:
-        stop.set()
-        listener.close()
-        thread.join(5)
+        server.close()
 
 
 def test_novac_registers_with_a_version_1_server(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -26,7 +27,7 @@ def _rows() -> dict[str, list[str]]:
 
 
 class ReadmeTableTests(SynchronousTestCase):
-    def check(self, settings: tuple[Setting, ...]) -> None:
+    def check(self, settings: tuple[Setting[Any], ...]) -> None:
         rows = _rows()
         for s in settings:
             self.assertIn(s.env, rows, f"{s.env} is missing from README.md")

@@ -40,7 +40,7 @@ from .processes import (
     postgres_server,
     redis_server,
     ssh_options,
-    sshd_sftp,
+    sshd,
     tunnels,
     wait_for,
 )
@@ -139,7 +139,7 @@ def test_ssh_command_and_scp_256_mib_both_ways(tmp_path: Path) -> None:
     assert shutil.which("ssh") and shutil.which("scp"), ".ci/run installs openssh-client"
     route = free_port()
     user = getpass.getuser()
-    with sshd_sftp(tmp_path) as (ssh_port, key), novas(tmp_path, [f"{route}:127.0.0.1:{ssh_port}"]) as (server, port):
+    with sshd(tmp_path) as (ssh_port, key), novas(tmp_path, [f"{route}:127.0.0.1:{ssh_port}"]) as (server, port):
         with novac(tmp_path, agent_env(server, port)):
             server.wait_log("agent agent-1 registered")
             command = "echo through-nova; uname -s; echo $((6 * 7)); head -c 100000 /dev/zero | wc -c"
@@ -413,6 +413,7 @@ def test_200_concurrent_streams_intact_while_a_second_agent_comes_and_goes(tmp_p
                             return sum(int(t["active_streams"]) for t in tunnels(server) if t["name"] == name)  # type: ignore[call-overload]
 
                         wait_for(lambda: carrying() > 0 or load_done.is_set(), 60, f"{name} to carry streams")
+                        # Not a wait for an event: the agent is stopped at a random moment of its load.
                         time.sleep(rng.uniform(0.3, 1.0))
                         active = carrying()
                         sigterm = time.monotonic()
@@ -449,7 +450,7 @@ def test_idle_ssh_session_survives_several_keepalive_intervals(tmp_path: Path) -
     timing = {"KEEPALIVE": "1", "DEAD_TIMEOUT": "3"}
     server_env = {f"NOVAS_{k}": v for k, v in timing.items()}
     with (
-        sshd_sftp(tmp_path) as (ssh_port, key),
+        sshd(tmp_path) as (ssh_port, key),
         novas(tmp_path, [f"{route}:127.0.0.1:{ssh_port}"], server_env) as (
             server,
             port,
@@ -472,7 +473,7 @@ def test_idle_ssh_session_survives_several_keepalive_intervals(tmp_path: Path) -
                 assert first[0] == b"ready"
                 # Idle: nothing but the tunnel's keepalives for well over two dead timeouts.
                 (idle_from,) = tunnels(server)
-                time.sleep(8)
+                time.sleep(8)  # not a wait for an event: the idle time is what is tested
                 (idle_to,) = tunnels(server)
                 # No stream data moved meanwhile (no SSH-level keepalives either).
                 for field in ("bytes_to_agent", "bytes_from_agent", "connected_since"):

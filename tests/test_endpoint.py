@@ -16,9 +16,9 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from nova.rules.routes import Selector, parse_selector
 from nova.server.endpoint import AgentTimeout, NoAgent, TunnelEndpoint
 from nova.server.registry import Registry
-from nova.server.routes import Selector, parse_selector
 from nova.server.socks import Reply, SocksFactory
 from nova.server.tunnel import OpenFailed, TunnelGone
 from nova.wire.errors import OpenFailReason
@@ -68,7 +68,7 @@ class FakeTunnel:
 def registry(*tunnels: FakeTunnel) -> Registry:
     r = Registry()
     for t in tunnels:
-        r.register(t)  # type: ignore[arg-type]
+        r.register(t)
     return r
 
 
@@ -189,7 +189,8 @@ class SocksTests(SynchronousTestCase):
     def send(self, data: bytes) -> bytes:
         self.transport.clear()
         self.client.dataReceived(data)
-        return self.transport.value()
+        answer: bytes = self.transport.value()
+        return answer
 
     def auth(self, user: bytes, password: bytes) -> bytes:
         self.assertEqual(self.send(b"\x05\x01\x02"), b"\x05\x02")

@@ -12,7 +12,6 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from nova.admin.store import AuditStoreError
-from nova.agent.policy import PolicyDenied
 from nova.agent.tunnel import Rejected, classify
 from nova.config import ConfigError
 from nova.errors import (
@@ -25,9 +24,10 @@ from nova.errors import (
     describe_dial_error,
     open_failure,
 )
+from nova.rules.admission import ScopeError
+from nova.rules.destinations import PolicyDenied
 from nova.server.endpoint import AgentTimeout, NoAgent, retryable
 from nova.server.listener import failure_reason
-from nova.server.security import ScopeError
 from nova.server.socks import Reply, reply_for
 from nova.server.tunnel import OpenFailed, TunnelBusy, TunnelGone
 from nova.tls import TLSConfigError

@@ -9,8 +9,6 @@ False stops decoding.
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,7 +16,6 @@ from hypothesis import strategies as st
 from nova.wire.codec import FrameDecoder
 from nova.wire.errors import ErrorCode, FrameTooLarge, OpenFailReason, ProtocolError, UnsupportedVersion
 from nova.wire.frames import (
-    HEADER,
     HEADER_SIZE,
     MAC_SIZE,
     MAX_CONTROL_PAYLOAD,
@@ -44,31 +41,13 @@ from nova.wire.frames import (
     Rst,
     Welcome,
     WindowUpdate,
-    encode,
-    max_payload,
 )
 
 from .reference_decoder import ReferenceDecoder
+from .strategies import error_codes, fits, header, long_payloads, split, wire
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MAX_BUFFERED = HEADER_SIZE + MAX_DATA_PAYLOAD
-
-
-def wire(frame: Frame) -> bytes:
-    return b"".join(encode(frame))
-
-
-def header(type_byte: int, stream_id: int, length: int, version: int = 1) -> bytes:
-    return HEADER.pack(version, type_byte, 0, 0, stream_id, length)
-
-
-def split(blob: bytes, cuts: list[int]) -> list[bytes]:
-    points = [0, *sorted(c % (len(blob) + 1) for c in cuts), len(blob)]
-    return [blob[a:b] for a, b in itertools.pairwise(points)]
-
-
-def fits(frame: Frame) -> bool:
-    return sum(len(p) for p in frame.payload()) <= max_payload(frame.TYPE)
 
 
 class Collector:
@@ -115,14 +94,14 @@ def reference(blob: bytes) -> tuple[list[Frame], ProtocolError | None]:
 
 # Strategies ------------------------------------------------------------------
 
+# Mostly a handful of ids, so that frames of one stream follow each other.
 stream_ids = st.one_of(st.integers(1, 9), st.integers(1, MAX_STREAM_ID))
-error_codes = st.sampled_from(ErrorCode)
 text = st.one_of(st.text(max_size=30), st.integers(1000, 1400).map(lambda n: "é" * n))
 small = st.text(max_size=10)
 payloads = st.one_of(
     st.binary(min_size=1, max_size=300),
     st.binary(min_size=1, max_size=300),
-    st.integers(1, MAX_DATA_PAYLOAD).map(lambda n: bytes(range(256)) * (n // 256) + b"\x07" * (n % 256)),
+    long_payloads,
 )
 
 frames = st.one_of(

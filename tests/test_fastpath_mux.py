@@ -2,7 +2,7 @@
 The multiplexer's fast paths (nova.mux.core) against its reference model
 (tests/reference_mux.py): pull() against next_frame(), take_upto() against
 take(), receive_data() against receive(Data), and
-has_output(); and nova.mux.fastpath's record_chunks(), write_tcp() and
+has_output(); and nova.transport.fastpath's record_chunks(), write_tcp() and
 writev_tcp() (the last two against a fake TCP connection).
 """
 
@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import tcp
 
-from nova.mux import fastpath
 from nova.mux.core import Buffer, DataAvailable, Event, Role, StreamReset
-from nova.mux.fastpath import record_chunks, write_tcp, writev_tcp
+from nova.transport import fastpath
+from nova.transport.fastpath import record_chunks, write_tcp, writev_tcp
 from nova.wire.codec import FrameDecoder
 from nova.wire.errors import ErrorCode, FlowControlError, ProtocolError
 from nova.wire.frames import (

@@ -26,6 +26,7 @@ from .processes import (
     novas,
     sshd,
     target,
+    wait_for,
 )
 
 pytestmark = pytest.mark.integration
@@ -118,10 +119,10 @@ def test_replica_killed_under_load_only_its_inflight_connections_fail(tmp_path: 
             workers = [threading.Thread(target=load) for _ in range(4)]
             for w in workers:
                 w.start()
-            time.sleep(1.5)
+            wait_for(lambda: len(results) >= 20, 30, "the load to flow through both replicas")
             killed_at = time.monotonic()
             a.proc.send_signal(signal.SIGKILL)
-            time.sleep(2.5)
+            wait_for(lambda: sum(t > killed_at + 0.5 for t, _ in results) >= 20, 30, "connections after the kill")
             stop.set()
             for w in workers:
                 w.join(30)

@@ -327,7 +327,7 @@ def test_compose_health_checks_pass(image: tuple[Docker, str], tmp_path: Path) -
             def healthy(name: str) -> bool:
                 state = docker.inspect(name)["State"]
                 assert state["Status"] == "running", Container(docker, name).text()[-3000:]
-                return state.get("Health", {}).get("Status") == "healthy"
+                return bool(state.get("Health", {}).get("Status") == "healthy")
 
             wait_for(lambda: healthy("nova-novas") and healthy("nova-novac"), 90, "both containers to be healthy")
             assert echo_roundtrip(route, b"composed") == b"composed"

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from . import harness
 from .pki import CA
-from .processes import TOKEN, echo_roundtrip, fingerprint, free_port, novac, novas, target, wait_for
+from .processes import TOKEN, echo_roundtrip, fingerprint, free_port, novac, novas, redis_server, target
 
 pytestmark = pytest.mark.integration
 
@@ -157,41 +158,27 @@ def test_bad_configuration_is_one_clear_line(plugin: str, env: dict[str, str], m
 
 def test_redis_cli_ping_through_the_tunnel(tmp_path: Path) -> None:
     assert shutil.which("redis-server") and shutil.which("redis-cli"), ".ci/run installs redis"
-    redis_port, route = free_port(), free_port()
-    redis = subprocess.Popen(
-        ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        wait_for(
-            lambda: subprocess.run(["redis-cli", "-p", str(redis_port), "ping"], capture_output=True).returncode == 0
-        )
-        with novas(tmp_path, [f"{route}:127.0.0.1:{redis_port}"]) as (server, port):
-            with novac(tmp_path, _pinned(port, server)):
-                server.wait_log("agent agent-1 registered")
-                out = subprocess.run(
-                    ["redis-cli", "-p", str(route), "ping"], capture_output=True, text=True, timeout=30
-                )
-                assert out.stdout.strip() == "PONG"
-                subprocess.run(["redis-cli", "-p", str(route), "set", "k", "through-nova"], check=True, timeout=30)
-                out = subprocess.run(
-                    ["redis-cli", "-p", str(route), "get", "k"], capture_output=True, text=True, timeout=30
-                )
-                assert out.stdout.strip() == "through-nova"
-    finally:
-        redis.terminate()
-        redis.wait(10)
+    route = free_port()
+    with redis_server() as redis_port, novas(tmp_path, [f"{route}:127.0.0.1:{redis_port}"]) as (server, port):
+        with novac(tmp_path, _pinned(port, server)):
+            server.wait_log("agent agent-1 registered")
+            out = subprocess.run(["redis-cli", "-p", str(route), "ping"], capture_output=True, text=True, timeout=30)
+            assert out.stdout.strip() == "PONG"
+            subprocess.run(["redis-cli", "-p", str(route), "set", "k", "through-nova"], check=True, timeout=30)
+            out = subprocess.run(
+                ["redis-cli", "-p", str(route), "get", "k"], capture_output=True, text=True, timeout=30
+            )
+            assert out.stdout.strip() == "through-nova"
 
 
 def test_iperf3_through_the_tunnel(tmp_path: Path) -> None:
     assert shutil.which("iperf3"), ".ci/run installs iperf3"
     iperf_port, route = free_port(), free_port()
-    iperf = subprocess.Popen(
-        ["iperf3", "-s", "-p", str(iperf_port), "-B", "127.0.0.1", "-1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    # --forceflush: its "Server listening" line reaches the log at once.
+    argv = ["iperf3", "-s", "-p", str(iperf_port), "-B", "127.0.0.1", "-1", "--forceflush"]
+    iperf = harness.Proc("iperf3", argv, tmp_path / "iperf3.log")
     try:
+        iperf.wait_log("Server listening on")
         with novas(tmp_path, [f"{route}:127.0.0.1:{iperf_port}"]) as (server, port):
             with novac(tmp_path, _pinned(port, server)):
                 server.wait_log("agent agent-1 registered")
@@ -204,5 +191,4 @@ def test_iperf3_through_the_tunnel(tmp_path: Path) -> None:
                 assert out.returncode == 0, out.stdout + out.stderr
                 assert '"sum_received"' in out.stdout
     finally:
-        iperf.kill()
-        iperf.wait(10)
+        iperf.stop()

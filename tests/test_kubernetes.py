@@ -46,6 +46,10 @@ from .processes import (
     wait_for,
 )
 
+# Every test here reads the overlays as `kubectl kustomize` renders them (a
+# process), and three run NOVA itself: none belongs in the fast loop.
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).parent.parent
 K8S = ROOT / "etc" / "kubernetes"
 OVERLAYS = ("agent-single", "agent-ha", "server-single", "server-postgresql")
@@ -190,7 +194,7 @@ def _container(docs: list[Doc]) -> Doc:
     return container  # type: ignore[no-any-return]
 
 
-def _side(overlay: str) -> tuple[str, dict[str, Setting]]:
+def _side(overlay: str) -> tuple[str, dict[str, Setting[Any]]]:
     return ("NOVAC_", AGENT_ENVS) if overlay.startswith("agent") else ("NOVAS_", SERVER_ENVS)
 
 

@@ -76,7 +76,7 @@ def test_stalled_network_detected_on_both_sides(tmp_path: Path) -> None:
             env = {"NOVAC_SERVER": f"127.0.0.1:{relay.port}", "NOVAC_TLS_FINGERPRINT": fingerprint(server)}
             with novac(tmp_path, env | fast("NOVAC")) as agent:
                 server.wait_log("agent agent-1 registered")
-                time.sleep(2.5)  # pings flow: nothing is dropped
+                time.sleep(2.5)  # an absence over time: pings flow, nothing is dropped
                 assert "dropping the tunnel" not in server.text() + agent.text()
                 stalled_at = time.monotonic()
                 relay.stalled.set()
@@ -98,7 +98,7 @@ def test_keepalive_keeps_a_tunnel_through_an_idle_cutting_balancer(tmp_path: Pat
             env = {"NOVAC_SERVER": f"127.0.0.1:{relay.port}", "NOVAC_TLS_FINGERPRINT": fingerprint(server)}
             with novac(tmp_path, env | fast("NOVAC")):
                 server.wait_log("agent agent-1 registered")
-                time.sleep(8)
+                time.sleep(8)  # not a wait for an event: idle well past the relay's idle cut
                 assert relay.cuts == 0
                 assert count(server.text(), "registered") == 1
                 assert echo_roundtrip(route, b"still here") == b"still here"
@@ -125,7 +125,7 @@ def _slow_upload(port: int, payload: bytes, seconds: float, out: dict[str, bytes
         step = len(payload) // 20
         for i in range(0, len(payload), step):
             s.sendall(payload[i : i + step])
-            time.sleep(seconds / 20)
+            time.sleep(seconds / 20)  # the input under test: a slow upload
         s.shutdown(socket.SHUT_WR)
         reply = b""
         while data := s.recv(4096):

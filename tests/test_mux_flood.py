@@ -16,20 +16,18 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from nova.mux.core import MAX_QUEUED_REPLIES, Buffer, Role
-from nova.mux.tunnel import CLOSE_TIMEOUT, READ_PAUSE_REPLIES, Timing, TunnelProtocol
+from nova.mux.defaults import DEFAULT_MAX_STREAMS
+from nova.transport.tunnel import CLOSE_TIMEOUT, READ_PAUSE_REPLIES, Timing, TunnelProtocol
 from nova.wire.codec import FrameDecoder
 from nova.wire.errors import ControlFlood, ErrorCode, OpenFailReason
-from nova.wire.frames import Data, Frame, GoAway, Open, OpenFail, OpenOk, Ping, Pong, WindowUpdate, encode
+from nova.wire.frames import Data, Frame, GoAway, Open, OpenFail, OpenOk, Ping, Pong, WindowUpdate
 
 from .reference_mux import ReferenceMultiplexer as Multiplexer  # the core plus its one-at-a-time model
+from .strategies import wire
 from .test_tunnel import Recorder
 
 WINDOW = 65536
 KEEPALIVE = 15.0
-
-
-def wire(*frames: Frame) -> bytes:
-    return b"".join(b"".join(encode(f)) for f in frames)
 
 
 def pings(n: int, start: int = 0) -> bytes:
@@ -145,7 +143,7 @@ class Bare(TunnelProtocol):
         self.recorders: dict[int, Recorder] = {}
 
     def handshake_started(self) -> None:
-        self.start_streams(WINDOW)
+        self.start_streams(WINDOW, DEFAULT_MAX_STREAMS)
 
     def stream_requested(self, stream_id: int, host: str, port: int) -> None:
         assert self.mux is not None
@@ -160,7 +158,7 @@ class TunnelFloodTests(SynchronousTestCase):
         self.transport = StringTransport()
         self.tunnel = Bare(self.clock)
         self.tunnel.makeConnection(self.transport)
-        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
 
     def written(self) -> list[Frame]:
         frames = decode(self.transport.value())

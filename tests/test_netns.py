@@ -28,8 +28,9 @@ from pathlib import Path
 
 import pytest
 
+from .harness import Proc, clean_env, in_netns
 from .pki import CA
-from .processes import ADMIN_TOKEN, TOKEN, wait_for
+from .processes import ADMIN_TOKEN, TOKEN
 
 pytestmark = pytest.mark.integration
 
@@ -134,39 +135,9 @@ def namespaces() -> Iterator[tuple[str, str]]:
             _run("ip", "netns", "del", ns, check=False)
 
 
-class NsProc:
-    """A process inside a namespace, its output in a file."""
-
-    def __init__(self, ns: str, argv: list[str], env: dict[str, str], log: Path) -> None:
-        self.log = log
-        self._out = open(log, "wb")
-        full = {k: v for k, v in os.environ.items() if not k.startswith(("NOVAS_", "NOVAC_"))} | env
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, *argv], env=full, stdout=self._out, stderr=subprocess.STDOUT
-        )
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_log(self, needle: str, timeout: float = 15) -> None:
-        def found() -> bool:
-            if needle in self.text():
-                return True
-            if self.proc.poll() is not None:
-                raise AssertionError(f"exited ({self.proc.returncode}) before {needle!r}:\n{self.text()}")
-            return False
-
-        wait_for(found, timeout, f"{needle!r} in {self.log.name}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._out.close()
+def ns_proc(ns: str, argv: list[str], env: dict[str, str], log: Path) -> Proc:
+    """A process inside namespace C{ns}, its output in C{log}."""
+    return Proc(log.stem, in_netns(ns, argv), log, env=clean_env(env))
 
 
 def _twist(*args: str) -> list[str]:
@@ -184,10 +155,10 @@ def test_workloads_dial_out_only_and_users_reach_them_through_a_route(tmp_path: 
     ca = CA()
     cert, key = ca.issue(SERVER_NAME).write(tmp_path, "novas")
     ca_file = ca.write(tmp_path)
-    procs: list[NsProc] = []
+    procs: list[Proc] = []
     try:
         with namespaces() as (security, workloads):
-            target = NsProc(
+            target = ns_proc(
                 workloads, [sys.executable, "-c", ECHO_SERVER, str(TARGET_PORT)], {}, tmp_path / "target.log"
             )
             procs.append(target)
@@ -208,7 +179,7 @@ def test_workloads_dial_out_only_and_users_reach_them_through_a_route(tmp_path: 
             direct = _connect(security, WORKLOADS_ADDR, TARGET_PORT, 1.5)
             assert direct.startswith("failed") and "timed out" in direct, direct
 
-            server = NsProc(
+            server = ns_proc(
                 security,
                 _twist("novas"),
                 {
@@ -240,7 +211,7 @@ def test_workloads_dial_out_only_and_users_reach_them_through_a_route(tmp_path: 
                 "NOVAC_CONNECT_TIMEOUT": "5",
             }
             # The connectivity check, from the workloads host.
-            full = {k: v for k, v in os.environ.items() if not k.startswith(("NOVAS_", "NOVAC_"))} | agent_env
+            full = clean_env(agent_env)
             check = subprocess.run(
                 ["ip", "netns", "exec", workloads, sys.executable, "-m", "twisted", "novac", "--check"],
                 env=full,
@@ -252,7 +223,7 @@ def test_workloads_dial_out_only_and_users_reach_them_through_a_route(tmp_path: 
             assert f"connected to {SECURITY_ADDR}:{AGENT_PORT}" in check.stdout
             assert f"name '{SERVER_NAME}' verified" in check.stdout
 
-            agent = NsProc(workloads, _twist("novac"), agent_env, tmp_path / "novac.log")
+            agent = ns_proc(workloads, _twist("novac"), agent_env, tmp_path / "novac.log")
             procs.append(agent)
             server.wait_log("agent workloads-agent registered")
 

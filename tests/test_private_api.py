@@ -1,6 +1,6 @@
 """
 The fence around the private Twisted and pyOpenSSL names the fast paths use
-(nova.mux.private): every name the fast path touches is listed there, a class
+(nova.transport.private): every name the fast path touches is listed there, a class
 missing one gets the public path, a pass is remembered per class, one walker
 of the wrapper chain; and, on real TCP and TLS connections, the installed
 releases take the fast path (this is the test that fails when an upgrade
@@ -31,9 +31,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.trial.unittest import TestCase
 
-from nova.mux import fastpath, private, splice
-from nova.mux.fastpath import FrameWriter
 from nova.tls import server_options
+from nova.transport import fastpath, private, splice
+from nova.transport.fastpath import FrameWriter
 
 from .pki import CA
 
@@ -51,7 +51,7 @@ def test_every_private_name_the_fast_path_uses_is_listed() -> None:
     used = _private_names_used(fastpath, "t|tls|conn|aggregator|self._tls")
     used |= _private_names_used(splice, "t|transport")
     assert used, "the pattern found nothing: it no longer matches the code"
-    assert used <= listed, f"private names used but not listed in nova/mux/private.py: {sorted(used - listed)}"
+    assert used <= listed, f"private names used but not listed in nova/transport/private.py: {sorted(used - listed)}"
 
 
 def test_openssl_bindings_are_only_imported_by_the_fence() -> None:
@@ -167,7 +167,7 @@ class InstalledReleasesTests(TestCase):
     The releases installed (those setup.cfg bounds Twisted and pyOpenSSL
     at) give real TLS-over-TCP and TCP connections the fast path.  If this
     fails after an upgrade, the tunnel still works on the public path, but
-    slower: check what the release renamed, adjust nova/mux/private.py and
+    slower: check what the release renamed, adjust nova/transport/private.py and
     the bounds in setup.cfg.
     """
 

@@ -25,18 +25,18 @@ from twisted.trial.unittest import SynchronousTestCase
 from nova.admin.audit import Audit
 from nova.admin.store import Record
 from nova.config import ConfigError
-from nova.server.options import load_tokens
-from nova.server.refusals import OTHER_SOURCES, RefusalLog
-from nova.server.security import (
+from nova.rules.admission import (
     AgentToken,
     Limits,
     ScopeError,
     TokenScope,
     TokenSet,
     parse_scope,
-    read_token_file,
+    parse_token_file,
     source_key,
 )
+from nova.server.options import load_tokens
+from nova.server.refusals import OTHER_SOURCES, RefusalLog
 from nova.server.tunnel import ServerContext, ServerTunnel, ServerTunnelFactory
 from nova.tls import server_options
 from nova.wire.codec import FrameDecoder
@@ -93,7 +93,7 @@ class StalledTLSTests(SynchronousTestCase):
         tls = self.factory.buildProtocol(address)
         transport = StringTransport(peerAddress=address)
         tls.makeConnection(transport)
-        tunnel: ServerTunnel = tls.wrappedProtocol
+        tunnel: ServerTunnel = tls.wrappedProtocol  # type: ignore[assignment]
         self.assertEqual(self.context.pending, 1)
         self.assertEqual(tunnel._nonce, b"")  # no HELLO queued behind an unfinished TLS handshake
         self.clock.advance(self.context.timing.handshake_timeout)
@@ -211,11 +211,11 @@ class ScopeTests(SynchronousTestCase):
         secret = "s3cret-token-value-0123456789"
         path.write_text(f"# comment\n\n{secret} id=ok\n{secret}-2 colour=blue\n")
         with self.assertRaises(ScopeError) as caught:
-            read_token_file(path)
+            parse_token_file(path.read_text())
         self.assertIn("line 4", str(caught.exception))
         self.assertNotIn(secret, str(caught.exception))
         path.write_text(f"{secret} id=a\n{secret}-2 id=a\n")
-        self.assertIn("also used on line 1", str(self.assertRaises(ScopeError, read_token_file, path)))
+        self.assertIn("also used on line 1", str(self.assertRaises(ScopeError, parse_token_file, path.read_text())))
 
     def test_short_tokens_are_refused_naming_the_setting(self) -> None:
         e = self.assertRaises(ConfigError, load_tokens, (b"fifteen-chars!!",), None)
@@ -285,7 +285,7 @@ class RefusalLogTests(SynchronousTestCase):
 
 class FloodReportTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
         self.records: list[Record] = []
 
         class Store:

@@ -12,8 +12,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from nova.agent import options as agent_options
 from nova.config import ConfigError, Setting, resolve
 from nova.mux.defaults import DEFAULT_MAX_STREAMS
+from nova.rules.admission import Limits
 from nova.server import options as server_options
-from nova.server.security import Limits
 from nova.wire.frames import DEFAULT_INITIAL_WINDOW
 
 SERVER_BASE = {"NOVAS_AGENT_TOKEN": "agent-token-1234"}

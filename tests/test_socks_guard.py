@@ -17,8 +17,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from nova.config import ConfigError, resolve
+from nova.rules.admission import Limits
 from nova.server.options import SETTINGS, build_config
-from nova.server.security import Limits
 from nova.server.socks import Reply, SocksClient, SocksFactory
 
 from .test_destinations import BAD_NAMES
@@ -57,7 +57,7 @@ class Entry:
 
 class DomainTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
 
     def test_bad_domains_get_reply_4_and_no_open(self) -> None:
         entry = Entry(password=None)
@@ -101,7 +101,7 @@ class DomainTests(SynchronousTestCase):
 
 class PasswordThrottleTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
 
     def lines(self, needle: str) -> list[str]:
         return [t for t in (formatEvent(e) for e in self.logged) if needle in t]

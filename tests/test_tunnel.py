@@ -24,7 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from nova.agent.tunnel import AgentContext, AgentTunnel, AgentTunnelFactory, Rejected
-from nova.server.routes import Selector
+from nova.rules.routes import Selector
 from nova.server.tunnel import LIVE_NAME_PROBE, OpenFailed, ServerContext, ServerTunnel, ServerTunnelFactory
 from nova.tls import certificate_fingerprint, client_creator, parse_fingerprint, server_options
 from nova.wire.codec import FrameDecoder
@@ -136,8 +136,8 @@ class Harness:
         address = iosim.FakeAddress()
         self.server_tls = server_factory.buildProtocol(address)
         self.client_tls = client_factory.buildProtocol(address)
-        self.server: ServerTunnel = self.server_tls.wrappedProtocol
-        self.agent: AgentTunnel = self.client_tls.wrappedProtocol
+        self.server: ServerTunnel = self.server_tls.wrappedProtocol  # type: ignore[assignment]
+        self.agent: AgentTunnel = self.client_tls.wrappedProtocol  # type: ignore[assignment]
         self.pump = iosim.connect(
             self.server_tls,
             iosim.makeFakeServer(self.server_tls),
@@ -182,7 +182,7 @@ class Harness:
 
 class HandshakeTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
 
     def log_text(self) -> str:
         return "\n".join(formatEvent(e) for e in self.logged)
@@ -366,11 +366,47 @@ class StreamTests(SynchronousTestCase):
                 break
         self.assertEqual(target_transport.value(), payload)
 
+    def test_outbound_and_inbound_invariants_hold_through_transfers(self) -> None:
+        h = Harness(window=65536)
+
+        def check() -> None:
+            for tunnel in (h.server, h.agent):
+                tunnel.outbound._check_invariants()
+                tunnel.inbound._check_invariants()
+
+        bulk, _, bulk_target, _ = h.open()
+        producer = Producer()
+        bulk.registerProducer(producer, True)
+        chat, chat_user, _, chat_target = h.open("cache.internal", 6379)
+        agent_bulk = h.agent.streams[bulk.stream_id]
+        agent_bulk.pauseProducing()
+        for i in range(40):
+            bulk.write(bytes([i]) * 16384)
+            chat.write(b"PING\r\n")
+            chat_target.dataReceived(b"+PONG\r\n")  # the target answers
+            h.flush()
+            check()
+        self.assertTrue(producer.paused)
+        self.assertIn(bulk.stream_id, h.server.outbound.blocked)
+        for _ in range(200):
+            agent_bulk.resumeProducing()
+            h.flush()
+            check()
+            if not producer.paused and len(bulk_target.value()) == 40 * 16384:
+                break
+        self.assertEqual(len(bulk_target.value()), 40 * 16384)
+        self.assertEqual(h.server.outbound.blocked, set())
+        self.assertEqual(chat_user.received, b"+PONG\r\n" * 40)
+        bulk.loseConnection()
+        chat.loseConnection()
+        h.flush()
+        check()
+
     def test_tunnel_loss_closes_every_stream(self) -> None:
         h = Harness()
         _s1, user1, target1, _ = h.open()
         _s2, user2, target2, _ = h.open("cache.internal", 6379)
-        h.server_tls.transport.loseConnection()
+        h.server_tls.transport.loseConnection()  # type: ignore[union-attr]
         h.flush()
         self.assertIsNotNone(user1.lost)
         self.assertIsNotNone(user2.lost)
@@ -384,7 +420,7 @@ def _gauge(context: ServerContext) -> float | None:
 
 class LifeCycleTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
 
     def _register(self, context: ServerContext, name: str) -> tuple[ServerTunnel, StringTransport]:
         tunnel = ServerTunnel(context)
@@ -392,7 +428,7 @@ class LifeCycleTests(SynchronousTestCase):
         tunnel.makeConnection(transport)
         [hello] = FrameDecoder().feed(transport.value())
         transport.clear()
-        tunnel.dataReceived(b"".join(encode(make_auth(TOKEN, hello.nonce, b"", name, (), 65536))))
+        tunnel.dataReceived(b"".join(encode(make_auth(TOKEN, hello.nonce, b"", name, (), 65536))))  # type: ignore[union-attr]
         return tunnel, transport
 
     def _frames(self, transport: StringTransport) -> list[Any]:
@@ -498,7 +534,7 @@ class OpenRateTests(SynchronousTestCase):
         refused = [r for r in results if isinstance(r, Failure)]
         self.assertEqual(len(refused), 3)
         for failure in refused:
-            self.assertEqual(failure.value.reason, OpenFailReason.OVERLOADED)
+            self.assertEqual(failure.value.reason, OpenFailReason.OVERLOADED)  # type: ignore[union-attr]
         self.assertEqual(h.agent.refused_for_rate, 3)
         h.clock.advance(1)
         self.assertNotIsInstance(h.open("later.internal", 80)[0], Failure)
@@ -515,7 +551,7 @@ class TunnelLossTests(SynchronousTestCase):
         h.flush()
         self.assertEqual(user.received, b"")
         # The agent's side is done with every stream, so it closes the tunnel.
-        h.client_tls.transport.loseConnection()
+        h.client_tls.transport.loseConnection()  # type: ignore[union-attr]
         h.flush()
         self.assertIsNone(user.lost)
         stream.resumeProducing()
@@ -525,7 +561,7 @@ class TunnelLossTests(SynchronousTestCase):
     def test_unfinished_stream_is_cut_when_the_tunnel_goes(self) -> None:
         h = Harness()
         _stream, user, _target_transport, _ = h.open()
-        h.client_tls.transport.loseConnection()
+        h.client_tls.transport.loseConnection()  # type: ignore[union-attr]
         h.flush()
         self.assertTrue(user.lost.check(error.ConnectionLost))  # type: ignore[union-attr]
 
@@ -547,7 +583,7 @@ class FrameWriterPathTests(SynchronousTestCase):
         self.assertEqual(target_transport.value(), payload)
 
     def test_a_transport_without_the_private_names_gets_write_sequence(self) -> None:
-        from nova.mux.fastpath import FrameWriter, raw_tls_supported
+        from nova.transport.fastpath import FrameWriter, raw_tls_supported
 
         transport = StringTransport()
         self.assertFalse(raw_tls_supported(transport))

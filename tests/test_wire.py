@@ -6,7 +6,6 @@ under arbitrary splits and hostile input, and the handshake's MAC and checks.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import struct
 
 import pytest
@@ -17,7 +16,6 @@ from nova.wire.codec import FrameDecoder
 from nova.wire.errors import ErrorCode, FrameTooLarge, OpenFailReason, ProtocolError, UnsupportedVersion
 from nova.wire.frames import (
     CONNECTION_TYPES,
-    HEADER,
     HEADER_SIZE,
     MAC_SIZE,
     MAX_CONTROL_PAYLOAD,
@@ -50,27 +48,13 @@ from nova.wire.frames import (
 )
 from nova.wire.handshake import make_auth, name_problem, tags_problem, verify_auth, window_problem
 
+from .strategies import error_codes, fits, header, long_payloads, payload_size, reasons, split, stream_ids, u32, wire
+
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MAX_BUFFERED = HEADER_SIZE + MAX_DATA_PAYLOAD
 STREAM_TYPES = sorted(set(FrameType) - CONNECTION_TYPES)
 # Version-1 control types (MEMBERS is version 2 only: tests/test_wire_v2.py).
 CONTROL_TYPES = sorted(set(FrameType) - {FrameType.DATA, FrameType.MEMBERS})
-
-
-def wire(frame: Frame) -> bytes:
-    return b"".join(encode(frame))
-
-
-def payload_size(frame: Frame) -> int:
-    return sum(len(p) for p in frame.payload())
-
-
-def fits(frame: Frame) -> bool:
-    return payload_size(frame) <= max_payload(frame.TYPE)
-
-
-def header(type_byte: int, stream_id: int, length: int, version: int = 1, flags: int = 0, reserved: int = 0) -> bytes:
-    return HEADER.pack(version, type_byte, flags, reserved, stream_id, length)
 
 
 def string(raw: bytes) -> bytes:
@@ -85,17 +69,8 @@ def feed_pieces(decoder: FrameDecoder, pieces: list[bytes]) -> list[Frame]:
     return out
 
 
-def split(blob: bytes, cuts: list[int]) -> list[bytes]:
-    points = [0, *sorted(c % (len(blob) + 1) for c in cuts), len(blob)]
-    return [blob[a:b] for a, b in itertools.pairwise(points)]
-
-
 # Strategies -----------------------------------------------------------------
 
-u32 = st.integers(0, 2**32 - 1)
-stream_ids = st.integers(1, MAX_STREAM_ID)
-error_codes = st.sampled_from(ErrorCode)
-reasons = st.sampled_from(OpenFailReason)
 short_text = st.text(max_size=40)
 # Mostly short strings of any Unicode, sometimes long ones close to the
 # 4096-byte control payload limit (one- and two-byte UTF-8).
@@ -123,7 +98,7 @@ datas = st.builds(
     stream_id=stream_ids,
     data=st.one_of(
         st.binary(min_size=1, max_size=2000),
-        st.integers(1, MAX_DATA_PAYLOAD).map(lambda n: bytes(range(256)) * (n // 256) + b"\x07" * (n % 256)),
+        long_payloads,
     ),
 )
 window_updates = st.builds(WindowUpdate, stream_id=stream_ids, increment=st.integers(1, MAX_WINDOW))
@@ -157,7 +132,7 @@ frame_lists = st.lists(frames, max_size=12)
 
 
 def test_every_frame_type_has_a_strategy() -> None:
-    assert {cls.TYPE for cls in FRAME_STRATEGIES} == set(FrameType)
+    assert {cls.TYPE for cls in FRAME_STRATEGIES} == set(FrameType)  # type: ignore[attr-defined]
 
 
 # Layout (golden vectors straight from the spec's tables) --------------------
@@ -218,7 +193,8 @@ def test_round_trip_one_frame(frame: Frame) -> None:
 def test_round_trip_each_type(cls: type, data: st.DataObject) -> None:
     frame = data.draw(FRAME_STRATEGIES[cls])
     assert isinstance(frame, cls)
-    assert FrameDecoder(max_version=frame.version).feed(wire(frame)) == [frame]
+    # MEMBERS exists only in version 2; the others decode at version 1.
+    assert FrameDecoder(max_version=2 if cls is Members else 1).feed(wire(frame)) == [frame]  # type: ignore[arg-type]
 
 
 @FUZZ
@@ -300,8 +276,8 @@ def test_limits_are_inclusive() -> None:
         Welcome(0, 0, "w" * (MAX_CONTROL_PAYLOAD - 10)),
     ]
     for frame in biggest:
-        assert payload_size(frame) == max_payload(frame.TYPE)
-        assert FrameDecoder().feed(wire(frame)) == [frame]
+        assert payload_size(frame) == max_payload(frame.TYPE)  # type: ignore[arg-type,attr-defined]
+        assert FrameDecoder().feed(wire(frame)) == [frame]  # type: ignore[arg-type]
 
 
 # Fuzzing ------------------------------------------------------------------------
@@ -639,7 +615,7 @@ def test_auth_rejects_other_context(token: bytes, nonce: bytes, binding: bytes) 
     ids=["name", "no-tags", "tag-value", "tag-order", "extra-tag", "window", "mac"],
 )
 def test_mac_covers_the_body(changes: dict[str, object]) -> None:
-    assert not verify_auth(TOKEN, NONCE, BINDING, dataclasses.replace(good_auth(), **changes))
+    assert not verify_auth(TOKEN, NONCE, BINDING, dataclasses.replace(good_auth(), **changes))  # type: ignore[arg-type]
 
 
 @settings(max_examples=100, deadline=None)

@@ -123,6 +123,17 @@ class Audit:
             "open_failed", agent, entry=entry, requester=requester, target=target, reason=reason, message=message
         )
 
+    # Changes an operator made (the admin API).
+
+    def route_added(self, route_id: str, spec: str, who: str) -> None:
+        self._record("route_added", "", route_id=route_id, route=spec, who=who)
+
+    def route_removed(self, route_id: str, spec: str, who: str) -> None:
+        self._record("route_removed", "", route_id=route_id, route=spec, who=who)
+
+    def tunnel_drained(self, agent: str, who: str) -> None:
+        self._record("tunnel_drained", agent, who=who)
+
 
 def _kind(entry: str) -> str:
     """The kind of entry point (C{route}, C{socks}) without what follows it."""

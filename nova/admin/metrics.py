@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from nova import __version__
+from nova.prometheus import OPEN_BUCKETS, base_registry
 
 DEFAULT_AGENT_LABELS = 100
 """
@@ -31,22 +31,6 @@ OTHER = "(other)"
 
 NONE = "(none)"
 """The C{agent} label of a stream that found no agent."""
-
-OPEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-
-
-def base_registry(component: str) -> CollectorRegistry:
-    """
-    A registry with what both NOVAS and NOVAC export: C{nova_build_info}
-    and the process collector (C{process_resident_memory_bytes},
-    C{process_open_fds}, C{process_cpu_seconds_total}, ...).
-    """
-    registry = CollectorRegistry()
-    ProcessCollector(registry=registry)
-    Info("nova_build", "NOVA's version; the value is always 1.", registry=registry).info(
-        {"version": __version__, "component": component}
-    )
-    return registry
 
 
 class AgentLabels:

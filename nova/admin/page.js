@@ -40,29 +40,84 @@ function details(e) {
     k + "=" + (typeof v === "object" ? JSON.stringify(v) : (k.startsWith("bytes") ? bytes(v) : v))).join("  ");
 }
 
-async function api(path) {
-  const r = await fetch(path, { headers: { "Authorization": "Bearer " + token() } });
+async function api(path, method, body) {
+  const init = { method: method || "GET", headers: { "Authorization": "Bearer " + token() } };
+  if (body !== undefined) { init.headers["Content-Type"] = "application/json"; init.body = JSON.stringify(body); }
+  const r = await fetch(path, init);
   if (r.status === 401 || r.status === 403) { $("login").hidden = false; throw new Error("the admin token was not accepted"); }
-  if (!r.ok) throw new Error(path + ": HTTP " + r.status);
+  if (!r.ok) {
+    // The API says why in {"error": ...}: show that, not just the status.
+    let why = "HTTP " + r.status;
+    try { const e = await r.json(); if (e && e.error) why = e.error + " (HTTP " + r.status + ")"; } catch (_) { /* not JSON */ }
+    throw new Error(why);
+  }
   return r.json();
+}
+
+function button(label, onclick) {
+  const b = document.createElement("button"); b.type = "button"; b.textContent = label;
+  b.addEventListener("click", onclick);
+  return b;
+}
+
+async function change(what, path, method, body) {
+  $("route-error").textContent = "";
+  try { await api(path, method, body); } catch (err) { $("route-error").textContent = what + ": " + err.message; }
+  refresh();
+}
+
+function showCluster(sv, rt) {
+  const stale = sv.stale_since;
+  $("stale").hidden = !stale;
+  $("stale").textContent = stale
+    ? "The cluster view is stale since " + when(stale) + ": the cluster store (" + sv.store + ") cannot be reached"
+      + (sv.error ? " (" + sv.error + ")" : "") + ". Tunnels and routes carry on; route changes wait for it."
+    : "";
+  const body = $("servers"); body.replaceChildren();
+  for (const m of sv.servers) {
+    const row = document.createElement("tr");
+    cell(row, m.id + (m.this ? " (this server)" : "")); cell(row, m.address);
+    cell(row, m.state, m.state === "alive" || m.state === "up" ? "connected" : "warn");
+    cell(row, m.tunnels); cell(row, m.version); cell(row, when(m.started)); cell(row, when(m.heartbeat));
+    body.appendChild(row);
+  }
+  $("server-count").textContent = sv.servers.length + " in the cluster (" + sv.store + ")";
+  const rb = $("routes"); rb.replaceChildren();
+  for (const r of rt.routes) {
+    const row = document.createElement("tr"); row.dataset.id = r.id;
+    cell(row, r.id); cell(row, r.route);
+    cell(row, r.listening ? "on port " + r.port : (r.error || "no"), r.listening ? "" : "warn");
+    if (r.agents > 0) cell(row, r.agents);
+    else cell(row, "no matching agent in the cluster", "warn");
+    cell(row, r.static ? "command line" : (r.created_by || "") + " " + when(r.created_at));
+    cell(row, r.static ? "" : button("Remove", () => change("remove " + r.id, "/api/v1/routes/" + encodeURIComponent(r.id), "DELETE")));
+    rb.appendChild(row);
+  }
+  $("no-routes").hidden = rt.routes.length > 0;
+  $("route-count").textContent = rt.routes.length + " on " + rt.server;
 }
 
 async function refresh() {
   if (!token()) { $("login").hidden = false; return; }
   try {
     const t = await api("/api/v1/tunnels");
+    const [sv, rt] = await Promise.all([api("/api/v1/servers"), api("/api/v1/routes")]);
+    showCluster(sv, rt);
     const body = $("tunnels"); body.replaceChildren();
     for (const x of t.tunnels) {
       const row = document.createElement("tr");
-      cell(row, x.name); cell(row, tags(x.tags), "wrap"); cell(row, x.address); cell(row, when(x.connected_since));
+      cell(row, x.name); cell(row, x.server); cell(row, tags(x.tags), "wrap"); cell(row, x.address); cell(row, when(x.connected_since));
       const st = cell(row, x.status); st.className = x.status;
       cell(row, x.active_streams); cell(row, bytes(x.bytes_to_agent)); cell(row, bytes(x.bytes_from_agent));
-      cell(row, x.rtt_ms == null ? "" : x.rtt_ms.toFixed(2) + " ms"); cell(row, x.tls || "off"); cell(row, x.agent_version);
+      cell(row, x.rtt_ms == null ? "" : x.rtt_ms.toFixed(2) + " ms"); cell(row, x.tls || (x.server === t.server ? "off" : "")); cell(row, x.agent_version);
       cell(row, x.token_id);
+      // Drain is for the tunnels this server holds; another member drains its own.
+      const local = x.server === t.server && x.status === "connected";
+      cell(row, local ? button("Drain", () => change("drain " + x.name, "/api/v1/tunnels/" + encodeURIComponent(x.name) + "/drain", "POST")) : "");
       body.appendChild(row);
     }
     $("no-tunnels").hidden = t.tunnels.length > 0;
-    $("tunnel-count").textContent = t.tunnels.length + " connected to " + t.server;
+    $("tunnel-count").textContent = t.tunnels.length + " in the cluster; this page is served by " + t.server;
     const q = new URLSearchParams({ limit: PAGE, offset });
     if ($("filter-agent").value) q.set("agent", $("filter-agent").value);
     if ($("filter-kind").value) q.set("kind", $("filter-kind").value);
@@ -83,6 +138,14 @@ async function refresh() {
 
 $("login-form").addEventListener("submit", (e) => {
   e.preventDefault(); sessionStorage.setItem("nova-admin-token", $("token").value); $("token").value = ""; refresh();
+});
+$("route-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const spec = $("route-spec").value.trim();
+  if (!spec) return;
+  change("add route", "/api/v1/routes", "POST", { route: spec }).then(() => {
+    if (!$("route-error").textContent) $("route-spec").value = "";
+  });
 });
 $("filter-agent").addEventListener("change", () => { offset = 0; refresh(); });
 $("filter-kind").addEventListener("change", () => { offset = 0; refresh(); });

@@ -6,7 +6,7 @@ Everything but C{/healthz}, C{/readyz} and the page's own files (C{/},
 C{/page.js}, C{/page.css}) needs C{Authorization: Bearer TOKEN}.  The page
 itself carries no data; its script asks for the token and sends it with each
 API call.  The page's script and style are files, so the Content-Security-
-Policy (L{nova.admin.site}) allows nothing inline.
+Policy (L{nova.site}) allows nothing inline.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import hmac
 import json
 from collections.abc import Callable
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet.threads import deferToThread
@@ -23,9 +23,13 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from nova.probes import Probe
+
 from .metrics import Metrics
-from .probe import Probe
 from .store import AuditStore, Query
+
+if TYPE_CHECKING:
+    from .cluster_api import ClusterControl
 
 _FILES = resources.files("nova.admin")
 PAGE = _FILES.joinpath("page.html").read_bytes()
@@ -37,7 +41,7 @@ ASSETS: dict[bytes, tuple[bytes, bytes]] = {
 MAX_LIMIT = 1000
 
 
-def _send_json(request: Request, body: object, code: int = 200) -> bytes:
+def send_json(request: Request, body: object, code: int = 200) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
@@ -48,11 +52,13 @@ class _Leaf(Resource):
     isLeaf = True
 
     def __init__(self) -> None:
-        Resource.__init__(self)  # type: ignore[no-untyped-call]
+        Resource.__init__(self)
 
 
 class Guarded(_Leaf):
-    """A resource behind the bearer token."""
+    """A resource behind the bearer token; C{methods} are those it answers (others: 405)."""
+
+    methods: tuple[bytes, ...] = (b"GET", b"HEAD")
 
     def __init__(self, token: bytes | None) -> None:
         super().__init__()
@@ -60,14 +66,14 @@ class Guarded(_Leaf):
 
     def render(self, request: Request) -> bytes | int:
         if self._token is None:
-            return _send_json(request, {"error": "the admin API is off: set NOVAS_ADMIN_TOKEN"}, 403)
+            return send_json(request, {"error": "the admin API is off: set NOVAS_ADMIN_TOKEN"}, 403)
         header = request.getHeader(b"authorization") or b""
         scheme, _, given = header.partition(b" ")
         if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self._token):
             request.setHeader(b"www-authenticate", b'Bearer realm="nova"')
-            return _send_json(request, {"error": "a valid bearer token is required"}, 401)
-        if request.method not in (b"GET", b"HEAD"):
-            return _send_json(request, {"error": "method not allowed"}, 405)
+            return send_json(request, {"error": "a valid bearer token is required"}, 401)
+        if request.method not in self.methods:
+            return send_json(request, {"error": "method not allowed"}, 405)
         return self.render_authorized(request)
 
     def render_authorized(self, request: Request) -> bytes | int:
@@ -81,7 +87,7 @@ class Tunnels(Guarded):
         self._server = server
 
     def render_authorized(self, request: Request) -> bytes:
-        return _send_json(request, {"server": self._server, "tunnels": self._tunnels()})
+        return send_json(request, {"server": self._server, "tunnels": self._tunnels()})
 
 
 class Events(Guarded):
@@ -93,18 +99,18 @@ class Events(Guarded):
         try:
             q = parse_query(request.args)
         except ValueError as e:
-            return _send_json(request, {"error": str(e)}, 400)
+            return send_json(request, {"error": str(e)}, 400)
         if self._store is None:
-            return _send_json(request, {"total": 0, "limit": q.limit, "offset": q.offset, "events": []})
+            return send_json(request, {"total": 0, "limit": q.limit, "offset": q.offset, "events": []})
         d = deferToThread(self._store.query, q)
 
         def done(result: tuple[int, list[dict[str, Any]]]) -> None:
             total, events = result
-            request.write(_send_json(request, {"total": total, "limit": q.limit, "offset": q.offset, "events": events}))
+            request.write(send_json(request, {"total": total, "limit": q.limit, "offset": q.offset, "events": events}))
             request.finish()
 
         def failed(failure: Failure) -> None:
-            request.write(_send_json(request, {"error": "the audit store could not be read"}, 503))
+            request.write(send_json(request, {"error": "the audit store could not be read"}, 503))
             request.finish()
 
         d.addCallbacks(done, failed)
@@ -154,7 +160,7 @@ class MetricsPage(Guarded):
 
 
 class Page(_Leaf):
-    """A static file of the page; the security headers come from L{nova.admin.site.BoundedRequest}."""
+    """A static file of the page; the security headers come from L{nova.site.BoundedRequest}."""
 
     def __init__(self, content_type: bytes, body: bytes) -> None:
         super().__init__()
@@ -169,12 +175,12 @@ class Page(_Leaf):
 
 class NotFound(_Leaf):
     def render(self, request: Request) -> bytes:
-        return _send_json(request, {"error": "not found"}, 404)
+        return send_json(request, {"error": "not found"}, 404)
 
 
 class Root(Resource):
     def __init__(self, children: dict[bytes, Resource]) -> None:
-        Resource.__init__(self)  # type: ignore[no-untyped-call]
+        Resource.__init__(self)
         self._children = children
 
     def getChild(self, path: bytes, request: Request) -> Resource:
@@ -183,9 +189,17 @@ class Root(Resource):
         if path in ASSETS:
             return Page(*ASSETS[path])
         if path == b"api":
-            rest = b"/".join(request.postpath or [])
+            key = b"/".join([b"api", *(request.postpath or [])])
             request.postpath = []
-            return self._children.get(b"api/" + rest, NotFound())
+            if key in self._children:
+                return self._children[key]
+            # A child whose key ends in "/" takes every path below it (an id,
+            # a name): it reads the rest from postpath.
+            for prefix, child in self._children.items():
+                if prefix.endswith(b"/") and key.startswith(prefix) and len(key) > len(prefix):
+                    request.postpath = key[len(prefix) :].split(b"/")
+                    return child
+            return NotFound()
         return self._children.get(path, NotFound())
 
 
@@ -196,7 +210,23 @@ def admin_resource(
     store: AuditStore | None,
     metrics: Metrics,
     ready: Callable[[], bool],
+    cluster: ClusterControl | None = None,
 ) -> Resource:
+    """
+    The admin site's root.  With C{cluster}, C{/api/v1/tunnels} shows every
+    tunnel of the cluster, and the routes, servers and drain endpoints exist.
+    """
+    from .cluster_api import ClusterTunnels, RouteItem, Routes, Servers, TunnelAction
+
+    children: dict[bytes, Resource] = {}
+    if cluster is not None:
+        children = {
+            b"api/v1/tunnels": ClusterTunnels(token, cluster),
+            b"api/v1/tunnels/": TunnelAction(token, cluster),
+            b"api/v1/servers": Servers(token, cluster),
+            b"api/v1/routes": Routes(token, cluster),
+            b"api/v1/routes/": RouteItem(token, cluster),
+        }
     return Root(
         {
             b"api/v1/tunnels": Tunnels(token, tunnels, server),
@@ -205,4 +235,5 @@ def admin_resource(
             b"healthz": Probe(lambda: True, "alive"),
             b"readyz": Probe(ready, "the agent port is not listening"),
         }
+        | children
     )

@@ -33,12 +33,19 @@ With a client certificate (NOVAC_TLS_CERT) the certificate binds the name:
 the check uses C{NAME-check} if the certificate carries it, and NAME
 otherwise (a running agent with that name is then replaced for a moment and
 reconnects).
+
+How it is built: L{Checker.steps} lists the six steps, each a small
+coroutine that returns its line's detail or raises L{StepFailed};
+L{Checker.server} runs them in order for one server over the agent's own
+endpoint and tunnel context (L{nova.agent.wiring}); L{check} runs every
+server and prints; L{run} is the command, which
+L{nova.agent.tap.makeService} runs instead of the service.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TextIO, TypeVar
 
@@ -47,7 +54,6 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet import defer, error
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import (
     IAddress,
     IHandshakeListener,
@@ -60,14 +66,16 @@ from twisted.internet.task import react
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from nova.mux.tunnel import Timing
+from nova.errors import NovaError, StartupError, describe_dial_error
 from nova.tls import TLSConfigError, certificate_fingerprint, client_creator, tls_version
 from nova.wire.errors import ErrorCode, OpenFailReason
 from nova.wire.frames import Frame, Welcome
 from nova.wire.handshake import name_problem
 
+from .events import AgentEvents
 from .options import AgentConfig
 from .tunnel import AgentContext, AgentTunnel, Rejected
+from .wiring import agent_context, server_endpoint, server_label
 
 EXIT_OK = 0
 EXIT_CONFIG = 1
@@ -99,7 +107,7 @@ CHECK_SUFFIX = "-check"
 T = TypeVar("T")
 
 
-class StepFailed(Exception):
+class StepFailed(NovaError):
     """A step did not pass; the message says why, in one line."""
 
 
@@ -171,10 +179,6 @@ def _certificate_names(path: Any) -> set[str]:
     except x509.ExtensionNotFound:
         pass
     return names
-
-
-def _label(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _mirror(source: Deferred[T]) -> Deferred[T]:
@@ -326,36 +330,183 @@ def _describe_certificate(cert: x509.Certificate) -> str:
     return f"certificate {subject}{shown}, {certificate_fingerprint(cert)}"
 
 
+@dataclass
+class Attempt:
+    """What one server's steps hand on to each other."""
+
+    host: str
+    port: int
+    name: str
+    label: str
+    tunnel: CheckTunnel | None = None
+
+    def connected(self) -> CheckTunnel:
+        assert self.tunnel is not None and self.tunnel.transport is not None
+        return self.tunnel
+
+
+class Skipped(NovaError):
+    """A step that does not apply (TLS is off); the message says why, and the steps after it still run."""
+
+
+# A step: the detail of its "ok" line, or StepFailed (or Skipped).
+StepFunction = Callable[[Attempt], Awaitable[str]]
+
+
 class Checker:
-    """Runs the steps for every server of one configuration."""
+    """
+    Runs the steps for every server of one configuration: L{server} goes
+    through L{steps} in order, one line each, and stops at the first that
+    fails.  The tunnel's context and the endpoint are the agent's own
+    (L{nova.agent.wiring}), with a name of the check's and no streams.
+    """
 
     def __init__(self, reactor: Any, config: AgentConfig) -> None:
         self.reactor = reactor
         self.config = config
 
     def context(self, name: str) -> AgentContext:
-        config = self.config
-        return AgentContext(
+        return agent_context(
+            self.config,
+            self.reactor,
+            _refuse_targets,
+            AgentEvents(),
             name=name,
             tags=(),  # no tags: no selector with tags can match the check
-            token=config.token,
-            tls=config.tls,
-            clock=self.reactor,
-            connect_target=_refuse_targets,
-            window=config.window,
-            timing=Timing(config.connect_timeout, config.keepalive, config.dead_timeout),
             max_streams=1,
-            policy=config.policy,
         )
 
     def endpoint(self, host: str, port: int) -> IStreamClientEndpoint:
-        """The same endpoint the agent dials (nova.agent.tap.NovacService._endpoint)."""
-        c = self.config
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(self.reactor, host, port, timeout=c.connect_timeout)
-        if c.tls:
-            creator = client_creator(c.server_name or host, c.ca, c.fingerprint, c.client_cert)
-            endpoint = wrapClientTLS(creator, endpoint)
-        return endpoint
+        """The same endpoint the agent dials."""
+        return server_endpoint(self.reactor, self.config, host, port)
+
+    def steps(self) -> list[tuple[str, StepFunction]]:
+        return [
+            ("resolve", self.resolve),
+            ("tcp", self.tcp),
+            ("tls", self.tls),
+            ("auth", self.auth),
+            ("rtt", self.rtt),
+            ("close", self.close),
+        ]
+
+    async def server(self, host: str, port: int, name: str) -> ServerReport:
+        attempt = Attempt(host, port, name, server_label(host, port))
+        report = ServerReport(attempt.label)
+        try:
+            for step, run in self.steps():
+                try:
+                    report.add(step, "ok", await run(attempt))
+                except Skipped as e:
+                    report.add(step, "skip", str(e))
+                except StepFailed as e:
+                    report.add(step, "FAIL", str(e))
+                    report.skip_rest(f"{step} failed")
+                    break
+                except Exception as e:  # never a traceback: whatever it is, one line
+                    report.add(step, "FAIL", f"unexpected error: {type(e).__name__}: {e}")
+                    report.skip_rest(f"{step} failed")
+                    break
+        finally:
+            tunnel = attempt.tunnel
+            if tunnel is not None and not tunnel.closed:
+                tunnel.abort("the check is over", quiet=True)
+        return report
+
+    # The steps, in order.
+
+    async def resolve(self, attempt: Attempt) -> str:
+        started = self.reactor.seconds()
+        receiver = _Addresses()
+        self.reactor.nameResolver.resolveHostName(receiver, attempt.host, attempt.port)
+        addresses = await self._within(_mirror(receiver.done), "DNS")
+        if not addresses:
+            raise StepFailed(f"{attempt.host} has no address (DNS lookup failed)")
+        return f"{', '.join(addresses)} ({self._took(started)})"
+
+    async def tcp(self, attempt: Attempt) -> str:
+        started = self.reactor.seconds()
+        try:
+            endpoint = self.endpoint(attempt.host, attempt.port)
+        except TLSConfigError as e:
+            raise StepFailed(f"cannot set up TLS: {e}") from None
+        factory = _CheckFactory(self.context(attempt.name), attempt.label)
+        try:
+            protocol = await self._within(endpoint.connect(factory), "TCP connect")
+        except StepFailed:
+            raise
+        except Exception as e:
+            raise StepFailed(describe_dial_error(e)) from None
+        assert isinstance(protocol, CheckTunnel) and protocol.transport is not None
+        attempt.tunnel = protocol
+        peer = protocol.transport.getPeer()
+        where = server_label(getattr(peer, "host", "?"), getattr(peer, "port", attempt.port))
+        return f"connected to {where} ({self._took(started)})"
+
+    async def tls(self, attempt: Attempt) -> str:
+        if not self.config.tls:
+            raise Skipped("TLS is off (NOVAC_TLS=off): the tunnel is plaintext")
+        tunnel = attempt.connected()
+        started = self.reactor.seconds()
+        try:
+            await self._within(_mirror(tunnel.tls_done), "TLS handshake")
+        except StepFailed:
+            raise
+        except Exception:
+            failure = Failure()
+            cert = _peer_certificate(tunnel.transport)
+            presented = f"; the server presented {_describe_certificate(cert)}" if cert is not None else ""
+            raise StepFailed(f"{_tls_error(failure)}{presented}; {self._expected(attempt.host)}") from None
+        cert = _peer_certificate(tunnel.transport)
+        shown = _describe_certificate(cert) if cert is not None else "no certificate"
+        version = tls_version(tunnel.transport) or "TLS"
+        return f"{version}, {shown}; {self._verified_by(attempt.host)} ({self._took(started)})"
+
+    async def auth(self, attempt: Attempt) -> str:
+        tunnel = attempt.connected()
+        started = self.reactor.seconds()
+        try:
+            await self._within(_mirror(tunnel.when_registered()), "registration")
+        except Rejected as e:
+            raise StepFailed(f"the server refused the registration: {e}") from None
+        except StepFailed:
+            raise
+        except Exception as e:
+            raise StepFailed(f"the connection closed before the registration finished: {e}") from None
+        # At once: NOVAS must not choose this tunnel for a stream.
+        tunnel.send_goaway(ErrorCode.NO_ERROR, "connectivity check (twist novac --check): takes no streams")
+        return (
+            f"registered as {attempt.name} with server {tunnel.server_id or '?'}; GOAWAY sent ({self._took(started)})"
+        )
+
+    async def rtt(self, attempt: Attempt) -> str:
+        tunnel = attempt.connected()
+        tunnel.send_ping()
+        try:
+            rtt = await self._within(_mirror(tunnel.pong), "PING")
+        except StepFailed:
+            raise
+        except Exception as e:
+            raise StepFailed(f"the connection closed before the PING was answered: {e}") from None
+        return _ms(rtt)
+
+    async def close(self, attempt: Attempt) -> str:
+        tunnel = attempt.connected()
+        tunnel.close()
+        await self._within(_mirror(tunnel.lost), "close")
+        reason = tunnel.lost_reason
+        if reason is not None and reason.check(error.ConnectionDone):
+            return "connection closed cleanly"
+        why = reason.getErrorMessage() if reason is not None else "unknown"
+        raise StepFailed(f"the connection did not close cleanly: {why}")
+
+    # Helpers of the steps.
+
+    async def _within(self, d: Deferred[T], what: str) -> T:
+        return await _within(d, self.config.connect_timeout, self.reactor, what)
+
+    def _took(self, started: float) -> str:
+        return _ms(self.reactor.seconds() - started)
 
     def _verified_by(self, host: str) -> str:
         c = self.config
@@ -369,136 +520,10 @@ class Checker:
             return f"pinned NOVAC_TLS_FINGERPRINT is sha256:{c.fingerprint.hex()}"
         return f"expected a certificate from NOVAC_TLS_CA {c.ca} naming {c.server_name or host!r}"
 
-    async def server(self, host: str, port: int, name: str) -> ServerReport:
-        report = ServerReport(_label(host, port))
-        timeout = self.config.connect_timeout
-        clock = self.reactor
-        tunnel: CheckTunnel | None = None
-        step = "resolve"
-        try:
-            # resolve
-            started = clock.seconds()
-            receiver = _Addresses()
-            clock.nameResolver.resolveHostName(receiver, host, port)
-            addresses = await _within(_mirror(receiver.done), timeout, clock, "DNS")
-            if not addresses:
-                raise StepFailed(f"{host} has no address (DNS lookup failed)")
-            report.add("resolve", "ok", f"{', '.join(addresses)} ({_ms(clock.seconds() - started)})")
-
-            # tcp
-            step = "tcp"
-            started = clock.seconds()
-            try:
-                endpoint = self.endpoint(host, port)
-            except TLSConfigError as e:
-                raise StepFailed(f"cannot set up TLS: {e}") from None
-            try:
-                protocol = await _within(
-                    endpoint.connect(_CheckFactory(self.context(name), report.label)), timeout, clock, "TCP connect"
-                )
-            except StepFailed:
-                raise
-            except Exception as e:
-                raise StepFailed(_connect_error(e)) from None
-            assert isinstance(protocol, CheckTunnel)
-            tunnel = protocol
-            assert tunnel.transport is not None
-            peer = tunnel.transport.getPeer()
-            where = _label(getattr(peer, "host", "?"), getattr(peer, "port", port))
-            report.add("tcp", "ok", f"connected to {where} ({_ms(clock.seconds() - started)})")
-
-            # tls
-            step = "tls"
-            if self.config.tls:
-                started = clock.seconds()
-                try:
-                    await _within(_mirror(tunnel.tls_done), timeout, clock, "TLS handshake")
-                except StepFailed:
-                    raise
-                except Exception:
-                    failure = Failure()
-                    cert = _peer_certificate(tunnel.transport)
-                    presented = f"; the server presented {_describe_certificate(cert)}" if cert is not None else ""
-                    raise StepFailed(f"{_tls_error(failure)}{presented}; {self._expected(host)}") from None
-                cert = _peer_certificate(tunnel.transport)
-                shown = _describe_certificate(cert) if cert is not None else "no certificate"
-                version = tls_version(tunnel.transport) or "TLS"
-                report.add(
-                    "tls",
-                    "ok",
-                    f"{version}, {shown}; {self._verified_by(host)} ({_ms(clock.seconds() - started)})",
-                )
-            else:
-                report.add("tls", "skip", "TLS is off (NOVAC_TLS=off): the tunnel is plaintext")
-
-            # auth
-            step = "auth"
-            started = clock.seconds()
-            try:
-                await _within(_mirror(tunnel.when_registered()), timeout, clock, "registration")
-            except Rejected as e:
-                raise StepFailed(f"the server refused the registration: {e}") from None
-            except StepFailed:
-                raise
-            except Exception as e:
-                raise StepFailed(f"the connection closed before the registration finished: {e}") from None
-            # At once: NOVAS must not choose this tunnel for a stream.
-            tunnel.send_goaway(ErrorCode.NO_ERROR, "connectivity check (twist novac --check): takes no streams")
-            report.add(
-                "auth",
-                "ok",
-                f"registered as {name} with server {tunnel.server_id or '?'}; GOAWAY sent"
-                f" ({_ms(clock.seconds() - started)})",
-            )
-
-            # rtt
-            step = "rtt"
-            tunnel.send_ping()
-            try:
-                rtt = await _within(_mirror(tunnel.pong), timeout, clock, "PING")
-            except StepFailed:
-                raise
-            except Exception as e:
-                raise StepFailed(f"the connection closed before the PING was answered: {e}") from None
-            report.add("rtt", "ok", _ms(rtt))
-
-            # close
-            step = "close"
-            tunnel.close()
-            await _within(_mirror(tunnel.lost), timeout, clock, "close")
-            reason = tunnel.lost_reason
-            if reason is not None and reason.check(error.ConnectionDone):
-                report.add("close", "ok", "connection closed cleanly")
-            else:
-                why = reason.getErrorMessage() if reason is not None else "unknown"
-                raise StepFailed(f"the connection did not close cleanly: {why}")
-        except StepFailed as e:
-            report.add(step, "FAIL", str(e))
-            report.skip_rest(f"{step} failed")
-        except Exception as e:  # never a traceback: whatever it is, one line
-            report.add(step, "FAIL", f"unexpected error: {type(e).__name__}: {e}")
-            report.skip_rest(f"{step} failed")
-        finally:
-            if tunnel is not None and not tunnel.closed:
-                tunnel.abort("the check is over", quiet=True)
-        return report
-
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"
 
-
-def _connect_error(e: Exception) -> str:
-    if isinstance(e, error.ConnectionRefusedError):
-        return "connection refused (nothing listens on that port, or a firewall rejects it)"
-    if isinstance(e, error.TimeoutError | error.TCPTimedOutError):
-        return "no answer (timed out: a firewall or security group may drop the packets)"
-    if isinstance(e, error.DNSLookupError):
-        return f"DNS lookup failed: {e}"
-    if isinstance(e, error.NoRouteError):
-        return "no route to host"
-    text = str(e).strip()
-    return text or type(e).__name__
 
 
 async def check(reactor: Any, config: AgentConfig, out: TextIO) -> int:
@@ -517,7 +542,7 @@ async def check(reactor: Any, config: AgentConfig, out: TextIO) -> int:
         ensureDeferred(checker.server(host, port, name))
         for (host, port), name in zip(config.servers, names, strict=True)
     ]
-    width = max(len(_label(host, port)) for host, port in config.servers)
+    width = max(len(server_label(host, port)) for host, port in config.servers)
     reports: list[ServerReport] = []
     for d in pending:
         report = await d
@@ -551,6 +576,8 @@ class _Gate:
 
 
 def _main(reactor: Any, config: AgentConfig, stream: TextIO) -> Deferred[None]:
+    # The exit status reaches react() as a plain SystemExit: its Failure.check
+    # recognises only that class (not a subclass such as StartupError).
     done: Deferred[None] = Deferred()
     out = _Gate(stream)
 
@@ -582,5 +609,5 @@ def run(config: AgentConfig, out: TextIO | None = None, runner: Callable[..., No
         try:
             client_creator(config.server_name or "localhost", config.ca, config.fingerprint, config.client_cert)
         except TLSConfigError as e:
-            raise SystemExit(f"novac: error: {e}") from None
+            raise StartupError(f"novac: error: {e}") from None
     runner(_main, (config, stream))

@@ -4,7 +4,8 @@ C{/readyz} (registered with at least one server), its Prometheus C{/metrics}
 (unless C{NOVAC_METRICS=off}), and nothing else: the port often listens on
 every address, so it serves no admin page or API, refuses every method but
 GET and HEAD, and refuses request bodies before reading them
-(L{nova.admin.site}).  The metrics carry no secret and no target: server
+(L{nova.site}).  Nothing here loads L{nova.admin} or prometheus_client: the
+metrics page, when there is one, comes from L{nova.agent.metrics}.  The metrics carry no secret and no target: server
 addresses, counts and timings, as readable as the probes inside the cluster.
 """
 
@@ -13,17 +14,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.web.resource import Resource
 
-from nova.admin.probe import probe_resource
-from nova.admin.site import BoundedSite
+from nova.probes import probe_resource
 from nova.service import ListenerService
+from nova.site import BoundedSite
 
 
 def health_service(
-    reactor: Any, bind: str, port: int, ready: Callable[[], bool], metrics: CollectorRegistry | None = None
+    reactor: Any, bind: str, port: int, ready: Callable[[], bool], metrics: Resource | None = None
 ) -> ListenerService:
     endpoint: IStreamServerEndpoint
     if ":" in bind:

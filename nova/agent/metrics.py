@@ -1,6 +1,7 @@
 """
 NOVAC's Prometheus metrics, in a registry of its own, served on the probe
-port's C{/metrics} (L{nova.agent.health}).
+port's C{/metrics} (L{nova.agent.health}).  Loaded only when NOVAC serves
+them; otherwise the agent's events go to L{nova.agent.events.AgentEvents}.
 
 The agent's code calls one method per event, where it already logs that
 event; this module alone knows Prometheus.  Label values are bounded: C{server}
@@ -18,30 +19,16 @@ from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClie
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from nova.admin.metrics import OPEN_BUCKETS, base_registry
-from nova.mux.stream import StreamTransport
-from nova.wire.errors import ErrorCode
+from nova.prometheus import OPEN_BUCKETS, MetricsPage, base_registry
+from nova.transport.stream import StreamTransport
 
-RECONNECT_REASONS = (
-    "connect_failed",
-    "handshake_failed",
-    "rejected",
-    "server_shutdown",
-    "goaway",
-    "lost",
-    "duplicate",
-)
-"""
-Why a tunnel (or an attempt at one) ended while the agent runs, so that
-another attempt follows: the connection could not be made; it ended before
-registration; the server refused the registration; the server announced its
-shutdown (GOAWAY SHUTDOWN: a restart, most likely); it sent another GOAWAY
-(e.g. REPLACED); a registered tunnel was lost otherwise (network, keepalive);
-discovery led to a member the agent already holds (docs/cluster.md).
-"""
+from .events import RECONNECT_REASONS as RECONNECT_REASONS  # the label values of nova_agent_reconnects
+from .events import AgentEvents
 
 
-class AgentMetrics:
+class AgentMetrics(AgentEvents):
+    """The agent's events counted in a Prometheus registry of its own, served by L{page}."""
+
     def __init__(self) -> None:
         self.registry = r = base_registry("novac")
         self.tunnel_up = Gauge(
@@ -91,6 +78,10 @@ class AgentMetrics:
             "nova_agent_policy_denials", "Streams the destination policy refused, by server.", ["server"], registry=r
         )
 
+    def page(self) -> MetricsPage:
+        """The probe port's C{/metrics}: no credential asked (reachable inside the cluster only)."""
+        return MetricsPage(self.registry, None)
+
     # Tunnels.
 
     def server_configured(self, server: str) -> None:
@@ -139,10 +130,6 @@ class AgentMetrics:
     def denied(self, server: str) -> None:
         self.denials.labels(server).inc()
         self.stream_failed(server, "denied")
-
-
-def goaway_reason(code: ErrorCode) -> str:
-    return "server_shutdown" if code == ErrorCode.SHUTDOWN else "goaway"
 
 
 @implementer(IStreamClientEndpoint)

@@ -6,7 +6,6 @@ variable (see README.md).
 from __future__ import annotations
 
 import socket
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +31,11 @@ from nova.config import (
     window_settings,
 )
 from nova.mux.defaults import DEFAULT_MAX_STREAMS
-from nova.mux.tunnel import Timing
+from nova.rules.destinations import Policy, PolicyError, parse_policy
 from nova.tls import parse_fingerprint
+from nova.transport.tunnel import Timing
 from nova.wire.handshake import name_problem, tags_problem
 
-from .policy import Policy, PolicyError, parse_policy
 from .reconnect import DEFAULT_INITIAL_DELAY, DEFAULT_MAX_DELAY
 from .tunnel import DEFAULT_MAX_OPEN_RATE
 
@@ -190,7 +189,7 @@ def build_config(v: dict[str, Any]) -> AgentConfig:
         raise ConfigError(f"{LABEL['reconnect-max']} must not be below --reconnect-initial")
     return AgentConfig(
         servers=servers,
-        token=read_secret(v["token"], TOKEN, minimum=16),  # what NOVAS accepts (nova.server.security)
+        token=read_secret(v["token"], TOKEN, minimum=16),  # what NOVAS accepts (nova.rules.admission)
         name=name,
         tags=tags,
         tls=tls,
@@ -228,15 +227,5 @@ class Options(EnvOptions):
 
     def opt_check(self) -> None:
         """Check every server (DNS, TCP, TLS, registration, round trip), one line per step; exit 0 if all pass."""
+        # Read by nova.agent.tap.makeService, which runs the check instead of the service.
         self["check"] = True
-
-    def postOptions(self) -> None:
-        super().postOptions()
-        if self.get("check"):
-            # A one-off run instead of a service: never returns, and logs nothing.
-            from .check import run
-
-            for warning in self.warnings:
-                print(f"novac: warning: {warning}", file=sys.stderr)
-
-            run(self.config)

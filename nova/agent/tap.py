@@ -5,23 +5,25 @@ each member of the cluster behind it (one, for a server without a cluster).
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
+from twisted.web.resource import Resource
 
 from nova.service import StartupError, exit_zero_on_sigterm, versions
-from nova.tls import TLSConfigError, client_creator
+from nova.tls import TLSConfigError
 
+from .dialer import Dialer, reactor_resolver, tcp_connector
 from .discovery import AgentPool, PoolGroup
+from .events import AgentEvents
 from .health import health_service
 from .options import AgentConfig, Options
-from .policy import Dialer, reactor_resolver, tcp_connector
 from .reconnect import Backoff
-from .tunnel import AgentContext
+from .wiring import agent_context, server_endpoint, server_label
 
 log = Logger()
 
@@ -37,27 +39,23 @@ class NovacService(MultiService):
         dialer = Dialer(config.policy, reactor_resolver(reactor), tcp_connector(reactor, config.connect_timeout))
         connect_target = dialer.connect
 
-        self.context = AgentContext(
-            name=config.name,
-            tags=config.tags,
-            token=config.token,
-            tls=config.tls,
-            clock=reactor,
-            connect_target=connect_target,
-            window=config.window,
-            max_window=config.max_window,
-            timing=config.timing(),
-            max_streams=config.max_streams,
-            max_open_rate=float(config.max_open_rate),
-            policy=config.policy,
-        )
+        # Counted for Prometheus only where /metrics is served: otherwise
+        # neither prometheus_client nor the counters are loaded.
+        events = AgentEvents()
+        metrics_page: Resource | None = None
+        if config.health_port is not None and config.metrics:
+            from .metrics import AgentMetrics
+
+            counted = AgentMetrics()
+            events, metrics_page = counted, counted.page()
+        self.context = agent_context(config, reactor, connect_target, events)
         # One independent pool per server address: a server that is down
         # delays none of the others.  Each keeps a tunnel to every member of
         # the cluster behind its address (docs/cluster.md, "Discovery").
         self.pools: dict[str, AgentPool] = {}
         group = PoolGroup()
         for host, port in config.servers:
-            label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            label = server_label(host, port)
             backoff = Backoff(config.reconnect_initial, config.reconnect_max, server=label)
             self.context.metrics.server_configured(label)
             endpoint = self.context.metrics.connecting(self._endpoint(host, port), label)
@@ -65,8 +63,7 @@ class NovacService(MultiService):
             pool.setServiceParent(self)  # type: ignore[no-untyped-call]
             self.pools[label] = pool
         if config.health_port is not None:
-            metrics = self.context.metrics.registry if config.metrics else None
-            health = health_service(reactor, config.health_bind, config.health_port, self.ready, metrics)
+            health = health_service(reactor, config.health_bind, config.health_port, self.ready, metrics_page)
             health.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def ready(self) -> bool:
@@ -74,15 +71,10 @@ class NovacService(MultiService):
         return any(t.mux is not None and not t.closed for t in self.context.tunnels)
 
     def _endpoint(self, host: str, port: int) -> IStreamClientEndpoint:
-        c = self.config
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(self.reactor, host, port, timeout=c.connect_timeout)
-        if c.tls:
-            try:
-                creator = client_creator(c.server_name or host, c.ca, c.fingerprint, c.client_cert)
-            except TLSConfigError as e:
-                raise StartupError(f"novac: error: {e}") from None
-            endpoint = wrapClientTLS(creator, endpoint)
-        return endpoint
+        try:
+            return server_endpoint(self.reactor, self.config, host, port)
+        except TLSConfigError as e:
+            raise StartupError(f"novac: error: {e}") from None
 
     def startService(self) -> None:
         c = self.config
@@ -118,6 +110,17 @@ class NovacService(MultiService):
 
 
 def makeService(options: Options) -> IService:
+    if options.get("check"):
+        run_check(options)
     from twisted.internet import reactor
 
     return NovacService(options.config, reactor)
+
+
+def run_check(options: Options) -> NoReturn:
+    """C{--check}: a one-off run instead of the service; never returns, and logs nothing."""
+    from .check import run  # only --check needs it (and what it imports)
+
+    for warning in options.warnings:
+        print(f"novac: warning: {warning}", file=sys.stderr)
+    run(options.config)

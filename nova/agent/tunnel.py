@@ -18,17 +18,17 @@ from nova import __version__
 from nova.errors import NovaError, dial_failure
 from nova.mux.core import DEFAULT_MAX_WINDOW, OpenRefused, Role
 from nova.mux.defaults import DEFAULT_MAX_STREAMS
-from nova.mux.splice import Pipe, splice
-from nova.mux.tunnel import Timing, TunnelProtocol
+from nova.rules.destinations import Policy, PolicyDenied
 from nova.tls import channel_binding
+from nova.transport.splice import Pipe, splice
+from nova.transport.tunnel import Timing, TunnelProtocol
 from nova.wire.errors import ErrorCode, OpenFailReason, ProtocolError
 from nova.wire.frames import DEFAULT_INITIAL_WINDOW, FEATURE_NONE, MAX_VERSION, Frame, GoAway, Hello, Reject, Welcome
 from nova.wire.handshake import make_auth, negotiated_version, window_problem
 from nova.wire.hostname import host_problem
 from nova.wire.text import untrusted
 
-from .metrics import AgentMetrics, goaway_reason
-from .policy import Policy, PolicyDenied
+from .events import AgentEvents, goaway_reason
 from .pool import PoolState
 from .reconnect import Backoff
 
@@ -85,6 +85,13 @@ class Rejected(NovaError):
 DEFAULT_MAX_OPEN_RATE = 5000
 
 
+def _prometheus_metrics() -> AgentEvents:
+    # Imported here: an agent that serves no /metrics never loads prometheus_client.
+    from .metrics import AgentMetrics
+
+    return AgentMetrics()
+
+
 @dataclass
 class AgentContext:
     name: str
@@ -100,13 +107,15 @@ class AgentContext:
     max_streams: int = DEFAULT_MAX_STREAMS
     tunnels: set[AgentTunnel] = field(default_factory=set)
     # Checked before connect_target is called; connect_target checks the
-    # resolved addresses (see nova.agent.policy.Dialer).
+    # resolved addresses (see nova.rules.destinations.Dialer).
     policy: Policy = field(default_factory=Policy)
     on_denied: DenialHook | None = None
     # OPENs per second a server may ask of this agent (a token bucket whose
     # burst is one second's worth); beyond it OPEN_FAIL OVERLOADED.
     max_open_rate: float = DEFAULT_MAX_OPEN_RATE
-    metrics: AgentMetrics = field(default_factory=AgentMetrics)
+    # Where the agent's events are counted: Prometheus unless told otherwise
+    # (NOVAC passes a plain AgentEvents when it serves no /metrics).
+    metrics: AgentEvents = field(default_factory=_prometheus_metrics)
     # The highest protocol version offered (protocol.md §4.2); tests set 1 to be a version-1 agent.
     max_version: int = MAX_VERSION
 
@@ -173,106 +182,107 @@ class AgentTunnel(TunnelProtocol):
     def handshake_frame(self, frame: Frame) -> None:
         self._heard = True
         if isinstance(frame, Hello) and not self._saw_hello:
-            self._saw_hello = True
-            binding = channel_binding(self.transport)
-            if self.context.tls and binding is None:
-                raise ProtocolError("TLS is required but the connection is not TLS")
-            version = negotiated_version(frame.offer, self.context.max_version)
-            self.protocol_version = version
-            self.accept_version(version)  # the server answers a version-2 AUTH in version 2
-            self.send_frame(
-                make_auth(
-                    self.context.token,
-                    frame.nonce,
-                    binding or b"",
-                    self.context.name,
-                    (*self.context.tags, ("nova/version", __version__)),
-                    self.local_window,
-                    version,
-                    FEATURE_NONE,
-                )
-            )
+            self._hello(frame)
         elif isinstance(frame, Welcome) and self._saw_hello:
-            problem = window_problem(frame.initial_window)
-            if problem is not None:
-                raise ProtocolError(f"WELCOME: {problem}")
-            if frame.version != self.protocol_version:
-                raise ProtocolError(
-                    f"a version-{frame.version} WELCOME answered a version-{self.protocol_version} AUTH"
-                )
-            self.server_id = frame.server_id
-            self.members = frame.members if frame.version >= 2 else (frame.server_id,)
-            if self.pool is not None and self.pool.holds(frame.server_id):
-                # Discovery landed on a member this agent holds a tunnel to:
-                # close this one at once (docs/cluster.md, "Discovery").
-                self.log.info(
-                    "{server} led to server {server_id} again, which holds a tunnel of {agent}; closing this one",
-                    server=self.server,
-                    server_id=frame.server_id,
-                    agent=self.context.name,
-                )
-                self._ended_by = "duplicate"
-                self.pool.refused_duplicate()
-                if self.backoff is not None:
-                    self.backoff.failed(f"landed on server {frame.server_id} again, which this agent holds")
-                self.send_frame(GoAway(ErrorCode.NO_ERROR, "already connected to this server"))
-                self._fail_registration(Duplicate(frame.server_id))
-                self.close()
-                return
-            if frame.keepalive_ms:
-                # The server knows its network (a load balancer's idle cut).
-                self.core.keepalive = min(self.core.keepalive, max(frame.keepalive_ms / 1000, 1.0))
-            if self.backoff is not None:
-                self.backoff.reset()
-            self.start_streams(frame.initial_window, self.context.max_streams)
-            self.probe_rtt()  # measured now, while the tunnel is idle (window auto-tuning)
-            self.log.info(
-                "registered with {server} as {agent} (server {server_id})",
-                server=self.server,
-                agent=self.context.name,
-                server_id=frame.server_id,
-            )
-            self.context.metrics.registered(self.server)
-            if self.backoff is not None:
-                self.backoff.failed(f"registered with server {frame.server_id}")  # the last attempt, for the next line
-            self._settle(self)
-            if self.pool is not None and not self.pool.welcomed(self, frame.server_id, self.members):
-                self.close()  # a duplicate after all (checked above: not expected)
+            self._welcome(frame)
         elif (
             isinstance(frame, Reject) and frame.server_id and self.pool is not None and self.pool.holds(frame.server_id)
         ):
             # A version-2 REJECT from a member this agent already holds (its
             # live-name rule: NAME_IN_USE): a duplicate, not a refusal.
-            self.log.info(
-                "{server} led to server {server_id} again, which already holds a tunnel of {agent} ({code})",
-                server=self.server,
-                server_id=frame.server_id,
-                agent=self.context.name,
-                code=frame.code.name,
-            )
             self.server_id = frame.server_id
-            self._ended_by = "duplicate"
-            self.pool.refused_duplicate()
-            if self.backoff is not None:
-                self.backoff.failed(f"landed on server {frame.server_id} again, which this agent holds")
-            self._fail_registration(Duplicate(frame.server_id))
-            self.close()
+            self._duplicate(f"({frame.code.name})")
         elif isinstance(frame, Reject):
-            self.log.error(
-                "server {server} rejected the registration of {agent}: {code}: {detail}",
-                server=self.server,
-                agent=self.context.name,
-                code=frame.code.name,
-                detail=untrusted(frame.message),
-            )
-            self._ended_by = "rejected"
-            if self.backoff is not None:
-                self.backoff.rejected = True
-                self.backoff.failed(f"registration rejected: {frame.code.name}")
-            self._fail_registration(Rejected(frame.code, untrusted(frame.message)))
-            self.close()
+            self._reject_received(frame)
         else:
             raise ProtocolError(f"unexpected {frame.TYPE.name} during the handshake")
+
+    def _hello(self, frame: Hello) -> None:
+        self._saw_hello = True
+        binding = channel_binding(self.transport)
+        if self.context.tls and binding is None:
+            raise ProtocolError("TLS is required but the connection is not TLS")
+        version = negotiated_version(frame.offer, self.context.max_version)
+        self.protocol_version = version
+        self.accept_version(version)  # the server answers a version-2 AUTH in version 2
+        self.send_frame(
+            make_auth(
+                self.context.token,
+                frame.nonce,
+                binding or b"",
+                self.context.name,
+                (*self.context.tags, ("nova/version", __version__)),
+                self.local_window,
+                version,
+                FEATURE_NONE,
+            )
+        )
+
+    def _welcome(self, frame: Welcome) -> None:
+        problem = window_problem(frame.initial_window)
+        if problem is not None:
+            raise ProtocolError(f"WELCOME: {problem}")
+        if frame.version != self.protocol_version:
+            raise ProtocolError(f"a version-{frame.version} WELCOME answered a version-{self.protocol_version} AUTH")
+        self.server_id = frame.server_id
+        self.members = frame.members if frame.version >= 2 else (frame.server_id,)
+        if self.pool is not None and self.pool.holds(frame.server_id):
+            # Registered anyway (the member judged our other tunnel dead):
+            # close this one at once (docs/cluster.md, "Discovery").
+            self.send_frame(GoAway(ErrorCode.NO_ERROR, "already connected to this server"))
+            self._duplicate("; closing this one")
+            return
+        if frame.keepalive_ms:
+            # The server knows its network (a load balancer's idle cut).
+            self.core.keepalive = min(self.core.keepalive, max(frame.keepalive_ms / 1000, 1.0))
+        if self.backoff is not None:
+            self.backoff.reset()
+        self.start_streams(frame.initial_window, self.context.max_streams)
+        self.probe_rtt()  # measured now, while the tunnel is idle (window auto-tuning)
+        self.log.info(
+            "registered with {server} as {agent} (server {server_id})",
+            server=self.server,
+            agent=self.context.name,
+            server_id=frame.server_id,
+        )
+        self.context.metrics.registered(self.server)
+        if self.backoff is not None:
+            self.backoff.failed(f"registered with server {frame.server_id}")  # the last attempt, for the next line
+        self._settle(self)
+        if self.pool is not None and not self.pool.welcomed(self, frame.server_id, self.members):
+            self.close()  # a duplicate after all (checked above: not expected)
+
+    def _duplicate(self, how: str) -> None:
+        """Discovery led to a member this agent already holds: not a refusal; this connection closes."""
+        assert self.pool is not None
+        self.log.info(
+            "{server} led to server {server_id} again, which already holds a tunnel of {agent} {how}",
+            server=self.server,
+            server_id=self.server_id,
+            agent=self.context.name,
+            how=how,
+        )
+        self._ended_by = "duplicate"
+        self.pool.refused_duplicate()
+        if self.backoff is not None:
+            self.backoff.failed(f"landed on server {self.server_id} again, which this agent holds")
+        self._fail_registration(Duplicate(self.server_id))
+        self.close()
+
+    def _reject_received(self, frame: Reject) -> None:
+        self.log.error(
+            "server {server} rejected the registration of {agent}: {code}: {detail}",
+            server=self.server,
+            agent=self.context.name,
+            code=frame.code.name,
+            detail=untrusted(frame.message),
+        )
+        self._ended_by = "rejected"
+        if self.backoff is not None:
+            self.backoff.rejected = True
+            self.backoff.failed(f"registration rejected: {frame.code.name}")
+        self._fail_registration(Rejected(frame.code, untrusted(frame.message)))
+        self.close()
 
     def members_received(self, members: tuple[str, ...]) -> None:
         """MEMBERS: the cluster changed; the pool follows it."""

@@ -1,12 +1,10 @@
 """
-The NOVAS cluster (issue 16): servers that share one store see each other,
+The NOVAS cluster (adapters): servers that share one store see each other,
 each other's tunnels and one set of routes.
 
-Pure cores (no I/O, time passed in): L{records} (the rows), L{membership}
-(heartbeats, expiry, the cluster view and its staleness), L{selection}
-(least-loaded agent across the cluster), L{routetable} (routes as data:
-validation and the desired set).  Adapters: L{store} (the blocking SQLite and
-PostgreSQL schema), L{heartbeat} (the Twisted service that runs the store off
-the reactor), L{listeners} (route listeners started and stopped at run time).
-See C{docs/cluster.md}.
+L{nova.cluster.store}: the blocking SQLite and PostgreSQL schema;
+L{nova.cluster.heartbeat}: the Twisted service that runs the store off the
+reactor; L{nova.cluster.listeners}: route listeners started and stopped at
+run time.  The decisions they act on (membership, expiry, selection, the
+wanted routes) are pure and live in L{nova.rules}.  See C{docs/cluster.md}.
 """

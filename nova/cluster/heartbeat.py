@@ -23,9 +23,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from .membership import ClusterView, Membership
-from .records import RouteRecord, ServerRecord, TunnelRecord
-from .store import ClusterStore
+from nova.rules.membership import ClusterView, Membership
+from nova.rules.records import RouteRecord, ServerRecord, TunnelRecord
+
+from .store import ClusterStore, ClusterStoreError
 
 T = TypeVar("T")
 
@@ -132,11 +133,33 @@ class ClusterMembership(Service):
                 self.store.close()
 
         d = self.run(leave)
+        d.addErrback(self._cannot_leave)
         d.addErrback(self._trap, "leaving the cluster")
         worker = self.run
         if isinstance(worker, WorkerThread):
             d.addCallback(lambda _: worker.stop())
         return d
+
+    def change(self, call: Callable[[ClusterStore], T]) -> Deferred[T]:
+        """
+        One change of the shared data (a route added or removed), on the
+        worker thread after whatever store call is under way; the routes are
+        read again at once after it, so this server follows its own change
+        without waiting for the next poll.  Fails with the store's error.
+        """
+
+        def run() -> T:
+            self._open()
+            return call(self.store)
+
+        d = self.run(run)
+
+        def then(result: T) -> T:
+            if self.on_routes is not None and self.running:
+                self.poll_routes()
+            return result
+
+        return d.addCallback(then)
 
     # -- the ticks
 
@@ -215,6 +238,15 @@ class ClusterMembership(Service):
         self.routes_version = version
         if self.on_routes is not None:
             self.on_routes(version, records)
+
+    def _cannot_leave(self, failure: Failure) -> None:
+        """The store is unreachable as we stop: our rows expire instead, within the dead timeout."""
+        failure.trap(ClusterStoreError)
+        self.log.warn(
+            "cluster store unreachable while leaving: {error}; this server's rows expire within {dead:g}s",
+            error=failure.getErrorMessage(),
+            dead=self.membership.dead_timeout,
+        )
 
     def _trap(self, failure: Failure, doing: str) -> None:
         self.log.failure("cluster: unexpected error {doing}", failure, doing=doing)

@@ -24,10 +24,9 @@ from twisted.internet.defer import Deferred, DeferredLock, gatherResults, maybeD
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 
-from nova.server.routes import Route
-
-from .records import RouteRecord
-from .routetable import desired
+from nova.rules.records import RouteRecord
+from nova.rules.routes import Route
+from nova.rules.routetable import desired
 
 
 class ListenFor(Protocol):

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from .membership import Beat
-from .records import RouteRecord, ServerRecord, TunnelRecord
-from .routetable import RouteRejected, listen_key, validate, validate_id
+from nova.rules.membership import Beat
+from nova.rules.records import RouteRecord, ServerRecord, TunnelRecord
+from nova.rules.routetable import RouteRejected, listen_key, validate, validate_id
 
 # The schema, in SQL both databases read; '?' placeholders (rewritten for psycopg).
 SCHEMA = (

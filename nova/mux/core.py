@@ -17,7 +17,7 @@ Every other control frame is bounded by this side's own activity or by flow
 control: a WINDOW_UPDATE is sent for at least half a window that this side
 consumed, and the peer cannot send more DATA until it has received it.
 The adapter holds control frames while its transport pushes back and stops
-reading while replies pile up (L{nova.mux.tunnel.TunnelProtocol}).
+reading while replies pile up (L{nova.transport.tunnel.TunnelProtocol}).
 
 Window auto-tuning (docs/datapath.md, "Window auto-tuning").  A fixed
 window caps a stream at one window per round trip (256 KiB over 50 ms is
@@ -64,7 +64,6 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
-from nova.mux.defaults import DEFAULT_MAX_STREAMS
 from nova.wire.errors import ControlFlood, ErrorCode, FlowControlError, OpenFailReason, ProtocolError
 from nova.wire.frames import (
     MAX_DATA_PAYLOAD,
@@ -290,8 +289,8 @@ class Multiplexer:
         role: Role,
         local_window: int,
         peer_window: int,
-        max_streams: int = DEFAULT_MAX_STREAMS,
-        max_window: int | None = None,
+        max_streams: int,
+        max_window: int,
         tunnel_budget: int = TUNNEL_WINDOW_BUDGET,
         budget: WindowBudget | None = None,
     ) -> None:
@@ -299,7 +298,7 @@ class Multiplexer:
         self.local_window = local_window
         self.peer_window = peer_window
         self.max_streams = max_streams
-        self.max_window = max(local_window, max_window if max_window is not None else local_window)
+        self.max_window = max(local_window, max_window)
         self._tuning = self.max_window > local_window
         self.tunnel_budget = tunnel_budget
         self.budget = budget if budget is not None else WindowBudget(tunnel_budget)

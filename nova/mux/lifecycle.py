@@ -1,5 +1,9 @@
 """
-The life cycle of one tunnel session, as an explicit state machine.
+The life cycles of a tunnel session and of a stream, as explicit state
+machines (each: its inputs as a Protocol, a core dataclass, a transition
+table that reads top to bottom).
+
+The session:
 
     Handshaking --registered--> Open --drain--> Draining
          |                        |                |
@@ -9,6 +13,24 @@ Both ends run one.  It owns the session's timers, all on an injected
 L{IReactorTime}: the handshake deadline, the keepalive ping, the dead-peer
 check (nothing heard for C{dead_timeout} drops the tunnel) and the drain
 deadline.  What it decides is carried out through L{SessionHooks}.
+
+A stream (L{nova.transport.stream.StreamTransport}) has two halves, each a machine
+of its own, sharing one L{HalvesCore}:
+
+    read half:   Reading --peer_ended--> PeerEnded --all_delivered--> ReadDone
+                    |                       |
+                    +--------drop-----------+--> Dropping --all_delivered--> ReadDone
+
+    write half:  Writing --end--> Ending --fin_sent--> WriteDone
+                    |               |
+                    +-----close-----+--> Closing --fin_sent--> (finish)
+
+and either half goes to Gone on C{gone} (a reset, an abort, the tunnel lost,
+or the stream finished).  The stream finishes cleanly once both halves are
+done; a stream closed by its protocol (C{close}/C{drop}) finishes when its
+FIN is out, with a RST if the peer had not ended its direction yet (like
+closing a socket with unread data).  What the machines decide is carried
+out through L{StreamHalvesHooks}.
 """
 
 from __future__ import annotations
@@ -231,3 +253,202 @@ def start_session(core: SessionCore) -> Session:
     core.last_heard = core.clock.seconds()
     core.timer = core.clock.callLater(core.handshake_timeout, session.handshake_expired)
     return session
+
+
+class StreamHalvesHooks(Protocol):
+    """What a stream's half machines ask their stream to do."""
+
+    def send_fin(self) -> None:
+        "Queue our FIN after what is queued."
+
+    def read_closed(self) -> None:
+        "Everything before the peer's FIN was handed over: tell the protocol (EOF)."
+
+    def write_closed(self) -> None:
+        "Our FIN went out: tell the protocol."
+
+    def finish(self, cut: bool) -> None:
+        "End the stream cleanly; first reset it (RST) if C{cut}."
+
+
+class ReadHalf(Protocol):
+    """The inputs of a stream's read half: bytes from the peer to our protocol."""
+
+    def peer_ended(self) -> None:
+        "The peer's FIN arrived; bytes before it may still wait."
+
+    def all_delivered(self) -> None:
+        "Every byte before the peer's FIN was handed over (or dropped)."
+
+    def drop(self) -> None:
+        "Our protocol closed the stream: drop what arrives from now on."
+
+    def gone(self) -> None:
+        "The stream is gone."
+
+
+class WriteHalf(Protocol):
+    """The inputs of a stream's write half: bytes from our protocol to the peer."""
+
+    def end(self) -> None:
+        "Our protocol writes no more (a half-close): FIN after what is queued."
+
+    def close(self) -> None:
+        "Our protocol closed the stream: FIN after what is queued, then the stream ends."
+
+    def fin_sent(self) -> None:
+        "Our FIN went out."
+
+    def gone(self) -> None:
+        "The stream is gone."
+
+
+@dataclass
+class HalvesCore:
+    """
+    What a stream's data path needs to see of its two halves, written only
+    by the transitions below: the stream checks these plain fields per write
+    and per hand-over, never the machines.
+    """
+
+    hooks: StreamHalvesHooks
+    can_write: bool = True  # the write half is in Writing
+    eof_due: bool = False  # the peer's FIN arrived; EOF is handed over once nothing waits
+    dropping: bool = False  # the read half is in Dropping: received bytes are discarded
+    read_over: bool = False  # the read half is done (EOF handed over)
+    write_over: bool = False  # the write half is done (our FIN is out)
+
+
+_reads = TypeMachineBuilder(ReadHalf, HalvesCore)
+Reading = _reads.state("Reading")
+PeerEnded = _reads.state("PeerEnded")
+Dropping = _reads.state("Dropping")
+ReadDone = _reads.state("ReadDone")
+ReadGone = _reads.state("ReadGone")
+
+
+@Reading.upon(ReadHalf.peer_ended).to(PeerEnded)
+@Dropping.upon(ReadHalf.peer_ended).loop()
+def _peer_ended(half: ReadHalf, core: HalvesCore) -> None:
+    core.eof_due = True
+
+
+@Reading.upon(ReadHalf.drop).to(Dropping)
+@PeerEnded.upon(ReadHalf.drop).to(Dropping)
+def _drop(half: ReadHalf, core: HalvesCore) -> None:
+    core.dropping = True
+
+
+@PeerEnded.upon(ReadHalf.all_delivered).to(ReadDone)
+def _eof(half: ReadHalf, core: HalvesCore) -> None:
+    core.eof_due = False
+    core.read_over = True
+    core.hooks.read_closed()
+    if core.write_over:
+        core.hooks.finish(cut=False)
+
+
+@Dropping.upon(ReadHalf.all_delivered).to(ReadDone)
+def _dropped_to_eof(half: ReadHalf, core: HalvesCore) -> None:
+    core.eof_due = False
+    core.read_over = True
+    if core.write_over:
+        core.hooks.finish(cut=False)
+
+
+@Reading.upon(ReadHalf.gone).to(ReadGone)
+@PeerEnded.upon(ReadHalf.gone).to(ReadGone)
+@Dropping.upon(ReadHalf.gone).to(ReadGone)
+@ReadDone.upon(ReadHalf.gone).to(ReadGone)
+def _read_gone(half: ReadHalf, core: HalvesCore) -> None:
+    core.eof_due = False
+
+
+@PeerEnded.upon(ReadHalf.peer_ended).loop()
+@ReadDone.upon(ReadHalf.peer_ended).loop()
+@ReadDone.upon(ReadHalf.drop).loop()
+@Dropping.upon(ReadHalf.drop).loop()
+@Reading.upon(ReadHalf.all_delivered).loop()
+@ReadDone.upon(ReadHalf.all_delivered).loop()
+@ReadGone.upon(ReadHalf.peer_ended).loop()
+@ReadGone.upon(ReadHalf.all_delivered).loop()
+@ReadGone.upon(ReadHalf.drop).loop()
+@ReadGone.upon(ReadHalf.gone).loop()
+def _read_ignored(half: ReadHalf, core: HalvesCore) -> None:
+    pass
+
+
+_writes = TypeMachineBuilder(WriteHalf, HalvesCore)
+Writing = _writes.state("Writing")
+Ending = _writes.state("Ending")
+Closing = _writes.state("Closing")
+WriteDone = _writes.state("WriteDone")
+WriteGone = _writes.state("WriteGone")
+
+
+@Writing.upon(WriteHalf.end).to(Ending)
+def _end(half: WriteHalf, core: HalvesCore) -> None:
+    core.can_write = False
+    core.hooks.send_fin()
+
+
+@Writing.upon(WriteHalf.close).to(Closing)
+def _close(half: WriteHalf, core: HalvesCore) -> None:
+    core.can_write = False
+    core.hooks.send_fin()
+
+
+@Ending.upon(WriteHalf.close).to(Closing)
+def _close_ending(half: WriteHalf, core: HalvesCore) -> None:
+    pass
+
+
+@Ending.upon(WriteHalf.fin_sent).to(WriteDone)
+def _fin_sent(half: WriteHalf, core: HalvesCore) -> None:
+    core.write_over = True
+    core.hooks.write_closed()
+    if core.read_over:
+        core.hooks.finish(cut=False)
+
+
+@Closing.upon(WriteHalf.fin_sent).to(WriteGone)
+def _closed(half: WriteHalf, core: HalvesCore) -> None:
+    core.write_over = True
+    core.hooks.finish(cut=not core.read_over)
+
+
+@WriteDone.upon(WriteHalf.close).to(WriteGone)
+def _close_done(half: WriteHalf, core: HalvesCore) -> None:
+    core.hooks.finish(cut=not core.read_over)
+
+
+@Writing.upon(WriteHalf.gone).to(WriteGone)
+@Ending.upon(WriteHalf.gone).to(WriteGone)
+@Closing.upon(WriteHalf.gone).to(WriteGone)
+@WriteDone.upon(WriteHalf.gone).to(WriteGone)
+def _write_gone(half: WriteHalf, core: HalvesCore) -> None:
+    core.can_write = False
+
+
+@Writing.upon(WriteHalf.fin_sent).loop()
+@Ending.upon(WriteHalf.end).loop()
+@Closing.upon(WriteHalf.end).loop()
+@Closing.upon(WriteHalf.close).loop()
+@WriteDone.upon(WriteHalf.end).loop()
+@WriteDone.upon(WriteHalf.fin_sent).loop()
+@WriteGone.upon(WriteHalf.end).loop()
+@WriteGone.upon(WriteHalf.close).loop()
+@WriteGone.upon(WriteHalf.fin_sent).loop()
+@WriteGone.upon(WriteHalf.gone).loop()
+def _write_ignored(half: WriteHalf, core: HalvesCore) -> None:
+    pass
+
+
+_build_read = _reads.build()
+_build_write = _writes.build()
+
+
+def start_halves(hooks: StreamHalvesHooks) -> tuple[HalvesCore, ReadHalf, WriteHalf]:
+    """A new stream's two halves, both open."""
+    core = HalvesCore(hooks)
+    return core, _build_read(core), _build_write(core)

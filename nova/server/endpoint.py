@@ -20,12 +20,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nova.errors import OpenError, Why, open_failure
-from nova.mux.stream import StreamTransport
+from nova.rules.routes import Selector
+from nova.transport.stream import StreamTransport
 from nova.wire.hostname import InvalidHostName, host_problem
 from nova.wire.text import untrusted
 
 from .registry import Registered, Registry
-from .routes import Selector
 
 DEFAULT_OPEN_TIMEOUT = 30.0
 DEFAULT_ATTEMPTS = 3

@@ -16,12 +16,12 @@ from twisted.python.failure import Failure
 
 from nova.admin.audit import Audit
 from nova.errors import open_failure
-from nova.mux.splice import Pipe, splice
-from nova.mux.stream import StreamTransport
+from nova.rules.routes import Route
+from nova.transport.splice import Pipe, splice
+from nova.transport.stream import StreamTransport
 
 from .endpoint import DEFAULT_OPEN_TIMEOUT, TunnelEndpoint
 from .registry import Registry
-from .routes import Route
 
 
 def describe_close(failure: Failure) -> str:

@@ -6,6 +6,7 @@ variable (see README.md).
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +33,11 @@ from nova.config import (
     typed,
     window_settings,
 )
-from nova.mux.tunnel import DEFAULT_HANDSHAKE_TIMEOUT, Timing
+from nova.rules.admission import MIN_TOKEN_LENGTH, AgentToken, Limits, ScopeError, parse_token_file, parse_tokens
+from nova.rules.routes import Route, parse_route
+from nova.transport.tunnel import DEFAULT_HANDSHAKE_TIMEOUT, Timing
 
 from .endpoint import DEFAULT_OPEN_TIMEOUT
-from .routes import Route, parse_route
-from .security import MIN_TOKEN_LENGTH, AgentToken, Limits, ScopeError, parse_tokens, read_token_file
 
 P = "NOVAS"
 # The limits' defaults are L{Limits}' own: written once, there.
@@ -46,6 +47,23 @@ _LIMITS = Limits()
 # private networks behind the agents: long enough that guessing it over the
 # network, at the throttled rate, is hopeless.
 MIN_SOCKS_PASSWORD = 16
+
+
+def _host_name(v: Mapping[str, Any]) -> str:
+    return socket.gethostname()
+
+
+def _advertise(v: Mapping[str, Any]) -> str:
+    """The host name and the agent port: what an agent behind no balancer would dial."""
+    return f"{socket.gethostname()}:{v['agent-port']}"
+
+
+def server_id(value: str, label: str) -> str:
+    """A server id as the cluster store and the admin API show it: short, printable, no spaces."""
+    value = value.strip()
+    if not value or len(value) > 64 or not all(ch.isalnum() or ch in "-_.:" for ch in value):
+        raise ConfigError(f"{label} must be 1-64 letters, digits, '-', '_', '.' or ':', not {value[:64]!r}")
+    return value
 
 
 def _delay_after(v: Mapping[str, Any]) -> int:
@@ -123,6 +141,32 @@ SETTINGS: tuple[Setting[Any], ...] = (
     ),
     Setting(P, "audit-db", None, "Audit store: postgresql://... (default: SQLite in the state dir)."),
     Setting(P, "audit-retention-days", 30.0, "Days of audit history to keep.", seconds),
+    Setting(
+        P,
+        "server-id",
+        None,
+        "This server's id in the cluster (servers sharing --audit-db postgresql://...); unique per server.",
+        server_id,
+        derive=_host_name,
+        derived_doc="the host name",
+    ),
+    Setting(
+        P,
+        "advertise-address",
+        None,
+        "HOST:PORT other members and agents use to reach this server's agent port (shown in /api/v1/servers).",
+        derive=_advertise,
+        derived_doc="the host name and --agent-port",
+    ),
+    Setting(
+        P,
+        "cluster-dead-timeout",
+        None,
+        "Seconds without a heartbeat before a member and its tunnels leave the cluster view; heartbeats every third.",
+        seconds,
+        derive=lambda v: v["dead-timeout"],
+        derived_doc="--dead-timeout's value",
+    ),
     Setting(P, "max-tunnels", _LIMITS.max_tunnels, "Registered tunnels at most.", integer(1, 10**7)),
     Setting(
         P,
@@ -202,6 +246,9 @@ class ServerConfig:
     metrics_agents: int
     audit_db: str | None
     audit_retention_days: float
+    server_id: str
+    advertise_address: str
+    cluster_dead_timeout: float
     token_file: Path | None
     env_tokens: tuple[bytes, ...]  # from --agent-token itself; the file's are re-read on SIGHUP
     client_ca: Path | None
@@ -309,6 +356,9 @@ def build_config(v: dict[str, Any]) -> ServerConfig:
         metrics_agents=v["metrics-agents"],
         audit_db=audit_db,
         audit_retention_days=v["audit-retention-days"],
+        server_id=v["server-id"],
+        advertise_address=v["advertise-address"],
+        cluster_dead_timeout=v["cluster-dead-timeout"],
     )
 
 
@@ -325,7 +375,7 @@ def load_tokens(env_tokens: tuple[bytes, ...], path: Path | None) -> tuple[Agent
     if path is not None:
         what = TOKEN_FILE.label
         try:
-            from_file = read_token_file(path)
+            from_file = parse_token_file(path.read_text(encoding="utf-8"))
         except OSError as e:
             raise ConfigError(f"{what}: cannot read {path}: {e.strerror}") from None
         except UnicodeDecodeError:

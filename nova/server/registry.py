@@ -10,9 +10,8 @@ from typing import Protocol
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from nova.mux.stream import StreamTransport
-
-from .routes import Selector
+from nova.rules.routes import Selector
+from nova.transport.stream import StreamTransport
 
 
 class Registered(Protocol):

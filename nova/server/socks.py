@@ -1,5 +1,6 @@
 """
-The SOCKS5 entry (RFC 1928 CONNECT, RFC 1929 username/password).
+The SOCKS5 entry (RFC 1928 CONNECT, RFC 1929 username/password): the
+Twisted adapter over the sans-I/O parser L{nova.wire.socks5}.
 
 The username is a selector (C{env=prod}, C{name:db-agent}, or empty for any
 agent); the password is NOVAS's SOCKS password, when one is set.  Domain
@@ -11,9 +12,6 @@ refused and closed.
 from __future__ import annotations
 
 import hmac
-import ipaddress
-import struct
-from enum import IntEnum
 from typing import Any
 
 from twisted.internet.defer import CancelledError
@@ -25,47 +23,20 @@ from twisted.python.failure import Failure
 from nova.admin.audit import Audit
 from nova.config import ConfigError
 from nova.errors import open_failure
-from nova.wire.hostname import host_problem
+from nova.rules.admission import Limits, Throttle, source_key
+from nova.rules.routes import Selector, parse_selector
+from nova.wire.socks5 import NEGOTIATING, Connect, Credentials, Event, Negotiation, Send, State, reply
+from nova.wire.socks5 import Reply as Reply  # the reply codes, for reply_for and its callers
 from nova.wire.text import untrusted
 
 from .endpoint import DEFAULT_OPEN_TIMEOUT, TunnelEndpoint
 from .listener import EntryConnection, StreamWatch, address
 from .registry import Registry
-from .routes import Selector, parse_selector
-from .security import Limits, Throttle, source_key
-
-VERSION = 5
-AUTH_VERSION = 1
-NO_AUTH, USER_PASS, NO_ACCEPTABLE = 0x00, 0x02, 0xFF
-CONNECT = 0x01
-IPV4, DOMAIN, IPV6 = 0x01, 0x03, 0x04
-MAX_BUFFER = 1024
-
-
-class Reply(IntEnum):
-    SUCCEEDED = 0x00
-    GENERAL_FAILURE = 0x01
-    NOT_ALLOWED = 0x02
-    NETWORK_UNREACHABLE = 0x03
-    HOST_UNREACHABLE = 0x04
-    CONNECTION_REFUSED = 0x05
-    TTL_EXPIRED = 0x06
-    COMMAND_NOT_SUPPORTED = 0x07
-    ADDRESS_TYPE_NOT_SUPPORTED = 0x08
 
 
 def reply_for(failure: Failure) -> Reply:
     """The SOCKS reply code for a failed tunnel connect (see L{nova.errors.OPEN_FAILURES})."""
     return Reply(open_failure(failure).socks_reply)
-
-
-def reply(code: Reply) -> bytes:
-    """A reply with an all-zero bound address (clients ignore it)."""
-    return bytes([VERSION, code, 0, IPV4, 0, 0, 0, 0, 0, 0])
-
-
-class Malformed(Exception):
-    pass
 
 
 class PasswordGate:
@@ -125,15 +96,19 @@ class PasswordGate:
 
 
 class SocksClient(EntryConnection):
-    """One SOCKS5 client connection: negotiate, then relay."""
+    """
+    One SOCKS5 client connection: the Twisted adapter over
+    L{nova.wire.socks5.Negotiation}.  It carries out the parser's events,
+    checks the password (with the throttle's delays), enforces the
+    negotiation timeout, opens the tunnel stream, then relays.
+    """
 
     log = Logger()
 
     def __init__(self, factory: SocksFactory) -> None:
         super().__init__()
         self.factory = factory
-        self._buffer = bytearray()
-        self._state = "greeting"
+        self._negotiation = Negotiation(password_required=factory.password is not None)
         self._selector = Selector()
         self._target = ""
         self._auth_wait: IDelayedCall | None = None
@@ -146,11 +121,11 @@ class SocksClient(EntryConnection):
 
     def _too_slow(self) -> None:
         self._deadline = None
-        if self._state == "auth-wait":
+        if self._auth_wait is not None:
             self._close("the password check waited past the negotiation timeout (repeated wrong passwords)")
             return
-        if self._state in ("greeting", "auth", "request"):
-            self._refuse(f"no complete request within {self.factory.negotiation_timeout:g}s")
+        if self._negotiation.state in NEGOTIATING:
+            self._do(self._negotiation.refuse(f"no complete request within {self.factory.negotiation_timeout:g}s"))
 
     def _stop_deadline(self) -> None:
         if self._deadline is not None and self._deadline.active():
@@ -161,111 +136,26 @@ class SocksClient(EntryConnection):
         self._auth_wait = None
 
     def dataReceived(self, data: bytes) -> None:
-        if self._state == "relay":
+        if self._negotiation.state is State.DONE:
             super().dataReceived(data)
             return
-        if self._state == "closed":
-            return
-        self._buffer += data
-        self._process()
+        self._feed(data)
 
-    def _process(self) -> None:
-        try:
-            while self._state in ("greeting", "auth", "request") and self._step():
-                pass
-            if len(self._buffer) > MAX_BUFFER:
-                raise Malformed("request too long")
-        except Malformed as e:
-            self._refuse(str(e))
+    def _feed(self, data: bytes) -> None:
+        for event in self._negotiation.receive(data):
+            self._do(event)
 
-    # Each step consumes one complete message, or returns False to wait.
-
-    def _step(self) -> bool:
-        b = self._buffer
-        if self._state == "greeting":
-            if len(b) < 2:
-                return False
-            if b[0] != VERSION:
-                raise Malformed(f"not SOCKS5 (version byte {b[0]})")
-            if len(b) < 2 + b[1]:
-                return False
-            methods = set(b[2 : 2 + b[1]])
-            del b[: 2 + b[1]]
-            if USER_PASS in methods:
-                self._send(bytes([VERSION, USER_PASS]))
-                self._state = "auth"
-            elif NO_AUTH in methods and self.factory.password is None:
-                self._send(bytes([VERSION, NO_AUTH]))
-                self._state = "request"
-            else:
-                self._send(bytes([VERSION, NO_ACCEPTABLE]))
-                self._close("no acceptable authentication method (a password is required)")
-            return True
-        if self._state == "auth":
-            if len(b) < 2:
-                return False
-            if b[0] != AUTH_VERSION:
-                raise Malformed(f"bad username/password version {b[0]}")
-            ulen = b[1]
-            if len(b) < 2 + ulen + 1:
-                return False
-            plen = b[2 + ulen]
-            if len(b) < 3 + ulen + plen:
-                return False
-            username = bytes(b[2 : 2 + ulen])
-            password = bytes(b[3 + ulen : 3 + ulen + plen])
-            del b[: 3 + ulen + plen]
-            self._authenticate(username, password)
-            return True
-        if self._state == "request":
-            if len(b) < 5:
-                return False
-            if b[0] != VERSION or b[2] != 0:
-                raise Malformed("malformed request header")
-            command, atyp = b[1], b[3]
-            if atyp == IPV4:
-                size = 4 + 4 + 2
-            elif atyp == IPV6:
-                size = 4 + 16 + 2
-            elif atyp == DOMAIN:
-                size = 4 + 1 + b[4] + 2
-            else:
-                self._send(reply(Reply.ADDRESS_TYPE_NOT_SUPPORTED))
-                self._close(f"address type {atyp} not supported")
-                return False
-            if len(b) < size:
-                return False
-            raw = bytes(b[4 : size - 2])
-            (port,) = struct.unpack(">H", b[size - 2 : size])
-            del b[:size]
-            if command != CONNECT:
-                self._send(reply(Reply.COMMAND_NOT_SUPPORTED))
-                self._close(f"command {command} not supported (only CONNECT)")
-                return False
-            if atyp == IPV4:
-                host = str(ipaddress.IPv4Address(raw))
-            elif atyp == IPV6:
-                host = str(ipaddress.IPv6Address(raw))
-            else:
-                try:
-                    host = raw[1:].decode("idna")
-                except UnicodeError:
-                    shown = untrusted(raw[1:].decode("utf-8", "backslashreplace"))
-                    raise Malformed(f"domain name {shown} is not valid") from None
-                if not host:
-                    raise Malformed("empty domain name")
-            if port == 0:
-                raise Malformed("port 0")
-            problem = host_problem(host)
-            if problem is not None:
-                # No agent could resolve it (or it would resolve to another
-                # name than the one logged): answered now, nothing opened.
-                self._send(reply(Reply.HOST_UNREACHABLE))
-                self._close(f"refusing {untrusted(host)}:{port}: {problem} -> {Reply.HOST_UNREACHABLE.name}")
-                return False
-            self._connect(host, port)
-            return False
-        return False
+    def _do(self, event: Event) -> None:
+        """Carry out one of the parser's events."""
+        if isinstance(event, Send):
+            self._send(event.data)
+        elif isinstance(event, Credentials):
+            self._authenticate(event.username, event.password)
+        elif isinstance(event, Connect):
+            self._connect(event.host, event.port)
+        else:  # Refuse
+            self._send(event.data)
+            self._close(event.why)
 
     def _authenticate(self, username: bytes, password: bytes) -> None:
         gate = self.factory.gate
@@ -280,25 +170,19 @@ class SocksClient(EntryConnection):
             self._check(username, password)
             return
         # Like the agent handshake: repeated failures slow this source down.
-        self._state = "auth-wait"
-        self._auth_wait = self.factory.clock.callLater(delay, self._check_later, username, password)
-
-    def _check_later(self, username: bytes, password: bytes) -> None:
-        self._check(username, password)
-        self._process()  # a request sent along with the password waited in the buffer
+        self._auth_wait = self.factory.clock.callLater(delay, self._check, username, password)
 
     def _check(self, username: bytes, password: bytes) -> None:
         gate = self.factory.gate
         assert gate is not None
         self._auth_wait = None
-        if self._state == "closed":
+        if self._negotiation.state is not State.AUTH_PENDING:
             return
         source = self._source()
         if self._refused_blocked(gate, source):  # blocked while this attempt waited: not checked either
             return
-        self._state = "auth"
         if not gate.check(source, password):
-            self._send(bytes([AUTH_VERSION, 1]))
+            self._send(self._negotiation.reject())
             self._close("wrong SOCKS password" + gate.failure_note(source))
             return
         self._accept(username)
@@ -307,7 +191,7 @@ class SocksClient(EntryConnection):
         """Refuse, without checking its password, a source the throttle has blocked."""
         if not gate.blocked(source):
             return False
-        self._send(bytes([AUTH_VERSION, 1]))
+        self._send(self._negotiation.reject())
         self._close_quietly(gate.refused_blocked(source))
         return True
 
@@ -320,16 +204,15 @@ class SocksClient(EntryConnection):
         try:
             self._selector = parse_selector(username.decode("utf-8"))
         except (UnicodeDecodeError, ConfigError):
-            self._send(bytes([AUTH_VERSION, 1]))
+            self._send(self._negotiation.reject())
             self._close("the username is not a valid selector")
             return
-        self._send(bytes([AUTH_VERSION, 0]))
-        self._state = "request"
+        self._send(self._negotiation.accept())
+        self._feed(b"")  # a request sent along with the password waits in the parser
 
     def _connect(self, host: str, port: int) -> None:
         assert self.transport is not None
         self._stop_deadline()
-        self._state = "connecting"
         self._target = untrusted(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         endpoint = TunnelEndpoint(
             self.factory.registry, self._selector, host, port, self.factory.clock, self.factory.open_timeout
@@ -353,8 +236,7 @@ class SocksClient(EntryConnection):
             selector=str(self._selector),
         )
         self._send(reply(Reply.SUCCEEDED))
-        self._state = "relay"
-        early, self._buffer = bytes(self._buffer), bytearray()
+        early = self._negotiation.finish()
         if early:
             # Bytes the client sent before our reply go first, once spliced.
             self.factory.clock.callLater(0, self._forward_early, early)
@@ -368,13 +250,8 @@ class SocksClient(EntryConnection):
         self._send(reply(code))
         self._close(f"cannot reach {self._target} ({self._selector}): {failure.getErrorMessage()} -> {code.name}")
 
-    def _refuse(self, why: str) -> None:
-        if self._state == "request":
-            self._send(reply(Reply.GENERAL_FAILURE))
-        self._close(f"malformed SOCKS5: {why}")
-
     def _send(self, data: bytes) -> None:
-        if self.transport is not None:
+        if self.transport is not None and data:
             self.transport.write(data)
 
     def _close_quietly(self, why: str | None) -> None:
@@ -383,13 +260,13 @@ class SocksClient(EntryConnection):
             self._close(why)
             return
         self._stop_deadline()
-        self._state = "closed"
+        self._negotiation.close()
         if self.transport is not None:
             self.transport.loseConnection()
 
     def _close(self, why: str) -> None:
         self._stop_deadline()
-        self._state = "closed"
+        self._negotiation.close()
         self.log.warn(
             "socks: {client}: {why}; closing",
             client=address(self.transport.getPeer()) if self.transport is not None else "?",

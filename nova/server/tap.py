@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, gatherResults
@@ -17,19 +16,22 @@ from twisted.logger import Logger
 
 from nova.admin.audit import Audit
 from nova.admin.metrics import Metrics
-from nova.admin.probe import MetricsPage
-from nova.admin.site import BoundedSite
 from nova.admin.store import AuditStore, AuditStoreError, backend_for
 from nova.admin.web import admin_resource
+from nova.cluster.store import cluster_store_for
 from nova.config import ConfigError
+from nova.prometheus import MetricsPage
+from nova.rules.admission import TokenSet
+from nova.rules.routes import Route
 from nova.service import ListenerService, StartupError, exit_zero_on_sigterm, on_signal, versions
+from nova.site import BoundedSite
 from nova.tls import STATE_DIR, TLSConfigError, ensure_server_certificate, server_options
 from nova.wire.errors import ErrorCode
 
+from .cluster import ServerCluster
 from .listener import RouteFactory
 from .members import members_test_hook
-from .options import Options, ServerConfig, load_tokens
-from .security import TokenSet
+from .options import LABEL, Options, ServerConfig, load_tokens
 from .socks import SocksFactory
 from .tunnel import ServerContext, ServerTunnel, ServerTunnelFactory
 
@@ -41,7 +43,11 @@ BACKLOG = 1024
 
 
 class NovasService(MultiService):
-    """The agent listener and one listener per route."""
+    """
+    The agent listener, the route listeners (command-line routes and the
+    cluster store's), the admin and SOCKS listeners, and this server's
+    membership of the cluster.
+    """
 
     def __init__(self, config: ServerConfig, reactor: IReactorCore) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
@@ -54,7 +60,7 @@ class NovasService(MultiService):
         )
         members_hook = members_test_hook(os.environ)  # tests only (nova.server.members)
         self.context = ServerContext(
-            audit=Audit(self.store, self.metrics, server=socket.gethostname()),
+            audit=Audit(self.store, self.metrics, server=config.server_id),
             token=None,
             tokens=TokenSet(config.tokens),
             limits=config.limits,
@@ -64,11 +70,11 @@ class NovasService(MultiService):
             window=config.window,
             max_window=config.max_window,
             timing=config.timing(),
-            server_id=members_hook.own if members_hook is not None else socket.gethostname(),
+            server_id=members_hook.own if members_hook is not None else config.server_id,
             members=members_hook,
         )
         if members_hook is not None:
-            members_hook.service(self.context.registry).setServiceParent(self)  # type: ignore[no-untyped-call]
+            members_hook.service(self.context.registry).setServiceParent(self)
         self.metrics.watch_routes(self.route_agents)
         self.reactor = reactor
         self._fingerprint_note: str | None = None
@@ -79,32 +85,44 @@ class NovasService(MultiService):
             ServerTunnelFactory(self.context),
         )
         self.agent_listener.setServiceParent(self)  # type: ignore[no-untyped-call]
-        self.route_listeners: list[ListenerService] = []
-        for route in config.routes:
-            listener = ListenerService(
-                "novas",
-                f"route {route}",
-                _tcp_endpoint(reactor, route.bind, route.port),
-                RouteFactory(route, self.context.registry, reactor, config.open_timeout, self.context.audit),  # type: ignore[arg-type]
-            )
-            listener.setServiceParent(self)  # type: ignore[no-untyped-call]
-            self.route_listeners.append(listener)
+        try:
+            store = cluster_store_for(config.audit_db, config.state_dir)
+        except ImportError as e:
+            raise StartupError(f"novas: error: {LABEL['audit-db']} postgresql:// needs psycopg: {e}") from None
+        self.cluster = ServerCluster(
+            config.server_id,
+            config.advertise_address,
+            config.routes,
+            store,
+            config.cluster_dead_timeout,
+            self.context.registry,
+            self.tunnels,
+            self._listen_for,
+            self.context.audit,
+            reactor,  # type: ignore[arg-type]
+            config.drain_timeout,
+        )
+        # A child: route listeners start with the others and stop first on the
+        # way out.  The membership is started by hand once the command-line
+        # routes are known to listen (a server that cannot start never joins).
+        self.cluster.listeners.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.admin_listener: ListenerService | None = None
         if config.admin_port is not None:
             admin = admin_resource(
                 config.admin_token,
                 self.tunnels,
-                socket.gethostname(),
+                config.server_id,
                 self.store,
                 self.metrics,
                 lambda: self.agent_listener.port is not None,
+                self.cluster,
             )
             # /metrics takes the read-only metrics token as well as the admin
             # token: a static child, which twisted.web looks up before the
             # admin root's own /metrics.
             tokens = tuple(t for t in (config.admin_token, config.metrics_token) if t is not None)
             hint = "NOVAS_METRICS_TOKEN or NOVAS_ADMIN_TOKEN"
-            admin.putChild(b"metrics", MetricsPage(self.metrics.registry, tokens, hint))  # type: ignore[no-untyped-call]
+            admin.putChild(b"metrics", MetricsPage(self.metrics.registry, tokens, hint))
             self.admin_listener = ListenerService(
                 "novas",
                 f"admin on {config.admin_bind}:{config.admin_port}",
@@ -153,9 +171,15 @@ class NovasService(MultiService):
             c.agent_port,
             options,
             backlog=BACKLOG,
-            interface=c.agent_bind,  # type: ignore[arg-type]
+            interface=c.agent_bind,
         )
         return endpoint
+
+    def _listen_for(self, route: Route) -> tuple[IStreamServerEndpoint, RouteFactory]:
+        """Where and how one route listens: the same for a command-line route and one from the store."""
+        c = self.config
+        factory = RouteFactory(route, self.context.registry, self.reactor, c.open_timeout, self.context.audit)  # type: ignore[arg-type]
+        return _tcp_endpoint(self.reactor, route.bind, route.port), factory
 
     @property
     def agent_port(self) -> int:
@@ -166,7 +190,8 @@ class NovasService(MultiService):
     def route_agents(self) -> list[tuple[str, int]]:
         """For C{nova_route_agents}: each route and the agents that could carry its streams now."""
         registry = self.context.registry
-        return [(str(r), sum(not t.draining for t in registry.matching(r.selector))) for r in self.config.routes]
+        routes = self.cluster.in_force().values()
+        return [(str(r), sum(not t.draining for t in registry.matching(r.selector))) for r in routes]
 
     def tunnels(self) -> list[dict[str, object]]:
         return [t.describe() for t in self.context.registry if isinstance(t, ServerTunnel)]
@@ -183,15 +208,18 @@ class NovasService(MultiService):
         if self._fingerprint_note:
             log.info("{note}", note=self._fingerprint_note)
         super().startService()  # type: ignore[no-untyped-call]
+        for route, why in self.cluster.static_failures().items():
+            raise StartupError(f"novas: error: cannot listen for route {route}: {why}")
+        self.cluster.membership.startService()
         log.info(
-            "NOVAS listening for agents on {bind}:{port} ({tls}); {n} route(s)",
+            "NOVAS listening for agents on {bind}:{port} ({tls}); {n} route(s); server {id} of the cluster in {store}",
             bind=c.agent_bind,
             port=self.agent_port,
             tls="TLS" if c.tls else "plaintext",
             n=len(c.routes),
+            id=c.server_id,
+            store=self.cluster.store_name,
         )
-        for listener in self.route_listeners:
-            log.info("route {route} listening", route=listener.what.removeprefix("route "))
         if self.admin_listener is not None:
             log.info(
                 "{what} listening ({auth}; {metrics})",
@@ -249,6 +277,9 @@ class NovasService(MultiService):
         streams finish within the drain timeout, then close.
         """
         stopped = super().stopService()  # type: ignore[no-untyped-call]
+        waits = [stopped]
+        if self.cluster.membership.running:
+            waits.append(self.cluster.membership.stopService())
         tunnels = [t for t in self.context.registry if isinstance(t, ServerTunnel)]
         if tunnels:
             log.info(
@@ -258,20 +289,20 @@ class NovasService(MultiService):
             )
         drains = [t.drain(self.config.drain_timeout, ErrorCode.SHUTDOWN, "server shutting down") for t in tunnels]
         self.context.refusals.stop()  # what is still only counted goes to the log and the store now
-        d: Deferred[None] = gatherResults([stopped, *drains]).addCallback(lambda _: deferToThread(self.store.stop))
+        d: Deferred[None] = gatherResults([*waits, *drains]).addCallback(lambda _: deferToThread(self.store.stop))
         return d
 
 
 def _tcp_endpoint(reactor: IReactorCore, bind: str, port: int) -> IStreamServerEndpoint:
     endpoint: IStreamServerEndpoint
     if ":" in bind:
-        endpoint = TCP6ServerEndpoint(reactor, port, backlog=BACKLOG, interface=bind)  # type: ignore[arg-type]
+        endpoint = TCP6ServerEndpoint(reactor, port, backlog=BACKLOG, interface=bind)
     else:
-        endpoint = TCP4ServerEndpoint(reactor, port, backlog=BACKLOG, interface=bind)  # type: ignore[arg-type]
+        endpoint = TCP4ServerEndpoint(reactor, port, backlog=BACKLOG, interface=bind)
     return endpoint
 
 
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    return NovasService(options.config, reactor)  # type: ignore[arg-type]
+    return NovasService(options.config, reactor)

@@ -19,10 +19,12 @@ from zope.interface import implementer
 from nova.admin.audit import Audit
 from nova.errors import OpenError, Why, reason_why
 from nova.mux.core import DEFAULT_MAX_WINDOW, OpenRefused, Role
-from nova.mux.private import innermost
-from nova.mux.stream import StreamTransport
-from nova.mux.tunnel import Timing, TunnelProtocol
+from nova.mux.defaults import DEFAULT_MAX_STREAMS
+from nova.rules.admission import AgentToken, Limits, Throttle, TokenSet, source_key
 from nova.tls import channel_binding, client_identity, tls_version
+from nova.transport.private import innermost
+from nova.transport.stream import StreamTransport
+from nova.transport.tunnel import Timing, TunnelProtocol
 from nova.wire.errors import ErrorCode, OpenFailReason, ProtocolError, UnsupportedVersion
 from nova.wire.frames import (
     DEFAULT_INITIAL_WINDOW,
@@ -41,7 +43,6 @@ from nova.wire.text import untrusted
 from .members import MembersProvider, current_members, single_server
 from .refusals import Refusals
 from .registry import Registry
-from .security import AgentToken, Limits, Throttle, TokenSet, source_key
 
 META_PREFIX = "nova/"
 
@@ -388,7 +389,8 @@ class ServerTunnel(TunnelProtocol):
         self.meta = {k[len(META_PREFIX) :]: v for k, v in frame.tags if k.startswith(META_PREFIX)}
         self.tls_version = tls_version(self.transport)
         self.registered_at = c.clock.seconds()
-        self.start_streams(frame.initial_window)
+        # The limit counts streams the peer opens, and agents open none.
+        self.start_streams(frame.initial_window, DEFAULT_MAX_STREAMS)
         self.rtt_measured(self._handshake_rtt, keepalive=False)
         self.protocol_version = frame.version
         self.accept_version(frame.version)

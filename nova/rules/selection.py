@@ -11,9 +11,8 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from nova.server.routes import Selector
-
-from .records import TunnelRecord
+from nova.rules.records import TunnelRecord
+from nova.rules.routes import Selector
 
 
 class LocalTunnel(Protocol):

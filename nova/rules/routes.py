@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from nova.config import ConfigError, parse_port, parse_tags
+from nova.values import ConfigError, parse_port, parse_tags
 from nova.wire.hostname import host_problem
 
 

@@ -5,15 +5,23 @@ The transport is a consumer (what its protocol writes is queued in the
 multiplexer and pushes back on a registered producer when too much waits) and
 a push producer (what arrives is handed to the protocol only while nobody has
 paused it; credit goes back to the peer only for what was handed over).
+
+The stream and its tunnel meet at two narrow interfaces, as Twisted's
+C{H2Stream} and C{H2Connection} do: the stream asks its owner for everything
+by stream id (L{StreamOwner}: L{write_data<StreamOwner.write_data>},
+L{end_stream<StreamOwner.end_stream>}, ...) and the owner tells the stream
+what happened through a few named notifications (L{StreamEvents}).  Neither
+touches the other's fields, and this module does not import the tunnel.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from twisted.internet import tcp
+from twisted.internet._producer_helpers import _PullToPush
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
     IAddress,
@@ -27,17 +35,76 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from nova.mux.lifecycle import start_halves
+from nova.transport.private import fast_tcp
+from nova.transport.splice import read_size
 from nova.wire.errors import ErrorCode
 from nova.wire.frames import DEFAULT_INITIAL_WINDOW
-
-from .private import fast_tcp
-from .splice import read_size
 
 # The most bytes handed to the stream's protocol in one call.
 _HANDOVER = DEFAULT_INITIAL_WINDOW
 
-if TYPE_CHECKING:
-    from .tunnel import TunnelProtocol
+
+class StreamOwner(Protocol):
+    """
+    What a stream asks of the tunnel that carries it, by stream id.  Every
+    effect a stream has on its tunnel goes through one of these.
+    """
+
+    def write_data(self, stream_id: int, data: bytes, high_water: int) -> int:
+        """
+        Queue C{data} to be sent and schedule a flush (at once if
+        C{high_water} bytes or more are queued).  Returns the bytes still
+        queued for the stream.
+        """
+
+    def end_stream(self, stream_id: int) -> None:
+        """Send FIN after everything queued."""
+
+    def reset_stream(self, stream_id: int, code: ErrorCode) -> None:
+        """Send RST now and forget what is queued either way."""
+
+    def read_data(self, stream_id: int, limit: int) -> list[bytes]:
+        """Take received bytes (at least C{limit} if there are): credit for them goes back to the peer."""
+
+    def data_consumed(self, stream_id: int) -> int:
+        """
+        A run of L{read_data} ended: send the credit it freed.  Returns the
+        bytes still waiting for the stream.
+        """
+
+    def watch_drain(self, stream_id: int, watch: bool) -> None:
+        """Tell the stream (L{StreamEvents.drained}) when its queue drains, or stop telling it."""
+
+    def stream_closed(self, stream_id: int) -> None:
+        """The stream is gone: forget it."""
+
+
+class StreamEvents(Protocol):
+    """What the tunnel tells a stream."""
+
+    stream_id: int
+
+    def data_available(self) -> None:
+        "Received bytes wait for the stream (L{StreamOwner.read_data})."
+
+    def remote_ended(self) -> None:
+        "The peer's FIN arrived (after whatever bytes wait)."
+
+    def fin_sent(self) -> None:
+        "Our FIN went out."
+
+    def drained(self, queued: int) -> bool:
+        "Some queued bytes were sent, C{queued} remain; returns True while the stream still waits for more to drain."
+
+    def reset_by_peer(self, code: ErrorCode) -> None:
+        "The peer reset the stream."
+
+    def tunnel_lost(self, reason: Failure) -> None:
+        "The tunnel is gone."
+
+    def quantum_changed(self, quantum: int) -> None:
+        "The most a stream's local connection should read per reactor turn is now C{quantum}."
 
 
 @implementer(IAddress)
@@ -57,30 +124,46 @@ class StreamAddress:
 @implementer(ITransport, IConsumer, IPushProducer)
 class StreamTransport:
     """
-    The transport of one multiplexed stream.  Created by the tunnel; the
-    protocol is attached with L{makeConnection}.
+    The transport of one multiplexed stream.  Created by the tunnel (its
+    L{StreamOwner}); the protocol is attached with L{makeConnection}.
+
+    To the tunnel it is a L{StreamEvents}; to its two half machines
+    (L{nova.mux.lifecycle.ReadHalf}, L{nova.mux.lifecycle.WriteHalf}) a
+    L{nova.mux.lifecycle.StreamHalvesHooks}.  Everything it does to the
+    tunnel is one L{StreamOwner} call.
     """
 
-    def __init__(self, tunnel: TunnelProtocol, stream_id: int, host: str, port: int) -> None:
-        self._tunnel = tunnel
+    def __init__(
+        self,
+        owner: StreamOwner,
+        stream_id: int,
+        address: StreamAddress,
+        high_water: int,
+        quantum: int,
+    ) -> None:
+        self._owner = owner
         self.stream_id = stream_id
-        self._address = StreamAddress(tunnel.peer_label, stream_id, host, port)
+        self._address = address
+        # Queued unsent bytes at which a registered producer is paused.
+        self._high_water = high_water
+        self._quantum = quantum
         self.protocol: IProtocol | None = None
-        self.disconnected = False
+        # Where each half is (nova.mux.lifecycle): the machines decide, the
+        # data path reads their core's fields.
+        self._halves, self._read, self._write = start_halves(self)
+        self.disconnected = False  # gone, either way (ITransport's usual field)
+        # Flow control, not state: our protocol paused what we hand it; we
+        # paused our producer until our queue drains; a hand-over is running.
         self._reading_paused = False
-        self._delivering = False
-        self._producer: IProducer | None = None
-        self._streaming = False
         self._producer_paused = False
-        self._write_closed = False
-        self._fin_sent = False
-        self._remote_ended = False
-        self._read_closed = False
-        self._closing = False
+        self._delivering = False
+        # A pull producer is driven as a push producer (Twisted's
+        # _PullToPush), so every producer here is a push producer.
+        self._producer: IPushProducer | None = None
+        self._pull: _PullToPush | None = None
         self.bytes_written = 0  # by our protocol, toward the peer
         self.bytes_delivered = 0  # from the peer, to our protocol
         self.on_close: list[Callable[[StreamTransport, Failure], None]] = []
-        self._high_water = max(4096, min(65536, tunnel.peer_window // 2))
         # A protocol that takes a received chunk as pieces (a Pipe: one
         # sendmsg() instead of a join or several writes).
         self._parts_received: Callable[[list[bytes]], None] | None = None
@@ -100,45 +183,25 @@ class StreamTransport:
     # ITransport.
 
     def write(self, data: bytes) -> None:
-        if self._write_closed or self.disconnected or not data:
+        if not self._halves.can_write or not data:
             return
-        tunnel = self._tunnel
-        mux = tunnel.mux
-        assert mux is not None
-        mux.send(self.stream_id, data if type(data) is bytes else bytes(data))
-        self.bytes_written += len(data)
-        quantum = tunnel.note_active(self.stream_id)
-        read_size(self._producer_tcp, quantum)
         # Small writes wait for the end of the reactor turn, to go out with
         # everything else written meanwhile; a queue at the high-water mark
         # goes at once (and pauses the producer only if it stays there).
-        queued = mux.outbox_bytes(self.stream_id)
-        if queued >= self._high_water:
-            tunnel.flush()
-            queued = mux.outbox_bytes(self.stream_id)
-        else:
-            tunnel.flush_soon()
-        if (
-            self._producer is not None
-            and not self._producer_paused
-            and (not self._streaming or queued >= self._high_water)
-        ):
+        queued = self._owner.write_data(self.stream_id, data if type(data) is bytes else bytes(data), self._high_water)
+        self.bytes_written += len(data)
+        producer = self._producer
+        if producer is not None and not self._producer_paused and queued >= self._high_water:
             self._producer_paused = True
-            self._tunnel.blocked.add(self)
-            if self._streaming:
-                self._producer.pauseProducing()  # type: ignore[attr-defined]
+            self._owner.watch_drain(self.stream_id, True)
+            producer.pauseProducing()
 
     def writeSequence(self, data: Any) -> None:
         self.write(b"".join(data))
 
     def loseWriteConnection(self) -> None:
         """Half-close: send FIN after everything written so far."""
-        if self._write_closed or self.disconnected:
-            return
-        self._write_closed = True
-        assert self._tunnel.mux is not None
-        self._tunnel.mux.close_send(self.stream_id)
-        self._tunnel.flush_soon()
+        self._write.end()
 
     def loseConnection(self) -> None:
         """
@@ -146,19 +209,13 @@ class StreamTransport:
         ended its direction by then, the stream is reset (like closing a
         socket with unread data).
         """
-        if self.disconnected or self._closing:
-            return
-        self._closing = True
-        self.loseWriteConnection()
-        if self._fin_sent:
-            self._finish_close()
+        self._read.drop()
+        self._write.close()
 
     def abortConnection(self) -> None:
         if self.disconnected:
             return
-        if self._tunnel.mux is not None:
-            self._tunnel.mux.reset(self.stream_id, ErrorCode.CANCEL)
-            self._tunnel.flush()
+        self._owner.reset_stream(self.stream_id, ErrorCode.CANCEL)
         self._lost(ConnectionAborted())
 
     def getPeer(self) -> StreamAddress:
@@ -175,17 +232,24 @@ class StreamTransport:
         if self.disconnected:
             producer.stopProducing()
             return
-        self._producer = producer
+        if streaming:
+            self._producer = producer  # type: ignore[assignment]
+        else:
+            self._pull = _PullToPush(producer, self)
+            self._producer = self._pull
         self._producer_tcp = fast_tcp(producer)
-        self._streaming = streaming
+        read_size(self._producer_tcp, self._quantum)
         self._producer_paused = False
-        if not streaming:
-            producer.resumeProducing()  # type: ignore[attr-defined]
+        if self._pull is not None:
+            self._pull.startStreaming()
 
     def unregisterProducer(self) -> None:
+        pull, self._pull = self._pull, None
+        if pull is not None:
+            pull.stopStreaming()
         self._producer = None
         self._producer_tcp = None
-        self._tunnel.blocked.discard(self)
+        self._owner.watch_drain(self.stream_id, False)
 
     # IPushProducer: the flow of received data into our protocol.
 
@@ -199,38 +263,30 @@ class StreamTransport:
     def stopProducing(self) -> None:
         self.loseConnection()
 
-    # Called by the tunnel.
+    # StreamEvents: called by the tunnel.
 
     def data_available(self) -> None:
         self._deliver()
 
     def remote_ended(self) -> None:
-        self._remote_ended = True
+        self._read.peer_ended()
         self._deliver()
 
     def fin_sent(self) -> None:
-        self._fin_sent = True
-        if self._closing:
-            self._finish_close()
-            return
-        proto = IHalfCloseableProtocol(self.protocol, None)
-        if proto is not None:
-            proto.writeConnectionLost()
-        if self._read_closed:
-            self._lost(ConnectionDone())
+        self._write.fin_sent()
 
-    def drained(self) -> bool:
+    def drained(self, queued: int) -> bool:
         """
         The tunnel sent some of our queued bytes; resume our producer once
         the queue is low.  Returns True while we stay blocked.
         """
-        mux = self._tunnel.mux
-        if self._producer is None or mux is None or self.disconnected:
+        producer = self._producer
+        if producer is None or self.disconnected:
             return False
-        if mux.outbox_bytes(self.stream_id) > self._high_water // 2:
+        if queued > self._high_water // 2:
             return True
         self._producer_paused = False
-        self._producer.resumeProducing()  # type: ignore[attr-defined]
+        producer.resumeProducing()
         return False
 
     def reset_by_peer(self, code: ErrorCode) -> None:
@@ -244,29 +300,33 @@ class StreamTransport:
         soon as its side of every stream is done (a draining agent does).
         Any other stream is cut.
         """
-        if self._remote_ended and self._fin_sent and not self.disconnected:
+        halves = self._halves
+        if halves.eof_due and halves.write_over and not self.disconnected:
             self._deliver()
             return
         self._lost(ConnectionLost(f"tunnel lost: {reason.getErrorMessage()}"))
 
+    def quantum_changed(self, quantum: int) -> None:
+        self._quantum = quantum
+        read_size(self._producer_tcp, quantum)
+
     # Internals.
 
     def _deliver(self) -> None:
-        mux = self._tunnel.mux
-        if self._delivering or self.disconnected or self.protocol is None or mux is None:
+        if self._delivering or self.disconnected or self.protocol is None:
             return
         self._delivering = True
         try:
             sid = self.stream_id
-            now = self._tunnel.clock.seconds() if mux.max_window > mux.local_window else None
+            owner = self._owner
+            halves = self._halves
             while not self._reading_paused and not self.disconnected:
                 # What arrived in one read, up to a window's worth, in one
                 # hand-over (one sendmsg() for a Pipe).
-                chunks = mux.take_upto(sid, _HANDOVER, now)
+                chunks = owner.read_data(sid, _HANDOVER)
                 if not chunks:
                     break
-                if not self._closing:
-                    self._tunnel.note_active(sid)
+                if not halves.dropping:
                     if len(chunks) == 1:
                         self.bytes_delivered += len(chunks[0])
                         self.protocol.dataReceived(chunks[0])
@@ -276,52 +336,55 @@ class StreamTransport:
                             self._parts_received(chunks)
                         else:
                             self.protocol.dataReceived(b"".join(chunks))
-            if mux.rtt_wanted:
-                self._tunnel.probe_rtt()
-            if mux.has_output():
-                self._tunnel.flush_soon()
+            waiting = owner.data_consumed(sid)
             if (
-                self._remote_ended
-                and not self._read_closed
+                halves.eof_due
                 and not self.disconnected
-                and (not self._reading_paused or self._closing)
-                and mux.inbox_bytes(self.stream_id) == 0
+                and (not self._reading_paused or halves.dropping)
+                and waiting == 0
             ):
-                self._read_eof()
+                self._read.all_delivered()
         finally:
             self._delivering = False
 
-    def _read_eof(self) -> None:
-        self._read_closed = True
-        if self._closing:
-            if self._fin_sent:
-                self._lost(ConnectionDone())
-            return
+    # StreamHalvesHooks: what the half machines decide.
+
+    def send_fin(self) -> None:
+        self._owner.end_stream(self.stream_id)
+
+    def read_closed(self) -> None:
         proto = IHalfCloseableProtocol(self.protocol, None)
         if proto is None:
             # A protocol that cannot half-close sees EOF as the end (as TCP).
             self.loseConnection()
-            return
-        proto.readConnectionLost()
-        if self._fin_sent and not self.disconnected:
-            self._lost(ConnectionDone())
+        else:
+            proto.readConnectionLost()
 
-    def _finish_close(self) -> None:
-        if not self._read_closed and self._tunnel.mux is not None:
-            self._tunnel.mux.reset(self.stream_id, ErrorCode.CANCEL)
-            self._tunnel.flush()
+    def write_closed(self) -> None:
+        proto = IHalfCloseableProtocol(self.protocol, None)
+        if proto is not None:
+            proto.writeConnectionLost()
+
+    def finish(self, cut: bool) -> None:
+        if self.disconnected:
+            return
+        if cut:
+            self._owner.reset_stream(self.stream_id, ErrorCode.CANCEL)
         self._lost(ConnectionDone())
 
     def _lost(self, reason: Exception) -> None:
         if self.disconnected:
             return
         self.disconnected = True
-        self._tunnel.stream_gone(self)
+        self._read.gone()
+        self._write.gone()
+        self._owner.stream_closed(self.stream_id)
         failure = Failure(reason)
         for hook in self.on_close:
             hook(self, failure)
         if self.protocol is not None:
             self.protocol.connectionLost(failure)
         producer, self._producer = self._producer, None
+        self._pull = None
         if producer is not None:
             producer.stopProducing()

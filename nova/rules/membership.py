@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from twisted.internet.interfaces import IReactorTime
 
-from .records import ServerRecord, TunnelRecord
+from nova.rules.records import ServerRecord, TunnelRecord
 
 # A heartbeat every third of the dead timeout: a member survives two lost
 # heartbeats (a slow store, a short outage) before the others expire it.

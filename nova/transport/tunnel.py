@@ -4,8 +4,22 @@ multiplexer behind them, and a L{StreamTransport} per stream.
 
 L{TunnelProtocol} is shared by both ends; the server and the agent subclass
 it for their half of the handshake (L{nova.server.tunnel},
-L{nova.agent.tunnel}).  How data moves through it (batched flushes, the
-quantum, the raw TLS path) is described in docs/datapath.md.
+L{nova.agent.tunnel}).  It is an adapter that wires four parts together:
+
+ - the multiplexer (L{nova.mux.core.Multiplexer}, no I/O): streams,
+   windows, frames;
+ - the outbound scheduler (L{nova.transport.outbound.OutboundScheduler}): when
+   what is ready is written, the quantum, blocked streams;
+ - the inbound delivery (L{nova.mux.inbound.InboundDelivery}): received
+   frames to the multiplexer and on to the streams, batched per read
+   (L{nova.mux.inbound.ReadBatches});
+ - the session machine (L{nova.mux.lifecycle}): handshake deadline,
+   keepalive, drain.
+
+To its streams the tunnel is a L{nova.transport.stream.StreamOwner} (every call
+keyed by stream id), and it tells them what happens through
+L{nova.transport.stream.StreamEvents}.  How data moves through it (batched
+flushes, the quantum, the raw TLS path) is described in docs/datapath.md.
 
 Back-pressure from the peer (a peer that does not read).  DATA is bounded by
 the flow-control windows, so it simply waits while the transport pushes
@@ -55,49 +69,19 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from nova.mux.core import Buffer, Multiplexer, OpenRefused, Role, WindowBudget
+from nova.mux.inbound import InboundDelivery
+from nova.mux.lifecycle import DEFAULT_DEAD_TIMEOUT, DEFAULT_KEEPALIVE, Session, SessionCore, start_session
+from nova.transport.fastpath import FrameWriter, set_notsent_lowat
+from nova.transport.outbound import OutboundScheduler
+from nova.transport.splice import no_delay, read_size
+from nova.transport.stream import StreamAddress, StreamTransport
 from nova.wire.codec import FrameDecoder
-from nova.wire.errors import ErrorCode, OpenFailReason, ProtocolError
+from nova.wire.errors import ErrorCode, ProtocolError
 from nova.wire.frames import Data, Frame, encode
 from nova.wire.text import untrusted
 
-from .core import (
-    Buffer,
-    DataAvailable,
-    Event,
-    GoAwayReceived,
-    MembersReceived,
-    Multiplexer,
-    OpenAccepted,
-    OpenRefused,
-    PongReceived,
-    Role,
-    StreamEnded,
-    StreamRequested,
-    StreamReset,
-    WindowBudget,
-    WindowOpened,
-)
-from .fastpath import FrameWriter, set_notsent_lowat
-from .lifecycle import DEFAULT_DEAD_TIMEOUT, DEFAULT_KEEPALIVE, Session, SessionCore, start_session
-from .splice import READ_SIZE, no_delay, read_size
-from .stream import StreamTransport
-
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
-
-# The quantum: about the most DATA payload a stream's local connection
-# reads, and the tunnel writes, in one reactor turn (what is left goes on the
-# next turn, after the reactor has read what arrived meanwhile).  Large while
-# one stream moves data (fewer, larger reads and writes); small while several
-# do, so that a bulk stream's turn is short and an interactive stream's
-# request does not wait long behind it (see note_active).
-QUANTUM = READ_SIZE
-SHARED_QUANTUM = 32 * 1024
-ACTIVE_WINDOW = 0.05  # seconds: "moved data recently"
-
-# A write to an idle tunnel is flushed at once (a lone request should not wait
-# for the end of the reactor turn); one within this many seconds of the last
-# flush waits for the end of the turn, to go out with everything else.
-QUIET = 0.0001
 
 # Stop reading from the peer while the transport pushes back and this many
 # replies (PONG, OPEN_OK, OPEN_FAIL) wait to be written.  Well above what an
@@ -148,35 +132,23 @@ class TunnelProtocol(Protocol):
         self.timing = timing
         self.draining = False
         self.rtt: float | None = None
-        self.bytes_sent = 0  # DATA payload
-        self.bytes_received = 0
         self.mux: Multiplexer | None = None
+        # The open streams, by id; the outbound and inbound halves read this
+        # same dict (it is cleared, never replaced).
         self.streams: dict[int, StreamTransport] = {}
-        self.blocked: set[StreamTransport] = set()
-        self.closed = False  # no more frames in or out (a close was asked for, or the connection is gone)
+        self._closed = False
         self._lost = False
         self._aborted = False
         self._decoder = FrameDecoder()
         self.protocol_version = 1  # until the handshake agrees on more (protocol.md §4.2)
         self._writer: FrameWriter | None = None
-        self._paused = False
+        self.outbound = OutboundScheduler(clock, self.streams, self._update_reading)
+        self.inbound = InboundDelivery(self.streams, self)
         # We asked the transport to stop reading (replies wait; see the
         # module docstring), and whether that was logged for this tunnel.
         self.reading_paused = False
         self._pause_logged = False
         self._close_deadline: IDelayedCall | None = None
-        self._flushing = False
-        self._flush_again = False
-        self._flush_call: IDelayedCall | None = None
-        self._flushed_at = 0.0
-        # The most DATA a stream reads, and the tunnel writes, per reactor
-        # turn: large while one stream is busy, smaller while several are,
-        # so that a bulk stream's turn is short (see note_active).
-        self.quantum = QUANTUM
-        self._active: dict[int, float] = {}
-        self._active_checked = 0.0
-        # Streams with DATA received in the current read (see begin_read).
-        self._arrived: dict[int, None] | None = None
         self.core = SessionCore(
             clock,
             self,
@@ -185,6 +157,30 @@ class TunnelProtocol(Protocol):
             handshake_timeout=timing.handshake_timeout,
         )
         self.session: Session | None = None
+
+    @property
+    def closed(self) -> bool:
+        """No more frames in or out (a close was asked for, or the connection is gone)."""
+        return self._closed
+
+    @closed.setter
+    def closed(self, closed: bool) -> None:
+        self._closed = self.inbound.closed = self.outbound.closed = closed
+
+    @property
+    def bytes_sent(self) -> int:
+        """DATA payload sent."""
+        return self.outbound.bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        """DATA payload received."""
+        return self.inbound.bytes_received
+
+    @property
+    def quantum(self) -> int:
+        """The most DATA a stream reads, and the tunnel writes, per reactor turn (L{nova.transport.outbound})."""
+        return self.outbound.quantum
 
     @property
     def peer_label(self) -> str:
@@ -198,31 +194,35 @@ class TunnelProtocol(Protocol):
     def connectionMade(self) -> None:
         assert self.transport is not None
         no_delay(self.transport)
-        self._writer = FrameWriter(self.transport)
+        self._writer = self.outbound.writer = FrameWriter(self.transport)
         set_notsent_lowat(self._writer.tcp)
-        read_size(self._writer.tcp, self.quantum)
+        read_size(self._writer.tcp, self.outbound.quantum)
         self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         self.session = start_session(self.core)
         self.handshake_started()
 
     def dataReceived(self, data: bytes) -> None:
-        if self.closed:
+        if self._closed:
             return
         self.core.heard()
-        mux = self.mux
-        if mux is not None:
-            batch = self._arrived is None
-            if batch:
-                self.begin_read()
-            try:
-                self._decoder.feed_into(data, self._data_received, self._frame_received)
-            except ProtocolError as e:
-                self.protocol_error(e)
-                return
-            finally:
-                if batch:
-                    self.end_read()
+        if self.mux is None:
+            self._handshake_received(data)
             return
+        inbound = self.inbound
+        batch = inbound.arrived is None
+        if batch:
+            inbound.begin_read()
+        try:
+            self._decoder.feed_into(data, inbound.data_received, inbound.frame_received)
+        except ProtocolError as e:
+            self.protocol_error(e)
+        finally:
+            if batch:
+                inbound.end_read()
+
+    def _handshake_received(self, data: bytes) -> None:
+        """Bytes before registration: handshake frames, then whatever followed in the same read."""
+        inbound = self.inbound
         try:
             for frame in self._decoder.feed(data):
                 if self.closed:
@@ -230,79 +230,40 @@ class TunnelProtocol(Protocol):
                 if self.mux is None:
                     self.handshake_frame(frame)
                 elif isinstance(frame, Data):  # the rest of the read that finished the handshake
-                    self._data_received(frame.stream_id, [frame.data], len(frame.data))
+                    inbound.data_received(frame.stream_id, [frame.data], len(frame.data))
                 else:
-                    self._frame_received(frame)
+                    inbound.frame_received(frame)
         except ProtocolError as e:
             self.protocol_error(e)
             return
         self.flush()
 
+    # ReadBatches (nova.mux.inbound): fast_tls_receive announces the TLS
+    # records of one socket read.
+
     def begin_read(self) -> None:
-        """
-        Several reads' worth of frames follow (the records of one TLS read,
-        say): received DATA is handed to the streams in L{end_read}, each
-        stream's in one piece, and the credit it frees in one WINDOW_UPDATE.
-        """
-        if self._arrived is None:
-            self._arrived = {}
+        """Several reads' worth of frames follow: see L{InboundDelivery.begin_read}."""
+        self.inbound.begin_read()
 
     def end_read(self) -> None:
         """The frames announced by L{begin_read} have all been decoded."""
-        self._deliver_arrived()
-        self._arrived = None
+        self.inbound.end_read()
+
+    def read_ended(self) -> None:
+        """A read batch was delivered: send what it made ready; read on or not (module docstring)."""
         if self.mux is not None and self.mux.has_output():
-            self.flush_soon()
+            self.outbound.flush_soon()
         self._update_reading()
-
-    def _deliver_arrived(self) -> None:
-        arrived = self._arrived
-        while arrived:
-            stream_id = next(iter(arrived))
-            del arrived[stream_id]
-            stream = self.streams.get(stream_id)
-            if stream is not None:
-                stream.data_available()
-
-    def _data_received(self, stream_id: int, pieces: list[bytes], length: int) -> bool:
-        """A DATA frame from the decoder (its payload in pieces)."""
-        if self.closed:
-            return False
-        self.bytes_received += length
-        assert self.mux is not None
-        result = self.mux.receive_data(stream_id, pieces, length)
-        if result is True:
-            if self._arrived is not None:
-                self._arrived[stream_id] = None
-            else:
-                stream = self.streams.get(stream_id)
-                if stream is not None:
-                    stream.data_available()
-        elif result is not False:
-            self._deliver_arrived()
-            self._dispatch([result])
-        return not self.closed
-
-    def _frame_received(self, frame: Frame) -> bool:
-        """Any other frame from the decoder, after the handshake."""
-        if self.closed:
-            return False
-        assert self.mux is not None
-        if self._arrived:
-            self._deliver_arrived()  # DATA before (say) a FIN or an RST reaches the stream first
-        self._dispatch(self.mux.receive(frame))
-        return not self.closed
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self.closed = self._lost = True
-        for call in (self._flush_call, self._close_deadline):
-            if call is not None and call.active():
-                call.cancel()
-        self._flush_call = self._close_deadline = None
+        self.outbound.stop()
+        if self._close_deadline is not None and self._close_deadline.active():
+            self._close_deadline.cancel()
+        self._close_deadline = None
         for stream in list(self.streams.values()):
             stream.tunnel_lost(reason)
         self.streams.clear()
-        self.blocked.clear()
         if self.mux is not None:
             self.mux.release()
         self.tunnel_closed(reason)
@@ -313,14 +274,14 @@ class TunnelProtocol(Protocol):
 
     def pauseProducing(self) -> None:
         """The transport's buffer is full: DATA and control frames wait (see the module docstring)."""
-        self._paused = True
+        self.outbound.paused = True
 
     def resumeProducing(self) -> None:
-        self._paused = False
-        self.flush()
+        self.outbound.paused = False
+        self.outbound.flush()
 
     def stopProducing(self) -> None:
-        self._paused = True
+        self.outbound.paused = True
 
     # Hooks for the two ends.
 
@@ -407,10 +368,10 @@ class TunnelProtocol(Protocol):
         assert self.transport is not None
         self.transport.writeSequence(encode(frame))
 
-    def start_streams(self, peer_window: int, max_streams: int = 1024) -> None:
+    def start_streams(self, peer_window: int, max_streams: int) -> None:
         """The handshake succeeded: from now on frames go to the multiplexer."""
         self.peer_window = peer_window
-        self.mux = Multiplexer(
+        self.mux = self.inbound.mux = self.outbound.mux = Multiplexer(
             self.role,
             self.local_window,
             peer_window,
@@ -501,58 +462,81 @@ class TunnelProtocol(Protocol):
             self.transport.loseConnection()
 
     def add_stream(self, stream_id: int, host: str, port: int) -> StreamTransport:
-        stream = StreamTransport(self, stream_id, host, port)
+        stream = StreamTransport(
+            self,
+            stream_id,
+            StreamAddress(self.peer_label, stream_id, host, port),
+            high_water=max(4096, min(65536, self.peer_window // 2)),
+            quantum=self.outbound.quantum,
+        )
         self.streams[stream_id] = stream
         return stream
 
-    def stream_gone(self, stream: StreamTransport) -> None:
-        self.streams.pop(stream.stream_id, None)
-        self.blocked.discard(stream)
+    def flush(self) -> None:
+        """Write what is ready now (L{OutboundScheduler.flush})."""
+        self.outbound.flush()
+
+    def flush_soon(self) -> None:
+        """Write what is ready now or at the end of the turn (L{OutboundScheduler.flush_soon})."""
+        self.outbound.flush_soon()
+
+    # StreamOwner: what the streams ask of us, by stream id.
+
+    def write_data(self, stream_id: int, data: bytes, high_water: int) -> int:
+        mux = self.mux
+        assert mux is not None
+        mux.send(stream_id, data)
+        outbound = self.outbound
+        outbound.note_active(stream_id, self.clock.seconds())
+        queued = mux.outbox_bytes(stream_id)
+        if queued >= high_water:
+            outbound.flush()
+            queued = mux.outbox_bytes(stream_id)
+        elif outbound.flush_call is None:
+            outbound.flush_soon()
+        return queued
+
+    def end_stream(self, stream_id: int) -> None:
+        assert self.mux is not None
+        self.mux.close_send(stream_id)
+        self.outbound.flush_soon()
+
+    def reset_stream(self, stream_id: int, code: ErrorCode) -> None:
+        if self.mux is not None:
+            self.mux.reset(stream_id, code)
+            self.outbound.flush()
+
+    def read_data(self, stream_id: int, limit: int) -> list[bytes]:
+        mux = self.mux
+        if mux is None:
+            return []
+        now = self.clock.seconds()
+        chunks = mux.take_upto(stream_id, limit, now if mux.max_window > mux.local_window else None)
+        if chunks:
+            self.outbound.note_active(stream_id, now)
+        return chunks
+
+    def data_consumed(self, stream_id: int) -> int:
+        mux = self.mux
+        if mux is None:
+            return 0
+        if mux.rtt_wanted:
+            self.probe_rtt()
+        if mux.has_output():
+            self.outbound.flush_soon()
+        return mux.inbox_bytes(stream_id)
+
+    def watch_drain(self, stream_id: int, watch: bool) -> None:
+        if watch:
+            self.outbound.block(stream_id)
+        else:
+            self.outbound.unblock(stream_id)
+
+    def stream_closed(self, stream_id: int) -> None:
+        self.streams.pop(stream_id, None)
+        self.outbound.unblock(stream_id)
         if self.session is not None:
             self.session.stream_closed()
-
-    def flush(self) -> None:
-        """
-        Write what the multiplexer has ready, now, in one write: control
-        frames, then DATA (about one quantum; the rest on the next turn),
-        only while the transport is not pushing back.  Then resume the
-        producers of streams whose queues have drained, and start or stop
-        reading from the peer (see the module docstring).
-        """
-        if self._flushing:
-            self._flush_again = True
-            return
-        mux = self.mux
-        if mux is None or self.transport is None or self.closed:
-            return
-        self._flushing = True
-        try:
-            while True:
-                self._flush_again = False
-                out: list[Buffer] = []
-                taken, fins = mux.pull(out, self.quantum, not self._paused, not self._paused)
-                if out:
-                    assert self._writer is not None
-                    self._writer.write(out)
-                    self.bytes_sent += taken
-                    for stream_id in fins:
-                        stream = self.streams.get(stream_id)
-                        if stream is not None:
-                            stream.fin_sent()
-                if (taken or fins or self._flush_again) and self.blocked:
-                    for stream in list(self.blocked):
-                        if not stream.drained():
-                            self.blocked.discard(stream)
-                if self.closed:
-                    break
-                if not self._flush_again:
-                    break
-        finally:
-            self._flushing = False
-            self._flushed_at = self.clock.seconds()
-        if mux.has_output() and not self._paused and not self.closed and self._flush_call is None:
-            self._flush_call = self.clock.callLater(0, self._flush_now)
-        self._update_reading()
 
     def _update_reading(self) -> None:
         """
@@ -560,9 +544,9 @@ class TunnelProtocol(Protocol):
         L{READ_PAUSE_REPLIES} replies wait; read again once they are written.
         """
         mux = self.mux
-        if mux is None or self.closed or self.transport is None:
+        if mux is None or self._closed or self.transport is None:
             return
-        hold = self._paused and mux.queued_replies >= READ_PAUSE_REPLIES
+        hold = self.outbound.paused and mux.queued_replies >= READ_PAUSE_REPLIES
         if hold == self.reading_paused:
             return
         self.reading_paused = hold
@@ -578,76 +562,3 @@ class TunnelProtocol(Protocol):
                 )
         else:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
-
-    def note_active(self, stream_id: int) -> int:
-        """
-        A stream moved data.  Returns the current quantum: L{QUANTUM} while
-        at most one stream moved data in the last L{ACTIVE_WINDOW} seconds,
-        else L{SHARED_QUANTUM}.
-        """
-        now = self.clock.seconds()
-        active = self._active
-        active[stream_id] = now
-        if now - self._active_checked >= 0.01:
-            self._active_checked = now
-            cutoff = now - ACTIVE_WINDOW
-            for sid in [sid for sid, seen in active.items() if seen < cutoff]:
-                del active[sid]
-            quantum = SHARED_QUANTUM if len(active) > 1 else QUANTUM
-            if quantum != self.quantum:
-                self.quantum = quantum
-                if self._writer is not None:
-                    read_size(self._writer.tcp, quantum)
-        return self.quantum
-
-    def flush_soon(self) -> None:
-        """
-        Flush now if the tunnel has been quiet for a while (a lone request
-        goes out at once), else at the end of this reactor turn, so that
-        everything written meanwhile goes out in one write.
-        """
-        if self._flush_call is not None or self.closed:
-            return
-        if not self._flushing and self.clock.seconds() - self._flushed_at >= QUIET:
-            self.flush()
-        else:
-            self._flush_call = self.clock.callLater(0, self._flush_now)
-
-    def _flush_now(self) -> None:
-        self._flush_call = None
-        self.flush()
-
-    # Internals.
-
-    def _dispatch(self, events: list[Event]) -> None:
-        for event in events:
-            if isinstance(event, DataAvailable):
-                stream = self.streams.get(event.stream_id)
-                if stream is not None:
-                    stream.data_available()
-            elif isinstance(event, WindowOpened):
-                pass  # flush() below sends what the window now allows
-            elif isinstance(event, StreamEnded):
-                stream = self.streams.get(event.stream_id)
-                if stream is not None:
-                    stream.remote_ended()
-            elif isinstance(event, StreamReset):
-                stream = self.streams.pop(event.stream_id, None)
-                if stream is not None:
-                    stream.reset_by_peer(event.code)
-                else:
-                    self.stream_refused(
-                        event.stream_id, OpenRefused(event.stream_id, OpenFailReason.OTHER, f"reset: {event.code.name}")
-                    )
-            elif isinstance(event, StreamRequested):
-                self.stream_requested(event.stream_id, event.host, event.port)
-            elif isinstance(event, OpenAccepted):
-                self.stream_opened(event.stream_id)
-            elif isinstance(event, OpenRefused):
-                self.stream_refused(event.stream_id, event)
-            elif isinstance(event, PongReceived):
-                self.pong_received(event.opaque)
-            elif isinstance(event, GoAwayReceived):
-                self.goaway_received(event.code, untrusted(event.message))
-            elif isinstance(event, MembersReceived):
-                self.members_received(event.members)

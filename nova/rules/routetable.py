@@ -13,10 +13,9 @@ import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from nova.config import ConfigError
-from nova.server.routes import Route, parse_route
-
-from .records import RouteRecord
+from nova.errors import ConfigError
+from nova.rules.records import RouteRecord
+from nova.rules.routes import Route, parse_route
 
 # Ids of the command-line routes: never written to the store, never deletable.
 STATIC_PREFIX = "static-"

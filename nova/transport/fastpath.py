@@ -21,7 +21,7 @@ Twisted would, only sooner:
   neither TLS-over-TCP nor TCP) takes Twisted's own path, in order.
 
 Every private Twisted and pyOpenSSL name used here is listed, and checked per
-transport class, in L{nova.mux.private}: a class that lacks one gets
+transport class, in L{nova.transport.private}: a class that lacks one gets
 Twisted's public path.
 """
 
@@ -34,14 +34,15 @@ from typing import Any
 from twisted.internet import tcp
 from twisted.python.failure import Failure
 
-from . import private
-from .core import Buffer
-from .private import SSL_ERROR_WANT_READ as _WANT_READ
-from .private import BIO_read as _BIO_read
-from .private import SSL_get_error as _SSL_get_error
-from .private import SSL_read as _SSL_read
-from .private import ffi_buffer as _ffi_buffer
-from .private import ffi_new as _ffi_new
+from nova.mux.core import Buffer
+from nova.mux.inbound import ReadBatches
+from nova.transport import private
+from nova.transport.private import SSL_ERROR_WANT_READ as _WANT_READ
+from nova.transport.private import BIO_read as _BIO_read
+from nova.transport.private import SSL_get_error as _SSL_get_error
+from nova.transport.private import SSL_read as _SSL_read
+from nova.transport.private import ffi_buffer as _ffi_buffer
+from nova.transport.private import ffi_new as _ffi_new
 
 try:  # public pyOpenSSL names; absent without pyOpenSSL
     from OpenSSL.SSL import Error as _SSLError
@@ -293,6 +294,9 @@ def fast_tls_receive(tls: Any, t: tcp.Connection | None) -> None:
     own code runs.
     """
     original = tls.dataReceived
+    # The protocol may want to know when the records of one read end.
+    wrapped = tls.wrappedProtocol
+    batches: ReadBatches | None = wrapped if isinstance(wrapped, ReadBatches) else None
 
     def data_received(data: bytes) -> None:
         if not tls._handshakeDone or tls._appSendBuffer or tls._lostTLSConnection or tls._aborted:
@@ -304,10 +308,8 @@ def fast_tls_receive(tls: Any, t: tcp.Connection | None) -> None:
         buf = _buffer("in", _RECORD)
         protocol = tls.wrappedProtocol
         deliver = protocol.dataReceived
-        # The protocol may want to know when the records of this read end.
-        begin = getattr(protocol, "begin_read", None)
-        if begin is not None:
-            begin()
+        if batches is not None:
+            batches.begin_read()
         try:
             while not tls._lostTLSConnection:
                 n = _SSL_read(ssl, buf, _RECORD)
@@ -320,8 +322,8 @@ def fast_tls_receive(tls: Any, t: tcp.Connection | None) -> None:
                 if not tls._aborted:
                     deliver(chunk)
         finally:
-            if begin is not None:
-                protocol.end_read()
+            if batches is not None:
+                batches.end_read()
         if tls.transport is not None:
             _drain_bio(conn, tls.transport, t)
 

@@ -15,8 +15,8 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .fastpath import writev_tcp
-from .private import fast_tcp, transports
+from nova.transport.fastpath import writev_tcp
+from nova.transport.private import fast_tcp, transports
 
 # How much one read of a TCP connection may return (Twisted's default is
 # 64 KiB): fewer, larger reads when a lot is waiting.  Twisted also pauses a

@@ -14,7 +14,6 @@ import shlex
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from nova.errors import NovaError
 from nova.wire.frames import Auth
@@ -183,16 +182,16 @@ def parse_tokens(value: str) -> list[bytes]:
     return [t.strip().encode("utf-8") for t in value.split(",") if t.strip()]
 
 
-def read_token_file(path: Path) -> list[AgentToken]:
+def parse_token_file(text: str) -> list[AgentToken]:
     """
-    One token per line, optionally followed by scope words:
+    The text of a token file (the caller reads it): one token per line, optionally followed by scope words:
     C{TOKEN [id=LABEL] [name=GLOB] [tags=KEY=VALUE;KEY=VALUE]}.  Blank lines
     and lines starting with # are ignored.  A line that cannot be read
     raises L{ScopeError} naming its line number (never the token).
     """
     tokens: list[AgentToken] = []
     labels: dict[str, int] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         secret, _, rest = line.strip().partition(" ")

@@ -2,7 +2,7 @@
 The private names of Twisted and pyOpenSSL that the fast paths use, all of
 them, and the one check of each.
 
-The fast paths (L{nova.mux.fastpath}, L{nova.mux.splice}) reach under
+The fast paths (L{nova.transport.fastpath}, L{nova.transport.splice}) reach under
 Twisted's transports to write and read sooner than Twisted would
 (docs/datapath.md, "What the fast paths rely on").  Everything they touch
 that is not public API is listed here; a transport class gets a fast path

@@ -1,0 +1,333 @@
+"""
+Two NOVAS sharing one PostgreSQL, started by the test, as a cluster: a
+route added through the API of one is served by the other within 5 s and
+removed likewise (a stream it carries runs on); each server's view shows
+both servers' tunnels; with PostgreSQL stopped, tunnels and routes keep
+working, route changes are refused (503) and the views say stale; with it
+back, everything catches up; a server killed with SIGKILL leaves the view
+within the cluster dead timeout.
+
+Agents here dial one server each (reaching an agent held by another member
+is discovery's work, not this file's); the routes use port 0, so that both
+servers, on one host, listen for the same route.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .processes import ADMIN_TOKEN, echo_roundtrip, fingerprint, free_port, novac, novas, target, wait_for
+
+pytestmark = pytest.mark.integration
+
+# Short, so expiry is seen quickly: a heartbeat every second.
+DEAD = 3.0
+CHANGE = 5.0  # the issue: every server follows a route change within 5 s
+
+
+def call(admin: int, method: str, path: str, body: object = None) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{admin}{path}", data=data, method=method)
+    request.add_header("Authorization", f"Bearer {ADMIN_TOKEN}")
+    try:
+        with urllib.request.urlopen(request, timeout=15) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def get(admin: int, path: str) -> Any:
+    status, body = call(admin, "GET", path)
+    assert status == 200, (status, body)
+    return body
+
+
+def route_port(admin: int, rid: str) -> int | None:
+    """The port a server listens on for route C{rid}, or None if it does not."""
+    for r in get(admin, "/api/v1/routes")["routes"]:
+        if r["id"] == rid and r["listening"]:
+            return int(r["port"])
+    return None
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return False
+    except OSError:
+        return True
+
+
+class Postgres:
+    """A throwaway PostgreSQL on loopback that the test can stop and start again on the same port and data."""
+
+    def __init__(self) -> None:
+        bindir = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
+        assert bindir is not None, ".ci/run installs postgresql"
+        self.bindir = bindir
+        self.home = Path(tempfile.mkdtemp(prefix="nova-pg-"))
+        self.data = self.home / "pgdata"
+        self.data.mkdir()
+        self.run_as: list[str] = []
+        if os.geteuid() == 0:  # initdb refuses to run as root
+            shutil.chown(self.home, "postgres")
+            shutil.chown(self.data, "postgres")
+            self.run_as = ["runuser", "-u", "postgres", "--"]
+        subprocess.run([*self.run_as, str(bindir / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "nova"],
+                       check=True, capture_output=True)  # fmt: skip
+        self.port = free_port()
+        self.dsn = f"postgresql://nova@127.0.0.1:{self.port}/postgres"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [*self.run_as, str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(self.port),
+             "-h", "127.0.0.1", "-k", str(self.home), "-c", "fsync=off"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        ready = [str(self.bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port)]
+        wait_for(lambda: subprocess.run(ready).returncode == 0, 30, "PostgreSQL to start")
+
+    def stop(self) -> None:
+        """A fast shutdown (SIGINT): every session is cut, as when the database goes away."""
+        if self.proc is not None and self.proc.poll() is None:
+            # pg_ctl, as the database's user: a signal to runuser would not reach postgres.
+            subprocess.run([*self.run_as, str(self.bindir / "pg_ctl"), "-D", str(self.data), "stop", "-m", "fast"],
+                           check=True, capture_output=True, timeout=60)  # fmt: skip
+            self.proc.wait(30)
+        self.proc = None
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres() -> Iterator[Postgres]:
+    pg = Postgres()
+    try:
+        pg.start()
+        yield pg
+    finally:
+        pg.remove()
+
+
+def test_two_servers_share_routes_views_and_survive_the_store_and_a_member(tmp_path: Path, postgres: Postgres) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+
+    def env(server_id: str) -> dict[str, str]:
+        return {
+            "NOVAS_AUDIT_DB": postgres.dsn,
+            "NOVAS_SERVER_ID": server_id,
+            "NOVAS_ADVERTISE_ADDRESS": f"{server_id}.test:9022",
+            "NOVAS_CLUSTER_DEAD_TIMEOUT": str(DEAD),
+        }
+
+    static_a = free_port()
+    with target("echo") as echo, novas(tmp_path / "a", [f"{static_a}:127.0.0.1:{echo}"], env("novas-a")) as (a, port_a):
+        with novas(tmp_path / "b", [], env("novas-b")) as (b, port_b):
+            A, B = a.admin_port, b.admin_port
+            with (
+                novac(tmp_path, {"NOVAC_SERVER": f"127.0.0.1:{port_a}", "NOVAC_TLS_FINGERPRINT": fingerprint(a)},
+                      name="agent-a"),
+                novac(tmp_path, {"NOVAC_SERVER": f"127.0.0.1:{port_b}", "NOVAC_TLS_FINGERPRINT": fingerprint(b)},
+                      name="agent-b"),
+            ):  # fmt: skip
+                a.wait_log("agent agent-a registered")
+                b.wait_log("agent agent-b registered")
+
+                # One view: each server lists both members and both tunnels, with who holds each.
+                def members(admin: int) -> dict[str, dict[str, Any]]:
+                    return {s["id"]: s for s in get(admin, "/api/v1/servers")["servers"]}
+
+                def holders(admin: int, query: str = "") -> set[tuple[str, str]]:
+                    return {(t["name"], t["server"]) for t in get(admin, "/api/v1/tunnels" + query)["tunnels"]}
+
+                both = {("agent-a", "novas-a"), ("agent-b", "novas-b")}
+                for admin in (A, B):
+                    wait_for(lambda: set(members(admin)) == {"novas-a", "novas-b"}, 10, "both members")  # noqa: B023
+                    wait_for(lambda: holders(admin) == both, 10, "both tunnels")  # noqa: B023
+                assert members(A)["novas-b"]["address"] == "novas-b.test:9022"
+                assert members(A)["novas-a"]["this"] and members(A)["novas-b"]["state"] == "alive"
+                assert holders(A, "?server=novas-b") == {("agent-b", "novas-b")}
+
+                # A stream through A's command-line route stays up across every change below.
+                other = socket.create_connection(("127.0.0.1", static_a), timeout=10)
+                other.sendall(b"static")
+                assert other.recv(6) == b"static"
+
+                # A route added on A: listened for on A at once, on B within 5 s.
+                status, added = call(A, "POST", "/api/v1/routes", {"route": f"0:127.0.0.1:{echo}"})
+                assert status == 201, added
+                rid = added["id"]
+                t0 = time.monotonic()
+                wait_for(lambda: route_port(B, rid) is not None, CHANGE, "B to listen for A's route")
+                wait_for(lambda: route_port(A, rid) is not None, CHANGE, "A to listen for its route")
+                assert time.monotonic() - t0 < CHANGE
+                pa, pb = route_port(A, rid), route_port(B, rid)
+                assert pa and pb
+                a_port, b_port = pa, pb  # narrowed to int for the closures below
+                payload = os.urandom(200_000)
+                assert echo_roundtrip(pa, payload) == payload  # through agent-a
+                assert echo_roundtrip(pb, payload) == payload  # through agent-b
+                events = get(A, "/api/v1/events?kind=route_added")["events"]
+                assert [(e["route_id"], e["who"]) for e in events] == [(rid, "admin")]
+
+                # The same listening address again, from the other server: refused.
+                fixed = free_port()
+                status, first = call(B, "POST", "/api/v1/routes", {"route": f"{fixed}:127.0.0.1:{echo}"})
+                assert status == 201, first
+                status, body = call(A, "POST", "/api/v1/routes", {"route": f"127.0.0.1:{fixed}:other:2"})
+                assert status == 409 and first["id"] in body["error"], body
+                assert call(A, "DELETE", f"/api/v1/routes/{first['id']}")[0] == 200
+                assert call(B, "DELETE", f"/api/v1/routes/{first['id']}")[0] == 404
+
+                # Removed on B while a stream runs through A: A stops listening
+                # within 5 s, the open stream carries on.
+                with socket.create_connection(("127.0.0.1", pa), timeout=10) as held:
+                    held.sendall(b"before")
+                    assert held.recv(6) == b"before"
+                    status, _ = call(B, "DELETE", f"/api/v1/routes/{rid}")
+                    assert status == 200
+                    wait_for(lambda: route_port(A, rid) is None and refused(a_port), CHANGE, "A to stop listening")
+                    wait_for(lambda: refused(b_port), CHANGE, "B to stop listening")
+                    held.sendall(b"after")
+                    assert held.recv(5) == b"after"
+
+                other.sendall(b"untouched")
+                assert other.recv(9) == b"untouched"
+                other.close()
+                assert [r["id"] for r in get(A, "/api/v1/routes")["routes"]] == ["static-0"]
+                assert [r["id"] for r in get(B, "/api/v1/routes")["routes"]] == []
+
+                # PostgreSQL goes away: tunnels and routes carry on, changes are
+                # refused naming the store, the views say stale.
+                status, added = call(A, "POST", "/api/v1/routes", {"route": f"0:127.0.0.1:{echo}"})
+                assert status == 201
+                live = added["id"]
+                wait_for(lambda: route_port(B, live) is not None, CHANGE, "B to listen")
+                pa, pb = route_port(A, live), route_port(B, live)
+                assert pa and pb
+                postgres.stop()
+                for admin in (A, B):
+                    wait_for(lambda: get(admin, "/api/v1/servers")["stale_since"] is not None, 10, "a stale view")  # noqa: B023
+                status, body = call(A, "POST", "/api/v1/routes", {"route": "0:127.0.0.1:1"})
+                assert status == 503 and "PostgreSQL" in body["error"], body
+                assert call(B, "DELETE", f"/api/v1/routes/{live}")[0] == 503
+                assert echo_roundtrip(pa, b"during the outage") == b"during the outage"
+                assert echo_roundtrip(pb, b"during the outage") == b"during the outage"
+                assert get(A, "/api/v1/tunnels")["stale_since"] is not None
+                assert ("agent-a", "novas-a") in holders(A)
+                time.sleep(DEAD + 1)  # longer than the dead timeout: the stale view must not expire B
+                assert set(members(A)) == {"novas-a", "novas-b"}
+
+                # It comes back: the views are fresh again and changes work.
+                postgres.start()
+                for admin in (A, B):
+                    wait_for(lambda: get(admin, "/api/v1/servers")["stale_since"] is None, 15, "a fresh view")  # noqa: B023
+                    wait_for(lambda: holders(admin) == both, 10, "both tunnels again")  # noqa: B023
+                status, body = call(B, "DELETE", f"/api/v1/routes/{live}")
+                assert status == 200, body
+                wait_for(lambda: route_port(A, live) is None, CHANGE, "A to follow after the outage")
+
+                # B dies without a word: gone from A's view within the dead timeout.
+                b.proc.kill()
+                b.proc.wait()
+                t0 = time.monotonic()
+                wait_for(lambda: set(members(A)) == {"novas-a"}, DEAD + 3, "B to expire")
+                assert holders(A) == {("agent-a", "novas-a")}
+                assert time.monotonic() - t0 <= DEAD + 3
+
+                # Its rows are deleted from the store too, at A's next heartbeat.
+                import psycopg
+
+                def rows() -> tuple[set[str], set[str]]:
+                    with psycopg.connect(postgres.dsn) as conn:
+                        servers = {r[0] for r in conn.execute("SELECT id FROM nova_servers").fetchall()}
+                        held = {r[0] for r in conn.execute("SELECT server FROM nova_tunnels").fetchall()}
+                    return servers, held
+
+                wait_for(lambda: rows() == ({"novas-a"}, {"novas-a"}), 5, "B's rows to be deleted")
+
+                # A stops while the store is gone: a warning, no traceback (checked as it stops).
+                postgres.stop()
+                wait_for(lambda: get(A, "/api/v1/servers")["stale_since"] is not None, 10, "a stale view")
+            a.stop()
+            assert a.proc.returncode == 0
+            assert "cluster store unreachable while leaving" in a.text()
+
+
+def test_a_command_line_route_that_cannot_listen_still_stops_the_server(tmp_path: Path) -> None:
+    import sys
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOVAS_", "NOVAC_"))}
+        env |= {"NOVAS_AGENT_TOKEN": "x" * 16, "NOVAS_AGENT_PORT": "0", "NOVAS_ADMIN_PORT": "off",
+                "NOVAS_STATE_DIR": str(tmp_path / "state")}  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "twisted", "novas", "--route", f"{taken}:127.0.0.1:22"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1, done
+    assert f"novas: error: cannot listen for route 127.0.0.1:{taken}:127.0.0.1:22" in done.stderr + done.stdout
+    # It never joined the cluster: nothing was written to the store.
+    assert not (tmp_path / "state" / "cluster.sqlite3").exists()
+
+
+def test_drain_through_the_api_sends_new_streams_elsewhere_and_lets_open_ones_finish(tmp_path: Path) -> None:
+    route = free_port()
+    with target("echo") as echo, novas(tmp_path, [f"{route}:127.0.0.1:{echo}"]) as (server, port):
+        admin = server.admin_port
+        env = {"NOVAC_SERVER": f"127.0.0.1:{port}", "NOVAC_TLS_FINGERPRINT": fingerprint(server)}
+        with novac(tmp_path, env, name="agent-1"), novac(tmp_path, env, name="agent-2"):
+            server.wait_log("agent agent-1 registered")
+            server.wait_log("agent agent-2 registered")
+            with socket.create_connection(("127.0.0.1", route), timeout=10) as held:
+                held.sendall(b"held")
+                assert held.recv(4) == b"held"
+                # (The history is written behind: wait for the held stream's record.)
+                wait_for(lambda: get(admin, "/api/v1/events?kind=stream_opened")["total"] == 1, 10, "its record")
+                busy = {t["name"] for t in get(admin, "/api/v1/tunnels")["tunnels"] if t["active_streams"]}
+                (drained,) = busy
+                (other,) = {"agent-1", "agent-2"} - busy
+                status, answer = call(admin, "POST", f"/api/v1/tunnels/{drained}/drain")
+                assert status == 202 and answer["status"] == "draining", answer
+                status, _ = call(admin, "POST", f"/api/v1/tunnels/{drained}/drain")
+                assert status == 202  # again: harmless, audited once
+                states = {t["name"]: t["status"] for t in get(admin, "/api/v1/tunnels")["tunnels"]}
+                assert states == {drained: "draining", other: "connected"}
+                before = get(admin, "/api/v1/events?kind=stream_opened&limit=1000")["total"]
+                for i in range(6):
+                    assert echo_roundtrip(route, b"new %d" % i) == b"new %d" % i
+                held.sendall(b"still")
+                assert held.recv(5) == b"still"
+
+            def opened_after() -> list[str]:
+                events = get(admin, "/api/v1/events?kind=stream_opened&limit=1000")["events"]
+                return [e["agent"] for e in events[: len(events) - before]]
+
+            wait_for(lambda: len(opened_after()) == 6, 10, "the new streams in the history")
+            assert set(opened_after()) == {other}
+            events = get(admin, "/api/v1/events?kind=tunnel_drained")["events"]
+            assert [(e["agent"], e["who"]) for e in events] == [(drained, "admin")]

@@ -1,0 +1,209 @@
+"""
+The inbound delivery (nova.mux.inbound): frames from the decoder to the
+multiplexer and on to the streams, batched per read, with its invariants
+checked; and ReadBatches as the declared interface the raw TLS path uses.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from nova.mux.core import Buffer, Multiplexer, OpenRefused, Role
+from nova.mux.inbound import InboundDelivery, ReadBatches
+from nova.transport.tunnel import Timing, TunnelProtocol
+from nova.wire.codec import FrameDecoder
+from nova.wire.errors import ErrorCode
+from nova.wire.frames import OpenOk
+
+WINDOW = 1 << 20
+
+
+class Stream:
+    """Records what the delivery tells it (StreamEvents), in order."""
+
+    def __init__(self, stream_id: int, log: list[tuple[int, str]]) -> None:
+        self.stream_id = stream_id
+        self.log = log
+
+    def data_available(self) -> None:
+        self.log.append((self.stream_id, "data"))
+
+    def remote_ended(self) -> None:
+        self.log.append((self.stream_id, "fin"))
+
+    def fin_sent(self) -> None: ...
+
+    def drained(self, queued: int) -> bool:
+        return False
+
+    def reset_by_peer(self, code: ErrorCode) -> None:
+        self.log.append((self.stream_id, f"rst {code.name}"))
+
+    def tunnel_lost(self, reason: Failure) -> None: ...
+
+    def quantum_changed(self, quantum: int) -> None: ...
+
+
+class Hooks:
+    """DeliveryHooks: records the tunnel-level events."""
+
+    def __init__(self) -> None:
+        self.events: list[object] = []
+        self.reads_ended = 0
+
+    def stream_requested(self, stream_id: int, host: str, port: int) -> None:
+        self.events.append(("requested", stream_id, host, port))
+
+    def stream_opened(self, stream_id: int) -> None:
+        self.events.append(("opened", stream_id))
+
+    def stream_refused(self, stream_id: int, event: OpenRefused) -> None:
+        self.events.append(("refused", stream_id))
+
+    def pong_received(self, opaque: bytes) -> None:
+        self.events.append(("pong", opaque))
+
+    def goaway_received(self, code: ErrorCode, message: str) -> None:
+        self.events.append(("goaway", code))
+
+    def members_received(self, members: tuple[str, ...]) -> None:
+        self.events.append(("members", members))
+
+    def read_ended(self) -> None:
+        self.reads_ended += 1
+
+
+def wire(mux: Multiplexer) -> bytes:
+    out: list[Buffer] = []
+    mux.pull(out, 1 << 30)
+    return b"".join(bytes(b) for b in out)
+
+
+class DeliveryTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        # A server multiplexer sends to an agent-side delivery.
+        self.server = Multiplexer(Role.SERVER, WINDOW, WINDOW, 16, WINDOW)
+        self.agent = Multiplexer(Role.AGENT, WINDOW, WINDOW, 16, WINDOW)
+        self.log: list[tuple[int, str]] = []
+        self.streams: dict[int, Stream] = {}
+        self.hooks = Hooks()
+        self.inbound = InboundDelivery(self.streams, self.hooks)
+        self.inbound.mux = self.agent
+        self.decoder = FrameDecoder()
+        self.sids = [self.server.open("db", 5432) for _ in range(2)]
+        self.feed(wire(self.server))
+        for sid in self.sids:
+            self.agent.accept(sid)
+            self.server.receive(OpenOk(sid))
+            self.streams[sid] = Stream(sid, self.log)
+        self.hooks.events.clear()
+
+    def feed(self, data: bytes) -> None:
+        self.decoder.feed_into(data, self.inbound.data_received, self.inbound.frame_received)
+
+    def test_outside_a_batch_a_stream_is_told_as_its_data_arrives(self) -> None:
+        a, b = self.sids
+        self.server.send(a, b"x" * 40_000)  # three DATA frames, then b's
+        self.server.send(b, b"y")
+        frames = wire(self.server)
+        self.feed(frames[:100])  # a's first frame is not in yet
+        self.assertEqual(self.log, [])
+        self.feed(frames[100:])
+        self.assertEqual(self.log, [(a, "data"), (b, "data")])  # told once: a's inbox was no longer empty
+        self.inbound._check_invariants()
+
+    def test_in_a_batch_each_stream_is_told_once_at_the_end(self) -> None:
+        a, b = self.sids
+        self.server.send(a, b"x" * 40_000)
+        self.server.send(b, b"y" * 40_000)
+        self.inbound.begin_read()
+        self.feed(wire(self.server))
+        self.inbound._check_invariants(in_batch=True)
+        self.assertEqual(self.log, [])
+        self.inbound.end_read()
+        self.assertEqual(sorted(self.log), [(a, "data"), (b, "data")])
+        self.assertEqual(self.hooks.reads_ended, 1)
+        self.assertEqual(self.inbound.bytes_received, 80_000)
+        self.inbound._check_invariants()
+
+    def test_data_reaches_its_stream_before_the_fin_behind_it(self) -> None:
+        a, _ = self.sids
+        self.server.send(a, b"last words")
+        self.server.close_send(a)
+        self.inbound.begin_read()
+        self.feed(wire(self.server))
+        self.assertEqual(self.log, [(a, "data"), (a, "fin")])
+        self.inbound.end_read()
+        self.inbound._check_invariants()
+
+    def test_tunnel_events_go_to_the_hooks(self) -> None:
+        self.server.ping(b"abcdefgh")
+        self.server.reset(self.sids[1], ErrorCode.CANCEL)
+        self.feed(wire(self.server))
+        self.assertEqual(self.log, [(self.sids[1], "rst CANCEL")])
+        self.assertEqual(self.hooks.events, [])  # a PING is answered by the multiplexer, not reported
+        self.agent.goaway(ErrorCode.SHUTDOWN, "bye")
+        self.server.goaway(ErrorCode.SHUTDOWN, "bye")
+        self.feed(wire(self.server))
+        self.assertEqual(self.hooks.events, [("goaway", ErrorCode.SHUTDOWN)])
+
+    def test_nothing_is_dispatched_once_closed(self) -> None:
+        a, _ = self.sids
+        self.inbound.closed = True
+        self.server.send(a, b"late")
+        self.feed(wire(self.server))
+        self.assertEqual(self.log, [])
+
+    def test_a_batch_left_open_breaks_the_invariant(self) -> None:
+        self.inbound.begin_read()
+        self.assertRaises(AssertionError, self.inbound._check_invariants)
+
+
+class ReadBatchesTests(SynchronousTestCase):
+    def test_the_tunnel_declares_read_batches(self) -> None:
+        tunnel = TunnelProtocol(Clock(), WINDOW, Timing())
+        self.assertIsInstance(tunnel, ReadBatches)
+        tunnel.begin_read()
+        tunnel.inbound._check_invariants(in_batch=True)
+        tunnel.end_read()
+        tunnel.inbound._check_invariants()
+
+    def test_a_plain_protocol_does_not(self) -> None:
+        from twisted.internet.protocol import Protocol
+
+        self.assertNotIsInstance(Protocol(), ReadBatches)
+
+
+class RawTLSReadBatchTests(SynchronousTestCase):
+    def test_the_raw_tls_path_announces_each_read_to_the_tunnel(self) -> None:
+        import os
+
+        from tests.test_tunnel import Harness
+
+        h = Harness()
+        calls: list[str] = []
+        tunnel = h.agent
+        begin, end = tunnel.begin_read, tunnel.end_read
+
+        def begin_read() -> None:
+            calls.append("begin")
+            begin()
+
+        def end_read() -> None:
+            end()
+            tunnel.inbound._check_invariants()
+            calls.append("end")
+
+        # What fast_tls_receive calls (the tunnel's own dataReceived calls
+        # the inbound delivery directly).
+        tunnel.begin_read = begin_read  # type: ignore[method-assign]
+        tunnel.end_read = end_read  # type: ignore[method-assign]
+        stream, _recorder, target_transport, _target = h.open()
+        payload = os.urandom(200_000)
+        stream.write(payload)
+        h.flush()
+        self.assertEqual(target_transport.value(), payload)
+        self.assertGreater(len(calls), 0)
+        self.assertEqual(calls, ["begin", "end"] * (len(calls) // 2))
