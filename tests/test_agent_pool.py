@@ -296,21 +296,3 @@ class PoolMachine(RuleBasedStateMachine):
 
 TestPoolMachine = PoolMachine.TestCase
 TestPoolMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
-
-
-class ElsewhereTests(SynchronousTestCase):
-    def test_a_member_held_through_another_address_is_not_missing(self) -> None:
-        clock, hooks = Clock(), Hooks()
-        other: set[str] = set()
-        state = PoolState(clock, hooks, lambda: DELAY, lambda: other)
-        state.start()
-        land(state, "a", ("a", "b"))
-        self.assertIsNotNone(state.core.timer)  # b is missing
-        other.add("b")  # another pool registered with b
-        state.recheck()
-        self.assertIsNone(state.core.timer)
-        self.assertTrue(state.holds("b"))  # a NAME_IN_USE from b is a duplicate here too
-        other.clear()  # that tunnel closed
-        state.recheck()
-        clock.advance(DELAY)
-        self.assertEqual(hooks.dials, 2)

@@ -37,7 +37,6 @@ class AgentPool(Service):
         backoff: Backoff,
         clock: IReactorTime,
         drain_timeout: float = 30.0,
-        group: PoolGroup | None = None,
     ) -> None:
         self.endpoint = NotingEndpoint(endpoint, backoff)
         self.context = context
@@ -45,10 +44,10 @@ class AgentPool(Service):
         self.backoff = backoff
         self.clock = clock
         self.drain_timeout = drain_timeout
-        self.group = group if group is not None else PoolGroup()
-        self.group.pools.append(self)
-        self.state = PoolState(clock, self, self._delay, lambda: self.group.held_elsewhere(self))
-        self._held_reported: frozenset[str] = frozenset()
+        # Pools do not share what they hold: a server id names a member only
+        # within the cluster behind one address (two independent servers, or
+        # two clusters, may use the same ids: host names, pod names).
+        self.state = PoolState(clock, self, self._delay)
         self.factory = AgentTunnelFactory(context, label, backoff, self.state)
         self._connecting: Deferred[IProtocol] | None = None
 
@@ -105,10 +104,6 @@ class AgentPool(Service):
 
     def _report(self) -> None:
         self.context.metrics.pool(self.label, len(self.state.held), len(self.state.members) or 1)
-        held = frozenset(self.state.held)
-        if held != self._held_reported:
-            self._held_reported = held
-            self.group.changed(self)
 
     def tunnels(self) -> list[AgentTunnel]:
         return [t for t in self.context.tunnels if t.server == self.label]
@@ -144,23 +139,3 @@ class AgentPool(Service):
                 drains.append(tunnel.drain(self.drain_timeout, ErrorCode.SHUTDOWN, "agent shutting down"))
         d: Deferred[None] = gatherResults(drains).addCallback(lambda _: None)
         return d
-
-
-class PoolGroup:
-    """
-    The pools of one agent (one per configured address), so that a member
-    held through one address is not looked for through another, and a
-    NAME_IN_USE from it is a duplicate there too.
-    """
-
-    def __init__(self) -> None:
-        self.pools: list[AgentPool] = []
-
-    def held_elsewhere(self, pool: AgentPool) -> frozenset[str]:
-        return frozenset(m for p in self.pools if p is not pool for m in p.state.held)
-
-    def changed(self, pool: AgentPool) -> None:
-        """C{pool}'s held members changed: the others decide again (each reports only a change of its own)."""
-        for other in self.pools:
-            if other is not pool and other.running:
-                other.state.recheck()

@@ -33,7 +33,7 @@ members it holds is asked less and less often.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -83,13 +83,9 @@ class PoolCore:
     timer: IDelayedCall | None = None
     dialing: bool = False
     dial_due: Callable[[], None] | None = None
-    # Members held through the agent's other configured addresses (the
-    # other pools): not missing here.  Several addresses that each reach one
-    # member directly then make no pool dial for the others' members.
-    elsewhere: Callable[[], Collection[str]] = frozenset
 
     def missing(self) -> frozenset[str]:
-        return self.members - self.held.keys() - set(self.elsewhere())
+        return self.members - self.held.keys()
 
     def wanted(self) -> bool:
         return not self.held or bool(self.missing())
@@ -195,14 +191,8 @@ class PoolState:
     which also carries out the hooks).  No I/O.
     """
 
-    def __init__(
-        self,
-        clock: IReactorTime,
-        hooks: PoolHooks,
-        delay: Callable[[], float],
-        elsewhere: Callable[[], Collection[str]] = frozenset,
-    ) -> None:
-        self.core = PoolCore(clock, hooks, delay, elsewhere=elsewhere)
+    def __init__(self, clock: IReactorTime, hooks: PoolHooks, delay: Callable[[], float]) -> None:
+        self.core = PoolCore(clock, hooks, delay)
         self.machine = new_pool(self.core)
         self.attempt: object | None = None  # the tunnel of the attempt in flight, once connected
         self.duplicates = 0
@@ -215,10 +205,6 @@ class PoolState:
     @property
     def held(self) -> dict[str, object]:
         return self.core.held
-
-    def recheck(self) -> None:
-        """What the other pools hold changed: decide again."""
-        self._decide()
 
     def _decide(self) -> None:
         if self.core.wanted():
@@ -265,11 +251,8 @@ class PoolState:
         return True
 
     def holds(self, server_id: str) -> bool:
-        """
-        Whether a tunnel to C{server_id} is held, here or by another pool (a
-        REJECT NAME_IN_USE from it is a duplicate).
-        """
-        return server_id in self.core.held or server_id in self.core.elsewhere()
+        """Whether a tunnel to C{server_id} is held (a REJECT NAME_IN_USE from it is a duplicate)."""
+        return server_id in self.core.held
 
     def refused_duplicate(self) -> None:
         self.duplicates += 1

@@ -18,7 +18,7 @@ from nova.service import StartupError, exit_zero_on_sigterm, versions
 from nova.tls import TLSConfigError
 
 from .dialer import Dialer, reactor_resolver, tcp_connector
-from .discovery import AgentPool, PoolGroup
+from .discovery import AgentPool
 from .events import AgentEvents
 from .health import health_service
 from .options import AgentConfig, Options
@@ -53,13 +53,12 @@ class NovacService(MultiService):
         # delays none of the others.  Each keeps a tunnel to every member of
         # the cluster behind its address (docs/cluster.md, "Discovery").
         self.pools: dict[str, AgentPool] = {}
-        group = PoolGroup()
         for host, port in config.servers:
             label = server_label(host, port)
             backoff = Backoff(config.reconnect_initial, config.reconnect_max, server=label)
             self.context.metrics.server_configured(label)
             endpoint = self.context.metrics.connecting(self._endpoint(host, port), label)
-            pool = AgentPool(endpoint, self.context, label, backoff, reactor, config.drain_timeout, group)
+            pool = AgentPool(endpoint, self.context, label, backoff, reactor, config.drain_timeout)
             pool.setServiceParent(self)  # type: ignore[no-untyped-call]
             self.pools[label] = pool
         if config.health_port is not None:
