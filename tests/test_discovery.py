@@ -24,7 +24,7 @@ from nova.agent.metrics import AgentMetrics
 from nova.agent.pool import PoolState
 from nova.agent.reconnect import Backoff
 from nova.agent.tunnel import AgentContext, AgentTunnel, Duplicate
-from nova.server.members import announce_members, current_members, single_server, wire_members
+from nova.server.members import announce_members, cluster_members, current_members, single_server, wire_members
 from nova.server.tunnel import ServerContext, ServerTunnel
 from nova.wire.codec import FrameDecoder
 from nova.wire.errors import ErrorCode
@@ -247,6 +247,13 @@ class WireMembersTests(SynchronousTestCase):
 
     def test_ids_the_wire_cannot_carry_are_left_out(self) -> None:
         self.assertEqual(wire_members("me", ["ok", "bad\udc80"]), ("me", "ok"))
+
+    def test_cluster_members_reads_the_view_each_time(self) -> None:
+        servers = ["a", "b"]
+        provider = cluster_members("a", lambda: servers)
+        self.assertEqual(provider(), ("a", ("a", "b")))
+        servers.append("c")
+        self.assertEqual(provider(), ("a", ("a", "b", "c")))
 
     def test_single_server(self) -> None:
         self.assertEqual(single_server("s")(), ("s", ("s",)))

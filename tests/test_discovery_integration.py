@@ -25,6 +25,7 @@ from nova.wire.frames import Auth, Hello, Ping, Pong, Welcome, encode
 
 from .processes import TOKEN, Proc, echo_roundtrip, fingerprint, free_port, novac, novas, target, tunnels, wait_for
 from .rawagent import RawAgent
+from .test_cluster_server import Postgres
 
 pytestmark = pytest.mark.integration
 
@@ -268,3 +269,51 @@ def test_novac_registers_with_a_version_1_server(tmp_path: Path) -> None:
             time.sleep(3)  # keepalives go back and forth; a single tunnel, no discovery dials
             assert seen == ["AUTH version 1"], seen
             assert "dialling 127.0.0.1" not in agent.text()  # a cluster of one: no discovery dials
+
+
+@pytest.fixture
+def cluster_db() -> Iterator[Postgres]:
+    pg = Postgres()
+    try:
+        pg.start()
+        yield pg
+    finally:
+        pg.remove()
+
+
+def test_a_postgresql_cluster_names_its_members_to_the_agent(tmp_path: Path, cluster_db: Postgres) -> None:
+    """The real membership view, not the test hook: two NOVAS on one PostgreSQL behind the balancer."""
+    with ExitStack() as stack:
+        servers: dict[str, Proc] = {}
+        ports: dict[str, int] = {}
+        for sid in ("novas-a", "novas-b"):
+            home = tmp_path / sid
+            if servers:
+                shutil.copytree(tmp_path / "novas-a" / "state" / "tls", home / "state" / "tls")
+            env = {
+                "NOVAS_AUDIT_DB": cluster_db.dsn,
+                "NOVAS_SERVER_ID": sid,
+                "NOVAS_ADVERTISE_ADDRESS": f"{sid}.test:9022",
+                "NOVAS_CLUSTER_DEAD_TIMEOUT": "3",
+            }
+            home.mkdir(exist_ok=True)
+            servers[sid], ports[sid] = stack.enter_context(novas(home, [], env))
+        balancer = Balancer([ports["novas-a"], ports["novas-b"]])
+        stack.callback(balancer.close)
+        env = {
+            "NOVAC_SERVER": f"127.0.0.1:{balancer.port}",
+            "NOVAC_TLS_FINGERPRINT": fingerprint(servers["novas-a"]),
+            "NOVAC_RECONNECT_INITIAL": "0.5",
+            "NOVAC_RECONNECT_MAX": "2",
+        }
+        agent = stack.enter_context(novac(tmp_path, env))
+        wait_for(lambda: all(registered_on(s, "agent-1") for s in servers.values()), 60, "the agent on both servers")
+        # novas-b is killed; once its rows expire, novas-a stops naming it.
+        servers["novas-b"].proc.kill()
+        servers["novas-b"].proc.wait()
+        balancer.down.add(ports["novas-b"])
+        agent.wait_log("names 1 member(s): novas-a", timeout=60)
+        time.sleep(3)  # a dial that was already scheduled may still happen
+        stopped = balancer.connections
+        time.sleep(6)  # a negative check: no more dials
+        assert balancer.connections == stopped

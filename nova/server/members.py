@@ -130,3 +130,21 @@ def members_test_hook(environ: Mapping[str, str]) -> MembersFile | None:
     """The test hook's provider if C{environ} asks for it (see L{TEST_MEMBERS_FILE})."""
     path = environ.get(TEST_MEMBERS_FILE)
     return MembersFile(path) if path else None
+
+
+# How often the members are compared with what each version-2 agent was
+# last told: a third of the default heartbeat interval's order, so a member
+# that joins or expires reaches the agents within seconds of the view.
+ANNOUNCE_INTERVAL = 2.0
+
+
+def cluster_members(me: str, servers: Callable[[], Iterable[str]]) -> MembersProvider:
+    """The provider over a cluster view: this server and the live members' ids (C{servers})."""
+    return lambda: (me, tuple(servers()))
+
+
+def announcer(
+    tunnels: Iterable[object], provider: MembersProvider, interval: float = ANNOUNCE_INTERVAL
+) -> TimerService:
+    """A service that announces the members to C{tunnels} every C{interval} seconds (only changes are sent)."""
+    return TimerService(interval, announce_members, tunnels, provider)

@@ -30,7 +30,7 @@ from nova.wire.errors import ErrorCode
 
 from .cluster import ServerCluster
 from .listener import RouteFactory
-from .members import members_test_hook
+from .members import announcer, cluster_members, members_test_hook
 from .options import LABEL, Options, ServerConfig, load_tokens
 from .socks import SocksFactory
 from .tunnel import ServerContext, ServerTunnel, ServerTunnelFactory
@@ -106,6 +106,11 @@ class NovasService(MultiService):
         # way out.  The membership is started by hand once the command-line
         # routes are known to listen (a server that cannot start never joins).
         self.cluster.listeners.setServiceParent(self)  # type: ignore[no-untyped-call]
+        if members_hook is None:
+            # Version-2 agents learn the cluster's members (docs/cluster.md, "Discovery").
+            view = self.cluster.membership.view
+            self.context.members = cluster_members(config.server_id, lambda: [s.id for s in view().servers])
+            announcer(self.context.registry, self.context.members).setServiceParent(self)
         self.admin_listener: ListenerService | None = None
         if config.admin_port is not None:
             admin = admin_resource(
