@@ -17,9 +17,11 @@ from nova.wire.frames import HEADER, HEADER_SIZE, Frame, FrameType, check_header
 class ReferenceDecoder:
     """Bytes in, in any split; each complete frame out once; dead after the first error."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_version: int = 1) -> None:
+        self.max_version = max_version
         self._buffer = bytearray()
         self._header: tuple[FrameType, int, int] | None = None
+        self._layout = (1, 0)
         self._error: ProtocolError | None = None
 
     @property
@@ -40,9 +42,11 @@ class ReferenceDecoder:
                     view = view[take:]
                     if len(self._buffer) < HEADER_SIZE:
                         break
-                    version, type_byte, _flags, _reserved, stream_id, length = HEADER.unpack(self._buffer)
+                    version, type_byte, _flags, reserved, stream_id, length = HEADER.unpack(self._buffer)
                     self._buffer.clear()
-                    self._header = (check_header(version, type_byte, stream_id, length), stream_id, length)
+                    checked = check_header(version, type_byte, stream_id, length, self.max_version)
+                    self._header = (checked, stream_id, length)
+                    self._layout = (version, reserved)
                 frame_type, stream_id, length = self._header
                 take = length - len(self._buffer)
                 self._buffer += view[:take]
@@ -52,7 +56,7 @@ class ReferenceDecoder:
                 payload = bytes(self._buffer)
                 self._buffer.clear()
                 self._header = None
-                frames.append(parse_payload(frame_type, stream_id, payload))
+                frames.append(parse_payload(frame_type, stream_id, payload, *self._layout))
         except ProtocolError as e:
             self._error = e
             self._buffer.clear()

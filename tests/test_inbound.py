@@ -68,6 +68,9 @@ class Hooks:
     def goaway_received(self, code: ErrorCode, message: str) -> None:
         self.events.append(("goaway", code))
 
+    def members_received(self, members: tuple[str, ...]) -> None:
+        self.events.append(("members", members))
+
     def read_ended(self) -> None:
         self.reads_ended += 1
 

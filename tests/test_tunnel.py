@@ -267,7 +267,8 @@ class ServerHandshakeUnitTests(SynchronousTestCase):
         self.assertTrue(self.transport.disconnecting)
 
     def test_other_version_rejected(self) -> None:
-        self.server.dataReceived(b"\x02\x02" + bytes(10))
+        # Version 3: one this server does not speak (it offers 2, protocol.md §4.2).
+        self.server.dataReceived(b"\x03\x02" + bytes(10))
         [reject] = self.sent()
         self.assertEqual(reject.code, ErrorCode.UNSUPPORTED_VERSION)
 

@@ -17,13 +17,22 @@ if TYPE_CHECKING:  # types only: this module loads nothing of Twisted
 
     from nova.transport.stream import StreamTransport
 
-RECONNECT_REASONS = ("connect_failed", "handshake_failed", "rejected", "server_shutdown", "goaway", "lost")
+RECONNECT_REASONS = (
+    "connect_failed",
+    "handshake_failed",
+    "rejected",
+    "server_shutdown",
+    "goaway",
+    "lost",
+    "duplicate",
+)
 """
 Why a tunnel (or an attempt at one) ended while the agent runs, so that
 another attempt follows: the connection could not be made; it ended before
 registration; the server refused the registration; the server announced its
 shutdown (GOAWAY SHUTDOWN: a restart, most likely); it sent another GOAWAY
-(e.g. REPLACED); a registered tunnel was lost otherwise (network, keepalive).
+(e.g. REPLACED); a registered tunnel was lost otherwise (network, keepalive);
+discovery led to a member the agent already holds (docs/cluster.md).
 """
 
 
@@ -44,6 +53,9 @@ class AgentEvents:
         agent is C{stopping} (no reconnect follows); the tunnel was
         C{ended_by} a REJECT or GOAWAY (L{RECONNECT_REASONS}).
         """
+
+    def pool(self, server: str, tunnels: int, members: int) -> None:
+        """The pool behind C{server} holds C{tunnels} of the C{members} it knows (docs/cluster.md, Discovery)."""
 
     def connecting(self, endpoint: IStreamClientEndpoint, server: str) -> IStreamClientEndpoint:
         """The endpoint to dial C{server} with (a subclass may wrap it to count failures)."""

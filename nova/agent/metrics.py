@@ -62,6 +62,18 @@ class AgentMetrics(AgentEvents):
             buckets=OPEN_BUCKETS,
             registry=r,
         )
+        self.pool_members = Gauge(
+            "nova_agent_pool_members",
+            "Cluster members the servers behind this address named (1 for a server without a cluster).",
+            ["server"],
+            registry=r,
+        )
+        self.pool_tunnels = Gauge(
+            "nova_agent_pool_tunnels",
+            "Tunnels held through this address, one per member reached (docs/cluster.md, Discovery).",
+            ["server"],
+            registry=r,
+        )
         self.denials = Counter(
             "nova_agent_policy_denials", "Streams the destination policy refused, by server.", ["server"], registry=r
         )
@@ -89,6 +101,12 @@ class AgentMetrics(AgentEvents):
         if not stopping:
             reason = ended_by or ("lost" if registered else "handshake_failed")
             self.reconnects.labels(server, reason).inc()
+
+    def pool(self, server: str, tunnels: int, members: int) -> None:
+        """The pool behind C{server} holds C{tunnels} of the C{members} it knows; up while it holds one."""
+        self.pool_tunnels.labels(server).set(tunnels)
+        self.pool_members.labels(server).set(members)
+        self.tunnel_up.labels(server).set(1 if tunnels else 0)
 
     def connecting(self, endpoint: IStreamClientEndpoint, server: str) -> IStreamClientEndpoint:
         """C{endpoint}, counting each connection it fails to make as a C{connect_failed} reconnect."""

@@ -2,6 +2,11 @@
 Reconnecting to one server: Twisted's L{ClientService} (itself an Automat
 machine) with NOVA's backoff.
 
+NOVAC's agent pools (L{nova.agent.discovery}, one per configured address)
+use L{Backoff} between their dials; a pool's own machine
+(L{nova.agent.pool}) takes the place of L{reconnecting}, since a pool holds
+a tunnel per cluster member rather than one connection.
+
 ClientService resets its attempt count when a connection is made; NOVA's
 L{Backoff} keeps its own count, which only a successful registration resets,
 so a server that accepts TCP but rejects or drops the handshake is still
@@ -120,7 +125,7 @@ class _ClientService(ClientService):
 
 
 @implementer(IStreamClientEndpoint)
-class _NotingEndpoint:
+class NotingEndpoint:
     """An endpoint that tells the backoff why a connection attempt failed."""
 
     def __init__(self, endpoint: IStreamClientEndpoint, backoff: Backoff) -> None:
@@ -159,4 +164,4 @@ def reconnecting(
         )
         return delay
 
-    return _ClientService(_NotingEndpoint(endpoint, backoff), factory, retryPolicy=retry, clock=clock)
+    return _ClientService(NotingEndpoint(endpoint, backoff), factory, retryPolicy=retry, clock=clock)

@@ -1,5 +1,6 @@
 """
-C{twist novac}: one reconnecting tunnel per configured server.
+C{twist novac}: one agent pool per configured server address: a tunnel to
+each member of the cluster behind it (one, for a server without a cluster).
 """
 
 from __future__ import annotations
@@ -7,7 +8,6 @@ from __future__ import annotations
 import sys
 from typing import Any, NoReturn
 
-from twisted.application.internet import ClientService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -16,14 +16,13 @@ from twisted.web.resource import Resource
 
 from nova.service import StartupError, exit_zero_on_sigterm, versions
 from nova.tls import TLSConfigError
-from nova.wire.errors import ErrorCode
 
 from .dialer import Dialer, reactor_resolver, tcp_connector
+from .discovery import AgentPool
 from .events import AgentEvents
 from .health import health_service
 from .options import AgentConfig, Options
-from .reconnect import Backoff, reconnecting
-from .tunnel import AgentTunnelFactory
+from .reconnect import Backoff
 from .wiring import agent_context, server_endpoint, server_label
 
 log = Logger()
@@ -50,17 +49,18 @@ class NovacService(MultiService):
             counted = AgentMetrics()
             events, metrics_page = counted, counted.page()
         self.context = agent_context(config, reactor, connect_target, events)
-        # One independent reconnecting tunnel per server: a server that is
-        # down delays none of the others.
-        self.clients: dict[str, ClientService] = {}
+        # One independent pool per server address: a server that is down
+        # delays none of the others.  Each keeps a tunnel to every member of
+        # the cluster behind its address (docs/cluster.md, "Discovery").
+        self.pools: dict[str, AgentPool] = {}
         for host, port in config.servers:
             label = server_label(host, port)
             backoff = Backoff(config.reconnect_initial, config.reconnect_max, server=label)
             self.context.metrics.server_configured(label)
             endpoint = self.context.metrics.connecting(self._endpoint(host, port), label)
-            client = reconnecting(endpoint, AgentTunnelFactory(self.context, label, backoff), backoff, reactor)
-            client.setServiceParent(self)
-            self.clients[label] = client
+            pool = AgentPool(endpoint, self.context, label, backoff, reactor, config.drain_timeout)
+            pool.setServiceParent(self)  # type: ignore[no-untyped-call]
+            self.pools[label] = pool
         if config.health_port is not None:
             health = health_service(reactor, config.health_bind, config.health_port, self.ready, metrics_page)
             health.setServiceParent(self)  # type: ignore[no-untyped-call]
@@ -83,7 +83,7 @@ class NovacService(MultiService):
         log.info(
             "NOVAC {agent} connecting to {servers}",
             agent=c.name,
-            servers=", ".join(self.clients),
+            servers=", ".join(self.pools),
         )
         log.info("destination policy: {policy}", policy=str(c.policy))
         if c.health_port is not None:
@@ -97,35 +97,15 @@ class NovacService(MultiService):
         """
         Graceful drain: GOAWAY to every server, so no new streams come; the
         open ones run until they end or the drain timeout passes.  Each
-        server's reconnect loop stops as soon as its tunnel has closed.
+        pool stops dialling at once.
         """
-        by_server = {t.server: t for t in self.context.tunnels}
-        if by_server:
-            log.info(
-                "draining {n} tunnel(s) for up to {timeout}s",
-                n=len(by_server),
-                timeout=self.config.drain_timeout,
-            )
-        stops = []
-        for label, client in self.clients.items():
-            tunnel = by_server.get(label)
-            if tunnel is None or tunnel.mux is None:
-                if tunnel is not None:
-                    tunnel.close()
-                stops.append(client.stopService())
-            else:
-                drained = tunnel.drain(self.config.drain_timeout, ErrorCode.SHUTDOWN, "agent shutting down")
-                stops.append(drained.addCallback(_then_stop, client))
-        # Every child is stopped above; only this service itself is left.  (Not
-        # MultiService.stopService: it would stop the ClientServices again, from
-        # inside their own state machines.)
+        held = [t for t in self.context.tunnels if t.mux is not None]
+        if held:
+            log.info("draining {n} tunnel(s) for up to {timeout}s", n=len(held), timeout=self.config.drain_timeout)
+        # Every child is stopped here; only this service itself is left.
+        stops = [pool.stopService() for pool in self.pools.values()]
         d: Deferred[None] = gatherResults(stops).addCallback(lambda _: Service.stopService(self))
         return d
-
-
-def _then_stop(_: object, client: ClientService) -> Deferred[None]:
-    d: Deferred[None] = client.stopService()
-    return d
 
 
 def makeService(options: Options) -> IService:

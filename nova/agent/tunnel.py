@@ -23,12 +23,13 @@ from nova.tls import channel_binding
 from nova.transport.splice import Pipe, splice
 from nova.transport.tunnel import Timing, TunnelProtocol
 from nova.wire.errors import ErrorCode, OpenFailReason, ProtocolError
-from nova.wire.frames import DEFAULT_INITIAL_WINDOW, Frame, Hello, Reject, Welcome
-from nova.wire.handshake import make_auth, window_problem
+from nova.wire.frames import DEFAULT_INITIAL_WINDOW, FEATURE_NONE, MAX_VERSION, Frame, GoAway, Hello, Reject, Welcome
+from nova.wire.handshake import make_auth, negotiated_version, window_problem
 from nova.wire.hostname import host_problem
 from nova.wire.text import untrusted
 
 from .events import AgentEvents, goaway_reason
+from .pool import PoolState
 from .reconnect import Backoff
 
 # connect(host, port, protocol) -> Deferred firing with the protocol once connected.
@@ -62,6 +63,14 @@ def tls_mismatch(reason: Failure, tls: bool) -> str | None:
     if tls and reason.check(SSL.Error) is not None and "wrong version number" in str(reason.value):
         return NOT_TLS
     return None
+
+
+class Duplicate(NovaError):
+    """Discovery led to a server that already holds a tunnel of this agent."""
+
+    def __init__(self, server_id: str) -> None:
+        super().__init__(f"server {server_id} already holds a tunnel of this agent")
+        self.server_id = server_id
 
 
 class Rejected(NovaError):
@@ -107,6 +116,8 @@ class AgentContext:
     # Where the agent's events are counted: Prometheus unless told otherwise
     # (NOVAC passes a plain AgentEvents when it serves no /metrics).
     metrics: AgentEvents = field(default_factory=_prometheus_metrics)
+    # The highest protocol version offered (protocol.md §4.2); tests set 1 to be a version-1 agent.
+    max_version: int = MAX_VERSION
 
 
 def classify(failure: Failure) -> OpenFailReason:
@@ -127,11 +138,16 @@ class TargetPipe(Pipe):
 class AgentTunnel(TunnelProtocol):
     role = Role.AGENT
 
-    def __init__(self, context: AgentContext, server: str, backoff: Backoff | None = None) -> None:
+    def __init__(
+        self, context: AgentContext, server: str, backoff: Backoff | None = None, pool: PoolState | None = None
+    ) -> None:
         super().__init__(context.clock, context.window, context.timing, context.max_window)
         self.context = context
         self.server = server
         self.backoff = backoff
+        self.pool = pool
+        self.server_id = ""  # the server's id, from WELCOME (or a version-2 REJECT)
+        self.members: tuple[str, ...] = ()  # the cluster's members, as the server last named them
         self._outcome: AgentTunnel | Failure | None = None
         self._waiters: list[Deferred[AgentTunnel]] = []
         self._dialing: dict[int, Deferred[IProtocol]] = {}
@@ -166,55 +182,120 @@ class AgentTunnel(TunnelProtocol):
     def handshake_frame(self, frame: Frame) -> None:
         self._heard = True
         if isinstance(frame, Hello) and not self._saw_hello:
-            self._saw_hello = True
-            binding = channel_binding(self.transport)
-            if self.context.tls and binding is None:
-                raise ProtocolError("TLS is required but the connection is not TLS")
-            self.send_frame(
-                make_auth(
-                    self.context.token,
-                    frame.nonce,
-                    binding or b"",
-                    self.context.name,
-                    (*self.context.tags, ("nova/version", __version__)),
-                    self.local_window,
-                )
-            )
+            self._hello(frame)
         elif isinstance(frame, Welcome) and self._saw_hello:
-            problem = window_problem(frame.initial_window)
-            if problem is not None:
-                raise ProtocolError(f"WELCOME: {problem}")
-            if frame.keepalive_ms:
-                # The server knows its network (a load balancer's idle cut).
-                self.core.keepalive = min(self.core.keepalive, max(frame.keepalive_ms / 1000, 1.0))
-            if self.backoff is not None:
-                self.backoff.reset()
-            self.start_streams(frame.initial_window, self.context.max_streams)
-            self.probe_rtt()  # measured now, while the tunnel is idle (window auto-tuning)
-            self.log.info(
-                "registered with {server} as {agent} (server {server_id})",
-                server=self.server,
-                agent=self.context.name,
-                server_id=frame.server_id,
-            )
-            self.context.metrics.registered(self.server)
-            self._settle(self)
+            self._welcome(frame)
+        elif (
+            isinstance(frame, Reject) and frame.server_id and self.pool is not None and self.pool.holds(frame.server_id)
+        ):
+            # A version-2 REJECT from a member this agent already holds (its
+            # live-name rule: NAME_IN_USE): a duplicate, not a refusal.
+            self.server_id = frame.server_id
+            self._duplicate(f"({frame.code.name})")
         elif isinstance(frame, Reject):
-            self.log.error(
-                "server {server} rejected the registration of {agent}: {code}: {detail}",
-                server=self.server,
-                agent=self.context.name,
-                code=frame.code.name,
-                detail=untrusted(frame.message),
-            )
-            self._ended_by = "rejected"
-            if self.backoff is not None:
-                self.backoff.rejected = True
-                self.backoff.failed(f"registration rejected: {frame.code.name}")
-            self._fail_registration(Rejected(frame.code, untrusted(frame.message)))
-            self.close()
+            self._reject_received(frame)
         else:
             raise ProtocolError(f"unexpected {frame.TYPE.name} during the handshake")
+
+    def _hello(self, frame: Hello) -> None:
+        self._saw_hello = True
+        binding = channel_binding(self.transport)
+        if self.context.tls and binding is None:
+            raise ProtocolError("TLS is required but the connection is not TLS")
+        version = negotiated_version(frame.offer, self.context.max_version)
+        self.protocol_version = version
+        self.accept_version(version)  # the server answers a version-2 AUTH in version 2
+        self.send_frame(
+            make_auth(
+                self.context.token,
+                frame.nonce,
+                binding or b"",
+                self.context.name,
+                (*self.context.tags, ("nova/version", __version__)),
+                self.local_window,
+                version,
+                FEATURE_NONE,
+            )
+        )
+
+    def _welcome(self, frame: Welcome) -> None:
+        problem = window_problem(frame.initial_window)
+        if problem is not None:
+            raise ProtocolError(f"WELCOME: {problem}")
+        if frame.version != self.protocol_version:
+            raise ProtocolError(f"a version-{frame.version} WELCOME answered a version-{self.protocol_version} AUTH")
+        self.server_id = frame.server_id
+        self.members = frame.members if frame.version >= 2 else (frame.server_id,)
+        if self.pool is not None and self.pool.holds(frame.server_id):
+            # Registered anyway (the member judged our other tunnel dead):
+            # close this one at once (docs/cluster.md, "Discovery").
+            self.send_frame(GoAway(ErrorCode.NO_ERROR, "already connected to this server"))
+            self._duplicate("; closing this one")
+            return
+        if frame.keepalive_ms:
+            # The server knows its network (a load balancer's idle cut).
+            self.core.keepalive = min(self.core.keepalive, max(frame.keepalive_ms / 1000, 1.0))
+        if self.backoff is not None:
+            self.backoff.reset()
+        self.start_streams(frame.initial_window, self.context.max_streams)
+        self.probe_rtt()  # measured now, while the tunnel is idle (window auto-tuning)
+        self.log.info(
+            "registered with {server} as {agent} (server {server_id})",
+            server=self.server,
+            agent=self.context.name,
+            server_id=frame.server_id,
+        )
+        self.context.metrics.registered(self.server)
+        if self.backoff is not None:
+            self.backoff.failed(f"registered with server {frame.server_id}")  # the last attempt, for the next line
+        self._settle(self)
+        if self.pool is not None and not self.pool.welcomed(self, frame.server_id, self.members):
+            self.close()  # a duplicate after all (checked above: not expected)
+
+    def _duplicate(self, how: str) -> None:
+        """Discovery led to a member this agent already holds: not a refusal; this connection closes."""
+        assert self.pool is not None
+        self.log.info(
+            "{server} led to server {server_id} again, which already holds a tunnel of {agent} {how}",
+            server=self.server,
+            server_id=self.server_id,
+            agent=self.context.name,
+            how=how,
+        )
+        self._ended_by = "duplicate"
+        self.pool.refused_duplicate()
+        if self.backoff is not None:
+            self.backoff.failed(f"landed on server {self.server_id} again, which this agent holds")
+        self._fail_registration(Duplicate(self.server_id))
+        self.close()
+
+    def _reject_received(self, frame: Reject) -> None:
+        self.log.error(
+            "server {server} rejected the registration of {agent}: {code}: {detail}",
+            server=self.server,
+            agent=self.context.name,
+            code=frame.code.name,
+            detail=untrusted(frame.message),
+        )
+        self._ended_by = "rejected"
+        if self.backoff is not None:
+            self.backoff.rejected = True
+            self.backoff.failed(f"registration rejected: {frame.code.name}")
+        self._fail_registration(Rejected(frame.code, untrusted(frame.message)))
+        self.close()
+
+    def members_received(self, members: tuple[str, ...]) -> None:
+        """MEMBERS: the cluster changed; the pool follows it."""
+        self.members = members
+        self.log.info(
+            "server {server_id} (via {server}) names {n} member(s): {members}",
+            server_id=self.server_id,
+            server=self.server,
+            n=len(members),
+            members=untrusted(", ".join(members)),
+        )
+        if self.pool is not None:
+            self.pool.members_changed(members)
 
     def when_registered(self) -> Deferred[AgentTunnel]:
         """Fires with this tunnel once registered, or fails with why not."""
@@ -395,32 +476,47 @@ class AgentTunnel(TunnelProtocol):
                 mismatch = DROPPED_SILENTLY.format(seconds=waited)
             if mismatch is not None:
                 self.log.error("cannot register with {server}: {hint}", server=self.server, hint=mismatch)
+            elif self._ended_by == "duplicate":
+                pass  # logged when it was found out
             else:
                 self.log.warn(
                     "connection to {server} ended before registration: {reason}",
                     server=self.server,
                     reason=reason.getErrorMessage(),
                 )
-            if self.backoff is not None:
+            if self.backoff is not None and self._ended_by != "duplicate":
                 self.backoff.failed(
                     f"TLS mismatch: {mismatch.split(':')[0]}"
                     if mismatch
                     else f"ended before registration: {reason.getErrorMessage()}"
                 )
             self._fail_registration(ConnectionError(reason.getErrorMessage()))
-        else:
-            self.log.info("tunnel to {server} closed: {reason}", server=self.server, reason=reason.getErrorMessage())
+        elif self._ended_by != "duplicate":  # a duplicate was logged when it was found out
+            self.log.info(
+                "tunnel to {server} closed: {reason}{member}",
+                server=self.server,
+                reason=reason.getErrorMessage(),
+                member=f" (server {self.server_id})" if self.pool is not None and self.server_id else "",
+            )
             if self.backoff is not None and not isinstance(self._outcome, Failure):  # not the REJECT just noted
                 self.backoff.failed(f"tunnel closed: {reason.getErrorMessage()}")
+        if self.pool is not None:
+            self.pool.closed(self)
 
 
 class AgentTunnelFactory(Factory):
     noisy = False
 
-    def __init__(self, context: AgentContext, server: str, backoff: Backoff | None = None) -> None:
+    def __init__(
+        self, context: AgentContext, server: str, backoff: Backoff | None = None, pool: PoolState | None = None
+    ) -> None:
         self.context = context
         self.server = server
         self.backoff = backoff
+        self.pool = pool
 
     def buildProtocol(self, addr: object) -> AgentTunnel:
-        return AgentTunnel(self.context, self.server, self.backoff)
+        tunnel = AgentTunnel(self.context, self.server, self.backoff, self.pool)
+        if self.pool is not None:
+            self.pool.connected(tunnel)
+        return tunnel

@@ -72,6 +72,7 @@ from nova.wire.frames import (
     Fin,
     Frame,
     GoAway,
+    Members,
     Open,
     OpenFail,
     OpenOk,
@@ -221,6 +222,13 @@ class GoAwayReceived:
     message: str
 
 
+@dataclass(frozen=True)
+class MembersReceived:
+    """The server's cluster members changed (MEMBERS, version 2: protocol.md §6.1)."""
+
+    members: tuple[str, ...]
+
+
 Event = (
     StreamRequested
     | OpenAccepted
@@ -231,6 +239,7 @@ Event = (
     | WindowOpened
     | PongReceived
     | GoAwayReceived
+    | MembersReceived
 )
 
 
@@ -515,6 +524,10 @@ class Multiplexer:
     def goaway(self, code: ErrorCode, message: str) -> None:
         self._control.append(GoAway(code, message[:1000]))
 
+    def members(self, members: tuple[str, ...]) -> None:
+        """Queue MEMBERS (the server, on a version-2 tunnel only)."""
+        self._control.append(Members(members))
+
     def _reply(self, frame: Frame) -> None:
         self._replies += 1
         self._control.append(frame)
@@ -689,6 +702,11 @@ class Multiplexer:
             return [GoAwayReceived(frame.code, frame.message)]
         if isinstance(frame, Open):
             return self._receive_open(frame)
+        if isinstance(frame, Members):
+            # The decoder admits MEMBERS only on a version-2 tunnel.
+            if self.role is not Role.AGENT:
+                raise ProtocolError("MEMBERS sent by the agent")
+            return [MembersReceived(frame.members)]
         if isinstance(frame, (WindowUpdate, Fin, Rst, OpenOk, OpenFail)):
             return self._receive_stream_frame(frame)
         raise ProtocolError(f"{frame.TYPE.name} is only valid during the handshake")

@@ -25,6 +25,7 @@ from .core import (
     DataAvailable,
     Event,
     GoAwayReceived,
+    MembersReceived,
     Multiplexer,
     OpenAccepted,
     OpenRefused,
@@ -66,6 +67,9 @@ class DeliveryHooks(Protocol):
     def pong_received(self, opaque: bytes) -> None: ...
 
     def goaway_received(self, code: ErrorCode, message: str) -> None: ...
+
+    def members_received(self, members: tuple[str, ...]) -> None:
+        "MEMBERS (protocol version 2): the server's cluster members changed."
 
     def read_ended(self) -> None:
         "A read batch was delivered: send what it made ready, decide whether to keep reading."
@@ -184,6 +188,8 @@ class InboundDelivery:
                 hooks.pong_received(event.opaque)
             elif isinstance(event, GoAwayReceived):
                 hooks.goaway_received(event.code, untrusted(event.message))
+            elif isinstance(event, MembersReceived):
+                hooks.members_received(event.members)
 
     def _deliver_arrived(self) -> None:
         arrived = self.arrived

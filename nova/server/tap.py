@@ -4,6 +4,7 @@ C{twist novas}: build the server's service tree from its options.
 
 from __future__ import annotations
 
+import os
 import signal
 
 from twisted.application.service import IService, MultiService
@@ -29,6 +30,7 @@ from nova.wire.errors import ErrorCode
 
 from .cluster import ServerCluster
 from .listener import RouteFactory
+from .members import announcer, cluster_members, members_test_hook
 from .options import LABEL, Options, ServerConfig, load_tokens
 from .socks import SocksFactory
 from .tunnel import ServerContext, ServerTunnel, ServerTunnelFactory
@@ -56,6 +58,7 @@ class NovasService(MultiService):
             retention=config.audit_retention_days * 86400,
             on_dropped=self.metrics.audit_dropped.inc,
         )
+        members_hook = members_test_hook(os.environ)  # tests only (nova.server.members)
         self.context = ServerContext(
             audit=Audit(self.store, self.metrics, server=config.server_id),
             token=None,
@@ -67,8 +70,11 @@ class NovasService(MultiService):
             window=config.window,
             max_window=config.max_window,
             timing=config.timing(),
-            server_id=config.server_id,
+            server_id=members_hook.own if members_hook is not None else config.server_id,
+            members=members_hook,
         )
+        if members_hook is not None:
+            members_hook.service(self.context.registry).setServiceParent(self)
         self.metrics.watch_routes(self.route_agents)
         self.reactor = reactor
         self._fingerprint_note: str | None = None
@@ -100,6 +106,11 @@ class NovasService(MultiService):
         # way out.  The membership is started by hand once the command-line
         # routes are known to listen (a server that cannot start never joins).
         self.cluster.listeners.setServiceParent(self)  # type: ignore[no-untyped-call]
+        if members_hook is None:
+            # Version-2 agents learn the cluster's members (docs/cluster.md, "Discovery").
+            view = self.cluster.membership.view
+            self.context.members = cluster_members(config.server_id, lambda: [s.id for s in view().servers])
+            announcer(self.context.registry, self.context.members).setServiceParent(self)
         self.admin_listener: ListenerService | None = None
         if config.admin_port is not None:
             admin = admin_resource(

@@ -26,10 +26,21 @@ from nova.transport.private import innermost
 from nova.transport.stream import StreamTransport
 from nova.transport.tunnel import Timing, TunnelProtocol
 from nova.wire.errors import ErrorCode, OpenFailReason, ProtocolError, UnsupportedVersion
-from nova.wire.frames import DEFAULT_INITIAL_WINDOW, VERSION, Auth, Frame, Hello, Reject, Welcome
+from nova.wire.frames import (
+    DEFAULT_INITIAL_WINDOW,
+    FEATURE_NONE,
+    MAX_VERSION,
+    VERSION,
+    Auth,
+    Frame,
+    Hello,
+    Reject,
+    Welcome,
+)
 from nova.wire.handshake import name_problem, new_nonce, tags_problem, window_problem
 from nova.wire.text import untrusted
 
+from .members import MembersProvider, current_members, single_server
 from .refusals import Refusals
 from .registry import Registry
 
@@ -95,8 +106,13 @@ class ServerContext:
     waiting: dict[str, deque[ServerTunnel]] = field(default_factory=dict)
     waiting_count: int = 0
     refusals: Refusals = field(init=False)
+    # This server's id and the cluster's member ids, for version-2 agents
+    # (nova.server.members); None: this server alone.
+    members: MembersProvider | None = None
 
     def __post_init__(self) -> None:
+        if self.members is None:
+            self.members = single_server(self.server_id)
         if self.tokens is None:
             if self.token is None:
                 raise ValueError("a token or a token set is needed")
@@ -136,6 +152,8 @@ class ServerTunnel(TunnelProtocol):
         self._handshake_rtt = -1.0
         self._opening: dict[int, tuple[Deferred[StreamTransport], str, int]] = {}
         self._probes: list[Deferred[bool]] = []
+        self._auth_version = VERSION  # the layout of the agent's AUTH, and so of our REJECT
+        self.members_sent: tuple[str, ...] = ()  # the member list this (version-2) agent was last sent
 
     def __repr__(self) -> str:
         return f"<ServerTunnel {self.name or '?'}>"
@@ -218,7 +236,10 @@ class ServerTunnel(TunnelProtocol):
         if waited and self.session is not None:
             self.session.handshake_restarted()  # the delay is ours: it must not eat the agent's deadline
         self._nonce = new_nonce()
-        self.send_frame(Hello(self._nonce))
+        # The offer (protocol.md §4.2): a version-2 agent answers with a
+        # version-2 AUTH, a version-1 agent ignores it.
+        self.accept_version(MAX_VERSION)
+        self.send_frame(Hello(self._nonce, MAX_VERSION))
         self._hello_sent_at = self.clock.seconds()
 
     def _report(self, code: str, why: str, claimed: str = "", token: str = "") -> None:
@@ -259,6 +280,7 @@ class ServerTunnel(TunnelProtocol):
         assert c.tokens is not None and c.throttle is not None
         if not self._nonce:
             raise ProtocolError("AUTH before HELLO")
+        self._auth_version = frame.version
         # HELLO to AUTH is a round trip measured on an idle connection (window
         # auto-tuning needs one before bulk data can skew a PING's).
         self._handshake_rtt = self.clock.seconds() - self._hello_sent_at
@@ -335,12 +357,19 @@ class ServerTunnel(TunnelProtocol):
                 self._admit(frame, token)  # it changed meanwhile: look again
             elif alive:
                 since = datetime.fromtimestamp(current.registered_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                # A version-2 agent with the live tunnel's own token that dials
+                # again is discovery landing here twice (docs/cluster.md): normal,
+                # so not reported as a refusal; the REJECT is the same.
+                discovery = frame.version >= 2 and current.token_key == token.key
+                if discovery:
+                    self.log.debug("agent {agent} reached this server again through the balancer", agent=frame.name)
                 self._reject(
                     ErrorCode.NAME_IN_USE,
                     f"the agent name {frame.name!r} is in use by a live agent connected from"
                     f" {current.address} since {since}",
                     frame.name,
                     token.id,
+                    report=not discovery,
                 )
             else:
                 current.dead(f"it did not answer a ping when {frame.name} registered again from {self.address}")
@@ -363,7 +392,17 @@ class ServerTunnel(TunnelProtocol):
         # The limit counts streams the peer opens, and agents open none.
         self.start_streams(frame.initial_window, DEFAULT_MAX_STREAMS)
         self.rtt_measured(self._handshake_rtt, keepalive=False)
-        self.send_frame(Welcome(self.local_window, int(c.timing.keepalive * 1000), c.server_id))
+        self.protocol_version = frame.version
+        self.accept_version(frame.version)
+        keepalive_ms = int(c.timing.keepalive * 1000)
+        if frame.version >= 2:
+            assert c.members is not None
+            own, self.members_sent = current_members(c.members, c.server_id)
+            self.send_frame(
+                Welcome(self.local_window, keepalive_ms, own, 2, FEATURE_NONE & frame.features, self.members_sent)
+            )
+        else:
+            self.send_frame(Welcome(self.local_window, keepalive_ms, c.server_id))
         self.registered = True
         c.registry.register(self)
         self.log.info(
@@ -382,6 +421,14 @@ class ServerTunnel(TunnelProtocol):
             tls=self.tls_version or "off",
             token_id=self.token_id,
         )
+
+    def send_members(self, members: tuple[str, ...]) -> None:
+        """Tell a version-2 agent the cluster's members (MEMBERS), if they changed since it was last told."""
+        if self.protocol_version < 2 or self.mux is None or self.closed or members == self.members_sent:
+            return
+        self.members_sent = members
+        self.mux.members(members)
+        self.flush_soon()
 
     def answers_ping(self, timeout: float) -> Deferred[bool]:
         """
@@ -432,14 +479,32 @@ class ServerTunnel(TunnelProtocol):
             self.flush()
         self.close()
 
-    def _reject(self, code: ErrorCode, message: str, claimed_name: str, token: str = "", *, reported: str = "") -> None:
+    def _reject(
+        self,
+        code: ErrorCode,
+        message: str,
+        claimed_name: str,
+        token: str = "",
+        *,
+        reported: str = "",
+        report: bool = True,
+    ) -> None:
         """
         Refuse the registration: REJECT C{code}, close, and report it
-        (aggregated per source) as C{reported}, else as C{code}.
+        (aggregated per source) as C{reported}, else as C{code}, unless not
+        to C{report} it.
         """
         self._rejected = True
-        self._report(reported or code.name, message, claimed_name, token)
-        self.send_frame(Reject(code, message))
+        if report:
+            self._report(reported or code.name, message, claimed_name, token)
+        if self._auth_version >= 2:
+            # Who refused: an agent that dials every member learns whether it
+            # landed on one it already holds (NAME_IN_USE), protocol.md §4.2.
+            assert self.context.members is not None
+            own, _ = current_members(self.context.members, self.context.server_id)
+            self.send_frame(Reject(code, message, 2, own))
+        else:
+            self.send_frame(Reject(code, message))
         self.close()  # the handshake deadline drops it if the peer never reads
 
     def protocol_error(self, error: ProtocolError) -> None:
@@ -570,6 +635,9 @@ class ServerTunnel(TunnelProtocol):
             "address": self.address,
             "connected_since": self.registered_at,
             "protocol_version": VERSION,
+            # What the handshake agreed on (protocol.md §4.2); protocol_version
+            # stays the version of the frames every tunnel shares.
+            "negotiated_version": self.protocol_version,
             "agent_version": self.meta.get("version", ""),
             "status": "draining" if self.draining else "connected",
             "active_streams": self.open_streams(),

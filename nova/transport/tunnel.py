@@ -140,6 +140,7 @@ class TunnelProtocol(Protocol):
         self._lost = False
         self._aborted = False
         self._decoder = FrameDecoder()
+        self.protocol_version = 1  # until the handshake agrees on more (protocol.md §4.2)
         self._writer: FrameWriter | None = None
         self.outbound = OutboundScheduler(clock, self.streams, self._update_reading)
         self.inbound = InboundDelivery(self.streams, self)
@@ -346,10 +347,21 @@ class TunnelProtocol(Protocol):
                 mux.ping(self._rtt_probe_opaque)
                 self.flush_soon()
 
+    def members_received(self, members: tuple[str, ...]) -> None:
+        """The server's cluster members changed (version 2; the agent overrides this)."""
+
     def goaway_received(self, code: ErrorCode, message: str) -> None:
         self.log.info("{peer} is going away: {code} {detail}", peer=self.peer_label, code=code.name, detail=message)
 
     # Helpers for subclasses.
+
+    def accept_version(self, version: int) -> None:
+        """
+        The peer's frames of up to protocol C{version} are valid from now on
+        (the handshake's doing, protocol.md §4.2; L{protocol_version} is what
+        it agreed on).
+        """
+        self._decoder.max_version = version
 
     def send_frame(self, frame: Frame) -> None:
         """Write one frame now (used for handshake frames)."""

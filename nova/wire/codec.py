@@ -27,9 +27,13 @@ class FrameDecoder:
     raises the same error.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_version: int = VERSION) -> None:
         self._buffer = bytearray()
+        # The highest header version accepted (protocol.md §4.2): 1 until the
+        # handshake agrees on more; the handshake code raises or lowers it.
+        self.max_version = max_version
         self._header: tuple[FrameType, int, int] | None = None
+        self._layout = (VERSION, 0)  # the pending non-DATA frame's version and reserved byte
         self._error: ProtocolError | None = None
         # feed_into() keeps a DATA payload as the pieces it arrived in.
         self._pieces: list[bytes] = []
@@ -92,10 +96,10 @@ class FrameDecoder:
                     pos += take
                     if len(buf) < HEADER_SIZE:
                         return
-                    version, type_byte, _flags, _reserved, stream_id, length = HEADER.unpack(buf)
+                    version, type_byte, _flags, reserved, stream_id, length = HEADER.unpack(buf)
                     buf.clear()
                 elif end - pos >= HEADER_SIZE:
-                    version, type_byte, _flags, _reserved, stream_id, length = HEADER.unpack_from(data, pos)
+                    version, type_byte, _flags, reserved, stream_id, length = HEADER.unpack_from(data, pos)
                     pos += HEADER_SIZE
                 else:
                     if pos < end:
@@ -104,9 +108,10 @@ class FrameDecoder:
                 if type_byte == _DATA_BYTE and version == VERSION and stream_id and 0 < length <= MAX_DATA_PAYLOAD:
                     frame_type = _DATA
                 else:
-                    frame_type = check_header(version, type_byte, stream_id, length)
+                    frame_type = check_header(version, type_byte, stream_id, length, self.max_version)
                     if frame_type is _DATA:
                         raise ProtocolError("empty DATA frame")
+                    self._layout = (version, reserved)
                 header = self._header = (frame_type, stream_id, length)
             else:
                 frame_type, stream_id, length = header
@@ -142,7 +147,7 @@ class FrameDecoder:
                     payload = bytes(buf)
                     buf.clear()
                 header = self._header = None
-                if not on_frame(parse_payload(frame_type, stream_id, payload)):
+                if not on_frame(parse_payload(frame_type, stream_id, payload, *self._layout)):
                     return
             if pos >= end:
                 return

@@ -19,6 +19,9 @@ from typing import ClassVar
 from .errors import ErrorCode, FrameTooLarge, OpenFailReason, ProtocolError, UnsupportedVersion
 
 VERSION = 1
+# The highest protocol version this side speaks (protocol.md §7).  A tunnel's
+# version is negotiated in the handshake (§4.2); until then frames are version 1.
+MAX_VERSION = 2
 HEADER = struct.Struct(">BBBBII")
 HEADER_SIZE = HEADER.size  # 12
 
@@ -31,6 +34,13 @@ NONCE_SIZE = 32
 MAC_SIZE = 32
 PING_SIZE = 8
 MAX_STREAM_ID = 2**32 - 1
+# A cluster's member list (WELCOME and MEMBERS, version 2): ids as long as a
+# host name, and few enough that the list always fits a control frame
+# (64 ids of 60 bytes plus WELCOME's other fields stay under 4,096 bytes; a
+# longer list is refused by encode, and the server trims it: see
+# nova.server.members).
+MAX_MEMBERS = 64
+MAX_MEMBER_ID = 255
 
 
 class FrameType(IntEnum):
@@ -48,6 +58,7 @@ class FrameType(IntEnum):
     PING = 0x30
     PONG = 0x31
     GOAWAY = 0x32
+    MEMBERS = 0x33  # version 2
 
 
 CONNECTION_TYPES = frozenset(
@@ -59,8 +70,21 @@ CONNECTION_TYPES = frozenset(
         FrameType.PING,
         FrameType.PONG,
         FrameType.GOAWAY,
+        FrameType.MEMBERS,
     }
 )
+
+# The frame types that have a version-2 layout (protocol.md §7): AUTH, WELCOME
+# and REJECT gained fields, MEMBERS is new.  Every other frame keeps its
+# version-1 layout and its version byte 1 on a version-2 tunnel, so the data
+# path is the same bytes in both versions.
+V2_TYPES = frozenset({FrameType.AUTH, FrameType.WELCOME, FrameType.REJECT, FrameType.MEMBERS})
+
+# Feature bits (protocol.md §4.2): AUTH (version 2) carries the agent's, WELCOME
+# (version 2) the server's; a feature is used on a tunnel when both set its
+# bit.  Unknown bits are ignored.  Version 2 defines none yet; the first is
+# reserved for issue 18 ("data may follow OPEN").
+FEATURE_NONE = 0
 
 
 def max_payload(frame_type: FrameType) -> int:
@@ -102,6 +126,15 @@ class _Reader:
         except UnicodeDecodeError:
             raise ProtocolError(f"{self._what} carries a string that is not UTF-8") from None
 
+    def members(self) -> tuple[str, ...]:
+        count = self.u16()
+        if count > MAX_MEMBERS:
+            raise ProtocolError(f"{self._what} lists {count} members, more than {MAX_MEMBERS}")
+        ids = tuple(self.string() for _ in range(count))
+        if any(not 1 <= len(i.encode("utf-8")) <= MAX_MEMBER_ID for i in ids):
+            raise ProtocolError(f"{self._what} lists a member id that is empty or over {MAX_MEMBER_ID} bytes")
+        return ids
+
     def end(self) -> None:
         if self._pos != len(self._data):
             raise ProtocolError(f"{self._what} payload has {len(self._data) - self._pos} bytes left over")
@@ -112,6 +145,12 @@ def _string(value: str) -> bytes:
     if len(raw) > 0xFFFF:
         raise ValueError("string field longer than 65535 bytes")
     return struct.pack(">H", len(raw)) + raw
+
+
+def _members(ids: tuple[str, ...]) -> list[bytes]:
+    if len(ids) > MAX_MEMBERS:
+        raise ValueError(f"more than {MAX_MEMBERS} members")
+    return [struct.pack(">H", len(ids)), *(_string(i) for i in ids)]
 
 
 def _parse_opaque(what: str, payload: bytes, size: int) -> bytes:
@@ -131,8 +170,16 @@ def _parse_code_message(what: str, payload: bytes) -> tuple[int, str]:
 
 @dataclass(frozen=True, slots=True)
 class Hello:
+    """
+    C{offer} travels in the header's reserved byte (protocol.md §4.2): the
+    highest version the server speaks; a version-1 server sends 0 there and
+    a version-1 agent ignores it, so the payload is the same in every version.
+    """
+
     TYPE: ClassVar[FrameType] = FrameType.HELLO
+    version: ClassVar[int] = 1
     nonce: bytes
+    offer: int = 1
     stream_id: int = 0
 
     def payload(self) -> list[bytes]:
@@ -145,11 +192,15 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class Auth:
+    """In version 2 the agent's feature bits follow the tags (and so are MACed)."""
+
     TYPE: ClassVar[FrameType] = FrameType.AUTH
     mac: bytes
     initial_window: int
     name: str
     tags: tuple[tuple[str, str], ...] = ()
+    version: int = 1
+    features: int = FEATURE_NONE
     stream_id: int = 0
 
     def body(self) -> bytes:
@@ -159,61 +210,92 @@ class Auth:
         for key, value in self.tags:
             parts.append(_string(key))
             parts.append(_string(value))
+        if self.version >= 2:
+            parts.append(struct.pack(">I", self.features))
         return b"".join(parts)
 
     def payload(self) -> list[bytes]:
         return [self.mac, self.body()]
 
     @classmethod
-    def parse(cls, stream_id: int, payload: bytes) -> Auth:
+    def parse(cls, stream_id: int, payload: bytes, version: int = 1) -> Auth:
         r = _Reader("AUTH", payload)
         mac = r.raw(MAC_SIZE)
         window = r.u32()
         name = r.string()
         tags = tuple((r.string(), r.string()) for _ in range(r.u16()))
+        features = r.u32() if version >= 2 else FEATURE_NONE
         r.end()
-        return cls(mac, window, name, tags)
+        return cls(mac, window, name, tags, version, features)
 
 
 @dataclass(frozen=True, slots=True)
 class Welcome:
+    """In version 2 the server's feature bits and the cluster's members follow the server id."""
+
     TYPE: ClassVar[FrameType] = FrameType.WELCOME
     initial_window: int
     keepalive_ms: int
     server_id: str
+    version: int = 1
+    features: int = FEATURE_NONE
+    members: tuple[str, ...] = ()
     stream_id: int = 0
 
     def payload(self) -> list[bytes]:
-        return [struct.pack(">II", self.initial_window, self.keepalive_ms), _string(self.server_id)]
+        parts = [struct.pack(">II", self.initial_window, self.keepalive_ms), _string(self.server_id)]
+        if self.version >= 2:
+            parts += [struct.pack(">I", self.features), *_members(self.members)]
+        return parts
 
     @classmethod
-    def parse(cls, stream_id: int, payload: bytes) -> Welcome:
+    def parse(cls, stream_id: int, payload: bytes, version: int = 1) -> Welcome:
         r = _Reader("WELCOME", payload)
         window, keepalive = r.u32(), r.u32()
         server_id = r.string()
+        if version >= 2:
+            features, members = r.u32(), r.members()
+        else:
+            features, members = FEATURE_NONE, ()
         r.end()
-        return cls(window, keepalive, server_id)
+        return cls(window, keepalive, server_id, version, features, members)
 
 
 @dataclass(frozen=True, slots=True)
 class Reject:
+    """
+    In version 2 (an answer to a version-2 AUTH) the server's id follows the
+    message: an agent that dials every member learns which one refused it,
+    and so whether it landed on a member it already holds (NAME_IN_USE).
+    """
+
     TYPE: ClassVar[FrameType] = FrameType.REJECT
     code: ErrorCode
     message: str
+    version: int = 1
+    server_id: str = ""
     stream_id: int = 0
 
     def payload(self) -> list[bytes]:
-        return [struct.pack(">H", self.code), _string(self.message)]
+        parts = [struct.pack(">H", self.code), _string(self.message)]
+        if self.version >= 2:
+            parts.append(_string(self.server_id))
+        return parts
 
     @classmethod
-    def parse(cls, stream_id: int, payload: bytes) -> Reject:
-        code, message = _parse_code_message("REJECT", payload)
-        return cls(ErrorCode.lenient(code), message)
+    def parse(cls, stream_id: int, payload: bytes, version: int = 1) -> Reject:
+        r = _Reader("REJECT", payload)
+        code = r.u16()
+        message = r.string()
+        server_id = r.string() if version >= 2 else ""
+        r.end()
+        return cls(ErrorCode.lenient(code), message, version, server_id)
 
 
 @dataclass(frozen=True, slots=True)
 class Open:
     TYPE: ClassVar[FrameType] = FrameType.OPEN
+    version: ClassVar[int] = 1
     stream_id: int
     host: str
     port: int
@@ -235,6 +317,7 @@ class Open:
 @dataclass(frozen=True, slots=True)
 class OpenOk:
     TYPE: ClassVar[FrameType] = FrameType.OPEN_OK
+    version: ClassVar[int] = 1
     stream_id: int
 
     def payload(self) -> list[bytes]:
@@ -249,6 +332,7 @@ class OpenOk:
 @dataclass(frozen=True, slots=True)
 class OpenFail:
     TYPE: ClassVar[FrameType] = FrameType.OPEN_FAIL
+    version: ClassVar[int] = 1
     stream_id: int
     reason: OpenFailReason
     message: str
@@ -265,6 +349,7 @@ class OpenFail:
 @dataclass(frozen=True, slots=True)
 class Data:
     TYPE: ClassVar[FrameType] = FrameType.DATA
+    version: ClassVar[int] = 1
     stream_id: int
     data: bytes
 
@@ -281,6 +366,7 @@ class Data:
 @dataclass(frozen=True, slots=True)
 class WindowUpdate:
     TYPE: ClassVar[FrameType] = FrameType.WINDOW_UPDATE
+    version: ClassVar[int] = 1
     stream_id: int
     increment: int
 
@@ -300,6 +386,7 @@ class WindowUpdate:
 @dataclass(frozen=True, slots=True)
 class Fin:
     TYPE: ClassVar[FrameType] = FrameType.FIN
+    version: ClassVar[int] = 1
     stream_id: int
 
     def payload(self) -> list[bytes]:
@@ -314,6 +401,7 @@ class Fin:
 @dataclass(frozen=True, slots=True)
 class Rst:
     TYPE: ClassVar[FrameType] = FrameType.RST
+    version: ClassVar[int] = 1
     stream_id: int
     code: ErrorCode
 
@@ -331,6 +419,7 @@ class Rst:
 @dataclass(frozen=True, slots=True)
 class Ping:
     TYPE: ClassVar[FrameType] = FrameType.PING
+    version: ClassVar[int] = 1
     opaque: bytes
     stream_id: int = 0
 
@@ -345,6 +434,7 @@ class Ping:
 @dataclass(frozen=True, slots=True)
 class Pong:
     TYPE: ClassVar[FrameType] = FrameType.PONG
+    version: ClassVar[int] = 1
     opaque: bytes
     stream_id: int = 0
 
@@ -359,6 +449,7 @@ class Pong:
 @dataclass(frozen=True, slots=True)
 class GoAway:
     TYPE: ClassVar[FrameType] = FrameType.GOAWAY
+    version: ClassVar[int] = 1
     code: ErrorCode
     message: str
     stream_id: int = 0
@@ -372,27 +463,75 @@ class GoAway:
         return cls(ErrorCode.lenient(code), message)
 
 
+@dataclass(frozen=True, slots=True)
+class Members:
+    """Version 2 only, NOVAS → NOVAC: the cluster's member ids, whenever they change (protocol.md §6.1)."""
+
+    TYPE: ClassVar[FrameType] = FrameType.MEMBERS
+    version: ClassVar[int] = 2
+    members: tuple[str, ...]
+    stream_id: int = 0
+
+    def payload(self) -> list[bytes]:
+        return _members(self.members)
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> Members:
+        r = _Reader("MEMBERS", payload)
+        members = r.members()
+        r.end()
+        return cls(members)
+
+
 Frame = (
-    Hello | Auth | Welcome | Reject | Open | OpenOk | OpenFail | Data | WindowUpdate | Fin | Rst | Ping | Pong | GoAway
+    Hello
+    | Auth
+    | Welcome
+    | Reject
+    | Open
+    | OpenOk
+    | OpenFail
+    | Data
+    | WindowUpdate
+    | Fin
+    | Rst
+    | Ping
+    | Pong
+    | GoAway
+    | Members
 )
 
-_PARSERS: dict[FrameType, type[Frame]] = {
-    cls.TYPE: cls
+_V1_PARSERS: dict[FrameType, Callable[[int, bytes], Frame]] = {
+    cls.TYPE: cls.parse
     for cls in (Hello, Auth, Welcome, Reject, Open, OpenOk, OpenFail, Data, WindowUpdate, Fin, Rst, Ping, Pong, GoAway)
+}
+_V2_PARSERS: dict[FrameType, Callable[[int, bytes], Frame]] = {
+    FrameType.AUTH: partial(Auth.parse, version=2),
+    FrameType.WELCOME: partial(Welcome.parse, version=2),
+    FrameType.REJECT: partial(Reject.parse, version=2),
+    FrameType.MEMBERS: Members.parse,
 }
 
 
-def check_header(version: int, type_byte: int, stream_id: int, length: int) -> FrameType:
+def check_header(version: int, type_byte: int, stream_id: int, length: int, max_version: int = VERSION) -> FrameType:
     """
     Validate a frame header before any of its payload is buffered
     (protocol.md §1).  Returns the frame type or raises L{ProtocolError}.
+    C{max_version} is the highest version the tunnel accepts so far: 1 until
+    the handshake has agreed on more (§4.2).
     """
-    if version != VERSION:
-        raise UnsupportedVersion(f"protocol version {version} is not supported (this side speaks {VERSION})", version)
+    if not VERSION <= version <= max_version:
+        raise UnsupportedVersion(
+            f"protocol version {version} is not supported (this side speaks {max_version})", version
+        )
     try:
         frame_type = FrameType(type_byte)
     except ValueError:
         raise ProtocolError(f"unknown frame type 0x{type_byte:02x}") from None
+    if version >= 2 and frame_type not in V2_TYPES:
+        raise ProtocolError(f"{frame_type.name} has no version-{version} layout")
+    if version == 1 and frame_type is FrameType.MEMBERS:
+        raise ProtocolError("MEMBERS is a version-2 frame")
     if frame_type in CONNECTION_TYPES:
         if stream_id != 0:
             raise ProtocolError(f"{frame_type.name} must be sent on stream 0, not {stream_id}")
@@ -404,9 +543,20 @@ def check_header(version: int, type_byte: int, stream_id: int, length: int) -> F
     return frame_type
 
 
-def parse_payload(frame_type: FrameType, stream_id: int, payload: bytes) -> Frame:
-    """Build the frame for a header already passed by L{check_header}."""
-    return _PARSERS[frame_type].parse(stream_id, payload)
+def parse_payload(
+    frame_type: FrameType, stream_id: int, payload: bytes, version: int = VERSION, reserved: int = 0
+) -> Frame:
+    """
+    Build the frame for a header already passed by L{check_header}; the
+    header's C{version} picks the layout, and its C{reserved} byte is
+    HELLO's version offer (protocol.md §4.2).
+    """
+    if version >= 2:
+        return _V2_PARSERS[frame_type](stream_id, payload)
+    frame = _V1_PARSERS[frame_type](stream_id, payload)
+    if reserved > 1 and isinstance(frame, Hello):
+        return Hello(frame.nonce, reserved)
+    return frame
 
 
 def encode(frame: Frame) -> list[bytes]:
@@ -422,7 +572,8 @@ def encode(frame: Frame) -> list[bytes]:
         raise ValueError(f"{frame.TYPE.name} payload of {length} bytes is over the limit")
     if (frame.TYPE in CONNECTION_TYPES) != (frame.stream_id == 0):
         raise ValueError(f"{frame.TYPE.name} with stream id {frame.stream_id}")
-    return [HEADER.pack(VERSION, frame.TYPE, 0, 0, frame.stream_id, length), *parts]
+    offer = frame.offer if isinstance(frame, Hello) and frame.offer > 1 else 0
+    return [HEADER.pack(frame.version, frame.TYPE, 0, offer, frame.stream_id, length), *parts]
 
 
 # DATA and FIN headers, packed on the send path (nova.mux.core) once per

@@ -12,7 +12,7 @@ import hmac
 import os
 import re
 
-from .frames import MAC_SIZE, MAX_WINDOW, MIN_INITIAL_WINDOW, NONCE_SIZE, Auth
+from .frames import FEATURE_NONE, MAC_SIZE, MAX_VERSION, MAX_WINDOW, MIN_INITIAL_WINDOW, NONCE_SIZE, VERSION, Auth
 
 EXPORTER_LABEL = b"EXPORTER-nova-channel-binding"
 BINDING_SIZE = 32
@@ -39,9 +39,21 @@ def make_auth(
     name: str,
     tags: tuple[tuple[str, str], ...],
     initial_window: int,
+    version: int = 1,
+    features: int = FEATURE_NONE,
 ) -> Auth:
-    unsigned = Auth(b"\x00" * MAC_SIZE, initial_window, name, tags)
-    return Auth(auth_mac(token, nonce, binding, unsigned.body()), initial_window, name, tags)
+    """The AUTH of C{version} (its layout; version 2 adds C{features}, MACed with the rest)."""
+    unsigned = Auth(b"\x00" * MAC_SIZE, initial_window, name, tags, version, features)
+    return Auth(auth_mac(token, nonce, binding, unsigned.body()), initial_window, name, tags, version, features)
+
+
+def negotiated_version(offer: int, speaks: int = MAX_VERSION) -> int:
+    """
+    The version a tunnel runs (protocol.md §4.2): the lower of the server's
+    offer in HELLO and the highest this side speaks.  A version-1 server
+    offers nothing (0), which is version 1.
+    """
+    return max(VERSION, min(offer, speaks))
 
 
 def verify_auth(token: bytes, nonce: bytes, binding: bytes, auth: Auth) -> bool:

@@ -1,0 +1,273 @@
+"""
+NOVAC's agent pool (Teleport's): with one configured server address (a load
+balancer in front of a NOVAS cluster) the agent keeps dialling that address
+until it holds a tunnel to every member the servers named (docs/cluster.md,
+"Discovery").
+
+The dial loop is an explicit machine:
+
+    New --start--> Dialing --attempt_ended--> Idle --want--> Waiting
+                      ^                         ^              |
+                      +--------dial_due---------+--satisfied---+
+
+    (stop, from any state, --> Stopped)
+
+What it decides rests on two sets the adapter keeps in L{PoolCore}: the
+members the servers named (WELCOME and MEMBERS, protocol version 2; a
+version-1 server is a cluster of one) and the members held (one registered
+tunnel each).  A member is I{missing} when it is named and not held; with
+nothing held, the pool wants a tunnel to whichever server answers.  After
+each change the adapter tells the machine C{want} (something is missing) or
+C{satisfied}.
+
+Invariants (L{PoolCore.check_invariants}; a Hypothesis state machine drives
+them in tests/test_agent_pool.py): at most one attempt (a connection being
+made or registering) at a time; at most one held tunnel per member, so at
+most as many tunnels as members plus the one attempt; a timer only while
+something is missing; nothing dialled once stopped.  The wait before a dial
+is the reconnect policy's (L{nova.agent.reconnect.Backoff}: jittered,
+exponential, reset by a registration), so a single server behaves as with
+one reconnecting tunnel, and a balancer that keeps landing the agent on
+members it holds is asked less and less often.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from automat import TypeMachineBuilder
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+
+class PoolHooks(Protocol):
+    """What the machine asks its adapter to do."""
+
+    def dial(self) -> None:
+        "Start one attempt: connect and register; its end comes back as C{attempt_ended}."
+
+    def cancel_dial(self) -> None:
+        "Abandon the attempt in progress (the pool is stopping)."
+
+
+class Pool(Protocol):
+    """The inputs of the pool's dial loop."""
+
+    def start(self) -> None:
+        "Begin: dial at once, as a single reconnecting tunnel does."
+
+    def want(self) -> None:
+        "A member is missing (or nothing is held)."
+
+    def satisfied(self) -> None:
+        "Every member named is held."
+
+    def dial_due(self) -> None:
+        "The wait before the next dial is over."
+
+    def attempt_ended(self) -> None:
+        "The attempt registered, failed, landed on a member already held, or was refused."
+
+    def stop(self) -> None:
+        "No more dials."
+
+
+@dataclass
+class PoolCore:
+    clock: IReactorTime
+    hooks: PoolHooks
+    delay: Callable[[], float]  # the wait before the next dial (the reconnect policy)
+    members: frozenset[str] = frozenset()
+    held: dict[str, object] = field(default_factory=dict)  # member id -> its tunnel
+    timer: IDelayedCall | None = None
+    dialing: bool = False
+    dial_due: Callable[[], None] | None = None
+
+    def missing(self) -> frozenset[str]:
+        return self.members - self.held.keys()
+
+    def wanted(self) -> bool:
+        return not self.held or bool(self.missing())
+
+    def schedule(self) -> None:
+        assert self.dial_due is not None
+        self.timer = self.clock.callLater(self.delay(), self.dial_due)
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def check_invariants(self) -> None:
+        assert not (self.dialing and self.timer is not None and self.timer.active()), "a timer while dialling"
+        assert len(set(map(id, self.held.values()))) == len(self.held), "one tunnel held for two members"
+
+
+_builder = TypeMachineBuilder(Pool, PoolCore)
+New = _builder.state("New")
+Idle = _builder.state("Idle")
+Waiting = _builder.state("Waiting")
+Dialing = _builder.state("Dialing")
+Stopped = _builder.state("Stopped")
+
+
+@New.upon(Pool.start).to(Dialing)
+@Waiting.upon(Pool.dial_due).to(Dialing)
+def _dial(pool: Pool, core: PoolCore) -> None:
+    core.timer = None
+    core.dialing = True
+    core.hooks.dial()
+
+
+@Idle.upon(Pool.want).to(Waiting)
+def _wait(pool: Pool, core: PoolCore) -> None:
+    core.schedule()
+
+
+@Waiting.upon(Pool.satisfied).to(Idle)
+def _satisfied_waiting(pool: Pool, core: PoolCore) -> None:
+    core.cancel_timer()
+
+
+@Dialing.upon(Pool.attempt_ended).to(Idle)
+def _attempt_ended(pool: Pool, core: PoolCore) -> None:
+    core.dialing = False
+
+
+@New.upon(Pool.stop).to(Stopped)
+@Idle.upon(Pool.stop).to(Stopped)
+@Waiting.upon(Pool.stop).to(Stopped)
+def _stop(pool: Pool, core: PoolCore) -> None:
+    core.cancel_timer()
+
+
+@Dialing.upon(Pool.stop).to(Stopped)
+def _stop_dialing(pool: Pool, core: PoolCore) -> None:
+    core.dialing = False
+    core.hooks.cancel_dial()
+
+
+# The attempt in flight decides what follows it; a second start is nothing.
+@Dialing.upon(Pool.want).loop()
+@Dialing.upon(Pool.satisfied).loop()
+@Waiting.upon(Pool.want).loop()
+@Idle.upon(Pool.satisfied).loop()
+@New.upon(Pool.want).loop()
+@New.upon(Pool.satisfied).loop()
+@Idle.upon(Pool.start).loop()
+@Waiting.upon(Pool.start).loop()
+@Dialing.upon(Pool.start).loop()
+@Stopped.upon(Pool.start).loop()
+@Stopped.upon(Pool.want).loop()
+@Stopped.upon(Pool.satisfied).loop()
+@Stopped.upon(Pool.dial_due).loop()
+@Stopped.upon(Pool.attempt_ended).loop()
+@Stopped.upon(Pool.stop).loop()
+@New.upon(Pool.dial_due).loop()
+@Idle.upon(Pool.dial_due).loop()
+@Dialing.upon(Pool.dial_due).loop()
+@New.upon(Pool.attempt_ended).loop()
+@Idle.upon(Pool.attempt_ended).loop()
+@Waiting.upon(Pool.attempt_ended).loop()
+def _ignored(pool: Pool, core: PoolCore) -> None:
+    pass
+
+
+_build = _builder.build()
+
+
+def new_pool(core: PoolCore) -> Pool:
+    """A pool in New: L{Pool.start} dials."""
+    pool = _build(core)
+    core.dial_due = pool.dial_due
+    return pool
+
+
+class PoolState:
+    """
+    The pool's two sets and its machine, driven by what the tunnels report
+    (L{nova.agent.tunnel}) and the adapter sees (L{nova.agent.discovery},
+    which also carries out the hooks).  No I/O.
+    """
+
+    def __init__(self, clock: IReactorTime, hooks: PoolHooks, delay: Callable[[], float]) -> None:
+        self.core = PoolCore(clock, hooks, delay)
+        self.machine = new_pool(self.core)
+        self.attempt: object | None = None  # the tunnel of the attempt in flight, once connected
+        self.duplicates = 0
+        self.on_change: Callable[[], None] | None = None  # after every decision (the adapter's metrics)
+
+    @property
+    def members(self) -> frozenset[str]:
+        return self.core.members
+
+    @property
+    def held(self) -> dict[str, object]:
+        return self.core.held
+
+    def _decide(self) -> None:
+        if self.core.wanted():
+            self.machine.want()
+        else:
+            self.machine.satisfied()
+        self.core.check_invariants()
+        if self.on_change is not None:
+            self.on_change()
+
+    def start(self) -> None:
+        self.machine.start()
+
+    def stop(self) -> None:
+        self.machine.stop()
+
+    def connected(self, tunnel: object) -> None:
+        """The attempt's connection is up: C{tunnel} is registering."""
+        self.attempt = tunnel
+
+    def attempt_failed(self) -> None:
+        """The attempt's connection could not be made."""
+        self.attempt = None
+        if not self.core.dialing:
+            return
+        self.machine.attempt_ended()
+        self._decide()
+
+    def welcomed(self, tunnel: object, server_id: str, members: Iterable[str]) -> bool:
+        """
+        C{tunnel} registered with C{server_id}, which named C{members}.
+        False: the pool holds that member already; the tunnel must close.
+        """
+        current = self.core.held.get(server_id)
+        if current is not None and current is not tunnel:
+            self.duplicates += 1
+            return False
+        self.core.held[server_id] = tunnel
+        self.core.members = frozenset(members) | {server_id}
+        if tunnel is self.attempt:
+            self.attempt = None
+            self.machine.attempt_ended()
+        self._decide()
+        return True
+
+    def holds(self, server_id: str) -> bool:
+        """Whether a tunnel to C{server_id} is held (a REJECT NAME_IN_USE from it is a duplicate)."""
+        return server_id in self.core.held
+
+    def refused_duplicate(self) -> None:
+        self.duplicates += 1
+
+    def members_changed(self, members: Iterable[str]) -> None:
+        """A held tunnel's server sent MEMBERS."""
+        self.core.members = frozenset(members)
+        self._decide()
+
+    def closed(self, tunnel: object) -> None:
+        """C{tunnel} closed (held, an attempt, or a duplicate being closed)."""
+        for member, held in list(self.core.held.items()):
+            if held is tunnel:
+                del self.core.held[member]
+        if tunnel is self.attempt:
+            self.attempt = None
+            self.machine.attempt_ended()
+        self._decide()

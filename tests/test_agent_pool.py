@@ -1,0 +1,298 @@
+"""
+The agent pool's decisions (nova/agent/pool.py), with a Clock and no
+sockets: when it dials, when it stops, what it does with a duplicate, a
+member that appears or goes; and a Hypothesis state machine that drives it
+against a simulated round-robin balancer in front of servers that come and
+go, checking its invariants after every step.
+"""
+
+from __future__ import annotations
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from nova.agent.pool import PoolState
+
+DELAY = 2.0
+
+
+class Hooks:
+    def __init__(self) -> None:
+        self.dials = 0
+        self.cancelled = 0
+
+    def dial(self) -> None:
+        self.dials += 1
+
+    def cancel_dial(self) -> None:
+        self.cancelled += 1
+
+
+class Tunnel:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<Tunnel {self.name}>"
+
+
+def pool(delay: float = DELAY) -> tuple[Clock, Hooks, PoolState]:
+    clock, hooks = Clock(), Hooks()
+    return clock, hooks, PoolState(clock, hooks, lambda: delay)
+
+
+def land(state: PoolState, server_id: str, members: tuple[str, ...]) -> Tunnel:
+    """The attempt in flight reaches C{server_id}, which names C{members}."""
+    tunnel = Tunnel(server_id)
+    state.connected(tunnel)
+    if not state.welcomed(tunnel, server_id, members):
+        state.closed(tunnel)
+    return tunnel
+
+
+class PoolDecisionTests(SynchronousTestCase):
+    def test_single_server_is_one_tunnel(self) -> None:
+        clock, hooks, state = pool()
+        state.start()
+        self.assertEqual(hooks.dials, 1)  # at once, as a reconnecting tunnel does
+        tunnel = land(state, "solo", ("solo",))
+        clock.advance(3600)
+        self.assertEqual(hooks.dials, 1)
+        self.assertEqual(state.held, {"solo": tunnel})
+        # Lost: redialled after the backoff's delay, not before.
+        state.closed(tunnel)
+        clock.advance(DELAY - 0.01)
+        self.assertEqual(hooks.dials, 1)
+        clock.advance(0.01)
+        self.assertEqual(hooks.dials, 2)
+
+    def test_a_version_1_server_names_no_members_and_is_a_cluster_of_one(self) -> None:
+        clock, hooks, state = pool()
+        state.start()
+        land(state, "old", ("old",))
+        clock.advance(100)
+        self.assertEqual(hooks.dials, 1)
+
+    def test_dials_until_every_member_is_held(self) -> None:
+        clock, hooks, state = pool()
+        state.start()
+        members = ("a", "b", "c")
+        land(state, "a", members)
+        self.assertEqual(state.core.missing(), {"b", "c"})
+        clock.advance(DELAY)
+        self.assertEqual(hooks.dials, 2)
+        land(state, "a", members)  # a duplicate: closed, tried again later
+        self.assertEqual(state.duplicates, 1)
+        self.assertEqual(set(state.held), {"a"})
+        clock.advance(DELAY)
+        land(state, "b", members)
+        clock.advance(DELAY)
+        land(state, "c", members)
+        self.assertEqual(set(state.held), {"a", "b", "c"})
+        dials = hooks.dials
+        clock.advance(3600)
+        self.assertEqual(hooks.dials, dials)
+        self.assertIsNone(state.core.timer)
+
+    def test_one_attempt_at_a_time(self) -> None:
+        clock, hooks, state = pool()
+        state.start()
+        clock.advance(3600)  # the first attempt has not ended: nothing else is dialled
+        self.assertEqual(hooks.dials, 1)
+        state.attempt_failed()
+        clock.advance(DELAY)
+        self.assertEqual(hooks.dials, 2)
+
+    def test_a_new_member_is_dialled_for(self) -> None:
+        clock, hooks, state = pool()
+        state.start()
+        land(state, "a", ("a",))
+        state.members_changed(("a", "b"))
+        clock.advance(DELAY)
+        self.assertEqual(hooks.dials, 2)
+        land(state, "b", ("a", "b"))
+        self.assertEqual(set(state.held), {"a", "b"})
+
+    def test_a_member_gone_is_no_longer_dialled_for(self) -> None:
+        clock, hooks, state = pool()
+        state.start()
+        land(state, "b", ("a", "b", "c"))
+        clock.advance(DELAY)
+        land(state, "c", ("a", "b", "c"))
+        self.assertIsNotNone(state.core.timer)  # waiting to dial for a
+        state.members_changed(("b", "c"))  # a left the cluster (its rows expired)
+        self.assertIsNone(state.core.timer)
+        clock.advance(3600)
+        self.assertEqual(hooks.dials, 2)
+
+    def test_a_killed_server_is_not_redialled_for_ever(self) -> None:
+        clock, hooks, state = pool()
+        state.start()
+        members = ("a", "b", "c")
+        tunnels = {}
+        tunnels["a"] = land(state, "a", members)
+        for sid in ("b", "c"):
+            clock.advance(DELAY)
+            tunnels[sid] = land(state, sid, members)
+        state.closed(tunnels["a"])  # a is killed
+        # The balancer sends the next attempts to the survivors: duplicates.
+        for sid in ("b", "c", "b"):
+            clock.advance(DELAY)
+            land(state, sid, members)
+        self.assertEqual(state.duplicates, 3)
+        # The survivors' view drops a once its heartbeat rows expire: dialling stops.
+        state.members_changed(("b", "c"))
+        dials = hooks.dials
+        clock.advance(3600)
+        self.assertEqual(hooks.dials, dials)
+        self.assertEqual(set(state.held), {"b", "c"})
+
+    def test_losing_everything_dials_whoever_answers(self) -> None:
+        clock, hooks, state = pool()
+        state.start()
+        t = land(state, "a", ("a", "b"))
+        state.closed(t)
+        clock.advance(DELAY)
+        self.assertEqual(hooks.dials, 2)
+
+    def test_stop_cancels_the_attempt_and_dials_nothing_more(self) -> None:
+        clock, hooks, state = pool()
+        state.start()
+        state.stop()
+        self.assertEqual(hooks.cancelled, 1)
+        state.attempt_failed()
+        clock.advance(3600)
+        self.assertEqual(hooks.dials, 1)
+
+    def test_stop_while_waiting_cancels_the_timer(self) -> None:
+        clock, hooks, state = pool()
+        state.start()
+        land(state, "a", ("a", "b"))
+        self.assertIsNotNone(state.core.timer)
+        state.stop()
+        self.assertIsNone(state.core.timer)
+        clock.advance(3600)
+        self.assertEqual((hooks.dials, hooks.cancelled), (1, 0))
+
+
+class Balancer:
+    """Round robin over the servers that are up, as an NLB or HAProxy would."""
+
+    def __init__(self) -> None:
+        self.up: list[str] = []
+        self.turn = 0
+
+    def pick(self) -> str | None:
+        if not self.up:
+            return None
+        self.turn += 1
+        return self.up[self.turn % len(self.up)]
+
+
+class PoolMachine(RuleBasedStateMachine):
+    """
+    The pool against a balancer and a cluster whose view lags: servers start
+    and die; the members view the servers send changes only when a rule
+    announces it (a heartbeat noticed), as in a real cluster.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock, self.hooks, self.state = pool()
+        self.balancer = Balancer()
+        self.view: tuple[str, ...] = ()
+        self.next_id = 0
+        self.started = self.stopped = False
+        self.dials_seen = 0
+        # The members the servers named, kept here as the servers told them
+        # (not read back from the pool), for does_not_stall.
+        self.named: set[str] = set()
+
+    def in_flight(self) -> bool:
+        return self.state.core.dialing
+
+    @rule()
+    def server_starts(self) -> None:
+        if len(self.balancer.up) < 5:
+            self.next_id += 1
+            self.balancer.up.append(f"s{self.next_id}")
+
+    @precondition(lambda self: bool(self.balancer.up))
+    @rule(i=st.integers(0, 4))
+    def server_dies(self, i: int) -> None:
+        sid = self.balancer.up.pop(i % len(self.balancer.up))
+        for member, tunnel in list(self.state.held.items()):
+            if member == sid:
+                self.state.closed(tunnel)
+
+    @rule()
+    def cluster_view_catches_up(self) -> None:
+        self.view = tuple(self.balancer.up)
+        if self.state.held and self.view:
+            self.state.members_changed(self.view)
+            self.named = set(self.view)
+
+    @precondition(lambda self: not self.started)
+    @rule()
+    def start(self) -> None:
+        self.started = True
+        self.state.start()
+
+    @rule()
+    def stop(self) -> None:
+        self.stopped = True
+        self.state.stop()
+
+    @precondition(lambda self: self.in_flight())
+    @rule(refused=st.booleans())
+    def attempt_finishes(self, refused: bool) -> None:
+        sid = self.balancer.pick()
+        if sid is None or refused:
+            self.state.attempt_failed()
+            return
+        view = self.view if sid in self.view else (*self.view, sid)
+        if sid not in self.state.held:
+            self.named = set(view)
+        land(self.state, sid, view)
+
+    @rule(seconds=st.floats(0, 3 * DELAY))
+    def time_passes(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+
+    @invariant()
+    def bounded(self) -> None:
+        self.state.core.check_invariants()
+        # One tunnel per member; members are servers that were up once.
+        assert len(self.state.held) <= self.next_id
+        assert all(isinstance(t, Tunnel) and t.name == m for m, t in self.state.held.items())
+
+    @invariant()
+    def never_dials_after_stop_nor_twice_at_once(self) -> None:
+        if self.stopped:
+            assert not self.in_flight()
+            assert self.state.core.timer is None
+        dials = self.hooks.dials
+        assert dials - self.dials_seen <= 1  # one dial per step at most
+        self.dials_seen = dials
+
+    @invariant()
+    def does_not_stall(self) -> None:
+        """Something is missing and the pool runs: an attempt is in flight or one is scheduled."""
+        held = self.state.held
+        missing = not held or bool(self.named - held.keys())
+        if self.started and not self.stopped and missing:
+            timer = self.state.core.timer
+            assert self.in_flight() or (timer is not None and timer.active())
+
+    @invariant()
+    def idle_when_satisfied(self) -> None:
+        held = self.state.held
+        if held and not self.named - held.keys():
+            assert self.state.core.timer is None
+
+
+TestPoolMachine = PoolMachine.TestCase
+TestPoolMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
