@@ -81,6 +81,8 @@ def host_problem(host: str) -> str | None:
             return f"label {index} of the host name is not valid IDNA (or longer than {MAX_LABEL} octets)"
         if not 1 <= len(encoded) <= MAX_LABEL:
             return f"label {index} of the host name is not 1 to {MAX_LABEL} octets long after IDNA"
+        if b"." in encoded:  # U+2024 ONE DOT LEADER and the like: nameprep maps them to a dot
+            return f"label {index} of the host name holds a character that IDNA turns into a dot"
         total += len(encoded)
     total += len(labels) - 1
     if total > MAX_NAME:
