@@ -30,6 +30,8 @@ from nova.wire.codec import FrameDecoder
 from nova.wire.errors import ErrorCode
 from nova.wire.frames import MAX_MEMBERS, Auth, GoAway, Hello, Welcome, encode
 
+from .contexts import agent_context, server_context
+
 TOKEN = b"correct horse battery staple"
 
 
@@ -68,19 +70,13 @@ class Cluster:
         self.pumps: list[iosim.IOPump] = []
 
     def server(self, server_id: str, provider: Any = None) -> ServerContext:
-        context = ServerContext(token=TOKEN, tls=False, clock=self.clock, server_id=server_id, members=provider)
+        context = server_context(self.clock, token=TOKEN, tls=False, server_id=server_id, members=provider)
         self.servers[server_id] = context
         return context
 
     def agent_context(self, max_version: int = 2) -> AgentContext:
-        return AgentContext(
-            name="db-agent",
-            tags=(),
-            token=TOKEN,
-            tls=False,
-            clock=self.clock,
-            connect_target=no_targets,
-            max_version=max_version,
+        return agent_context(
+            self.clock, no_targets, name="db-agent", tags=(), token=TOKEN, tls=False, max_version=max_version
         )
 
     def connect(
@@ -375,8 +371,8 @@ class SeveralAddressesTests(SynchronousTestCase):
 
     def test_independent_servers_with_the_same_id_are_each_held(self) -> None:
         c = Cluster()
-        first = ServerContext(token=TOKEN, tls=False, clock=c.clock, server_id="vm")
-        second = ServerContext(token=TOKEN, tls=False, clock=c.clock, server_id="vm")
+        first = server_context(c.clock, token=TOKEN, tls=False, server_id="vm")
+        second = server_context(c.clock, token=TOKEN, tls=False, server_id="vm")
         c.servers = {"first": first, "second": second}
         context = c.agent_context()
         pools = []

@@ -19,9 +19,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from nova.rules.routes import Selector, parse_selector
 from nova.server.endpoint import AgentTimeout, NoAgent, TunnelEndpoint
 from nova.server.registry import Registry
-from nova.server.socks import Reply, SocksFactory
+from nova.server.socks import Reply
 from nova.server.tunnel import OpenFailed, TunnelGone
 from nova.wire.errors import OpenFailReason
+
+from .contexts import socks_factory
 
 
 class FakeStream(StringTransport):
@@ -181,7 +183,7 @@ class FailoverTests(SynchronousTestCase):
 class SocksTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.tunnel = FakeTunnel("agent", {"Env": "Production"})
-        self.factory = SocksFactory(registry(self.tunnel), Clock(), b"s3cret")
+        self.factory = socks_factory(registry(self.tunnel), Clock(), b"s3cret")
         self.transport = StringTransport()
         self.client = self.factory.buildProtocol(None)
         self.client.makeConnection(self.transport)

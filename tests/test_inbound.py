@@ -12,10 +12,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from nova.mux.core import Buffer, Multiplexer, OpenRefused, Role
 from nova.mux.inbound import InboundDelivery, ReadBatches
-from nova.transport.tunnel import Timing, TunnelProtocol
+from nova.transport.tunnel import TunnelProtocol
 from nova.wire.codec import FrameDecoder
 from nova.wire.errors import ErrorCode
 from nova.wire.frames import OpenOk
+
+from .contexts import AGENT_CONFIG
 
 WINDOW = 1 << 20
 
@@ -163,7 +165,7 @@ class DeliveryTests(SynchronousTestCase):
 
 class ReadBatchesTests(SynchronousTestCase):
     def test_the_tunnel_declares_read_batches(self) -> None:
-        tunnel = TunnelProtocol(Clock(), WINDOW, Timing())
+        tunnel = TunnelProtocol(Clock(), WINDOW, AGENT_CONFIG.timing(), WINDOW)
         self.assertIsInstance(tunnel, ReadBatches)
         tunnel.begin_read()
         tunnel.inbound._check_invariants(in_batch=True)

@@ -19,9 +19,11 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from nova.agent.reconnect import RESTART_RETRIES, Backoff, reconnecting
-from nova.agent.tunnel import AgentContext, AgentTunnel
+from nova.agent.tunnel import AgentTunnel
 from nova.mux.lifecycle import SessionCore, start_session
 from nova.wire.errors import ErrorCode
+
+from .contexts import agent_context
 
 
 class Hooks:
@@ -182,9 +184,7 @@ class BackoffTests(SynchronousTestCase):
             backoff.reset()  # ...and registering reset it
             backoff(1)
             backoff.reset()
-            context = AgentContext(
-                name="a", tags=(), token=b"t", tls=False, clock=Clock(), connect_target=lambda *a: Deferred()
-            )
+            context = agent_context(Clock(), lambda *a: Deferred(), name="a", tags=(), token=b"t", tls=False)
             tunnel = AgentTunnel(context, "s:1", backoff)
             tunnel.goaway_received(code, "bye")
             delays = [backoff(1) for _ in range(3)]

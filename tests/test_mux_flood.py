@@ -8,6 +8,8 @@ honest peer's keepalive and window updates again once the push-back ends.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
@@ -17,11 +19,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from nova.mux.core import MAX_QUEUED_REPLIES, Buffer, Role
 from nova.mux.defaults import DEFAULT_MAX_STREAMS
-from nova.transport.tunnel import CLOSE_TIMEOUT, READ_PAUSE_REPLIES, Timing, TunnelProtocol
+from nova.transport.tunnel import CLOSE_TIMEOUT, READ_PAUSE_REPLIES, TunnelProtocol
 from nova.wire.codec import FrameDecoder
 from nova.wire.errors import ControlFlood, ErrorCode, OpenFailReason
 from nova.wire.frames import Data, Frame, GoAway, Open, OpenFail, OpenOk, Ping, Pong, WindowUpdate
 
+from .contexts import AGENT_CONFIG
 from .reference_mux import ReferenceMultiplexer as Multiplexer  # the core plus its one-at-a-time model
 from .strategies import wire
 from .test_tunnel import Recorder
@@ -139,7 +142,8 @@ class Bare(TunnelProtocol):
     role = Role.AGENT
 
     def __init__(self, clock: Clock) -> None:
-        super().__init__(clock, WINDOW, Timing(keepalive=KEEPALIVE, dead_timeout=3 * KEEPALIVE))
+        timing = replace(AGENT_CONFIG.timing(), keepalive=KEEPALIVE, dead_timeout=3 * KEEPALIVE)
+        super().__init__(clock, WINDOW, timing, WINDOW)
         self.recorders: dict[int, Recorder] = {}
 
     def handshake_started(self) -> None:

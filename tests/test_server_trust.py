@@ -44,6 +44,7 @@ from nova.wire.errors import ErrorCode
 from nova.wire.frames import Auth, Frame, GoAway, Hello, Reject, Welcome, encode
 from nova.wire.handshake import make_auth
 
+from .contexts import server_context
 from .pki import CA
 
 TOKEN = b"correct horse battery staple"
@@ -85,7 +86,7 @@ class StalledTLSTests(SynchronousTestCase):
         directory = Path(tempfile.mkdtemp())
         self.clock = Clock()
         cert, key = CA().issue("novas.test").write(directory, "server")
-        self.context = ServerContext(token=TOKEN, tls=True, clock=self.clock)
+        self.context = server_context(self.clock, token=TOKEN, tls=True)
         self.factory = TLSMemoryBIOFactory(server_options(cert, key), False, ServerTunnelFactory(self.context))
 
     def test_a_stalled_tls_handshake_is_aborted_at_the_deadline(self) -> None:
@@ -105,7 +106,7 @@ class StalledTLSTests(SynchronousTestCase):
 class PendingPerSourceTests(SynchronousTestCase):
     def test_one_source_cannot_take_every_pending_slot(self) -> None:
         limits = Limits(max_pending_per_source=2, max_pending_handshakes=3)
-        context = ServerContext(token=TOKEN, tls=False, clock=Clock(), limits=limits)
+        context = server_context(Clock(), token=TOKEN, tls=False, limits=limits)
         held = [_connect(context, "192.0.2.7") for _ in range(2)]
         # Over its source's limit: it waits its turn, reading paused, no HELLO.
         _third, third_transport = _connect(context, "192.0.2.7")
@@ -125,7 +126,7 @@ class PendingPerSourceTests(SynchronousTestCase):
     def test_the_waiting_queue_is_bounded_and_waiting_has_a_deadline(self) -> None:
         clock = Clock()
         limits = Limits(max_pending_per_source=1, max_pending_handshakes=3)
-        context = ServerContext(token=TOKEN, tls=False, clock=clock, limits=limits)
+        context = server_context(clock, token=TOKEN, tls=False, limits=limits)
         _connect(context)
         waiting = [_connect(context) for _ in range(3)]
         _, refused = _connect(context)
@@ -143,7 +144,7 @@ class ThrottleTests(SynchronousTestCase):
         """Defect 3: 50 handshakes past HELLO at once, then 50 wrong AUTHs: only the budget is checked."""
         tokens = CountingTokens([TOKEN])
         limits = Limits(failures_before_block=5, failures_before_delay=100)
-        context = ServerContext(token=None, tokens=tokens, tls=False, clock=Clock(), limits=limits)
+        context = server_context(Clock(), token=None, tokens=tokens, tls=False, limits=limits)
         guesses = [_connect(context) for _ in range(50)]
         answers = [_auth(t, tr, b"wrong token guess %d" % i, "guess") for i, (t, tr) in enumerate(guesses)]
         self.assertEqual(tokens.checked, 5)
@@ -162,7 +163,7 @@ class ThrottleTests(SynchronousTestCase):
         self.assertEqual(source_key("::ffff:192.0.2.1"), "192.0.2.1")
         self.assertEqual(source_key("192.0.2.1"), "192.0.2.1")
         limits = Limits(failures_before_block=3, failures_before_delay=100)
-        context = ServerContext(token=TOKEN, tls=False, clock=Clock(), limits=limits)
+        context = server_context(Clock(), token=TOKEN, tls=False, limits=limits)
         for i in range(3):
             t, tr = _connect(context, f"2001:db8:1:2::{i + 1}")
             _auth(t, tr, b"wrong token guess!", "guess")
@@ -173,7 +174,7 @@ class ThrottleTests(SynchronousTestCase):
         """Defect 4: an agent sharing a failing address still registers after the delay."""
         clock = Clock()
         limits = Limits(failures_before_delay=2, failures_before_block=50)
-        context = ServerContext(token=TOKEN, tls=False, clock=clock, limits=limits)
+        context = server_context(clock, token=TOKEN, tls=False, limits=limits)
         for _ in range(9):
             t, tr = _connect(context)
             clock.advance(limits.max_delay)  # the guesser waits out its delays too
@@ -192,7 +193,7 @@ class ThrottleTests(SynchronousTestCase):
 
 class ScopeTests(SynchronousTestCase):
     def _context(self, *tokens: AgentToken) -> ServerContext:
-        return ServerContext(token=None, tokens=TokenSet(tokens), tls=False, clock=Clock())
+        return server_context(Clock(), token=None, tokens=TokenSet(tokens), tls=False)
 
     def test_scope_words(self) -> None:
         label, scope = parse_scope(["id=prod", "name=db-*", "tags=Env=Production;VPC=*"])
@@ -297,7 +298,7 @@ class FloodReportTests(SynchronousTestCase):
     def test_a_flood_of_refusals_leaves_a_bounded_log_and_audit(self) -> None:
         """Defect 8: 5,000 connect-and-close from one source: two log lines, two records."""
         clock = Clock()
-        context = ServerContext(token=TOKEN, tls=False, clock=clock, audit=self.audit)
+        context = server_context(clock, token=TOKEN, tls=False, audit=self.audit)
         for _ in range(5000):
             tunnel, _ = _connect(context, "192.0.2.50")
             tunnel.connectionLost(Failure(Exception("gone")))
@@ -312,7 +313,7 @@ class FloodReportTests(SynchronousTestCase):
         )
 
     def test_claimed_names_stay_out_of_the_agent_field(self) -> None:
-        context = ServerContext(token=TOKEN, tls=False, clock=Clock(), audit=self.audit)
+        context = server_context(Clock(), token=TOKEN, tls=False, audit=self.audit)
         tunnel, transport = _connect(context)
         _auth(tunnel, transport, b"wrong token guess!", "db-agent-0")
         [record] = self.records
@@ -321,7 +322,7 @@ class FloodReportTests(SynchronousTestCase):
 
     def test_peer_text_is_escaped_in_logs_and_audit(self) -> None:
         """Defect 14: a GOAWAY message with a raw CR LF cannot forge a log line."""
-        context = ServerContext(token=TOKEN, tls=False, clock=Clock(), audit=self.audit)
+        context = server_context(Clock(), token=TOKEN, tls=False, audit=self.audit)
         tunnel, transport = _connect(context)
         _auth(tunnel, transport, TOKEN, "db-agent")
         tunnel.dataReceived(b"".join(encode(GoAway(ErrorCode.NO_ERROR, "bye\r\nagent evil registered\u202e"))))

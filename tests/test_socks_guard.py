@@ -19,8 +19,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from nova.config import ConfigError, resolve
 from nova.rules.admission import Limits
 from nova.server.options import SETTINGS, build_config
-from nova.server.socks import Reply, SocksClient, SocksFactory
+from nova.server.socks import Reply, SocksClient
 
+from .contexts import socks_factory
 from .test_destinations import BAD_NAMES
 from .test_endpoint import FakeStream, FakeTunnel, registry
 
@@ -38,7 +39,7 @@ class Entry:
     def __init__(self, password: bytes | None = PASSWORD, limits: Limits = LIMITS) -> None:
         self.clock = Clock()
         self.tunnel = FakeTunnel("agent")
-        self.factory = SocksFactory(registry(self.tunnel), self.clock, password, limits=limits)
+        self.factory = socks_factory(registry(self.tunnel), self.clock, password, limits=limits)
 
     def connect(self, source: str = "10.9.8.7") -> tuple[SocksClient, StringTransport]:
         transport = StringTransport(peerAddress=IPv4Address("TCP", source, 40000))

@@ -23,7 +23,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from nova.agent.tunnel import AgentContext, AgentTunnel, AgentTunnelFactory, Rejected
+from nova.agent.tunnel import AgentTunnel, AgentTunnelFactory, Rejected
 from nova.rules.routes import Selector
 from nova.server.tunnel import LIVE_NAME_PROBE, OpenFailed, ServerContext, ServerTunnel, ServerTunnelFactory
 from nova.tls import certificate_fingerprint, client_creator, parse_fingerprint, server_options
@@ -32,6 +32,7 @@ from nova.wire.errors import ErrorCode, OpenFailReason
 from nova.wire.frames import Hello, Ping, Pong, Reject, Welcome, encode
 from nova.wire.handshake import make_auth
 
+from .contexts import agent_context, server_context
 from .pki import CA
 
 TOKEN = b"correct horse battery staple"
@@ -105,7 +106,7 @@ class Harness:
         self.clock = Clock()
         self.ca = CA()
         cert, key = self.ca.issue("novas.test", "127.0.0.1").write(self.dir, "server")
-        self.server_context = ServerContext(token=TOKEN, tls=True, clock=self.clock, window=window)
+        self.server_context = server_context(self.clock, token=TOKEN, tls=True, window=window)
         server_factory = TLSMemoryBIOFactory(
             server_options(cert, key), False, ServerTunnelFactory(self.server_context), self.clock
         )
@@ -121,13 +122,13 @@ class Harness:
             creator = client_creator(server_name, fingerprint=parse_fingerprint(pin))
         self.targets: list[tuple[str, int, Protocol, TargetTransport]] = []
         self.refuse: dict[tuple[str, int], Exception] = {}
-        self.agent_context = AgentContext(
+        self.agent_context = agent_context(
+            self.clock,
+            self._connect_target,
             name="db-agent",
             tags=(("env", "prod"), ("zone", "a")),
             token=agent_token,
             tls=True,
-            clock=self.clock,
-            connect_target=self._connect_target,
             window=window,
         )
         client_factory = TLSMemoryBIOFactory(
@@ -232,7 +233,7 @@ class ServerHandshakeUnitTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.context = ServerContext(token=TOKEN, tls=False, clock=self.clock)
+        self.context = server_context(self.clock, token=TOKEN, tls=False)
         self.server = ServerTunnel(self.context)
         self.transport = StringTransport()
         self.server.makeConnection(self.transport)
@@ -438,7 +439,7 @@ class LifeCycleTests(SynchronousTestCase):
 
     def test_a_live_agent_keeps_its_name(self) -> None:
         clock = Clock()
-        context = ServerContext(token=TOKEN, tls=False, clock=clock)
+        context = server_context(clock, token=TOKEN, tls=False)
         old, old_transport = self._register(context, "db-agent")
         self._frames(old_transport)
         _new, new_transport = self._register(context, "db-agent")
@@ -460,7 +461,7 @@ class LifeCycleTests(SynchronousTestCase):
 
     def test_a_silent_tunnel_is_replaced_after_the_probe(self) -> None:
         clock = Clock()
-        context = ServerContext(token=TOKEN, tls=False, clock=clock)
+        context = server_context(clock, token=TOKEN, tls=False)
         old, _old_transport = self._register(context, "db-agent")
         new, new_transport = self._register(context, "db-agent")
         clock.advance(LIVE_NAME_PROBE - 0.01)
@@ -479,7 +480,7 @@ class LifeCycleTests(SynchronousTestCase):
 
     def test_a_tunnel_that_closes_during_the_probe_is_replaced_at_once(self) -> None:
         clock = Clock()
-        context = ServerContext(token=TOKEN, tls=False, clock=clock)
+        context = server_context(clock, token=TOKEN, tls=False)
         old, _ = self._register(context, "db-agent")
         new, new_transport = self._register(context, "db-agent")
         old.connectionLost(Failure(error.ConnectionDone()))
@@ -488,7 +489,7 @@ class LifeCycleTests(SynchronousTestCase):
 
     def test_replacements_keep_the_tunnel_gauge_and_audit_exact(self) -> None:
         clock = Clock()
-        context = ServerContext(token=TOKEN, tls=False, clock=clock)
+        context = server_context(clock, token=TOKEN, tls=False)
         tunnels = []
         for _ in range(5):
             tunnel, _ = self._register(context, "db-agent")

@@ -37,9 +37,11 @@ from nova.transport.tunnel import Timing
 from nova.wire.handshake import name_problem, tags_problem
 
 from .reconnect import DEFAULT_INITIAL_DELAY, DEFAULT_MAX_DELAY
-from .tunnel import DEFAULT_MAX_OPEN_RATE
 
 P = "NOVAC"
+
+# OPENs per second a server may ask of an agent (see AgentContext.max_open_rate).
+DEFAULT_MAX_OPEN_RATE = 5000
 
 SETTINGS: tuple[Setting[Any], ...] = (
     Setting(P, "server", None, "HOST:PORT[,HOST:PORT...]: register with every one (required)."),

@@ -16,14 +16,13 @@ from twisted.python.failure import Failure
 
 from nova import __version__
 from nova.errors import NovaError, dial_failure
-from nova.mux.core import DEFAULT_MAX_WINDOW, OpenRefused, Role
-from nova.mux.defaults import DEFAULT_MAX_STREAMS
+from nova.mux.core import OpenRefused, Role
 from nova.rules.destinations import Policy, PolicyDenied
 from nova.tls import channel_binding
 from nova.transport.splice import Pipe, splice
 from nova.transport.tunnel import Timing, TunnelProtocol
 from nova.wire.errors import ErrorCode, OpenFailReason, ProtocolError
-from nova.wire.frames import DEFAULT_INITIAL_WINDOW, FEATURE_NONE, MAX_VERSION, Frame, GoAway, Hello, Reject, Welcome
+from nova.wire.frames import FEATURE_NONE, MAX_VERSION, Frame, GoAway, Hello, Reject, Welcome
 from nova.wire.handshake import make_auth, negotiated_version, window_problem
 from nova.wire.hostname import host_problem
 from nova.wire.text import untrusted
@@ -81,8 +80,6 @@ class Rejected(NovaError):
         self.code = code
 
 
-# OPENs per second a server may ask of an agent (see AgentContext.max_open_rate).
-DEFAULT_MAX_OPEN_RATE = 5000
 
 
 def _prometheus_metrics() -> AgentEvents:
@@ -100,19 +97,20 @@ class AgentContext:
     tls: bool
     clock: IReactorTime
     connect_target: TargetConnector
-    # The defaults serve tests; NOVAC builds every field from its settings.
-    window: int = DEFAULT_INITIAL_WINDOW
-    max_window: int = DEFAULT_MAX_WINDOW
-    timing: Timing = field(default_factory=Timing)
-    max_streams: int = DEFAULT_MAX_STREAMS
-    tunnels: set[AgentTunnel] = field(default_factory=set)
+    # From the settings, with no defaults of their own (nova.agent.wiring
+    # builds a context from the configuration; so do the tests, from its defaults).
+    window: int
+    max_window: int
+    timing: Timing
+    max_streams: int
     # Checked before connect_target is called; connect_target checks the
-    # resolved addresses (see nova.rules.destinations.Dialer).
-    policy: Policy = field(default_factory=Policy)
-    on_denied: DenialHook | None = None
+    # resolved addresses (see nova.agent.dialer.Dialer).
+    policy: Policy
     # OPENs per second a server may ask of this agent (a token bucket whose
     # burst is one second's worth); beyond it OPEN_FAIL OVERLOADED.
-    max_open_rate: float = DEFAULT_MAX_OPEN_RATE
+    max_open_rate: float
+    tunnels: set[AgentTunnel] = field(default_factory=set)
+    on_denied: DenialHook | None = None
     # Where the agent's events are counted: Prometheus unless told otherwise
     # (NOVAC passes a plain AgentEvents when it serves no /metrics).
     metrics: AgentEvents = field(default_factory=_prometheus_metrics)

@@ -29,7 +29,7 @@ from nova.wire.socks5 import NEGOTIATING, Connect, Credentials, Event, Negotiati
 from nova.wire.socks5 import Reply as Reply  # the reply codes, for reply_for and its callers
 from nova.wire.text import untrusted
 
-from .endpoint import DEFAULT_OPEN_TIMEOUT, TunnelEndpoint
+from .endpoint import TunnelEndpoint
 from .listener import EntryConnection, StreamWatch, address
 from .registry import Registry
 
@@ -288,12 +288,12 @@ class SocksFactory(Factory):
         registry: Registry,
         clock: IReactorTime,
         password: bytes | None,
-        open_timeout: float = DEFAULT_OPEN_TIMEOUT,
-        audit: Audit | None = None,
-        negotiation_timeout: float = 10.0,
-        limits: Limits | None = None,
+        open_timeout: float,
+        audit: Audit | None,
+        negotiation_timeout: float,
+        limits: Limits,
     ) -> None:
-        self.gate = PasswordGate(password, Throttle(limits or Limits()), clock) if password is not None else None
+        self.gate = PasswordGate(password, Throttle(limits), clock) if password is not None else None
         self.audit = audit or Audit()
         self.negotiation_timeout = negotiation_timeout
         self.registry = registry

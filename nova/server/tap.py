@@ -21,7 +21,6 @@ from nova.admin.web import admin_resource
 from nova.cluster.store import cluster_store_for
 from nova.config import ConfigError
 from nova.prometheus import MetricsPage
-from nova.rules.admission import TokenSet
 from nova.rules.routes import Route
 from nova.service import ListenerService, StartupError, exit_zero_on_sigterm, on_signal, versions
 from nova.site import BoundedSite
@@ -33,7 +32,8 @@ from .listener import RouteFactory
 from .members import announcer, cluster_members, members_test_hook
 from .options import LABEL, Options, ServerConfig, load_tokens
 from .socks import SocksFactory
-from .tunnel import ServerContext, ServerTunnel, ServerTunnelFactory
+from .tunnel import ServerTunnel, ServerTunnelFactory
+from .wiring import server_context
 
 log = Logger()
 
@@ -59,18 +59,11 @@ class NovasService(MultiService):
             on_dropped=self.metrics.audit_dropped.inc,
         )
         members_hook = members_test_hook(os.environ)  # tests only (nova.server.members)
-        self.context = ServerContext(
-            audit=Audit(self.store, self.metrics, server=config.server_id),
-            token=None,
-            tokens=TokenSet(config.tokens),
-            limits=config.limits,
-            client_ca=config.client_ca is not None,
-            tls=config.tls,
-            clock=reactor,  # type: ignore[arg-type]
-            window=config.window,
-            max_window=config.max_window,
-            timing=config.timing(),
-            server_id=members_hook.own if members_hook is not None else config.server_id,
+        self.context = server_context(
+            config,
+            reactor,  # type: ignore[arg-type]  # the reactor is every IReactor* at once
+            Audit(self.store, self.metrics, server=config.server_id),
+            server_id=members_hook.own if members_hook is not None else None,
             members=members_hook,
         )
         if members_hook is not None:

@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from nova.admin.audit import Audit
 from nova.errors import OpenError, Why, reason_why
-from nova.mux.core import DEFAULT_MAX_WINDOW, OpenRefused, Role
+from nova.mux.core import OpenRefused, Role
 from nova.mux.defaults import DEFAULT_MAX_STREAMS
 from nova.rules.admission import AgentToken, Limits, Throttle, TokenSet, source_key
 from nova.tls import channel_binding, client_identity, tls_version
@@ -27,7 +27,6 @@ from nova.transport.stream import StreamTransport
 from nova.transport.tunnel import Timing, TunnelProtocol
 from nova.wire.errors import ErrorCode, OpenFailReason, ProtocolError, UnsupportedVersion
 from nova.wire.frames import (
-    DEFAULT_INITIAL_WINDOW,
     FEATURE_NONE,
     MAX_VERSION,
     VERSION,
@@ -88,17 +87,18 @@ class ServerContext:
     token: bytes | None
     tls: bool
     clock: IReactorTime
+    # From the settings, with no defaults of their own (nova.server.wiring
+    # builds a context from the configuration; so do the tests, from its defaults).
+    window: int
+    max_window: int
+    timing: Timing
+    server_id: str
+    limits: Limits
+    client_ca: bool  # agents present certificates whose names bind their agent names
     registry: Registry = field(default_factory=Registry)
-    # The defaults serve tests; NOVAS builds every field from its settings.
-    window: int = DEFAULT_INITIAL_WINDOW
-    max_window: int = DEFAULT_MAX_WINDOW
-    timing: Timing = field(default_factory=Timing)
-    server_id: str = "novas"
     audit: Audit = field(default_factory=Audit)
     tokens: TokenSet | None = None
-    limits: Limits = field(default_factory=Limits)
     throttle: Throttle | None = None
-    client_ca: bool = False  # agents present certificates whose names bind their agent names
     pending: int = 0
     pending_by_source: dict[str, int] = field(default_factory=dict)
     # Connections over their source's pending limit, waiting (reading paused,

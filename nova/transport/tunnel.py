@@ -71,7 +71,7 @@ from zope.interface import implementer
 
 from nova.mux.core import Buffer, Multiplexer, OpenRefused, Role, WindowBudget
 from nova.mux.inbound import InboundDelivery
-from nova.mux.lifecycle import DEFAULT_DEAD_TIMEOUT, DEFAULT_KEEPALIVE, Session, SessionCore, start_session
+from nova.mux.lifecycle import Session, SessionCore, start_session
 from nova.transport.fastpath import FrameWriter, set_notsent_lowat
 from nova.transport.outbound import OutboundScheduler
 from nova.transport.splice import no_delay, read_size
@@ -103,11 +103,11 @@ PROCESS_WINDOW_BUDGET = WindowBudget()
 
 @dataclass(frozen=True)
 class Timing:
-    """A tunnel's timers, in seconds (see README.md, "Timing")."""
+    """A tunnel's timers, in seconds (see README.md, "Timing"), from the settings."""
 
-    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
-    keepalive: float = DEFAULT_KEEPALIVE
-    dead_timeout: float = DEFAULT_DEAD_TIMEOUT
+    handshake_timeout: float
+    keepalive: float
+    dead_timeout: float
 
 
 @implementer(IPushProducer)
@@ -120,11 +120,11 @@ class TunnelProtocol(Protocol):
     log = Logger()
     role: Role
 
-    def __init__(self, clock: IReactorTime, local_window: int, timing: Timing, max_window: int | None = None) -> None:
+    def __init__(self, clock: IReactorTime, local_window: int, timing: Timing, max_window: int) -> None:
         self.clock = clock
         self.local_window = local_window
         # Streams' receive windows grow up to this (see nova.mux.core).
-        self.max_window = max_window if max_window is not None else local_window
+        self.max_window = max_window
         self.window_budget = PROCESS_WINDOW_BUDGET
         self._rtt_probe_opaque: bytes | None = None  # a probe's PING is out (see probe_rtt)
         self.rtt_probes = 0
