@@ -467,12 +467,17 @@ def test_server_services_match_the_ports(overlay: str, rendered: dict[str, list[
         assert [_port(container, p["targetPort"]) for p in service["spec"]["ports"]] == [config.agent_port]
         assert service["metadata"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-internal"] == "true"
         assert service["spec"]["externalTrafficPolicy"] == "Local"
-    # Each server is reachable on its own: one agent Service per replica, or one for the only replica.
-    if replicas == 1:
-        assert len(agents) == 1
-    else:
-        pods = {s["spec"]["selector"].get("statefulset.kubernetes.io/pod-name") for s in agents}
-        assert pods == {f"{workload['metadata']['name']}-{i}" for i in range(replicas)}
+    # One balanced address for every replica: agents discover the members through it,
+    # so every new connection is balanced on its own (nothing sticky).
+    assert len(agents) == 1
+    (balanced,) = agents
+    assert "statefulset.kubernetes.io/pod-name" not in balanced["spec"]["selector"]
+    assert balanced["spec"].get("sessionAffinity", "None") == "None"
+    if replicas > 1:
+        attributes = balanced["metadata"]["annotations"][
+            "service.beta.kubernetes.io/aws-load-balancer-target-group-attributes"
+        ]
+        assert "stickiness.enabled=false" in attributes
     # Routes: one Service port per route, on the route's port, listening on the pod's address.
     (routes,) = [s for s in services.values() if "route" in s["metadata"]["name"]]
     assert routes["spec"]["type"] == "ClusterIP"
@@ -552,9 +557,9 @@ def test_server_postgresql_shares_the_audit_store_and_one_certificate(rendered: 
     assert 1 <= pdb["spec"]["maxUnavailable"] < replicas
     hosts = [c for c in pod["topologySpreadConstraints"] if c["topologyKey"] == "kubernetes.io/hostname"]
     assert hosts and _selects(hosts[0]["labelSelector"]["matchLabels"], pod_labels)
-    # What is not there yet is said where an operator reads it.
+    # How agents reach every replica is said where an operator reads it.
     text = (K8S / "overlays" / "server-postgresql" / "kustomization.yaml").read_text()
-    assert "cluster work of another issue" in text and "NOVAC_SERVER lists them all" in text
+    assert "nova-novas-agents" in text and "every member" in text and "must not be sticky" in text
 
 
 # --- Memory requests against the measured idle RSS ------------------------------
