@@ -23,7 +23,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from nova.admin.audit import Audit
-from nova.admin.metrics import Metrics
 from nova.admin.web import admin_resource
 from nova.cluster.heartbeat import inline
 from nova.cluster.store import SQLiteClusterStore
@@ -109,7 +108,7 @@ class ClusterApiTests(SynchronousTestCase):
         self.cluster.membership.startService()
         self.addCleanup(self.cluster.membership.stopService)
         self.site = BoundedSite(
-            admin_resource(TOKEN.encode(), lambda: [], "novas-a", None, Metrics(), lambda: True, self.cluster),
+            admin_resource(TOKEN.encode(), lambda: [], "novas-a", None, lambda: True, self.cluster),
             reactor=self.reactor,
         )
 

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
-from .web import Guarded, send_json
+from .guarded import Guarded, send_json
 
 log = Logger()
 

@@ -11,13 +11,10 @@ Policy (L{nova.site}) allows nothing inline.
 
 from __future__ import annotations
 
-import hmac
-import json
 from collections.abc import Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -25,7 +22,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from nova.probes import Probe
 
-from .metrics import Metrics
+from .guarded import Guarded, _Leaf, send_json
 from .store import AuditStore, Query
 
 if TYPE_CHECKING:
@@ -39,45 +36,6 @@ ASSETS: dict[bytes, tuple[bytes, bytes]] = {
 }
 """The page's script and style sheet: public code, no data, served without the token."""
 MAX_LIMIT = 1000
-
-
-def send_json(request: Request, body: object, code: int = 200) -> bytes:
-    request.setResponseCode(code)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    return json.dumps(body, separators=(",", ":")).encode()
-
-
-class _Leaf(Resource):
-    isLeaf = True
-
-    def __init__(self) -> None:
-        Resource.__init__(self)
-
-
-class Guarded(_Leaf):
-    """A resource behind the bearer token; C{methods} are those it answers (others: 405)."""
-
-    methods: tuple[bytes, ...] = (b"GET", b"HEAD")
-
-    def __init__(self, token: bytes | None) -> None:
-        super().__init__()
-        self._token = token
-
-    def render(self, request: Request) -> bytes | int:
-        if self._token is None:
-            return send_json(request, {"error": "the admin API is off: set NOVAS_ADMIN_TOKEN"}, 403)
-        header = request.getHeader(b"authorization") or b""
-        scheme, _, given = header.partition(b" ")
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self._token):
-            request.setHeader(b"www-authenticate", b'Bearer realm="nova"')
-            return send_json(request, {"error": "a valid bearer token is required"}, 401)
-        if request.method not in self.methods:
-            return send_json(request, {"error": "method not allowed"}, 405)
-        return self.render_authorized(request)
-
-    def render_authorized(self, request: Request) -> bytes | int:
-        raise NotImplementedError
 
 
 class Tunnels(Guarded):
@@ -149,16 +107,6 @@ def parse_query(args: dict[bytes, list[bytes]]) -> Query:
     )
 
 
-class MetricsPage(Guarded):
-    def __init__(self, token: bytes | None, metrics: Metrics) -> None:
-        super().__init__(token)
-        self._metrics = metrics
-
-    def render_authorized(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-        return generate_latest(self._metrics.registry)
-
-
 class Page(_Leaf):
     """A static file of the page; the security headers come from L{nova.site.BoundedRequest}."""
 
@@ -208,12 +156,12 @@ def admin_resource(
     tunnels: Callable[[], list[dict[str, Any]]],
     server: str,
     store: AuditStore | None,
-    metrics: Metrics,
     ready: Callable[[], bool],
     cluster: ClusterControl | None = None,
 ) -> Resource:
     """
-    The admin site's root.  With C{cluster}, C{/api/v1/tunnels} shows every
+    The admin site's root (C{/metrics} is added by the service, with the
+    metrics token as well as the admin token).  With C{cluster}, C{/api/v1/tunnels} shows every
     tunnel of the cluster, and the routes, servers and drain endpoints exist.
     """
     from .cluster_api import ClusterTunnels, RouteItem, Routes, Servers, TunnelAction
@@ -231,7 +179,6 @@ def admin_resource(
         {
             b"api/v1/tunnels": Tunnels(token, tunnels, server),
             b"api/v1/events": Events(token, store),
-            b"metrics": MetricsPage(token, metrics),
             b"healthz": Probe(lambda: True, "alive"),
             b"readyz": Probe(ready, "the agent port is not listening"),
         }

@@ -37,7 +37,7 @@ from .core import (
 )
 
 if TYPE_CHECKING:
-    from nova.transport.stream import StreamEvents
+    from nova.mux.contract import StreamEvents
 
 
 @runtime_checkable

@@ -111,7 +111,6 @@ class NovasService(MultiService):
                 self.tunnels,
                 config.server_id,
                 self.store,
-                self.metrics,
                 lambda: self.agent_listener.port is not None,
                 self.cluster,
             )

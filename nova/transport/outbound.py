@@ -36,8 +36,8 @@ from nova.mux.core import Buffer, Multiplexer
 from nova.transport.splice import READ_SIZE, read_size
 
 if TYPE_CHECKING:
+    from nova.mux.contract import StreamEvents
     from nova.transport.fastpath import FrameWriter
-    from nova.transport.stream import StreamEvents
 
 QUANTUM = READ_SIZE
 SHARED_QUANTUM = 32 * 1024

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet._producer_helpers import _PullToPush
@@ -35,6 +35,8 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from nova.mux.contract import StreamEvents as StreamEvents  # re-exported: the stream's side of the contract
+from nova.mux.contract import StreamOwner as StreamOwner
 from nova.mux.lifecycle import start_halves
 from nova.transport.private import fast_tcp
 from nova.transport.splice import read_size
@@ -43,68 +45,6 @@ from nova.wire.frames import DEFAULT_INITIAL_WINDOW
 
 # The most bytes handed to the stream's protocol in one call.
 _HANDOVER = DEFAULT_INITIAL_WINDOW
-
-
-class StreamOwner(Protocol):
-    """
-    What a stream asks of the tunnel that carries it, by stream id.  Every
-    effect a stream has on its tunnel goes through one of these.
-    """
-
-    def write_data(self, stream_id: int, data: bytes, high_water: int) -> int:
-        """
-        Queue C{data} to be sent and schedule a flush (at once if
-        C{high_water} bytes or more are queued).  Returns the bytes still
-        queued for the stream.
-        """
-
-    def end_stream(self, stream_id: int) -> None:
-        """Send FIN after everything queued."""
-
-    def reset_stream(self, stream_id: int, code: ErrorCode) -> None:
-        """Send RST now and forget what is queued either way."""
-
-    def read_data(self, stream_id: int, limit: int) -> list[bytes]:
-        """Take received bytes (at least C{limit} if there are): credit for them goes back to the peer."""
-
-    def data_consumed(self, stream_id: int) -> int:
-        """
-        A run of L{read_data} ended: send the credit it freed.  Returns the
-        bytes still waiting for the stream.
-        """
-
-    def watch_drain(self, stream_id: int, watch: bool) -> None:
-        """Tell the stream (L{StreamEvents.drained}) when its queue drains, or stop telling it."""
-
-    def stream_closed(self, stream_id: int) -> None:
-        """The stream is gone: forget it."""
-
-
-class StreamEvents(Protocol):
-    """What the tunnel tells a stream."""
-
-    stream_id: int
-
-    def data_available(self) -> None:
-        "Received bytes wait for the stream (L{StreamOwner.read_data})."
-
-    def remote_ended(self) -> None:
-        "The peer's FIN arrived (after whatever bytes wait)."
-
-    def fin_sent(self) -> None:
-        "Our FIN went out."
-
-    def drained(self, queued: int) -> bool:
-        "Some queued bytes were sent, C{queued} remain; returns True while the stream still waits for more to drain."
-
-    def reset_by_peer(self, code: ErrorCode) -> None:
-        "The peer reset the stream."
-
-    def tunnel_lost(self, reason: Failure) -> None:
-        "The tunnel is gone."
-
-    def quantum_changed(self, quantum: int) -> None:
-        "The most a stream's local connection should read per reactor turn is now C{quantum}."
 
 
 @implementer(IAddress)
