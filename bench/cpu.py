@@ -146,6 +146,13 @@ def _stats(path: Path) -> dict[Key, tuple[int, float]]:
     return {key: (value[1], value[2]) for key, value in raw.items()}
 
 
+def _package(filename: str) -> str:
+    for package in ("nova", "twisted", "OpenSSL"):
+        if f"/{package}/" in filename:
+            return package
+    return "built-in" if filename == "~" else "other"
+
+
 def calls(work: Path, requests: int, warmup: int, top: int) -> None:
     """
     Per request, each Python function's calls and own time (cProfile's, so
@@ -171,6 +178,11 @@ def calls(work: Path, requests: int, warmup: int, top: int) -> None:
             f"{name.upper()}: {total_calls:.0f} Python-visible calls per request,"
             f" {total_us:.0f} us (cProfile) per request"
         )
+        by_package: dict[str, float] = {}
+        for key, (c, _) in diff.items():
+            package = _package(key[0])
+            by_package[package] = by_package.get(package, 0.0) + c
+        print("  calls by package: " + ", ".join(f"{p} {c:.0f}" for p, c in sorted(by_package.items())))
         print(f"  {'calls':>6} {'own us':>7}  function")
         for key, (c, t) in sorted(diff.items(), key=lambda kv: -kv[1][1])[:top]:
             where = f"{Path(key[0]).name}:{key[1]}" if key[0] != "~" else ""
