@@ -969,11 +969,13 @@ def test_writes_arrive_in_order_exactly_once(
     assert all(type(w) is bytes for w in conn.writes)
 
 
-def test_sent_from_sends_only_when_idle() -> None:
+def test_write_tcp_sends_only_when_idle() -> None:
     conn = FakeConnection([3, BlockingIOError(11, "EAGAIN")])
-    assert fastpath._sent_from(conn.tcp, b"abcdef") == 3
-    assert fastpath._sent_from(conn.tcp, b"def") == 0
-    conn._tempDataBuffer = [b"queued"]
-    assert fastpath._sent_from(conn.tcp, b"def") == 0
+    write_tcp(conn.tcp, b"abcdef")  # the kernel takes 3; the rest is queued
+    write_tcp(conn.tcp, b"ghi")  # something is queued: no send
+    conn.reactor_flush()
+    write_tcp(conn.tcp, b"jkl")  # EAGAIN: queued
+    write_tcp(conn.tcp, b"mno")
     assert conn.socket.calls == ["send", "send"]
-    assert conn.wire == b"abc"
+    assert conn.wire == b"abcdefghi"
+    assert conn.delivered() == b"abcdefghijklmno"

@@ -47,7 +47,7 @@ def _private_names_used(module: Any, receivers: str) -> set[str]:
 
 def test_every_private_name_the_fast_path_uses_is_listed() -> None:
     listed = set(private.TCP_NAMES) | set(private.TLS_NAMES) | set(private.CONNECTION_NAMES)
-    listed |= set(private.AGGREGATOR_NAMES) | {"_aggregator"}
+    listed |= set(private.AGGREGATOR_NAMES) | set(private.WRAPPER_NAMES) | {"_aggregator"}
     used = _private_names_used(fastpath, "t|tls|conn|aggregator|self._tls")
     used |= _private_names_used(splice, "t|transport")
     assert used, "the pattern found nothing: it no longer matches the code"

@@ -429,16 +429,22 @@ class Multiplexer:
         if self._drop(stream_id) is not None:
             self._reply(OpenFail(stream_id, reason, message[:1000]))
 
-    def send(self, stream_id: int, data: bytes) -> None:
-        """Queue C{data} on the stream; it is sent as the window allows."""
+    def send(self, stream_id: int, data: bytes) -> int:
+        """
+        Queue C{data} on the stream; it is sent as the window allows.
+        Returns the bytes queued on the stream (L{outbox_bytes}).
+        """
         s = self._streams.get(stream_id)
-        if s is None or not data:
-            return
+        if s is None:
+            return 0
+        if not data:
+            return s.outbox_bytes
         if s.fin_wanted or s.local_closed:
             raise RuntimeError("write after the stream's write side was closed")
         s.outbox.append(data)
         s.outbox_bytes += len(data)
         self._schedule(s)
+        return s.outbox_bytes
 
     def close_send(self, stream_id: int) -> None:
         """Send FIN once everything queued has been sent."""
@@ -641,13 +647,12 @@ class Multiplexer:
             return 0
         return None
 
-    def _sendable(self, s: _Stream) -> bool:
-        if not s.opened or s.local_closed:
-            return False
-        return bool(s.outbox and s.send_window > 0) or (not s.outbox and s.fin_wanted)
-
     def _schedule(self, s: _Stream) -> None:
-        if not s.scheduled and self._sendable(s):
+        # Whether the stream may send (DATA in its window, or FIN), inline:
+        # this runs for every write and every frame taken.
+        if s.scheduled or not s.opened or s.local_closed:
+            return
+        if s.send_window > 0 if s.outbox else s.fin_wanted:
             s.scheduled = True
             self._ready.append(s.stream_id)
 

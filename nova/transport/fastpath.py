@@ -28,7 +28,7 @@ Twisted's public path.
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import tcp
@@ -39,9 +39,12 @@ from nova.mux.inbound import ReadBatches
 from nova.transport import private
 from nova.transport.private import SSL_ERROR_WANT_READ as _WANT_READ
 from nova.transport.private import BIO_read as _BIO_read
+from nova.transport.private import BIO_write as _BIO_write
 from nova.transport.private import SSL_get_error as _SSL_get_error
 from nova.transport.private import SSL_read as _SSL_read
+from nova.transport.private import SSL_write as _SSL_write
 from nova.transport.private import ffi_buffer as _ffi_buffer
+from nova.transport.private import ffi_from_buffer as _ffi_from_buffer
 from nova.transport.private import ffi_new as _ffi_new
 
 try:  # public pyOpenSSL names; absent without pyOpenSSL
@@ -55,14 +58,8 @@ except ImportError:  # pragma: no cover
 # thread, and each is copied or sent before anything else runs).
 _RECORD = 16 * 1024
 _OUT_SIZE = 512 * 1024
-_buffers: dict[str, Any] = {}
-
-
-def _buffer(name: str, size: int) -> Any:
-    buf = _buffers.get(name)
-    if buf is None:
-        buf = _buffers[name] = _ffi_new("char[]", size)
-    return buf
+_IN: Any = _ffi_new("char[]", _RECORD) if private.OPENSSL_AVAILABLE else None
+_OUT: Any = _ffi_new("char[]", _OUT_SIZE) if private.OPENSSL_AVAILABLE else None
 
 
 # TCP_NOTSENT_LOWAT (Linux 3.12+): keep at most this much unsent data in the
@@ -91,23 +88,26 @@ def _idle(t: tcp.Connection) -> bool:
     )
 
 
-def _sent_from(t: tcp.Connection, data: Any) -> int:
-    """send() as much of C{data} as the socket takes now, when nothing is queued."""
-    if not _idle(t):
-        return 0
-    try:
-        return int(t.socket.send(data))
-    except OSError:
-        return 0
-
-
 def write_tcp(t: tcp.Connection, data: Buffer) -> None:
     """
     C{t.write(data)}, but sent at once when nothing else is queued.  A
     socket error (EAGAIN, or one the transport then finds and reports)
     leaves the data to the transport.
     """
-    sent = _sent_from(t, data)
+    # _idle(t), inline: this runs for every write to a socket.
+    sent = 0
+    if (
+        not t._tempDataBuffer
+        and not t.dataBuffer
+        and t.connected
+        and not t.disconnecting
+        and not t._writeDisconnecting
+        and not t._writeDisconnected
+    ):
+        try:
+            sent = t.socket.send(data)
+        except OSError:
+            pass
     if sent < len(data):
         rest = data[sent:] if sent else data
         t.write(rest if isinstance(rest, bytes) else bytes(rest))
@@ -245,20 +245,36 @@ class FrameWriter:
                 tls.writeSequence(parts)
                 return
         conn = tls._tlsConnection
-        chunks = record_chunks(parts)
-        for i, chunk in enumerate(chunks):
-            size, done = len(chunk), 0
-            try:
-                while done < size:
-                    done += conn.send(chunk[done:] if done else chunk)
-            except _WantReadError:
-                # As TLSMemoryBIOProtocol does: keep the rest until the peer speaks.
-                tls._bufferedWrite(b"".join([chunk[done:], *chunks[i + 1 :]]))
-                break
-            except _SSLError:
-                tls._tlsShutdownFinished(Failure())
-                return
-        _drain_bio(conn, tls.transport, self.tcp)
+        if _encrypt(tls, conn, record_chunks(parts)):
+            _drain_bio(conn, tls.transport, self.tcp)
+
+
+def _encrypt(tls: Any, conn: Any, chunks: list[Buffer]) -> bool:
+    """
+    C{chunks} through C{SSL_write}, in order, as C{TLSMemoryBIOProtocol}
+    would: what OpenSSL cannot take before the peer speaks is buffered by
+    Twisted; False if the connection failed (Twisted was told).
+    """
+    ssl = conn._ssl
+    for i, chunk in enumerate(chunks):
+        size, done = len(chunk), 0
+        try:
+            while done < size:
+                # SSL_write itself (pyOpenSSL's send() costs three calls
+                # more); a failure is raised as pyOpenSSL raises it.
+                piece = chunk[done:] if done else chunk
+                n = _SSL_write(ssl, piece if type(piece) is bytes else _ffi_from_buffer(piece), len(piece))
+                if n <= 0:
+                    conn._raise_ssl_error(ssl, n)
+                done += n
+        except _WantReadError:
+            # As TLSMemoryBIOProtocol does: keep the rest until the peer speaks.
+            tls._bufferedWrite(b"".join([chunk[done:], *chunks[i + 1 :]]))
+            break
+        except _SSLError:
+            tls._tlsShutdownFinished(Failure())
+            return False
+    return True
 
 
 def _drain_bio(conn: Any, transport: Any, t: tcp.Connection | None) -> None:
@@ -268,7 +284,7 @@ def _drain_bio(conn: Any, transport: Any, t: tcp.Connection | None) -> None:
     and without a copy when the socket takes it all at once).
     """
     bio = conn._from_ssl
-    out = _buffer("out", _OUT_SIZE)
+    out = _OUT
     while True:
         n = _BIO_read(bio, out, _OUT_SIZE)
         if n <= 0:
@@ -280,6 +296,17 @@ def _drain_bio(conn: Any, transport: Any, t: tcp.Connection | None) -> None:
             transport.write(view[:])
         if n < _OUT_SIZE:
             return
+
+
+def _nothing() -> None:
+    pass
+
+
+def _read_batches(protocol: object) -> tuple[Callable[[], None], Callable[[], None]]:
+    """C{protocol}'s L{ReadBatches} methods, or two that do nothing if it has none."""
+    if isinstance(protocol, ReadBatches):
+        return protocol.begin_read, protocol.end_read
+    return _nothing, _nothing
 
 
 def fast_tls_receive(tls: Any, t: tcp.Connection | None) -> None:
@@ -294,22 +321,26 @@ def fast_tls_receive(tls: Any, t: tcp.Connection | None) -> None:
     own code runs.
     """
     original = tls.dataReceived
-    # The protocol may want to know when the records of one read end.
+    # The protocol may want to know when the records of one read end.  Its
+    # methods are looked up once, here: a wrapper in front of it (Twisted's
+    # ClientService puts a proxy there) would otherwise look them up again
+    # with a call of its own at every read.
     wrapped = tls.wrappedProtocol
-    batches: ReadBatches | None = wrapped if isinstance(wrapped, ReadBatches) else None
+    deliver = wrapped.dataReceived
+    begin, end = _read_batches(wrapped)
+    buf = _IN
 
     def data_received(data: bytes) -> None:
         if not tls._handshakeDone or tls._appSendBuffer or tls._lostTLSConnection or tls._aborted:
             original(data)
             return
         conn = tls._tlsConnection
-        conn.bio_write(data)
+        if type(data) is not bytes:
+            data = bytes(data)
+        if _BIO_write(conn._into_ssl, data, len(data)) <= 0:
+            conn.bio_write(data)  # pyOpenSSL raises what went wrong
         ssl = conn._ssl
-        buf = _buffer("in", _RECORD)
-        protocol = tls.wrappedProtocol
-        deliver = protocol.dataReceived
-        if batches is not None:
-            batches.begin_read()
+        begin()
         try:
             while not tls._lostTLSConnection:
                 n = _SSL_read(ssl, buf, _RECORD)
@@ -322,9 +353,9 @@ def fast_tls_receive(tls: Any, t: tcp.Connection | None) -> None:
                 if not tls._aborted:
                     deliver(chunk)
         finally:
-            if batches is not None:
-                batches.end_read()
+            end()
         if tls.transport is not None:
             _drain_bio(conn, tls.transport, t)
 
     tls.dataReceived = data_received
+    private.unwrap_endpoint(t, tls)

@@ -140,15 +140,18 @@ class OutboundScheduler:
         """The stream no longer waits for its queue to drain."""
         self.blocked.discard(stream_id)
 
-    def flush_soon(self) -> None:
+    def flush_soon(self, now: float | None = None) -> None:
         """
         Flush now if the tunnel has been quiet for L{QUIET} seconds (a lone
         request goes out at once), else at the end of this reactor turn, so
-        that everything written meanwhile goes out in one write.
+        that everything written meanwhile goes out in one write.  C{now}:
+        the clock's time, if the caller has just read it.
         """
         if self.flush_call is not None or self.closed:
             return
-        if not self.flushing and self.clock.seconds() - self._flushed_at >= QUIET:
+        if now is None:
+            now = self.clock.seconds()
+        if not self.flushing and now - self._flushed_at >= QUIET:
             self.flush()
         else:
             self.flush_call = self.clock.callLater(0, self._flush_now)

@@ -30,6 +30,11 @@ try:  # Twisted's TLS transport; absent without pyOpenSSL
 except ImportError:  # pragma: no cover
     _TLS = None  # type: ignore[assignment,misc]
 
+try:
+    from twisted.internet.endpoints import _WrappingProtocol as _EndpointWrapper
+except ImportError:  # pragma: no cover
+    _EndpointWrapper = None  # type: ignore[assignment,misc]
+
 # OpenSSL itself, through pyOpenSSL's private bindings (OpenSSL._util): calls
 # that report "no data" with a return code instead of raising, and buffers
 # that need no copy.  None when the bindings are not there.
@@ -38,14 +43,18 @@ try:
     from OpenSSL._util import lib as _lib
 
     SSL_read: Any = _lib.SSL_read
+    SSL_write: Any = _lib.SSL_write
     SSL_get_error: Any = _lib.SSL_get_error
     BIO_read: Any = _lib.BIO_read
+    BIO_write: Any = _lib.BIO_write
     SSL_ERROR_WANT_READ: int | None = _lib.SSL_ERROR_WANT_READ
     ffi_new: Any = _ffi.new
     ffi_buffer: Any = _ffi.buffer
+    ffi_from_buffer: Any = _ffi.from_buffer
 except (ImportError, AttributeError):  # pragma: no cover
-    SSL_read = SSL_get_error = BIO_read = ffi_new = ffi_buffer = None
+    SSL_read = SSL_write = SSL_get_error = BIO_read = BIO_write = ffi_new = ffi_buffer = None
     SSL_ERROR_WANT_READ = None
+    ffi_from_buffer = None
 
 OPENSSL_AVAILABLE = ffi_buffer is not None
 
@@ -70,9 +79,18 @@ TLS_NAMES = (
 # TLSMemoryBIOProtocol has none.
 AGGREGATOR_NAMES = ("_buffer", "flush")
 
-# OpenSSL.SSL.Connection (pyOpenSSL): the SSL* and the memory BIO OpenSSL
-# writes its records to.
-CONNECTION_NAMES = ("_ssl", "_from_ssl", "bio_write", "send")
+# OpenSSL.SSL.Connection (pyOpenSSL): the SSL*, the memory BIOs OpenSSL
+# writes its records to and reads them from, and the method that turns a
+# failed call's return code into pyOpenSSL's exception (the raw path calls
+# SSL_write and BIO_write itself, and pyOpenSSL's own methods only when a
+# call fails, so that errors are pyOpenSSL's).
+CONNECTION_NAMES = ("_ssl", "_from_ssl", "_into_ssl", "_raise_ssl_error", "bio_write", "send")
+
+# twisted.internet.endpoints._WrappingProtocol: what a client endpoint puts
+# between a TCP connection and the protocol it connected; once connected it
+# only forwards every call.  L{unwrap_endpoint} takes it out of the read
+# path.
+WRAPPER_NAMES = ("_wrappedProtocol",)
 
 # How many wrappers deep a transport chain goes at most (TLS over TCP is two).
 _MAX_DEPTH = 4
@@ -116,6 +134,21 @@ def fast_tcp(transport: object) -> tcp.Connection | None:
         _fast_tcp_classes.add(cls)
         return transport
     return None
+
+
+def unwrap_endpoint(t: tcp.Connection | None, protocol: object) -> None:
+    """
+    Let the TCP connection C{t} call C{protocol} directly where a client
+    endpoint's forwarding wrapper (C{_WrappingProtocol}) sits between them:
+    one call less per read.  Only once the connection is made (the wrapper
+    has fired its Deferred; from then on it only forwards), and only if it
+    wraps C{protocol} itself; else nothing changes.
+    """
+    if t is None or _EndpointWrapper is None:
+        return
+    wrapper = getattr(t, "protocol", None)
+    if type(wrapper) is _EndpointWrapper and getattr(wrapper, "_wrappedProtocol", None) is protocol:
+        t.protocol = protocol  # type: ignore[assignment]
 
 
 def innermost(transport: object) -> object:

@@ -15,8 +15,8 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from nova.transport.fastpath import writev_tcp
-from nova.transport.private import fast_tcp, transports
+from nova.transport.fastpath import write_tcp, writev_tcp
+from nova.transport.private import fast_tcp, transports, unwrap_endpoint
 
 # How much one read of a TCP connection may return (Twisted's default is
 # 64 KiB): fewer, larger reads when a lot is waiting.  Twisted also pauses a
@@ -41,7 +41,13 @@ class Pipe(Protocol):
         self._tcp: tcp.Connection | None = None  # our transport, when it is TCP
 
     def dataReceived(self, data: bytes) -> None:
-        self.parts_received([data])
+        # parts_received([data]), without the list and the call: one of these per read.
+        peer = self.peer
+        if peer is not None:
+            if peer._tcp is not None:
+                write_tcp(peer._tcp, data)
+            elif peer.transport is not None:
+                peer.transport.write(data)
 
     def parts_received(self, parts: list[bytes]) -> None:
         """L{dataReceived} for the concatenation of C{parts}."""
@@ -118,6 +124,7 @@ def splice(a: Pipe, b: Pipe) -> None:
     for pipe in (a, b):
         pipe._tcp = fast_tcp(pipe.transport)
         read_size(pipe._tcp)
+        unwrap_endpoint(pipe._tcp, pipe)
     ta: ITransport = a.transport
     tb: ITransport = b.transport
     ta.registerProducer(tb, True)  # type: ignore[attr-defined]

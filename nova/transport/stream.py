@@ -260,32 +260,49 @@ class StreamTransport:
             sid = self.stream_id
             owner = self._owner
             halves = self._halves
+            waiting = -1  # not asked yet
             while not self._reading_paused and not self.disconnected:
                 # What arrived in one read, up to a window's worth, in one
                 # hand-over (one sendmsg() for a Pipe).
                 chunks = owner.read_data(sid, _HANDOVER)
                 if not chunks:
                     break
+                waiting = -1
+                if len(chunks) > 1:
+                    self._hand_over(chunks)
+                    continue
+                chunk = chunks[0]
                 if not halves.dropping:
-                    if len(chunks) == 1:
-                        self.bytes_delivered += len(chunks[0])
-                        self.protocol.dataReceived(chunks[0])
-                    else:
-                        self.bytes_delivered += sum(map(len, chunks))
-                        if self._parts_received is not None:
-                            self._parts_received(chunks)
-                        else:
-                            self.protocol.dataReceived(b"".join(chunks))
-            waiting = owner.data_consumed(sid)
-            if (
-                halves.eof_due
-                and not self.disconnected
-                and (not self._reading_paused or halves.dropping)
-                and waiting == 0
-            ):
-                self._read.all_delivered()
+                    self.bytes_delivered += len(chunk)
+                    self.protocol.dataReceived(chunk)
+                if len(chunk) < _HANDOVER:
+                    # Most likely all there was (a request, a reply): ask
+                    # what waits instead of asking for more.
+                    waiting = owner.data_consumed(sid)
+                    if not waiting:
+                        break
+            if waiting < 0:
+                waiting = owner.data_consumed(sid)
+            if halves.eof_due:
+                self._end_if_delivered(waiting)
         finally:
             self._delivering = False
+
+    def _end_if_delivered(self, waiting: int) -> None:
+        """The peer ended: tell the read half once everything waiting was handed over."""
+        if not self.disconnected and (not self._reading_paused or self._halves.dropping) and waiting == 0:
+            self._read.all_delivered()
+
+    def _hand_over(self, chunks: list[bytes]) -> None:
+        """Several chunks to our protocol, in one call (unless it closed the stream)."""
+        assert self.protocol is not None
+        if self._halves.dropping:
+            return
+        self.bytes_delivered += sum(map(len, chunks))
+        if self._parts_received is not None:
+            self._parts_received(chunks)
+        else:
+            self.protocol.dataReceived(b"".join(chunks))
 
     # StreamHalvesHooks: what the half machines decide.
 

@@ -60,6 +60,7 @@ drops it.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
@@ -144,6 +145,8 @@ class TunnelProtocol(Protocol):
         self._writer: FrameWriter | None = None
         self.outbound = OutboundScheduler(clock, self.streams, self._update_reading)
         self.inbound = InboundDelivery(self.streams, self)
+        self.begin_read = self.inbound.begin_read
+        self.end_read = self.inbound.end_read
         # We asked the transport to stop reading (replies wait; see the
         # module docstring), and whether that was logged for this tunnel.
         self.reading_paused = False
@@ -241,13 +244,12 @@ class TunnelProtocol(Protocol):
     # ReadBatches (nova.mux.inbound): fast_tls_receive announces the TLS
     # records of one socket read.
 
-    def begin_read(self) -> None:
-        """Several reads' worth of frames follow: see L{InboundDelivery.begin_read}."""
-        self.inbound.begin_read()
-
-    def end_read(self) -> None:
-        """The frames announced by L{begin_read} have all been decoded."""
-        self.inbound.end_read()
+    # begin_read(): several reads' worth of frames follow (see
+    # InboundDelivery.begin_read); end_read(): they have all been decoded.
+    # The inbound delivery's own methods, bound in __init__: no call of our
+    # own in between at every read.
+    begin_read: Callable[[], None]
+    end_read: Callable[[], None]
 
     def read_ended(self) -> None:
         """A read batch was delivered: send what it made ready; read on or not (module docstring)."""
@@ -485,15 +487,15 @@ class TunnelProtocol(Protocol):
     def write_data(self, stream_id: int, data: bytes, high_water: int) -> int:
         mux = self.mux
         assert mux is not None
-        mux.send(stream_id, data)
+        queued = mux.send(stream_id, data)
         outbound = self.outbound
-        outbound.note_active(stream_id, self.clock.seconds())
-        queued = mux.outbox_bytes(stream_id)
+        now = self.clock.seconds()
+        outbound.note_active(stream_id, now)
         if queued >= high_water:
             outbound.flush()
             queued = mux.outbox_bytes(stream_id)
         elif outbound.flush_call is None:
-            outbound.flush_soon()
+            outbound.flush_soon(now)
         return queued
 
     def end_stream(self, stream_id: int) -> None:

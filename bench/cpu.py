@@ -1,0 +1,225 @@
+"""
+Instructions per request on each side of a NOVA tunnel, counted by
+valgrind's callgrind: repeatable even on a busy, shared machine, where a
+timed figure is not.
+
+    python bench/cpu.py [--requests 2000] [--keep]
+
+Runs a redis-server, NOVAS and NOVAC (TLS on, as in C{bench/run}), both
+under C{valgrind --tool=callgrind --instr-atstart=no}, and one client
+connection to the route doing C{--requests} GET round trips.  Counting is
+switched on (C{callgrind_control -i on}) only after a warm-up of the same
+connection and off again after the last reply, so startup, the handshake
+and the connection's open are not in the figure: what remains is the
+steady-state request/response path, DATA relayed both ways.  Prints the
+instructions per request of each process, and where C{--keep} is given
+keeps the callgrind files (C{callgrind_annotate FILE} breaks them down by C
+function; the Python functions are all inside the interpreter's loop, so
+for those use C{bench/run --profile} and C{bench/profile_top.py}).
+
+Needs valgrind (C{apt-get install valgrind}) and redis-server.  Under
+valgrind everything runs about 50 times slower: 2,000 requests take about a
+minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pstats
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness import LOOPBACK, BenchError, Proc, Side, clean_env, free_port, listening_ports, log, wait_until
+from tunnels import TOKEN, TWIST, Novas, local_targets
+
+GET = b"*2\r\n$3\r\nGET\r\n$7\r\nmissing\r\n"
+NIL = b"$-1\r\n"
+_TOTALS = re.compile(r"^(?:summary|totals):\s*(\d+)", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Callgrind(Side):
+    """A side that runs its program under callgrind, counting nothing until told to."""
+
+    out_dir: str = ""
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        return [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={self.out_dir}/callgrind.%p",
+            *argv,
+        ]
+
+
+@dataclass(frozen=True)
+class Profiled(Side):
+    """A side that runs a Python program under cProfile (written at exit to OUT_DIR/PROGRAM.prof)."""
+
+    out_dir: str = ""
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        name = "novas" if "novas" in argv else "novac"
+        return [argv[0], "-m", "cProfile", "-o", f"{self.out_dir}/{name}.prof", *argv[1:]]
+
+
+def control(pid: int, *args: str) -> None:
+    subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True, timeout=120)
+
+
+def instructions(out_dir: Path, pid: int) -> int:
+    """Instructions counted in C{pid}'s dumps (one per C{callgrind_control -d}, plus the final one)."""
+    total = 0
+    for path in out_dir.glob(f"callgrind.{pid}*"):
+        m = _TOTALS.search(path.read_text(errors="replace"))
+        if m is not None and path.name != f"callgrind.{pid}":  # the final dump at exit: counting was off
+            total += int(m.group(1))
+    return total
+
+
+def measure(work: Path, requests: int, warmup: int, side: Side) -> dict[str, float]:
+    counting = isinstance(side, Callgrind)
+    with local_targets(work) as targets:
+        route = free_port()
+        novas = Novas(work, free_port(), work / "novas-state", [f"{route}:{LOOPBACK}:{targets.redis_port}"], side=side)
+        novac: Proc | None = None
+        try:
+            novas.wait_listening(600)
+            env = clean_env(
+                {
+                    "NOVAC_SERVER": f"{LOOPBACK}:{novas.agent_port}",
+                    "NOVAC_TOKEN": TOKEN,
+                    "NOVAC_NAME": "cpu-agent",
+                    "NOVAC_TLS_FINGERPRINT": novas.fingerprint(),
+                }
+            )
+            novac = Proc("novac", side.argv([*TWIST, "novac"]), work / "novac.log", env=env, cwd=work)
+            novas.proc.wait_log("agent cpu-agent registered", 600)
+            wait_until(lambda: route in listening_ports(novas.proc.pid), 120, "the route port to listen")
+            pids = {"NOVAS": novas.proc.pid, "NOVAC": novac.pid}
+            with socket.create_connection((LOOPBACK, route), timeout=120) as s:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                _loop(s, warmup)
+                if counting:
+                    for pid in pids.values():
+                        control(pid, "-i", "on")
+                _loop(s, requests)
+                if counting:
+                    for pid in pids.values():
+                        control(pid, "-d")
+                        control(pid, "-i", "off")
+            if not counting:
+                return {}
+            return {name: instructions(work, pid) / requests for name, pid in pids.items()}
+        finally:
+            if novac is not None:
+                novac.stop(60)
+            novas.proc.stop(60)
+
+
+def _loop(s: socket.socket, n: int) -> None:
+    for _ in range(n):
+        s.sendall(GET)
+        reply = b""
+        while len(reply) < len(NIL):
+            chunk = s.recv(64)
+            if not chunk:
+                raise BenchError("the route closed the connection")
+            reply += chunk
+        if reply != NIL:
+            raise BenchError(f"unexpected reply {reply!r}")
+
+
+Key = tuple[str, int, str]
+
+
+def _stats(path: Path) -> dict[Key, tuple[int, float]]:
+    raw = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
+    return {key: (value[1], value[2]) for key, value in raw.items()}
+
+
+def _package(filename: str) -> str:
+    for package in ("nova", "twisted", "OpenSSL"):
+        if f"/{package}/" in filename:
+            return package
+    return "built-in" if filename == "~" else "other"
+
+
+def calls(work: Path, requests: int, warmup: int, top: int) -> None:
+    """
+    Per request, each Python function's calls and own time (cProfile's, so
+    inflated, but in proportion): a run of C{warmup} requests subtracted
+    from a run of C{warmup + requests}, so startup cancels out.
+    """
+    runs = []
+    for n in (0, requests):
+        d = work / f"calls-{n}"
+        d.mkdir()
+        measure(d, max(n, 1), warmup, Profiled(out_dir=str(d)))
+        runs.append({name: _stats(d / f"{name}.prof") for name in ("novas", "novac")})
+    for name in ("novas", "novac"):
+        base, full = runs[0][name], runs[1][name]
+        diff: dict[Key, tuple[float, float]] = {}
+        for key, (n, t) in full.items():
+            n0, t0 = base.get(key, (0, 0.0))
+            if n - n0 > 0:
+                diff[key] = ((n - n0) / (requests - 1), (t - t0) / (requests - 1) * 1e6)
+        total_calls = sum(c for c, _ in diff.values())
+        total_us = sum(t for _, t in diff.values())
+        print(
+            f"{name.upper()}: {total_calls:.0f} Python-visible calls per request,"
+            f" {total_us:.0f} us (cProfile) per request"
+        )
+        by_package: dict[str, float] = {}
+        for key, (c, _) in diff.items():
+            package = _package(key[0])
+            by_package[package] = by_package.get(package, 0.0) + c
+        print("  calls by package: " + ", ".join(f"{p} {c:.0f}" for p, c in sorted(by_package.items())))
+        print(f"  {'calls':>6} {'own us':>7}  function")
+        for key, (c, t) in sorted(diff.items(), key=lambda kv: -kv[1][1])[:top]:
+            where = f"{Path(key[0]).name}:{key[1]}" if key[0] != "~" else ""
+            print(f"  {c:6.2f} {t:7.2f}  {key[2]} {where}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (callgrind files, logs)")
+    parser.add_argument(
+        "--calls",
+        action="store_true",
+        help="instead: Python function calls and cProfile time per request, by function (no valgrind)",
+    )
+    parser.add_argument("--top", type=int, default=30)
+    args = parser.parse_args()
+    for tool in ("valgrind", "callgrind_control", "redis-server"):
+        if shutil.which(tool) is None:
+            sys.exit(f"bench/cpu.py needs {tool}")
+    work = Path(tempfile.mkdtemp(prefix="nova-cpu-"))
+    try:
+        if args.calls:
+            calls(work, args.requests, args.warmup, args.top)
+            return
+        result = measure(work, args.requests, args.warmup, Callgrind(out_dir=str(work)))
+    finally:
+        Proc.stop_all()
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"instructions per request ({args.requests} GET round trips, one connection, TLS tunnel):")
+    for name, n in result.items():
+        print(f"  {name}: {n:,.0f}")
+
+
+if __name__ == "__main__":
+    main()
