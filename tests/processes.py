@@ -431,7 +431,7 @@ def haproxy(backends: list[int], check_ms: int = 300) -> Iterator[tuple[harness.
     servers = "".join(f"    server s{i} 127.0.0.1:{p} check\n" for i, p in enumerate(backends))
     config = home / "haproxy.cfg"
     config.write_text(
-        "global\n    maxconn 20000\n"
+        "global\n    maxconn 8000\n"
         "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n"
         "    timeout check 2s\n"
         f"frontend agents\n    bind 127.0.0.1:{port}\n    default_backend novas\n"
