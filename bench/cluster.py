@@ -39,9 +39,36 @@ class ClusterResult:
     per_agent_kib: dict[str, float] = field(default_factory=dict)  # server id -> (RSS after - before) / agents
     rss_before_kib: dict[str, int] = field(default_factory=dict)
     rss_after_kib: dict[str, int] = field(default_factory=dict)
+    # Seconds until 50 %, 90 %, 99 % and all of the agents were there (the tail is NOVAC's backoff).
+    start_quantiles: dict[str, float] = field(default_factory=dict)
+    restart_quantiles: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class _Progress:
+    """How many agents were there when: the first time each count was reached, in seconds from C{t0}."""
+
+    FRACTIONS = (0.5, 0.9, 0.99, 1.0)
+
+    def __init__(self, t0: float) -> None:
+        self.t0 = t0
+        self.last = -1
+        self.points: list[tuple[float, int]] = []
+
+    def note(self, count: int) -> None:
+        if count != self.last:
+            self.points.append((time.monotonic() - self.t0, count))
+            self.last = count
+
+    def quantiles(self, total: int) -> dict[str, float]:
+        out = {}
+        for fraction in self.FRACTIONS:
+            reached = [t for t, n in self.points if n >= fraction * total]
+            if reached:
+                out[f"{fraction:.0%}"] = round(reached[0], 2)
+        return out
 
 
 class _Member:
@@ -99,6 +126,7 @@ def cluster_figures(work: Path, agents: int, workers: int, timeout: float) -> Cl
         per_worker = [agents // workers + (1 if i < agents % workers else 0) for i in range(workers)]
         fleet: list[Proc] = []
         start = time.monotonic()
+        progress = _Progress(start)
         for w, count in enumerate(per_worker):
             if count:
                 fleet.append(_start_fleet(work, lb, fingerprint, f"{prefix}{w}-", count, w))
@@ -109,7 +137,11 @@ def cluster_figures(work: Path, agents: int, workers: int, timeout: float) -> Cl
                 proc.check_alive()
             for m in members.values():
                 m.novas.proc.check_alive()
-            return all(c.count() >= agents for c in counters.values())
+            for c in counters.values():
+                c.count()
+            held_by_all = set.intersection(*(c.names for c in counters.values()))
+            progress.note(len(held_by_all))
+            return len(held_by_all) >= agents
 
         try:
             wait_until(everywhere, timeout, f"{agents} agents on all {len(IDS)} servers", interval=0.2)
@@ -118,13 +150,14 @@ def cluster_figures(work: Path, agents: int, workers: int, timeout: float) -> Cl
             raise BenchError(f"{e} (registered: {counts})") from None
         start_seconds = time.monotonic() - start
         log(f"{agents} simulated agents behind HAProxy registered with all {len(IDS)} servers in {start_seconds:.2f}s")
+        log(f"{progress.quantiles(agents)} (share of agents on all servers: seconds after the fleet started)")
         time.sleep(SETTLE)
         after = {sid: m.novas.proc.rss_kib() for sid, m in members.items()}
         per_agent = {sid: (after[sid] - before[sid]) / agents for sid in IDS}
         log("RSS per agent: " + ", ".join(f"{sid} {kib:.1f} KiB" for sid, kib in per_agent.items()))
 
         # One server restarts: how long until every agent holds a tunnel to it again.
-        restart_seconds, after_listen = _restart(members[IDS[-1]], fleet, agents, prefix, timeout)
+        restart_seconds, after_listen, restart_progress = _restart(members[IDS[-1]], fleet, agents, prefix, timeout)
         return ClusterResult(
             agents=agents,
             servers=len(IDS),
@@ -135,14 +168,19 @@ def cluster_figures(work: Path, agents: int, workers: int, timeout: float) -> Cl
             per_agent_kib=per_agent,
             rss_before_kib=before,
             rss_after_kib=after,
+            start_quantiles=progress.quantiles(agents),
+            restart_quantiles=restart_progress.quantiles(agents),
         )
     raise AssertionError("unreachable")  # ExitStack does not swallow exceptions
 
 
-def _restart(victim: _Member, fleet: list[Proc], agents: int, prefix: str, timeout: float) -> tuple[float, float]:
+def _restart(
+    victim: _Member, fleet: list[Proc], agents: int, prefix: str, timeout: float
+) -> tuple[float, float, _Progress]:
     """SIGTERM one member and start it again: seconds until every agent is back, in all and after it listened."""
     log(f"restarting {victim.sid} (SIGTERM) with {agents} agents on every server")
     t0 = time.monotonic()
+    progress = _Progress(t0)
     listening = victim.restart()
     counter = RegistrationCounter(victim.novas.proc, prefix)
 
@@ -150,7 +188,8 @@ def _restart(victim: _Member, fleet: list[Proc], agents: int, prefix: str, timeo
         for proc in fleet:
             proc.check_alive()
         victim.novas.proc.check_alive()
-        return counter.count() >= agents
+        progress.note(counter.count())
+        return progress.last >= agents
 
     try:
         wait_until(back, timeout, f"{agents} agents back on {victim.sid}", interval=0.2)
@@ -158,4 +197,5 @@ def _restart(victim: _Member, fleet: list[Proc], agents: int, prefix: str, timeo
         raise BenchError(f"{e} (registered: {counter.count()})") from None
     done = time.monotonic()
     log(f"{victim.sid} restarted: every agent back after {done - t0:.2f}s ({done - listening:.2f}s after it listened)")
-    return done - t0, done - listening
+    log(f"{victim.sid}: {progress.quantiles(agents)} (share of agents back: seconds after SIGTERM)")
+    return done - t0, done - listening, progress
