@@ -22,6 +22,7 @@ command -v chromium >/dev/null || need+=(chromium)
 command -v ip >/dev/null || need+=(iproute2)
 command -v nft >/dev/null || need+=(nftables)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+[ -x /usr/sbin/haproxy ] || command -v haproxy >/dev/null || need+=(haproxy)  # tests/test_cluster_lb.py: the cluster's balancer
 command -v promtool >/dev/null || need+=(prometheus)  # promtool: tests/test_metrics.py checks rules and /metrics
 # tests/test_image.py, tests/test_systemd.py: the tests' own dockerd, Compose v1, the stand-in base, nspawn
 for t in dockerd:docker.io docker-compose:docker-compose debootstrap:debootstrap systemd-nspawn:systemd-container; do command -v "${t%%:*}" >/dev/null || need+=("${t#*:}"); done

@@ -30,6 +30,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from cluster import cluster_figures
 from harness import (
     BenchError,
     Proc,
@@ -62,6 +63,7 @@ class Params:
     agent_workers: int
     streams: int
     scale_timeout: float
+    cluster_timeout: float  # per cluster figure: discovery through a balancer waits out NOVAC's backoff
     shaped_iperf_seconds: float
     shaped_request_seconds: float  # requests per latency figure: this long at the link's round trip
     shaped_warmup: float
@@ -79,6 +81,7 @@ FULL = Params(
     agent_workers=4,
     streams=10_000,
     scale_timeout=300,
+    cluster_timeout=900,
     shaped_iperf_seconds=10,
     shaped_request_seconds=10,
     shaped_warmup=2,
@@ -95,12 +98,13 @@ QUICK = Params(
     agent_workers=1,
     streams=500,
     scale_timeout=60,
+    cluster_timeout=180,
     shaped_iperf_seconds=2,
     shaped_request_seconds=2,
     shaped_warmup=1,
 )
-GROUPS = ("traffic", "streams", "agents", "shaped")
-QUICK_GROUPS = ("traffic", "streams", "agents")  # the shaped profiles take minutes even when short
+GROUPS = ("traffic", "streams", "agents", "cluster", "shaped")
+QUICK_GROUPS = ("traffic", "streams", "agents")  # the shaped profiles take minutes even when short; so does cluster
 TUNNELS = ("ssh", "go", "nova")  # measured in this order
 
 
@@ -132,6 +136,9 @@ def make_rows(p: Params) -> dict[str, Row]:
         Row("stream_rss_novas", f"NOVAS {ram} ({p.streams:,})", kib, (Bar(BarKind.AT_MOST, 10, kib),), ()),
         Row("stream_rss_novac", f"NOVAC {ram} ({p.streams:,})", kib, (Bar(BarKind.AT_MOST, 10, kib),), ()),
         Row("storm", f"reconnect storm ({p.agents:,} agents)", "s", (Bar(BarKind.AT_MOST, 10, "s"),), ()),
+        Row("cluster_start", f"cluster: {p.agents:,} agents on all 3 servers, from start", "s", (), ()),
+        Row("cluster_restart", f"cluster: {p.agents:,} agents back on a restarted server", "s", (), ()),
+        Row("cluster_rss", "cluster: NOVAS RSS per agent, worst of 3", kib, (Bar(BarKind.AT_MOST, 100, kib),), ()),
     ]
     for profile in PROFILES:
         k, name = profile.key, profile.label
@@ -471,6 +478,19 @@ class Suite:
 
         self.attempt(["agent_rss", "storm"], "agents and reconnect storm", measure)
 
+    def cluster(self) -> None:
+        def measure() -> None:
+            try:
+                r = cluster_figures(self.work, self.p.agents, self.p.agent_workers, self.p.cluster_timeout)
+            except AssertionError as e:  # from the tests' process helpers (no haproxy, PostgreSQL failed)
+                raise BenchError(str(e)) from None
+            self.raw["cluster"] = r.as_dict()
+            self.rows["cluster_start"].nova = r.start_seconds
+            self.rows["cluster_restart"].nova = r.restart_seconds
+            self.rows["cluster_rss"].nova = max(r.per_agent_kib.values())
+
+        self.attempt(["cluster_start", "cluster_restart", "cluster_rss"], "cluster behind HAProxy", measure)
+
 
 def machine() -> dict[str, Any]:
     cpu = "unknown"
@@ -548,6 +568,8 @@ def main(argv: list[str] | None = None) -> int:
             suite.streams()
         if "agents" in groups:
             suite.agents()
+        if "cluster" in groups:
+            suite.cluster()
         if "shaped" in groups:
             suite.shaped()
     finally:
@@ -602,6 +624,8 @@ def _in_groups(key: str, groups: list[str]) -> bool:
         return "streams" in groups
     if key in ("agent_rss", "storm"):
         return "agents" in groups
+    if key.startswith("cluster_"):
+        return "cluster" in groups
     return "traffic" in groups
 
 

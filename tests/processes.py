@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import socket
 import socketserver
 import subprocess
@@ -326,37 +327,116 @@ def ssh_options(key: Path) -> list[str]:
             "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]  # fmt: skip
 
 
+class Postgres:
+    """
+    A throwaway PostgreSQL on loopback (user C{nova}, trust, durability off:
+    nothing here outlives the test) that a test can stop and start again on
+    the same port and data, as when the database goes away and comes back.
+    """
+
+    def __init__(self) -> None:
+        bindir = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
+        assert bindir is not None, ".ci/run installs postgresql"
+        self.bindir = bindir
+        # pytest's tmp_path is private to root; PostgreSQL runs as its own user.
+        self.home = Path(tempfile.mkdtemp(prefix="nova-pg-"))
+        self.data = self.home / "pgdata"
+        self.data.mkdir()
+        self.run_as: list[str] = []
+        if os.geteuid() == 0:  # initdb refuses to run as root
+            shutil.chown(self.home, "postgres")
+            shutil.chown(self.data, "postgres")
+            self.run_as = ["runuser", "-u", "postgres", "--"]
+        subprocess.run([*self.run_as, str(bindir / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "nova"],
+                       check=True, capture_output=True)  # fmt: skip
+        self.port = free_port()
+        self.dsn = f"postgresql://nova@127.0.0.1:{self.port}/postgres"
+        self.proc: harness.Proc | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        self.proc = harness.Proc(
+            "postgres",
+            [*self.run_as, str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(self.port),
+             "-h", "127.0.0.1", "-k", str(self.home),
+             "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"],
+            self.home / f"postgres-{self.starts}.log",
+        )  # fmt: skip
+        ready = [str(self.bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port)]
+        wait_for(lambda: subprocess.run(ready).returncode == 0, 30, "PostgreSQL to start")
+
+    def stop(self) -> None:
+        """A fast shutdown (SIGINT): every session is cut, as when the database goes away."""
+        if self.proc is not None:
+            if self.proc.alive():
+                # pg_ctl, as the database's user: a signal to runuser would not reach postgres.
+                subprocess.run([*self.run_as, str(self.bindir / "pg_ctl"), "-D", str(self.data), "stop", "-m", "fast"],
+                               check=True, capture_output=True, timeout=60)  # fmt: skip
+            self.proc.stop(20)
+        self.proc = None
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
 @contextmanager
 def postgres_server() -> Iterator[tuple[int, Path]]:
-    """A throwaway PostgreSQL server on loopback (user C{nova}, trust); yields its port and bin dir."""
-    import shutil
-
-    bindir = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
-    assert bindir is not None, ".ci/run installs postgresql"
-    # pytest's tmp_path is private to root; PostgreSQL runs as its own user.
-    home = Path(tempfile.mkdtemp(prefix="nova-pg-"))
-    data = home / "pgdata"
-    data.mkdir()
-    run_as: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        shutil.chown(home, "postgres")
-        shutil.chown(data, "postgres")
-        run_as = ["runuser", "-u", "postgres", "--"]
-    subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "nova"], check=True,
-                   capture_output=True)  # fmt: skip
-    port = free_port()
-    proc = harness.Proc(
-        "postgres",
-        [*run_as, str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-h", "127.0.0.1", "-k", str(home),
-         "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"],
-        home / "postgres.log",
-    )  # fmt: skip
+    """A throwaway PostgreSQL server on loopback (L{Postgres}); yields its port and bin dir."""
+    pg = Postgres()
     try:
-        ready = [str(bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)]
-        wait_for(lambda: subprocess.run(ready).returncode == 0, 30, "PostgreSQL to start")
-        yield port, bindir
+        pg.start()
+        yield pg.port, pg.bindir
     finally:
-        proc.stop(20)
+        pg.remove()
+
+
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def haproxy(backends: list[int], check_ms: int = 300) -> Iterator[tuple[harness.Proc, int]]:
+    """
+    Debian's HAProxy on a free loopback port, in TCP mode with round robin
+    over C{backends} (loopback ports), each health-checked every
+    C{check_ms}: a backend that does not accept connections is skipped until
+    it does, so a port with nothing behind it yet is a spare that becomes live
+    when a server starts there.  Yields the process and its port.
+    """
+    assert os.path.exists(HAPROXY), ".ci/run installs haproxy"
+    port = free_port()
+    home = Path(tempfile.mkdtemp(prefix="nova-haproxy-"))
+    servers = "".join(f"    server s{i} 127.0.0.1:{p} check\n" for i, p in enumerate(backends))
+    config = home / "haproxy.cfg"
+    config.write_text(
+        "global\n    maxconn 8000\n"
+        "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n"
+        "    timeout check 2s\n"
+        f"frontend agents\n    bind 127.0.0.1:{port}\n    default_backend novas\n"
+        "backend novas\n    balance roundrobin\n"
+        f"    default-server inter {check_ms} fall 1 rise 1\n{servers}"
+    )
+    # -db: in the foreground, so that stopping its process group stops it.
+    proc = harness.Proc("haproxy", [HAPROXY, "-db", "-f", str(config)], home / "haproxy.log")
+    try:
+
+        def listening() -> bool:
+            proc.check_alive()
+            return _accepts(port)
+
+        wait_for(listening, 20, "HAProxy to listen")
+        yield proc, port
+    finally:
+        proc.stop()
         shutil.rmtree(home, ignore_errors=True)
 
 

@@ -66,6 +66,8 @@ def test_bench_quick_measures_every_figure(tmp_path: Path) -> None:
     assert {"NOVA", "ssh -R", "Go", "NOVA/ssh", "NOVA/Go"} <= set(header), header
     # The shaped-link profiles take minutes: not part of --quick.
     assert not any(key.startswith("rtt") for key in rows)
+    # Nor is the cluster (three servers, PostgreSQL, HAProxy, minutes of discovery).
+    assert not any(key.startswith("cluster_") for key in rows)
 
 
 def _report() -> Any:

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -29,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from .processes import ADMIN_TOKEN, echo_roundtrip, fingerprint, free_port, novac, novas, target, wait_for
+from .processes import ADMIN_TOKEN, Postgres, echo_roundtrip, fingerprint, free_port, novac, novas, target, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -69,51 +67,6 @@ def refused(port: int) -> bool:
         return False
     except OSError:
         return True
-
-
-class Postgres:
-    """A throwaway PostgreSQL on loopback that the test can stop and start again on the same port and data."""
-
-    def __init__(self) -> None:
-        bindir = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
-        assert bindir is not None, ".ci/run installs postgresql"
-        self.bindir = bindir
-        self.home = Path(tempfile.mkdtemp(prefix="nova-pg-"))
-        self.data = self.home / "pgdata"
-        self.data.mkdir()
-        self.run_as: list[str] = []
-        if os.geteuid() == 0:  # initdb refuses to run as root
-            shutil.chown(self.home, "postgres")
-            shutil.chown(self.data, "postgres")
-            self.run_as = ["runuser", "-u", "postgres", "--"]
-        subprocess.run([*self.run_as, str(bindir / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "nova"],
-                       check=True, capture_output=True)  # fmt: skip
-        self.port = free_port()
-        self.dsn = f"postgresql://nova@127.0.0.1:{self.port}/postgres"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [*self.run_as, str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(self.port),
-             "-h", "127.0.0.1", "-k", str(self.home), "-c", "fsync=off"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        ready = [str(self.bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port)]
-        wait_for(lambda: subprocess.run(ready).returncode == 0, 30, "PostgreSQL to start")
-
-    def stop(self) -> None:
-        """A fast shutdown (SIGINT): every session is cut, as when the database goes away."""
-        if self.proc is not None and self.proc.poll() is None:
-            # pg_ctl, as the database's user: a signal to runuser would not reach postgres.
-            subprocess.run([*self.run_as, str(self.bindir / "pg_ctl"), "-D", str(self.data), "stop", "-m", "fast"],
-                           check=True, capture_output=True, timeout=60)  # fmt: skip
-            self.proc.wait(30)
-        self.proc = None
-
-    def remove(self) -> None:
-        self.stop()
-        shutil.rmtree(self.home, ignore_errors=True)
 
 
 @pytest.fixture

@@ -23,9 +23,20 @@ import pytest
 from nova.wire.codec import FrameDecoder
 from nova.wire.frames import Auth, Hello, Ping, Pong, Welcome, encode
 
-from .processes import TOKEN, Proc, echo_roundtrip, fingerprint, free_port, novac, novas, target, tunnels, wait_for
+from .processes import (
+    TOKEN,
+    Postgres,
+    Proc,
+    echo_roundtrip,
+    fingerprint,
+    free_port,
+    novac,
+    novas,
+    target,
+    tunnels,
+    wait_for,
+)
 from .rawagent import RawAgent
-from .test_cluster_server import Postgres
 
 pytestmark = pytest.mark.integration
 
