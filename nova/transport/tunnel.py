@@ -72,7 +72,7 @@ from zope.interface import implementer
 from nova.mux.core import Buffer, Multiplexer, OpenRefused, Role, WindowBudget
 from nova.mux.inbound import InboundDelivery
 from nova.mux.lifecycle import DEFAULT_DEAD_TIMEOUT, DEFAULT_KEEPALIVE, Session, SessionCore, start_session
-from nova.transport.fastpath import FrameWriter, set_notsent_lowat
+from nova.transport.fastpath import FrameWriter, set_notsent_lowat, set_user_timeout
 from nova.transport.outbound import OutboundScheduler
 from nova.transport.splice import no_delay, read_size
 from nova.transport.stream import StreamAddress, StreamTransport
@@ -196,6 +196,7 @@ class TunnelProtocol(Protocol):
         no_delay(self.transport)
         self._writer = self.outbound.writer = FrameWriter(self.transport)
         set_notsent_lowat(self._writer.tcp)
+        set_user_timeout(self._writer.tcp, self.timing.dead_timeout)
         read_size(self._writer.tcp, self.outbound.quantum)
         self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         self.session = start_session(self.core)
