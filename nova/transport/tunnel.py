@@ -71,7 +71,14 @@ from zope.interface import implementer
 
 from nova.mux.core import Buffer, Multiplexer, OpenRefused, Role, WindowBudget
 from nova.mux.inbound import InboundDelivery
-from nova.mux.lifecycle import DEFAULT_DEAD_TIMEOUT, DEFAULT_KEEPALIVE, Session, SessionCore, start_session
+from nova.mux.lifecycle import (
+    DEFAULT_DEAD_TIMEOUT,
+    DEFAULT_KEEPALIVE,
+    DEFAULT_STALL_TIMEOUT,
+    Session,
+    SessionCore,
+    start_session,
+)
 from nova.transport.fastpath import FrameWriter, set_notsent_lowat, set_user_timeout
 from nova.transport.outbound import OutboundScheduler
 from nova.transport.splice import no_delay, read_size
@@ -108,6 +115,7 @@ class Timing:
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     keepalive: float = DEFAULT_KEEPALIVE
     dead_timeout: float = DEFAULT_DEAD_TIMEOUT
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT  # 0: off (NOVAS); see nova.mux.lifecycle
 
 
 @implementer(IPushProducer)
@@ -155,6 +163,7 @@ class TunnelProtocol(Protocol):
             keepalive=timing.keepalive,
             dead_timeout=timing.dead_timeout,
             handshake_timeout=timing.handshake_timeout,
+            stall_timeout=timing.stall_timeout,
         )
         self.session: Session | None = None
 
@@ -299,6 +308,12 @@ class TunnelProtocol(Protocol):
     def pending_streams(self) -> int:
         """Streams being opened that have no transport yet."""
         return 0
+
+    def stalled(self, silent: float) -> None:
+        """A PING went unanswered for the stall timeout (only with one set: NOVAC)."""
+
+    def stall_ended(self) -> None:
+        """The peer was heard from again after a stall."""
 
     def tunnel_closed(self, reason: Failure) -> None:
         """The connection is gone; every stream has been told."""
