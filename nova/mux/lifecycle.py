@@ -160,7 +160,6 @@ class SessionCore:
         assert self.tick is not None
         self.timer = self.clock.callLater(max(due - now, 0.001), self.tick)
 
-
     def _check_stall(self, now: float) -> None:
         """Report a stall once, and its end (see the module docstring)."""
         if self.ping_out is not None and self.last_heard >= self.ping_out:
