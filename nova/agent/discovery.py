@@ -76,9 +76,16 @@ class AgentPool(Service):
             attempt.close()
 
     def _close_stalled(self, tunnel: object) -> None:
-        """A fresh tunnel registered in place of a stalled one: drop the stalled one (the server replaced it)."""
-        if isinstance(tunnel, AgentTunnel):
+        """A fresh tunnel registered in place of a stalled one: end the stalled one (the server replaced it)."""
+        if not isinstance(tunnel, AgentTunnel):
+            return
+        if not tunnel.streams:
             tunnel.abort("a fresh tunnel to the same server replaced it")
+            return
+        # Its open streams may only be slow to recover: they run on (the dead
+        # timeout still drops the tunnel if it is really gone).
+        timing = self.context.timing
+        tunnel.drain(timing.dead_timeout, ErrorCode.NO_ERROR, "replaced by a fresh tunnel")
 
     def _delay(self) -> float:
         delay = self.backoff(0)
