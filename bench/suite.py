@@ -30,6 +30,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from faults import BASE, FAULTS, measure_fault
 from harness import (
     BenchError,
     Proc,
@@ -99,8 +100,10 @@ QUICK = Params(
     shaped_request_seconds=2,
     shaped_warmup=1,
 )
-GROUPS = ("traffic", "streams", "agents", "shaped")
-QUICK_GROUPS = ("traffic", "streams", "agents")  # the shaped profiles take minutes even when short
+GROUPS = ("traffic", "streams", "agents", "shaped", "faults")
+QUICK_GROUPS = ("traffic", "streams", "agents")  # the shaped profiles and faults take minutes even when short
+# The fault profiles (bench/faults.py) last minutes per tunnel: NOVA beside ssh -R only.
+FAULT_TUNNELS = ("ssh", "nova")
 TUNNELS = ("ssh", "go", "nova")  # measured in this order
 
 
@@ -154,6 +157,11 @@ def make_rows(p: Params) -> dict[str, Row]:
                 (Bar(BarKind.AT_MOST, budget, "ms"),) if profile.p99_bar else (),
             ),
             Row(f"{k}_bulk_during", f"{name}: bulk rate during the above", "Mbit/s"),
+        ]
+    for fault in FAULTS:
+        rows += [
+            Row(f"fault_{fault.key}_survived", f"50 ms, {fault.label}: open conn kept (1 = yes)", "", (), ("ssh",)),
+            Row(f"fault_{fault.key}_recover", f"50 ms, {fault.label}: next request after it", "s", (), ("ssh",)),
         ]
     return {row.key: row for row in rows}
 
@@ -336,6 +344,55 @@ class Suite:
                 self.rows[key].skipped["all"] = str(e)
         except BenchError as e:
             self.fail(keys, "shaped: link setup", e)
+
+    # Faults on the shaped link (bench/faults.py): a fresh tunnel per fault.
+
+    def faults(self) -> None:
+        keys = [f"fault_{f.key}_{m}" for f in FAULTS for m in ("survived", "recover")]
+        raw: dict[str, Any] = self.raw.setdefault("faults", {})
+        try:
+            with shaped_link(self.work) as link:
+                where = link.placement
+                with ExitStack() as stack:
+                    try:
+                        targets = stack.enter_context(local_targets(self.work, where, label="-faults"))
+                        link.set(BASE)
+                    except BenchError as e:
+                        self.fail(keys, "faults: setup", e)
+                        return
+                    # NOVA_BENCH_FAULTS=bh5,flap: only these (a shorter run while working on them).
+                    only = {k for k in os.environ.get("NOVA_BENCH_FAULTS", "").split(",") if k}
+                    for kind in FAULT_TUNNELS:
+                        for fault in FAULTS:
+                            if only and fault.key not in only:
+                                continue
+                            self._fault_through(kind, fault, link, where, targets.redis_port, raw)
+        except Unavailable as e:
+            log(f"fault profiles skipped: {e}")
+            self.skipped["faults"] = str(e)
+            for key in keys:
+                self.rows[key].skipped["all"] = str(e)
+        except BenchError as e:
+            self.fail(keys, "faults: link setup", e)
+
+    def _fault_through(
+        self, kind: str, fault: Any, link: Any, where: Placement, redis_target: int, raw: dict[str, Any]
+    ) -> None:
+        keys = [f"fault_{fault.key}_survived", f"fault_{fault.key}_recover"]
+        try:
+            link.set(BASE)
+            pair = self._pair(kind, [redis_target], keys, where, label=f"-fault-{fault.key}")
+            if pair is None:
+                return
+            with pair as t:
+                tag = f"{kind}-{fault.key}"
+                result = measure_fault(link, fault, where.server, t.routes[redis_target], self.work, tag)
+        except BenchError as e:
+            self.fail(keys, f"{kind}: {fault.label}", e)
+            return
+        raw.setdefault(kind, {})[fault.key] = result
+        self._set(keys[0], kind, result["survived"])
+        self._set(keys[1], kind, result["recover_s"])
 
     def _raw_iperf_server(self, stack: ExitStack, side: Side) -> int:
         """An C{iperf3 -s} on the agent side's link address, for raw TCP across the link (no tunnel)."""
@@ -550,6 +607,8 @@ def main(argv: list[str] | None = None) -> int:
             suite.agents()
         if "shaped" in groups:
             suite.shaped()
+        if "faults" in groups:
+            suite.faults()
     finally:
         Proc.stop_all()
     elapsed = time.monotonic() - t0
@@ -596,6 +655,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _in_groups(key: str, groups: list[str]) -> bool:
+    if key.startswith("fault_"):
+        return "faults" in groups
     if any(key.startswith(profile.key + "_") for profile in PROFILES):
         return "shaped" in groups
     if key in ("stream_rss_novas", "stream_rss_novac"):
