@@ -277,9 +277,25 @@ class PoolMachine(RuleBasedStateMachine):
     @rule(i=st.integers(0, 4))
     def server_dies(self, i: int) -> None:
         sid = self.balancer.up.pop(i % len(self.balancer.up))
-        for member, tunnel in list(self.state.held.items()):
+        for member, tunnel in [*self.state.held.items(), *self.state.stalled.items()]:
             if member == sid:
                 self.state.closed(tunnel)
+
+    @precondition(lambda self: bool(self.state.held))
+    @rule(i=st.integers(0, 4))
+    def tunnel_stalls(self, i: int) -> None:
+        tunnels = list(self.state.held.values())
+        self.state.tunnel_stalled(tunnels[i % len(tunnels)])
+
+    @precondition(lambda self: bool(self.state.stalled))
+    @rule(i=st.integers(0, 4), dies=st.booleans())
+    def stalled_tunnel_recovers_or_dies(self, i: int, dies: bool) -> None:
+        tunnels = list(self.state.stalled.values())
+        tunnel = tunnels[i % len(tunnels)]
+        if dies:
+            self.state.closed(tunnel)
+        else:
+            self.state.tunnel_recovered(tunnel)
 
     @rule()
     def cluster_view_catches_up(self) -> None:
@@ -321,6 +337,9 @@ class PoolMachine(RuleBasedStateMachine):
         # One tunnel per member; members are servers that were up once.
         assert len(self.state.held) <= self.next_id
         assert all(isinstance(t, Tunnel) and t.name == m for m, t in self.state.held.items())
+        # A member is held or stalled, never both; no tunnel is both.
+        assert not self.state.held.keys() & self.state.stalled.keys()
+        assert not set(map(id, self.state.held.values())) & set(map(id, self.state.stalled.values()))
 
     @invariant()
     def never_dials_after_stop_nor_twice_at_once(self) -> None:
