@@ -9,9 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from nova.agent import options as agent_options
+from nova.agent.pool import PoolState
+from nova.agent.reconnect import RESTART_RETRIES, Backoff
+from nova.agent.tunnel import AgentContext, AgentTunnel
 from nova.config import ConfigError, resolve
 from nova.server import options as server_options
 
@@ -55,3 +60,38 @@ class StallSettingTests(SynchronousTestCase):
             with self.assertRaises(ConfigError) as raised:
                 agent(NOVAC_STALL_TIMEOUT=value)
             self.assertIn("NOVAC_STALL_TIMEOUT", str(raised.exception))
+
+
+class StalledAgentTunnelTests(SynchronousTestCase):
+    def test_a_stall_hands_the_member_to_the_pool_and_keeps_the_next_dials_short(self) -> None:
+        clock = Clock()
+        backoff = Backoff(1.0, 30.0, random=lambda: 0.999999)
+        for _ in range(6):
+            backoff(1)  # grown over earlier losses
+        dials: list[int] = []
+
+        class Hooks:
+            def dial(self) -> None:
+                dials.append(1)
+
+            def cancel_dial(self) -> None:
+                pass
+
+        state = PoolState(clock, Hooks(), lambda: backoff(0))
+        context = AgentContext(
+            name="a", tags=(), token=b"t", tls=False, clock=clock, connect_target=lambda *a: Deferred()
+        )
+        tunnel = AgentTunnel(context, "s:1", backoff, state)
+        state.start()
+        state.connected(tunnel)
+        state.welcomed(tunnel, "s1", ("s1",))
+        tunnel.stalled(6.5)
+        self.assertEqual(state.held, {})
+        self.assertEqual(state.stalled, {"s1": tunnel})
+        # The fresh tunnel is dialled within the initial delay, not after 30 s,
+        # and so are the retries while the link stays down.
+        for _ in range(RESTART_RETRIES - 1):
+            before = len(dials)
+            clock.advance(1.0)
+            self.assertEqual(len(dials), before + 1)
+            state.attempt_failed()

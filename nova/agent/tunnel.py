@@ -294,6 +294,11 @@ class AgentTunnel(TunnelProtocol):
             server=self.server,
             silent=silent,
         )
+        if self.backoff is not None:
+            # The link is faulty, not the server: dial again soon (while the
+            # link is down each attempt is paced by the connect timeout), not
+            # after a backoff grown over the outage (docs/faults.md).
+            self.backoff.expect_restart()
         if self.pool is not None:
             self.pool.tunnel_stalled(self)
 
