@@ -362,7 +362,9 @@ class Suite:
                         return
                     # NOVA_BENCH_FAULTS=bh5,flap: only these (a shorter run while working on them).
                     only = {k for k in os.environ.get("NOVA_BENCH_FAULTS", "").split(",") if k}
-                    for kind in FAULT_TUNNELS:
+                    # NOVA_BENCH_FAULT_TUNNELS=nova: only these tunnels.
+                    kinds = [k for k in os.environ.get("NOVA_BENCH_FAULT_TUNNELS", "").split(",") if k] or FAULT_TUNNELS
+                    for kind in kinds:
                         for fault in FAULTS:
                             if only and fault.key not in only:
                                 continue

@@ -39,6 +39,11 @@ class StallSettingTests(SynchronousTestCase):
         # NOVAS never opens tunnels: its sessions report no stalls.
         self.assertEqual(server().timing().stall_timeout, 0.0)
 
+    def test_a_short_dead_timeout_shortens_the_default(self) -> None:
+        # A configuration valid before the setting existed still starts.
+        config = agent(NOVAC_KEEPALIVE="1", NOVAC_DEAD_TIMEOUT="3")
+        self.assertEqual(config.timing().stall_timeout, 1.0)
+
     def test_off(self) -> None:
         for value in ("0", "off", "OFF"):
             self.assertEqual(agent(NOVAC_STALL_TIMEOUT=value).timing().stall_timeout, 0.0)

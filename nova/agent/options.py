@@ -98,10 +98,12 @@ SETTINGS: tuple[Setting[Any], ...] = (
     Setting(
         P,
         "stall-timeout",
-        DEFAULT_STALL_TIMEOUT,
+        None,
         "Seconds a ping may go unanswered before a fresh tunnel is opened beside the stalled one"
         " (0 or off: never); under the dead timeout.",
         seconds_or_off,
+        derive=lambda v: min(DEFAULT_STALL_TIMEOUT, v["dead-timeout"] / 3),
+        derived_doc=f"{DEFAULT_STALL_TIMEOUT:g}, or a third of --dead-timeout if that is shorter",
     ),
     Setting(P, "reconnect-initial", DEFAULT_INITIAL_DELAY, "Seconds: the first reconnect waits up to this.", seconds),
     Setting(P, "reconnect-max", DEFAULT_MAX_DELAY, "Seconds: no reconnect waits longer than this.", seconds),
