@@ -31,6 +31,7 @@ from types import FrameType
 from typing import Any
 
 from cluster import cluster_figures
+from faults import BASE, FAULTS, measure_fault
 from harness import (
     BenchError,
     Proc,
@@ -103,8 +104,10 @@ QUICK = Params(
     shaped_request_seconds=2,
     shaped_warmup=1,
 )
-GROUPS = ("traffic", "streams", "agents", "cluster", "shaped")
-QUICK_GROUPS = ("traffic", "streams", "agents")  # the shaped profiles take minutes even when short; so does cluster
+GROUPS = ("traffic", "streams", "agents", "cluster", "shaped", "faults")
+QUICK_GROUPS = ("traffic", "streams", "agents")  # the shaped profiles, cluster and faults take minutes even when short
+# The fault profiles (bench/faults.py) last minutes per tunnel: NOVA beside ssh -R only.
+FAULT_TUNNELS = ("ssh", "nova")
 TUNNELS = ("ssh", "go", "nova")  # measured in this order
 
 
@@ -161,6 +164,11 @@ def make_rows(p: Params) -> dict[str, Row]:
                 (Bar(BarKind.AT_MOST, budget, "ms"),) if profile.p99_bar else (),
             ),
             Row(f"{k}_bulk_during", f"{name}: bulk rate during the above", "Mbit/s"),
+        ]
+    for fault in FAULTS:
+        rows += [
+            Row(f"fault_{fault.key}_survived", f"50 ms, {fault.label}: open conn kept (1 = yes)", "", (), ("ssh",)),
+            Row(f"fault_{fault.key}_recover", f"50 ms, {fault.label}: next request after it", "s", (), ("ssh",)),
         ]
     return {row.key: row for row in rows}
 
@@ -343,6 +351,57 @@ class Suite:
                 self.rows[key].skipped["all"] = str(e)
         except BenchError as e:
             self.fail(keys, "shaped: link setup", e)
+
+    # Faults on the shaped link (bench/faults.py): a fresh tunnel per fault.
+
+    def faults(self) -> None:
+        keys = [f"fault_{f.key}_{m}" for f in FAULTS for m in ("survived", "recover")]
+        raw: dict[str, Any] = self.raw.setdefault("faults", {})
+        try:
+            with shaped_link(self.work) as link:
+                where = link.placement
+                with ExitStack() as stack:
+                    try:
+                        targets = stack.enter_context(local_targets(self.work, where, label="-faults"))
+                        link.set(BASE)
+                    except BenchError as e:
+                        self.fail(keys, "faults: setup", e)
+                        return
+                    # NOVA_BENCH_FAULTS=bh5,flap: only these (a shorter run while working on them).
+                    only = {k for k in os.environ.get("NOVA_BENCH_FAULTS", "").split(",") if k}
+                    # NOVA_BENCH_FAULT_TUNNELS=nova: only these tunnels.
+                    kinds = [k for k in os.environ.get("NOVA_BENCH_FAULT_TUNNELS", "").split(",") if k] or FAULT_TUNNELS
+                    for kind in kinds:
+                        for fault in FAULTS:
+                            if only and fault.key not in only:
+                                continue
+                            self._fault_through(kind, fault, link, where, targets.redis_port, raw)
+        except Unavailable as e:
+            log(f"fault profiles skipped: {e}")
+            self.skipped["faults"] = str(e)
+            for key in keys:
+                self.rows[key].skipped["all"] = str(e)
+        except BenchError as e:
+            self.fail(keys, "faults: link setup", e)
+
+    def _fault_through(
+        self, kind: str, fault: Any, link: Any, where: Placement, redis_target: int, raw: dict[str, Any]
+    ) -> None:
+        keys = [f"fault_{fault.key}_survived", f"fault_{fault.key}_recover"]
+        try:
+            link.set(BASE)
+            pair = self._pair(kind, [redis_target], keys, where, label=f"-fault-{fault.key}")
+            if pair is None:
+                return
+            with pair as t:
+                tag = f"{kind}-{fault.key}"
+                result = measure_fault(link, fault, where.server, t.routes[redis_target], self.work, tag)
+        except BenchError as e:
+            self.fail(keys, f"{kind}: {fault.label}", e)
+            return
+        raw.setdefault(kind, {})[fault.key] = result
+        self._set(keys[0], kind, result["survived"])
+        self._set(keys[1], kind, result["recover_s"])
 
     def _raw_iperf_server(self, stack: ExitStack, side: Side) -> int:
         """An C{iperf3 -s} on the agent side's link address, for raw TCP across the link (no tunnel)."""
@@ -572,6 +631,8 @@ def main(argv: list[str] | None = None) -> int:
             suite.cluster()
         if "shaped" in groups:
             suite.shaped()
+        if "faults" in groups:
+            suite.faults()
     finally:
         Proc.stop_all()
     elapsed = time.monotonic() - t0
@@ -618,6 +679,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _in_groups(key: str, groups: list[str]) -> bool:
+    if key.startswith("fault_"):
+        return "faults" in groups
     if any(key.startswith(profile.key + "_") for profile in PROFILES):
         return "shaped" in groups
     if key in ("stream_rss_novas", "stream_rss_novac"):

@@ -416,6 +416,13 @@ def seconds(value: str, label: str) -> float:
     return parse_seconds(value, label)
 
 
+def seconds_or_off(value: str, label: str) -> float:
+    """Seconds, or C{0}/C{off}: the feature is off (0.0)."""
+    if value.strip().lower() in ("0", "off"):
+        return 0.0
+    return parse_seconds(value, label)
+
+
 def read_secret(value: str | None, setting: Setting[Any], minimum: int = 8) -> bytes:
     """A token from its setting; refuses a missing, empty or short one by name."""
     if value is None or not value.strip():

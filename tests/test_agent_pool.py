@@ -178,6 +178,59 @@ class PoolDecisionTests(SynchronousTestCase):
         self.assertEqual((hooks.dials, hooks.cancelled), (1, 0))
 
 
+class StallTests(SynchronousTestCase):
+    """A stalled tunnel: a fresh one is dialled beside it and replaces it (docs/faults.md)."""
+
+    def setUp(self) -> None:
+        self.clock, self.hooks, self.state = pool()
+        self.replaced: list[object] = []
+        self.state.on_replace = self.replaced.append
+        self.state.start()
+        self.old = land(self.state, "solo", ("solo",))
+
+    def test_a_stall_dials_a_fresh_tunnel_that_replaces_the_stalled_one(self) -> None:
+        self.state.tunnel_stalled(self.old)
+        self.assertEqual(self.state.held, {})
+        self.assertTrue(self.state.has_tunnel("solo"))  # a NAME_IN_USE meanwhile is a duplicate
+        self.clock.advance(DELAY)
+        self.assertEqual(self.hooks.dials, 2)
+        fresh = land(self.state, "solo", ("solo",))
+        self.assertEqual(self.state.held, {"solo": fresh})
+        self.assertEqual(self.replaced, [self.old])
+        # The stalled one's close afterwards changes nothing.
+        self.state.closed(self.old)
+        self.clock.advance(3600)
+        self.assertEqual((self.hooks.dials, self.state.held), (2, {"solo": fresh}))
+
+    def test_recovered_before_the_fresh_one_registers_is_held_again(self) -> None:
+        self.state.tunnel_stalled(self.old)
+        self.clock.advance(DELAY)
+        self.state.tunnel_recovered(self.old)
+        self.assertEqual(self.state.held, {"solo": self.old})
+        # The attempt in flight lands on the member held: a duplicate, closed.
+        fresh = land(self.state, "solo", ("solo",))
+        self.assertEqual(self.state.held, {"solo": self.old})
+        self.assertEqual(self.state.duplicates, 1)
+        self.assertEqual(self.replaced, [])
+        self.assertIsNot(fresh, self.old)
+        self.clock.advance(3600)
+        self.assertEqual(self.hooks.dials, 2)
+
+    def test_a_stalled_tunnel_that_dies_is_redialled_as_any_loss(self) -> None:
+        self.state.tunnel_stalled(self.old)
+        self.state.closed(self.old)
+        self.assertFalse(self.state.has_tunnel("solo"))
+        self.clock.advance(DELAY)
+        self.assertEqual(self.hooks.dials, 2)
+
+    def test_recovery_after_being_replaced_changes_nothing(self) -> None:
+        self.state.tunnel_stalled(self.old)
+        self.clock.advance(DELAY)
+        fresh = land(self.state, "solo", ("solo",))
+        self.state.tunnel_recovered(self.old)  # careless: a late report from the replaced tunnel
+        self.assertEqual(self.state.held, {"solo": fresh})
+
+
 class Balancer:
     """Round robin over the servers that are up, as an NLB or HAProxy would."""
 
@@ -224,9 +277,25 @@ class PoolMachine(RuleBasedStateMachine):
     @rule(i=st.integers(0, 4))
     def server_dies(self, i: int) -> None:
         sid = self.balancer.up.pop(i % len(self.balancer.up))
-        for member, tunnel in list(self.state.held.items()):
+        for member, tunnel in [*self.state.held.items(), *self.state.stalled.items()]:
             if member == sid:
                 self.state.closed(tunnel)
+
+    @precondition(lambda self: bool(self.state.held))
+    @rule(i=st.integers(0, 4))
+    def tunnel_stalls(self, i: int) -> None:
+        tunnels = list(self.state.held.values())
+        self.state.tunnel_stalled(tunnels[i % len(tunnels)])
+
+    @precondition(lambda self: bool(self.state.stalled))
+    @rule(i=st.integers(0, 4), dies=st.booleans())
+    def stalled_tunnel_recovers_or_dies(self, i: int, dies: bool) -> None:
+        tunnels = list(self.state.stalled.values())
+        tunnel = tunnels[i % len(tunnels)]
+        if dies:
+            self.state.closed(tunnel)
+        else:
+            self.state.tunnel_recovered(tunnel)
 
     @rule()
     def cluster_view_catches_up(self) -> None:
@@ -268,6 +337,9 @@ class PoolMachine(RuleBasedStateMachine):
         # One tunnel per member; members are servers that were up once.
         assert len(self.state.held) <= self.next_id
         assert all(isinstance(t, Tunnel) and t.name == m for m, t in self.state.held.items())
+        # A member is held or stalled, never both; no tunnel is both.
+        assert not self.state.held.keys() & self.state.stalled.keys()
+        assert not set(map(id, self.state.held.values())) & set(map(id, self.state.stalled.values()))
 
     @invariant()
     def never_dials_after_stop_nor_twice_at_once(self) -> None:

@@ -180,6 +180,88 @@ class FailoverTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
+class FreshTunnelTests(SynchronousTestCase):
+    """
+    One agent whose tunnel dies under an open (a blackhole, a flap, a
+    stalled tunnel replaced): the open waits for the agent's fresh tunnel,
+    within the open timeout, instead of failing the user's connection.
+    """
+
+    def setUp(self) -> None:
+        self.old = FakeTunnel("agent")
+        self.registry = registry(self.old)
+        self.clock = Clock()
+        self.endpoint = TunnelEndpoint(self.registry, Selector(), "db", 5432, self.clock, 30)
+
+    def lose_old(self) -> None:
+        self.registry.unregister(self.old)
+        self.old.opens[0][2].errback(TunnelGone("tunnel to agent closed"))
+
+    def test_open_moves_to_the_fresh_tunnel(self) -> None:
+        d = self.endpoint.connect(Factory.forProtocol(Protocol))
+        self.clock.advance(5)
+        self.lose_old()
+        self.assertNoResult(d)
+        self.clock.advance(20)
+        fresh = FakeTunnel("agent")
+        self.registry.register(fresh)
+        self.assertEqual([(h, p) for h, p, _ in fresh.opens], [("db", 5432)])
+        stream = FakeStream("agent")
+        fresh.opens[0][2].callback(stream)
+        self.assertIs(stream.protocol, self.successResultOf(d))
+
+    def test_replaced_under_the_open_moves_to_the_new_tunnel(self) -> None:
+        d = self.endpoint.connect(Factory.forProtocol(Protocol))
+        fresh = FakeTunnel("agent")
+        self.registry.register(fresh)  # the stalled tunnel is replaced, then closes
+        self.old.opens[0][2].errback(TunnelGone("tunnel to agent closed"))
+        fresh.opens[0][2].callback(FakeStream("agent"))
+        self.successResultOf(d)
+
+    def test_no_fresh_tunnel_fails_when_the_open_timeout_passes(self) -> None:
+        d = self.endpoint.connect(Factory.forProtocol(Protocol))
+        self.clock.advance(10)
+        self.lose_old()
+        self.clock.advance(19.9)
+        self.assertNoResult(d)
+        # Another agent, not matching the route, registering does not end the wait.
+        self.endpoint.selector = parse_selector("name:agent")
+        self.registry.register(FakeTunnel("other"))
+        self.assertNoResult(d)
+        self.clock.advance(1)
+        self.failureResultOf(d, TunnelGone)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_target_refused_is_still_final(self) -> None:
+        d = self.endpoint.connect(Factory.forProtocol(Protocol))
+        self.old.opens[0][2].errback(OpenFailed(OpenFailReason.REFUSED, "connection refused"))
+        self.failureResultOf(d, OpenFailed)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_no_agent_at_all_is_still_immediate(self) -> None:
+        self.registry.unregister(self.old)
+        self.failureResultOf(self.endpoint.connect(Factory.forProtocol(Protocol)), NoAgent)
+
+    def test_cancel_while_waiting(self) -> None:
+        d = self.endpoint.connect(Factory.forProtocol(Protocol))
+        self.lose_old()
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        fresh = FakeTunnel("agent")
+        self.registry.register(fresh)
+        self.assertEqual(fresh.opens, [])
+
+    def test_attempts_are_still_bounded(self) -> None:
+        d = self.endpoint.connect(Factory.forProtocol(Protocol))
+        self.lose_old()
+        for _ in range(2):
+            fresh = FakeTunnel("agent")
+            self.registry.register(fresh)
+            fresh.opens[0][2].errback(TunnelGone("gone again"))
+        self.failureResultOf(d, TunnelGone)
+
+
 class SocksTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.tunnel = FakeTunnel("agent", {"Env": "Production"})

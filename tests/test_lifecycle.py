@@ -34,6 +34,8 @@ class Hooks:
         self.closed = 0
         self.aborted: list[str] = []
         self.timed_out = 0
+        self.stalls: list[float] = []
+        self.stalls_ended = 0
 
     def send_ping(self) -> None:
         self.pings += 1
@@ -52,6 +54,12 @@ class Hooks:
 
     def handshake_timed_out(self) -> None:
         self.timed_out += 1
+
+    def stalled(self, silent: float) -> None:
+        self.stalls.append(silent)
+
+    def stall_ended(self) -> None:
+        self.stalls_ended += 1
 
 
 class SessionTests(SynchronousTestCase):
@@ -134,6 +142,83 @@ class SessionTests(SynchronousTestCase):
         self.session.lost()
         self.successResultOf(done)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class StallTests(SynchronousTestCase):
+    """
+    A PING unanswered for the stall timeout is a stall (NOVAC opens a fresh
+    tunnel); the tunnel is only dropped at the dead timeout.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.hooks = Hooks()
+        self.core = SessionCore(
+            self.clock, self.hooks, keepalive=15, dead_timeout=45, handshake_timeout=10, stall_timeout=5
+        )
+        self.session = start_session(self.core)
+        self.session.registered()
+
+    def test_answered_pings_never_stall(self) -> None:
+        for _ in range(10):
+            self.clock.advance(15)  # a PING goes out
+            self.clock.advance(0.05)
+            self.core.heard()  # its PONG, 50 ms later
+        self.clock.advance(4.9)
+        self.assertEqual((self.hooks.stalls, self.hooks.aborted), ([], []))
+
+    def test_a_quiet_idle_peer_is_no_stall(self) -> None:
+        # Nothing is heard between keepalives: only an unanswered PING counts.
+        self.clock.advance(14.9)
+        self.assertEqual(self.hooks.stalls, [])
+
+    def test_blackhole_stalls_once_then_dead_timeout_drops(self) -> None:
+        self.clock.advance(15)
+        self.assertEqual(self.hooks.pings, 1)
+        self.clock.advance(4.9)
+        self.assertEqual(self.hooks.stalls, [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.hooks.stalls, [20.0])
+        self.clock.advance(24.9)
+        self.assertEqual(len(self.hooks.stalls), 1)  # reported once, not at every PING
+        self.assertEqual(self.hooks.aborted, [])
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.hooks.aborted), 1)
+        self.assertEqual(self.hooks.stalls_ended, 0)
+
+    def test_anything_heard_after_the_ping_answers_it(self) -> None:
+        self.clock.advance(16)
+        self.core.heard()  # DATA, not the PONG: the link works
+        self.clock.advance(10)
+        self.assertEqual(self.hooks.stalls, [])
+
+    def test_a_stall_ends_when_the_peer_is_heard_again(self) -> None:
+        self.clock.advance(15)
+        self.clock.advance(5)
+        self.assertEqual(len(self.hooks.stalls), 1)
+        self.clock.advance(5)
+        self.core.heard()  # the link came back (a flap)
+        self.clock.advance(5)  # noticed at the next keepalive check
+        self.assertEqual(self.hooks.stalls_ended, 1)
+        self.assertEqual(self.hooks.aborted, [])
+        self.clock.advance(0.05)
+        self.core.heard()  # the PONG of the PING sent at the check
+        # A second outage is a second stall.
+        self.clock.advance(14.95)
+        self.clock.advance(4.9)
+        self.assertEqual(len(self.hooks.stalls), 1)
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.hooks.stalls), 2)
+
+    def test_off_without_a_stall_timeout(self) -> None:
+        clock, hooks = Clock(), Hooks()
+        core = SessionCore(clock, hooks, keepalive=15, dead_timeout=45, handshake_timeout=10)
+        start_session(core).registered()
+        for _ in range(44):
+            clock.advance(1)
+        self.assertEqual((hooks.pings, hooks.stalls, hooks.aborted), (2, [], []))
+        clock.advance(1)
+        self.assertEqual(len(hooks.aborted), 1)
 
 
 class BackoffTests(SynchronousTestCase):

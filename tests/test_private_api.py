@@ -218,6 +218,9 @@ class InstalledReleasesTests(TestCase):
             fastpath.set_notsent_lowat(writer.tcp, 65_536)
             raw = bottom.socket
             assert raw.getsockopt(socket.IPPROTO_TCP, fastpath.TCP_NOTSENT_LOWAT) == 65_536
+            # The tunnel's dead timeout reaches the kernel the same way.
+            assert fastpath.set_user_timeout(writer.tcp, 45.0)
+            assert raw.getsockopt(socket.IPPROTO_TCP, fastpath.TCP_USER_TIMEOUT) == 45_000
 
     @inlineCallbacks
     def test_tcp_takes_the_direct_send_path(self) -> Generator[Deferred[Any], Any, None]:
@@ -227,3 +230,6 @@ class InstalledReleasesTests(TestCase):
             assert private.fast_tcp(transport) is transport, f"{transport!r} fell back to Twisted's write"
             assert FrameWriter(transport).tcp is transport
             assert isinstance(transport.getHandle(), socket.socket)  # type: ignore[union-attr]
+            assert fastpath.set_user_timeout(FrameWriter(transport).tcp, 2.5)
+            raw = transport.getHandle()  # type: ignore[union-attr]
+            assert raw.getsockopt(socket.IPPROTO_TCP, fastpath.TCP_USER_TIMEOUT) == 2_500

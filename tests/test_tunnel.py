@@ -25,11 +25,18 @@ from zope.interface import implementer
 
 from nova.agent.tunnel import AgentTunnel, AgentTunnelFactory, Rejected
 from nova.rules.routes import Selector
-from nova.server.tunnel import LIVE_NAME_PROBE, OpenFailed, ServerContext, ServerTunnel, ServerTunnelFactory
+from nova.server.tunnel import (
+    LIVE_NAME_PROBE,
+    OpenFailed,
+    ServerContext,
+    ServerTunnel,
+    ServerTunnelFactory,
+    TunnelGone,
+)
 from nova.tls import certificate_fingerprint, client_creator, parse_fingerprint, server_options
 from nova.wire.codec import FrameDecoder
 from nova.wire.errors import ErrorCode, OpenFailReason
-from nova.wire.frames import Hello, Ping, Pong, Reject, Welcome, encode
+from nova.wire.frames import Data, GoAway, Hello, Open, OpenOk, Ping, Pong, Reject, Rst, Welcome, encode
 from nova.wire.handshake import make_auth
 
 from .contexts import agent_context, server_context
@@ -477,6 +484,60 @@ class LifeCycleTests(SynchronousTestCase):
         self.assertEqual(_gauge(context), 1)
         text = "\n".join(formatEvent(e) for e in self.logged)
         self.assertIn("it did not answer a ping when db-agent registered again", text)
+
+    def test_a_silent_tunnel_with_open_streams_is_replaced_but_keeps_them(self) -> None:
+        """
+        A stalled link (docs/faults.md): the agent's fresh tunnel takes the
+        name and every new stream, the old one's open streams run on (a
+        user's connection that may only be slow to recover), and an open
+        still waiting for the old agent is failed so it is retried.
+        """
+        clock = Clock()
+        context = server_context(clock, token=TOKEN, tls=False)
+        old, old_transport = self._register(context, "db-agent")
+        d = old.open_stream("db.internal", 5432)
+        [open_] = [f for f in self._frames(old_transport) if isinstance(f, Open)]
+        old.dataReceived(b"".join(encode(OpenOk(open_.stream_id))))
+        stream = self.successResultOf(d)
+        user = Protocol()
+        stream.makeConnection(user)
+        waiting = old.open_stream("cache.internal", 6379)
+        self._frames(old_transport)
+        new, new_transport = self._register(context, "db-agent")
+        clock.advance(LIVE_NAME_PROBE)
+        self.assertIs(context.registry.get("db-agent"), new)
+        self.assertIsInstance(self._frames(new_transport)[0], Welcome)
+        self.failureResultOf(waiting, TunnelGone)
+        self.assertFalse(old.closed)
+        frames = self._frames(old_transport)
+        self.assertIn(ErrorCode.REPLACED, [f.code for f in frames if isinstance(f, GoAway)])
+        self.assertIn(ErrorCode.CANCEL, [f.code for f in frames if isinstance(f, Rst)])
+        # The link comes back: the open stream still carries bytes both ways.
+        received: list[bytes] = []
+        user.dataReceived = received.append  # type: ignore[method-assign,assignment]
+        old.dataReceived(b"".join(encode(Data(open_.stream_id, b"late but whole"))))
+        self.assertEqual(b"".join(received), b"late but whole")
+        stream.write(b"answer")
+        clock.advance(0)
+        self.assertIn(b"answer", old_transport.value())
+        # It ends when its last stream ends.
+        stream.abortConnection()
+        self.assertTrue(old.closed)
+
+    def test_a_replaced_tunnel_that_stays_silent_is_dropped_at_the_dead_timeout(self) -> None:
+        clock = Clock()
+        context = server_context(clock, token=TOKEN, tls=False)
+        old, old_transport = self._register(context, "db-agent")
+        d = old.open_stream("db.internal", 5432)
+        [open_] = [f for f in self._frames(old_transport) if isinstance(f, Open)]
+        old.dataReceived(b"".join(encode(OpenOk(open_.stream_id))))
+        self.successResultOf(d).makeConnection(Protocol())
+        self._register(context, "db-agent")
+        clock.advance(LIVE_NAME_PROBE)
+        self.assertFalse(old_transport.disconnecting)
+        for _ in range(50):
+            clock.advance(1)
+        self.assertTrue(old_transport.disconnecting)
 
     def test_a_tunnel_that_closes_during_the_probe_is_replaced_at_once(self) -> None:
         clock = Clock()

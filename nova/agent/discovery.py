@@ -48,6 +48,7 @@ class AgentPool(Service):
         # within the cluster behind one address (two independent servers, or
         # two clusters, may use the same ids: host names, pod names).
         self.state = PoolState(clock, self, self._delay)
+        self.state.on_replace = self._close_stalled
         self.factory = AgentTunnelFactory(context, label, backoff, self.state)
         self._connecting: Deferred[IProtocol] | None = None
 
@@ -73,6 +74,18 @@ class AgentPool(Service):
         attempt = self.state.attempt
         if isinstance(attempt, AgentTunnel) and not attempt.closed:
             attempt.close()
+
+    def _close_stalled(self, tunnel: object) -> None:
+        """A fresh tunnel registered in place of a stalled one: end the stalled one (the server replaced it)."""
+        if not isinstance(tunnel, AgentTunnel):
+            return
+        if not tunnel.streams:
+            tunnel.abort("a fresh tunnel to the same server replaced it")
+            return
+        # Its open streams may only be slow to recover: they run on (the dead
+        # timeout still drops the tunnel if it is really gone).
+        timing = self.context.timing
+        tunnel.drain(timing.dead_timeout, ErrorCode.NO_ERROR, "replaced by a fresh tunnel")
 
     def _delay(self) -> float:
         delay = self.backoff(0)

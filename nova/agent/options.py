@@ -23,6 +23,7 @@ from nova.config import (
     port,
     read_secret,
     seconds,
+    seconds_or_off,
     separator_hint,
     split_host_port,
     timing_settings,
@@ -42,6 +43,11 @@ P = "NOVAC"
 
 # OPENs per second a server may ask of an agent (see AgentContext.max_open_rate).
 DEFAULT_MAX_OPEN_RATE = 5000
+
+# A PING unanswered this long (seconds) on a 50 ms link is a stalled tunnel,
+# not a slow one; well under the dead timeout (45 s) so the fresh tunnel is
+# up long before the stalled one would be dropped (docs/faults.md).
+DEFAULT_STALL_TIMEOUT = 5.0
 
 SETTINGS: tuple[Setting[Any], ...] = (
     Setting(P, "server", None, "HOST:PORT[,HOST:PORT...]: register with every one (required)."),
@@ -91,6 +97,16 @@ SETTINGS: tuple[Setting[Any], ...] = (
         repeat=True,
     ),
     *timing_settings(P),
+    Setting(
+        P,
+        "stall-timeout",
+        None,
+        "Seconds a ping may go unanswered before a fresh tunnel is opened beside the stalled one"
+        " (0 or off: never); under the dead timeout.",
+        seconds_or_off,
+        derive=lambda v: min(DEFAULT_STALL_TIMEOUT, v["dead-timeout"] / 3),
+        derived_doc=f"{DEFAULT_STALL_TIMEOUT:g}, or a third of --dead-timeout if that is shorter",
+    ),
     Setting(P, "reconnect-initial", DEFAULT_INITIAL_DELAY, "Seconds: the first reconnect waits up to this.", seconds),
     Setting(P, "reconnect-max", DEFAULT_MAX_DELAY, "Seconds: no reconnect waits longer than this.", seconds),
 )
@@ -122,6 +138,7 @@ class AgentConfig:
     max_open_rate: int
     keepalive: float
     dead_timeout: float
+    stall_timeout: float
     drain_timeout: float
     reconnect_initial: float
     reconnect_max: float
@@ -135,7 +152,7 @@ class AgentConfig:
         return f"<AgentConfig {self.name} -> {len(self.servers)} server(s), tls={self.tls}>"
 
     def timing(self) -> Timing:
-        return Timing(self.handshake_timeout, self.keepalive, self.dead_timeout)
+        return Timing(self.handshake_timeout, self.keepalive, self.dead_timeout, self.stall_timeout)
 
 
 def build_config(v: dict[str, Any]) -> AgentConfig:
@@ -181,6 +198,12 @@ def build_config(v: dict[str, Any]) -> AgentConfig:
     except PolicyError as e:
         raise ConfigError(f"{LABEL['allow']}: {e}{separator_hint(v.get('allow') or [], 'NOVAC_ALLOW')}") from None
     keepalive, dead, drain = check_timing(v, LABEL)
+    stall = v["stall-timeout"]
+    if stall >= dead:
+        raise ConfigError(
+            f"{LABEL['stall-timeout']} ({stall:g}s) must be shorter than {LABEL['dead-timeout']} ({dead:g}s),"
+            " or 0 to turn it off"
+        )
     if bool(v["tls-cert"]) != bool(v["tls-key"]):
         raise ConfigError(together(by_name(SETTINGS, "tls-cert"), by_name(SETTINGS, "tls-key")))
     client_cert = (Path(v["tls-cert"]), Path(v["tls-key"])) if v["tls-cert"] else None
@@ -206,6 +229,7 @@ def build_config(v: dict[str, Any]) -> AgentConfig:
         max_open_rate=v["max-open-rate"],
         keepalive=keepalive,
         dead_timeout=dead,
+        stall_timeout=stall,
         drain_timeout=drain,
         reconnect_initial=initial,
         reconnect_max=cap,

@@ -20,6 +20,15 @@ nothing held, the pool wants a tunnel to whichever server answers.  After
 each change the adapter tells the machine C{want} (something is missing) or
 C{satisfied}.
 
+A held tunnel that stalls (a PING unanswered for the stall timeout, see
+L{nova.mux.lifecycle}) stops counting as held: its member is missing, so
+the pool dials a fresh tunnel beside it (docs/faults.md).  The server
+accepts that registration once the stalled tunnel fails its live-name ping,
+and new streams use the fresh tunnel; the stalled one is closed when the
+fresh one registers, or ends on its own at the dead timeout.  If it is
+heard from again first, it is held again; a NAME_IN_USE from its member
+meanwhile (the server found it alive) is a duplicate, not a refusal.
+
 Invariants (L{PoolCore.check_invariants}; a Hypothesis state machine drives
 them in tests/test_agent_pool.py): at most one attempt (a connection being
 made or registering) at a time; at most one held tunnel per member, so at
@@ -195,6 +204,8 @@ class PoolState:
         self.core = PoolCore(clock, hooks, delay)
         self.machine = new_pool(self.core)
         self.attempt: object | None = None  # the tunnel of the attempt in flight, once connected
+        self.stalled: dict[str, object] = {}  # member id -> its stalled tunnel (no longer held)
+        self.on_replace: Callable[[object], None] | None = None  # closes a stalled tunnel replaced (the adapter)
         self.duplicates = 0
         self.on_change: Callable[[], None] | None = None  # after every decision (the adapter's metrics)
 
@@ -244,6 +255,9 @@ class PoolState:
             return False
         self.core.held[server_id] = tunnel
         self.core.members = frozenset(members) | {server_id}
+        old = self.stalled.pop(server_id, None)
+        if old is not None and old is not tunnel and self.on_replace is not None:
+            self.on_replace(old)
         if tunnel is self.attempt:
             self.attempt = None
             self.machine.attempt_ended()
@@ -251,8 +265,29 @@ class PoolState:
         return True
 
     def holds(self, server_id: str) -> bool:
-        """Whether a tunnel to C{server_id} is held (a REJECT NAME_IN_USE from it is a duplicate)."""
+        """Whether a working tunnel to C{server_id} is held (a fresh registration with it is a duplicate)."""
         return server_id in self.core.held
+
+    def has_tunnel(self, server_id: str) -> bool:
+        """Whether any tunnel to C{server_id} is up, stalled or not (a REJECT NAME_IN_USE from it is a duplicate)."""
+        return server_id in self.core.held or server_id in self.stalled
+
+    def tunnel_stalled(self, tunnel: object) -> None:
+        """C{tunnel} stalled: its member counts as missing, so a fresh tunnel is dialled."""
+        for member, held in list(self.core.held.items()):
+            if held is tunnel:
+                del self.core.held[member]
+                self.stalled[member] = tunnel
+        self._decide()
+
+    def tunnel_recovered(self, tunnel: object) -> None:
+        """C{tunnel} was heard from again: held again, unless a fresh tunnel took its member meanwhile."""
+        for member, stalled in list(self.stalled.items()):
+            if stalled is tunnel:
+                del self.stalled[member]
+                if member not in self.core.held:
+                    self.core.held[member] = tunnel
+        self._decide()
 
     def refused_duplicate(self) -> None:
         self.duplicates += 1
@@ -267,6 +302,9 @@ class PoolState:
         for member, held in list(self.core.held.items()):
             if held is tunnel:
                 del self.core.held[member]
+        for member, stalled in list(self.stalled.items()):
+            if stalled is tunnel:
+                del self.stalled[member]
         if tunnel is self.attempt:
             self.attempt = None
             self.machine.attempt_ended()

@@ -91,7 +91,7 @@ class Backoff:
         self.last_failure = reason
 
     def expect_restart(self) -> None:
-        """The server said it is shutting down: it is probably coming back soon."""
+        """The server said it is shutting down, or the tunnel stalled: it is probably back soon."""
         self._quick = RESTART_RETRIES
 
     def __call__(self, attempt: int) -> float:

@@ -184,7 +184,10 @@ class AgentTunnel(TunnelProtocol):
         elif isinstance(frame, Welcome) and self._saw_hello:
             self._welcome(frame)
         elif (
-            isinstance(frame, Reject) and frame.server_id and self.pool is not None and self.pool.holds(frame.server_id)
+            isinstance(frame, Reject)
+            and frame.server_id
+            and self.pool is not None
+            and self.pool.has_tunnel(frame.server_id)
         ):
             # A version-2 REJECT from a member this agent already holds (its
             # live-name rule: NAME_IN_USE): a duplicate, not a refusal.
@@ -281,6 +284,26 @@ class AgentTunnel(TunnelProtocol):
             self.backoff.failed(f"registration rejected: {frame.code.name}")
         self._fail_registration(Rejected(frame.code, untrusted(frame.message)))
         self.close()
+
+    def stalled(self, silent: float) -> None:
+        """No answer to a PING within the stall timeout: the pool dials a fresh tunnel beside this one."""
+        self.log.warn(
+            "tunnel to {server} stalled (nothing heard for {silent:.1f}s); opening a fresh tunnel beside it",
+            server=self.server,
+            silent=silent,
+        )
+        if self.backoff is not None:
+            # The link is faulty, not the server: dial again soon (while the
+            # link is down each attempt is paced by the connect timeout), not
+            # after a backoff grown over the outage (docs/faults.md).
+            self.backoff.expect_restart()
+        if self.pool is not None:
+            self.pool.tunnel_stalled(self)
+
+    def stall_ended(self) -> None:
+        self.log.info("tunnel to {server} is answering again", server=self.server)
+        if self.pool is not None:
+            self.pool.tunnel_recovered(self)
 
     def members_received(self, members: tuple[str, ...]) -> None:
         """MEMBERS: the cluster changed; the pool follows it."""

@@ -11,8 +11,16 @@ The session:
 
 Both ends run one.  It owns the session's timers, all on an injected
 L{IReactorTime}: the handshake deadline, the keepalive ping, the dead-peer
-check (nothing heard for C{dead_timeout} drops the tunnel) and the drain
-deadline.  What it decides is carried out through L{SessionHooks}.
+check (nothing heard for C{dead_timeout} drops the tunnel), the stall check
+and the drain deadline.  What it decides is carried out through
+L{SessionHooks}.
+
+A stall (docs/faults.md) is a PING of ours that nothing answered (no PONG,
+no byte at all) within C{stall_timeout}, well under the dead timeout: the
+tunnel may only be slow to recover (TCP backing off its retransmissions
+after a blackhole), so it is not dropped, but NOVAC opens a fresh tunnel
+beside it.  C{stalled} is reported once per stall; C{stall_ended} when the
+peer is heard from again (noticed at the next keepalive check).
 
 A stream (L{nova.transport.stream.StreamTransport}) has two halves, each a machine
 of its own, sharing one L{HalvesCore}:
@@ -47,6 +55,8 @@ from nova.wire.errors import ErrorCode
 
 DEFAULT_KEEPALIVE = 15.0
 DEFAULT_DEAD_TIMEOUT = 45.0
+# Off (0) unless set: NOVAC sets it (nova.agent.options), NOVAS does not.
+DEFAULT_STALL_TIMEOUT = 0.0
 
 
 class SessionHooks(Protocol):
@@ -63,6 +73,12 @@ class SessionHooks(Protocol):
     def abort(self, why: str) -> None: ...
 
     def handshake_timed_out(self) -> None: ...
+
+    def stalled(self, silent: float) -> None:
+        "A PING of ours went unanswered for the stall timeout; nothing heard for C{silent} seconds."
+
+    def stall_ended(self) -> None:
+        "The peer was heard from again after a stall."
 
 
 class Session(Protocol):
@@ -100,8 +116,11 @@ class SessionCore:
     keepalive: float = DEFAULT_KEEPALIVE
     dead_timeout: float = DEFAULT_DEAD_TIMEOUT
     handshake_timeout: float = 10.0
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT
     last_heard: float = 0.0
     next_ping: float = 0.0
+    ping_out: float | None = None  # when the oldest PING nothing has answered yet went out
+    stall_at: float | None = None  # last_heard when a stall was reported; None: no stall
     timer: IDelayedCall | None = None
     drain_timer: IDelayedCall | None = None
     waiters: list[Deferred[None]] = field(default_factory=list)
@@ -129,12 +148,30 @@ class SessionCore:
             self.timer = None
             self.hooks.abort(f"nothing heard from the peer for {now - self.last_heard:.0f}s")
             return
+        self._check_stall(now)
         if now >= self.next_ping:
             self.hooks.send_ping()
             self.next_ping = now + self.keepalive
+            if self.ping_out is None:
+                self.ping_out = now
         due = min(self.next_ping, self.last_heard + self.dead_timeout)
+        if self.stall_timeout > 0 and self.ping_out is not None and self.stall_at is None:
+            due = min(due, self.ping_out + self.stall_timeout)
         assert self.tick is not None
         self.timer = self.clock.callLater(max(due - now, 0.001), self.tick)
+
+    def _check_stall(self, now: float) -> None:
+        """Report a stall once, and its end (see the module docstring)."""
+        if self.ping_out is not None and self.last_heard >= self.ping_out:
+            self.ping_out = None  # answered (or anything else arrived since it went out)
+        if self.stall_at is not None:
+            if self.last_heard > self.stall_at:
+                self.stall_at = None
+                self.hooks.stall_ended()
+            return
+        if self.stall_timeout > 0 and self.ping_out is not None and now - self.ping_out >= self.stall_timeout:
+            self.stall_at = self.last_heard
+            self.hooks.stalled(now - self.last_heard)
 
 
 _builder = TypeMachineBuilder(Session, SessionCore)
@@ -149,6 +186,7 @@ def _registered(session: Session, core: SessionCore) -> None:
     core.cancel_timers()
     core.last_heard = core.clock.seconds()
     core.next_ping = core.last_heard + core.keepalive
+    core.ping_out = core.stall_at = None
     core.check_liveness()
 
 

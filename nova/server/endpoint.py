@@ -56,8 +56,10 @@ def retryable(failure: Failure) -> bool:
 class _Attempt:
     """One connect(): the agents tried so far and the open in progress."""
 
+    deadline: float
     tried: list[Registered] = field(default_factory=list)
     current: Deferred[StreamTransport] | None = None
+    waiting: Deferred[None] | None = None  # for a fresh tunnel (see TunnelEndpoint._wait_for_tunnel)
     cancelled: bool = False
 
 
@@ -71,6 +73,12 @@ class TunnelEndpoint:
     all.  Failures about the target itself (refused, DNS, policy) are final.
     A host name no agent could resolve (see L{nova.wire.hostname}) raises
     L{InvalidHostName} at once.
+
+    When no other agent is left after such a failure (the one agent's
+    tunnel died or was replaced under the open), the open waits for the
+    next registration (the agent's fresh tunnel) until C{open_timeout}
+    from the start of C{connect} has passed, instead of failing the user's
+    connection: a tunnel lost to a fault is usually back within seconds.
     """
 
     log = Logger()
@@ -98,12 +106,14 @@ class TunnelEndpoint:
         self.attempts = attempts
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
-        attempt = _Attempt()
+        attempt = _Attempt(deadline=self.clock.seconds() + self.open_timeout)
 
         def cancel(_: Deferred[IProtocol]) -> None:
             attempt.cancelled = True
             if attempt.current is not None:
                 attempt.current.cancel()
+            if attempt.waiting is not None:
+                attempt.waiting.cancel()
 
         result: Deferred[IProtocol] = Deferred(cancel)
         self._try(attempt, result, protocolFactory, None)
@@ -119,6 +129,9 @@ class TunnelEndpoint:
         if attempt.cancelled:
             return
         tunnel = self.registry.choose(self.selector, attempt.tried)
+        if tunnel is None and last is not None and len(attempt.tried) < self.attempts:
+            self._wait_for_tunnel(attempt, result, factory, last)
+            return
         if tunnel is None or len(attempt.tried) >= self.attempts:
             result.errback(last if last is not None else Failure(NoAgent(self.selector)))
             return
@@ -164,6 +177,41 @@ class TunnelEndpoint:
             result.errback(failure)
 
         d.addCallbacks(opened, failed)
+
+    def _wait_for_tunnel(
+        self, attempt: _Attempt, result: Deferred[IProtocol], factory: IProtocolFactory, last: Failure
+    ) -> None:
+        """
+        An open failed for a reason another tunnel may not have and none is
+        registered now: wait for the next registration, within the open's
+        deadline, then try again.
+        """
+        left = attempt.deadline - self.clock.seconds()
+        if left <= 0:
+            result.errback(last)
+            return
+        self.log.info(
+            "stream to {target}: no other agent after {why}; waiting up to {left:.1f}s for a fresh tunnel",
+            target=f"{self.host}:{self.port}",
+            why=last.getErrorMessage(),
+            left=left,
+        )
+        waiting = attempt.waiting = self.registry.next_registration()
+        timer = self.clock.callLater(left, waiting.cancel)
+
+        def registered(_: None) -> None:
+            timer.cancel()
+            attempt.waiting = None
+            self._try(attempt, result, factory, last)
+
+        def expired(failure: Failure) -> None:
+            attempt.waiting = None
+            if timer.active():
+                timer.cancel()
+            if not attempt.cancelled:
+                result.errback(last)
+
+        waiting.addCallbacks(registered, expired)
 
 
 __all__ = ["AgentTimeout", "InvalidHostName", "NoAgent", "TimeoutError", "TunnelEndpoint", "retryable"]

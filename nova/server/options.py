@@ -259,7 +259,8 @@ class ServerConfig:
         return f"<ServerConfig agent port {self.agent_port}, {len(self.routes)} routes, tls={self.tls}>"
 
     def timing(self) -> Timing:
-        return Timing(self.handshake_timeout, self.keepalive, self.dead_timeout)
+        # Stall detection is NOVAC's (it opens the second tunnel); a server has none.
+        return Timing(self.handshake_timeout, self.keepalive, self.dead_timeout, stall_timeout=0.0)
 
 
 def build_config(v: dict[str, Any]) -> ServerConfig:

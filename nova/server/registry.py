@@ -32,6 +32,8 @@ class Registry:
     def __init__(self) -> None:
         self._by_name: dict[str, Registered] = {}
         self._turn = 0
+        # Opens waiting for a fresh tunnel (see next_registration).
+        self._waiters: list[Deferred[None]] = []
 
     def __iter__(self) -> Iterator[Registered]:
         return iter(list(self._by_name.values()))
@@ -52,6 +54,24 @@ class Registry:
         if old is not None and old is not tunnel:
             self.log.info("agent {name} registered again; closing its previous tunnel", name=tunnel.name)
             old.replaced()
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def next_registration(self) -> Deferred[None]:
+        """
+        Fires when the next tunnel registers: an open whose tunnel died
+        waits for the agent's fresh one (L{nova.server.endpoint}).
+        Cancelling it forgets the wait.
+        """
+
+        def forget(d: Deferred[None]) -> None:
+            if d in self._waiters:
+                self._waiters.remove(d)
+
+        d: Deferred[None] = Deferred(forget)
+        self._waiters.append(d)
+        return d
 
     def unregister(self, tunnel: Registered) -> None:
         if self._by_name.get(tunnel.name) is tunnel:

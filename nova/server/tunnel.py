@@ -469,7 +469,27 @@ class ServerTunnel(TunnelProtocol):
             "agent {agent}: dropping its tunnel from {peer}: {reason}", agent=self.name, peer=self.address, reason=why
         )
         self.context.registry.unregister(self)
-        self.abort(why, quiet=True)
+        self._fail_opening(f"tunnel to {self.name} was replaced")
+        if not self.streams or self.session is None:
+            self.abort(why, quiet=True)
+            return
+        # Its open streams are users' connections that may only be slow to
+        # recover (a stalled link backing off its retransmissions: the
+        # agent's fresh tunnel is what replaced it, docs/faults.md).  New
+        # streams go to the new tunnel; these run on until they end, and the
+        # dead timeout still drops a tunnel that is really gone.
+        self.drain(self.timing.dead_timeout, ErrorCode.REPLACED, "a newer tunnel registered under this name")
+
+    def _fail_opening(self, why: str) -> None:
+        """Fail the opens still waiting for the agent's answer (the endpoint retries them elsewhere)."""
+        opening, self._opening = self._opening, {}
+        for sid, (d, _host, _port) in opening.items():
+            if self.mux is not None and not self.closed:
+                self.mux.reset(sid, ErrorCode.CANCEL)
+            if not d.called:
+                d.errback(TunnelGone(why))
+        if opening:
+            self.flush()
 
     def revoke(self, why: str) -> None:
         """The token this tunnel proved is no longer valid: close it."""

@@ -191,6 +191,29 @@ def set_notsent_lowat(t: tcp.Connection | None, value: int = NOTSENT_LOWAT) -> N
         pass
 
 
+# TCP_USER_TIMEOUT (Linux 2.6.37+): how long sent data may stay unacknowledged
+# before the kernel gives the connection up.  Without it a blackholed tunnel
+# retransmits with exponential backoff for about 15 minutes (tcp_retries2),
+# and a link that comes back waits for the next backed-off retransmission.
+TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
+
+
+def set_user_timeout(t: tcp.Connection | None, seconds: float) -> bool:
+    """
+    Give a tunnel's connection up in the kernel once sent data has gone
+    unacknowledged for C{seconds} (the tunnel's dead timeout), so both ends
+    and the kernel agree on when a blackholed peer is dead.  False where the
+    option cannot be set (not Linux, not TCP).
+    """
+    if t is None or seconds <= 0:
+        return False
+    try:
+        t.socket.setsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT, max(1, int(seconds * 1000)))
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
 class FrameWriter:
     """
     Writes a tunnel's encoded frames to its transport, the fastest safe way

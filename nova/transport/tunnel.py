@@ -72,8 +72,12 @@ from zope.interface import implementer
 
 from nova.mux.core import Buffer, Multiplexer, OpenRefused, Role, WindowBudget
 from nova.mux.inbound import InboundDelivery
-from nova.mux.lifecycle import Session, SessionCore, start_session
-from nova.transport.fastpath import FrameWriter, set_notsent_lowat
+from nova.mux.lifecycle import (
+    Session,
+    SessionCore,
+    start_session,
+)
+from nova.transport.fastpath import FrameWriter, set_notsent_lowat, set_user_timeout
 from nova.transport.outbound import OutboundScheduler
 from nova.transport.splice import no_delay, read_size
 from nova.transport.stream import StreamAddress, StreamTransport
@@ -109,6 +113,7 @@ class Timing:
     handshake_timeout: float
     keepalive: float
     dead_timeout: float
+    stall_timeout: float  # 0: off (NOVAS); see nova.mux.lifecycle
 
 
 @implementer(IPushProducer)
@@ -158,6 +163,7 @@ class TunnelProtocol(Protocol):
             keepalive=timing.keepalive,
             dead_timeout=timing.dead_timeout,
             handshake_timeout=timing.handshake_timeout,
+            stall_timeout=timing.stall_timeout,
         )
         self.session: Session | None = None
 
@@ -199,6 +205,7 @@ class TunnelProtocol(Protocol):
         no_delay(self.transport)
         self._writer = self.outbound.writer = FrameWriter(self.transport)
         set_notsent_lowat(self._writer.tcp)
+        set_user_timeout(self._writer.tcp, self.timing.dead_timeout)
         read_size(self._writer.tcp, self.outbound.quantum)
         self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         self.session = start_session(self.core)
@@ -300,6 +307,12 @@ class TunnelProtocol(Protocol):
     def pending_streams(self) -> int:
         """Streams being opened that have no transport yet."""
         return 0
+
+    def stalled(self, silent: float) -> None:
+        """A PING went unanswered for the stall timeout (only with one set: NOVAC)."""
+
+    def stall_ended(self) -> None:
+        """The peer was heard from again after a stall."""
 
     def tunnel_closed(self, reason: Failure) -> None:
         """The connection is gone; every stream has been told."""
