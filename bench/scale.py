@@ -22,10 +22,33 @@ BENCH = Path(__file__).resolve().parent
 SETTLE = 2.0  # seconds to let a process settle before reading its RSS
 
 
+@dataclass(frozen=True)
+class Fleet:
+    """How many simulated agents, in how many processes, from how many source addresses."""
+
+    agents: int
+    workers: int
+    # Source addresses per worker (0: the kernel's choice, 127.0.0.1 for
+    # all).  Each worker uses 127.0.W.1 ... 127.0.W.N (W = 1 + its index),
+    # so no one address carries more than NOVAS_MAX_PENDING_PER_SOURCE
+    # handshakes at once or runs out of ephemeral ports: real agents come
+    # from many addresses.
+    sources_per_worker: int = 0
+    novas_env: tuple[tuple[str, str], ...] = ()  # NOVAS settings for this run (NOVAS_...=...)
+
+    def sources(self, worker: int) -> list[str]:
+        return [f"127.0.{worker + 1}.{i + 1}" for i in range(self.sources_per_worker)]
+
+    def per_worker(self) -> list[int]:
+        n, w = self.agents, self.workers
+        return [n // w + (1 if i < n % w else 0) for i in range(w)]
+
+
 @dataclass
 class AgentsResult:
     agents: int
     workers: int
+    sources: int  # distinct source addresses the agents connected from (1: all from 127.0.0.1)
     rss_before_kib: int
     rss_after_kib: int
     register_seconds: float  # from starting the fleet until NOVAS logged every registration
@@ -67,16 +90,17 @@ class RegistrationCounter:
         return len(self.names)
 
 
-def agents_and_storm(work: Path, agents: int, workers: int, register_timeout: float) -> AgentsResult:
+def agents_and_storm(work: Path, spec: Fleet, register_timeout: float) -> AgentsResult:
     """
-    F{agents} simulated agents (NOVAC's code, real TLS connections with
-    distinct names) in F{workers} processes register with one NOVAS: its RSS
-    before and after.  Then NOVAS is restarted on the same port and state
+    C{spec.agents} simulated agents (NOVAC's code, real TLS connections with
+    distinct names) in C{spec.workers} processes register with one NOVAS: its
+    RSS before and after.  Then NOVAS is restarted on the same port and state
     directory and the time until all of them registered again is measured.
     """
+    agents = spec.agents
     state = work / "novas-scale-state"
     port = free_port()
-    novas = Novas(work, port, state, label="novas-agents")
+    novas = Novas(work, port, state, label="novas-agents", extra_env=dict(spec.novas_env))
     fleet: list[Proc] = []
     try:
         novas.wait_listening()
@@ -85,11 +109,10 @@ def agents_and_storm(work: Path, agents: int, workers: int, register_timeout: fl
         before = novas.proc.rss_kib()
         prefix = "sim-"
         counter = RegistrationCounter(novas.proc, prefix)
-        per_worker = [agents // workers + (1 if i < agents % workers else 0) for i in range(workers)]
         start = time.monotonic()
-        for w, count in enumerate(per_worker):
+        for w, count in enumerate(spec.per_worker()):
             if count:
-                fleet.append(_start_fleet(work, port, fingerprint, f"{prefix}{w}-", count, w))
+                fleet.append(_start_fleet(work, port, fingerprint, f"{prefix}{w}-", count, w, spec.sources(w)))
 
         def all_registered() -> bool:
             for proc in fleet:
@@ -105,13 +128,14 @@ def agents_and_storm(work: Path, agents: int, workers: int, register_timeout: fl
         result = AgentsResult(
             agents=agents,
             workers=len(fleet),
+            sources=max(1, len(fleet) * spec.sources_per_worker),
             rss_before_kib=before,
             rss_after_kib=after,
             register_seconds=register_seconds,
             per_agent_kib=(after - before) / agents,
         )
         log(f"NOVAS RSS {before} KiB -> {after} KiB with {agents} agents: {result.per_agent_kib:.1f} KiB/agent")
-        novas, result.storm = _storm(work, novas, port, state, fleet, agents, prefix, register_timeout)
+        novas, result.storm = _storm(work, novas, port, state, fleet, spec, prefix, register_timeout)
         return result
     finally:
         for proc in fleet:
@@ -119,7 +143,9 @@ def agents_and_storm(work: Path, agents: int, workers: int, register_timeout: fl
         novas.stop()
 
 
-def _start_fleet(work: Path, port: int, fingerprint: str, prefix: str, count: int, index: int) -> Proc:
+def _start_fleet(
+    work: Path, port: int, fingerprint: str, prefix: str, count: int, index: int, sources: list[str]
+) -> Proc:
     return Proc(
         f"fleet-{index}",
         [
@@ -128,6 +154,7 @@ def _start_fleet(work: Path, port: int, fingerprint: str, prefix: str, count: in
             "--fingerprint", fingerprint,
             "--prefix", prefix,
             "--count", str(count),
+            *(["--sources", ",".join(sources)] if sources else []),
         ],
         work / f"fleet-{index}.log",
         env=clean_env({"NOVAC_TOKEN": TOKEN}),
@@ -136,9 +163,10 @@ def _start_fleet(work: Path, port: int, fingerprint: str, prefix: str, count: in
 
 
 def _storm(
-    work: Path, old: Novas, port: int, state: Path, fleet: list[Proc], agents: int, prefix: str, timeout: float
+    work: Path, old: Novas, port: int, state: Path, fleet: list[Proc], spec: Fleet, prefix: str, timeout: float
 ) -> tuple[Novas, StormResult]:
     """Restart NOVAS; returns the new NOVAS (for the caller to stop) and the timings."""
+    agents = spec.agents
     log(f"restarting NOVAS (SIGTERM) with {agents} agents registered")
     t0 = time.monotonic()
     old.proc.signal(signal.SIGTERM)
@@ -148,7 +176,7 @@ def _storm(
         raise BenchError(f"NOVAS did not exit within 30s of SIGTERM:\n{old.proc.tail()}") from e
     old_exit = time.monotonic() - t0
     old.stop()
-    new = Novas(work, port, state, label="novas-restarted")
+    new = Novas(work, port, state, label="novas-restarted", extra_env=dict(spec.novas_env))
     counter = RegistrationCounter(new.proc, prefix)
     new.wait_listening(60)
     listen = time.monotonic()
