@@ -24,18 +24,13 @@ def server_label(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def server_endpoint(
-    reactor: Any, config: AgentConfig, host: str, port: int, bind: tuple[str, int] | None = None
-) -> IStreamClientEndpoint:
+def server_endpoint(reactor: Any, config: AgentConfig, host: str, port: int) -> IStreamClientEndpoint:
     """
     The endpoint the agent dials C{host:port} with: TCP within the connect
-    timeout (from C{bind}'s address if given), then TLS verified as
-    configured (unless TLS is off).  Raises L{nova.tls.TLSConfigError} when
-    the certificate files are unusable.
+    timeout, then TLS verified as configured (unless TLS is off).  Raises
+    L{nova.tls.TLSConfigError} when the certificate files are unusable.
     """
-    endpoint: IStreamClientEndpoint = HostnameEndpoint(
-        reactor, host, port, timeout=config.connect_timeout, bindAddress=bind
-    )
+    endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host, port, timeout=config.connect_timeout)
     if config.tls:
         creator = client_creator(config.server_name or host, config.ca, config.fingerprint, config.client_cert)
         endpoint = wrapClientTLS(creator, endpoint)
