@@ -6,6 +6,7 @@ counterpart for these.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -53,6 +54,10 @@ class AgentsResult:
     rss_after_kib: int
     register_seconds: float  # from starting the fleet until NOVAS logged every registration
     per_agent_kib: float
+    # CPU seconds spent during the registrations: NOVAS's, and the fleet's
+    # (all processes): on two shared cores their sum bounds the rate.
+    register_cpu_novas: float = 0.0
+    register_cpu_fleet: float = 0.0
     storm: StormResult | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -68,6 +73,7 @@ class StormResult:
     old_exit_seconds: float  # SIGTERM -> old NOVAS exited
     listen_seconds: float  # SIGTERM -> new NOVAS listening
     after_listen_seconds: float  # new NOVAS listening -> every agent registered
+    cpu_novas: float = 0.0  # CPU seconds of the new NOVAS, from its start until every agent is back
     progress: list[tuple[float, int]] = field(default_factory=list)  # (seconds after SIGTERM, agents registered)
 
     def as_dict(self) -> dict[str, Any]:
@@ -110,6 +116,7 @@ def agents_and_storm(work: Path, spec: Fleet, register_timeout: float) -> Agents
         prefix = "sim-"
         counter = RegistrationCounter(novas.proc, prefix)
         start = time.monotonic()
+        cpu_before = cpu_seconds(novas.proc.pid)
         for w, count in enumerate(spec.per_worker()):
             if count:
                 fleet.append(_start_fleet(work, port, fingerprint, f"{prefix}{w}-", count, w, spec.sources(w)))
@@ -122,7 +129,12 @@ def agents_and_storm(work: Path, spec: Fleet, register_timeout: float) -> Agents
 
         wait_until(all_registered, register_timeout, f"{agents} agents to register", interval=0.1)
         register_seconds = time.monotonic() - start
-        log(f"{agents} simulated agents registered in {register_seconds:.2f}s")
+        novas_cpu = cpu_seconds(novas.proc.pid) - cpu_before
+        fleet_cpu = sum(cpu_seconds(proc.pid) for proc in fleet)
+        log(
+            f"{agents} simulated agents registered in {register_seconds:.2f}s;"
+            f" CPU seconds meanwhile: NOVAS {novas_cpu:.1f}, fleet {fleet_cpu:.1f}"
+        )
         time.sleep(SETTLE)
         after = novas.proc.rss_kib()
         result = AgentsResult(
@@ -133,6 +145,8 @@ def agents_and_storm(work: Path, spec: Fleet, register_timeout: float) -> Agents
             rss_after_kib=after,
             register_seconds=register_seconds,
             per_agent_kib=(after - before) / agents,
+            register_cpu_novas=novas_cpu,
+            register_cpu_fleet=fleet_cpu,
         )
         log(f"NOVAS RSS {before} KiB -> {after} KiB with {agents} agents: {result.per_agent_kib:.1f} KiB/agent")
         novas, result.storm = _storm(work, novas, port, state, fleet, spec, prefix, register_timeout)
@@ -205,13 +219,23 @@ def _storm(
         old_exit_seconds=old_exit,
         listen_seconds=listen - t0,
         after_listen_seconds=done - listen,
+        cpu_novas=cpu_seconds(new.proc.pid),
         progress=_thin(progress, 40),
     )
     log(
         f"storm: old NOVAS exited after {old_exit:.2f}s, new one listening at {result.listen_seconds:.2f}s,"
-        f" all {agents} agents back at {result.seconds:.2f}s"
+        f" all {agents} agents back at {result.seconds:.2f}s (new NOVAS: {result.cpu_novas:.1f} CPU seconds)"
     )
     return new, result
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User and system CPU seconds of process C{pid} so far (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _thin(points: list[tuple[float, int]], most: int) -> list[tuple[float, int]]:
