@@ -40,6 +40,7 @@ class Fleet:
     # from many addresses.
     sources_per_worker: int = 0
     novas_env: tuple[tuple[str, str], ...] = ()  # NOVAS settings for this run (NOVAS_...=...)
+    concurrent: int = 64  # agents of one process between dialling and registered at once (fleet.py --concurrent)
 
     def sources(self, worker: int) -> list[str]:
         return [f"127.0.{worker + 1}.{i + 1}" for i in range(self.sources_per_worker)]
@@ -123,7 +124,9 @@ def agents_and_storm(work: Path, spec: Fleet, register_timeout: float) -> Agents
         cpu_before = cpu_seconds(novas.proc.pid)
         for w, count in enumerate(spec.per_worker()):
             if count:
-                fleet.append(_start_fleet(work, port, fingerprint, f"{prefix}{w}-", count, w, spec.sources(w)))
+                fleet.append(
+                    _start_fleet(work, port, fingerprint, f"{prefix}{w}-", count, w, spec.sources(w), spec.concurrent)
+                )
 
         def all_registered() -> bool:
             for proc in fleet:
@@ -162,7 +165,7 @@ def agents_and_storm(work: Path, spec: Fleet, register_timeout: float) -> Agents
 
 
 def _start_fleet(
-    work: Path, port: int, fingerprint: str, prefix: str, count: int, index: int, sources: list[str]
+    work: Path, port: int, fingerprint: str, prefix: str, count: int, index: int, sources: list[str], concurrent: int
 ) -> Proc:
     return Proc(
         f"fleet-{index}",
@@ -172,6 +175,7 @@ def _start_fleet(
             "--fingerprint", fingerprint,
             "--prefix", prefix,
             "--count", str(count),
+            "--concurrent", str(concurrent),
             *(["--sources", ",".join(sources)] if sources else []),
         ],
         work / f"fleet-{index}.log",

@@ -70,6 +70,7 @@ class Params:
     shaped_request_seconds: float  # requests per latency figure: this long at the link's round trip
     shaped_warmup: float
     novas_env: tuple[tuple[str, str], ...] = ()  # NOVAS settings for the agents groups (--novas-env)
+    fleet_concurrent: int = 64  # see fleet.py --concurrent
 
 
 FULL = Params(
@@ -482,11 +483,15 @@ class Suite:
 
     def agents(self) -> None:
         p = self.p
-        self._agents(Fleet(p.agents, p.agent_workers, p.agent_sources, p.novas_env), "agents", "")
+        self._agents(Fleet(p.agents, p.agent_workers, p.agent_sources, p.novas_env, p.fleet_concurrent), "agents", "")
 
     def agents10k(self) -> None:
         p = self.p
-        self._agents(Fleet(p.big_agents, p.big_agent_workers, p.big_agent_sources, p.novas_env), "agents10k", "_big")
+        self._agents(
+            Fleet(p.big_agents, p.big_agent_workers, p.big_agent_sources, p.novas_env, p.fleet_concurrent),
+            "agents10k",
+            "_big",
+        )
 
     def _agents(self, spec: Fleet, raw_key: str, suffix: str) -> None:
         keys = [f"agent_rss{suffix}", f"storm{suffix}", f"register{suffix}"]
@@ -568,6 +573,13 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="a NOVAS setting for the agents groups (repeatable), to find what limits them",
     )
+    parser.add_argument(
+        "--fleet-concurrent",
+        metavar="N",
+        type=int,
+        default=64,
+        help="simulated agents per fleet process handshaking at once (default 64; see bench/fleet.py)",
+    )
     args = parser.parse_args(argv)
     only = args.only if args.only is not None else ",".join(QUICK_GROUPS if args.quick else GROUPS)
     groups = [g.strip() for g in only.split(",") if g.strip()]
@@ -587,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         if not all(e.startswith("NOVAS_") and "=" in e for e in args.novas_env):
             parser.error("--novas-env takes NOVAS_NAME=VALUE")
         params = replace(params, novas_env=tuple(tuple(e.split("=", 1)) for e in args.novas_env))
+    params = replace(params, fleet_concurrent=args.fleet_concurrent)
     if args.agents is not None:
         workers = max(params.agent_workers, min(8, -(-args.agents // 1250)))  # at most 1,250 agents a process
         params = replace(params, agents=args.agents, agent_workers=workers)
