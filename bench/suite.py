@@ -483,15 +483,13 @@ class Suite:
 
     def agents(self) -> None:
         p = self.p
-        self._agents(Fleet(p.agents, p.agent_workers, p.agent_sources, p.novas_env, p.fleet_concurrent), "agents", "")
+        spec = Fleet(p.agents, p.agent_workers, p.agent_sources, p.novas_env, p.fleet_concurrent)
+        self._agents(spec, "agents", "")
 
     def agents10k(self) -> None:
         p = self.p
-        self._agents(
-            Fleet(p.big_agents, p.big_agent_workers, p.big_agent_sources, p.novas_env, p.fleet_concurrent),
-            "agents10k",
-            "_big",
-        )
+        spec = Fleet(p.big_agents, p.big_agent_workers, p.big_agent_sources, p.novas_env, p.fleet_concurrent)
+        self._agents(spec, "agents10k", "_big")
 
     def _agents(self, spec: Fleet, raw_key: str, suffix: str) -> None:
         keys = [f"agent_rss{suffix}", f"storm{suffix}", f"register{suffix}"]
