@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import BenchError, Proc, free_port, log, wait_until
-from scale import SETTLE, RegistrationCounter, _start_fleet
+from scale import SETTLE, Fleet, RegistrationCounter, _start_fleet
 from tunnels import Novas
 
 from tests.processes import Postgres, haproxy
@@ -129,7 +129,7 @@ def cluster_figures(work: Path, agents: int, workers: int, timeout: float) -> Cl
         progress = _Progress(start)
         for w, count in enumerate(per_worker):
             if count:
-                fleet.append(_start_fleet(work, lb, fingerprint, f"{prefix}{w}-", count, w))
+                fleet.append(_start_fleet(work, lb, fingerprint, f"{prefix}{w}-", count, w, [], Fleet.concurrent))
                 stack.callback(fleet[-1].stop)
 
         def everywhere() -> bool:

@@ -6,6 +6,7 @@ counterpart for these.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -20,16 +21,48 @@ from tunnels import REGISTERED, TOKEN, Novas, start_novac
 
 BENCH = Path(__file__).resolve().parent
 SETTLE = 2.0  # seconds to let a process settle before reading its RSS
+# NOVAS drains for up to 30 s (NOVAS_DRAIN_TIMEOUT) and gives each closing
+# tunnel 10 s more to read what was sent; with 10,000 tunnels on two busy
+# cores its loop runs late as well (measured: 49 s from SIGTERM to exit).
+EXIT_WAIT = 90.0
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """How many simulated agents, in how many processes, from how many source addresses."""
+
+    agents: int
+    workers: int
+    # Source addresses per worker (0: the kernel's choice, 127.0.0.1 for
+    # all).  Each worker uses 127.0.W.1 ... 127.0.W.N (W = 1 + its index),
+    # so no one address carries more than NOVAS_MAX_PENDING_PER_SOURCE
+    # handshakes at once or runs out of ephemeral ports: real agents come
+    # from many addresses.
+    sources_per_worker: int = 0
+    novas_env: tuple[tuple[str, str], ...] = ()  # NOVAS settings for this run (NOVAS_...=...)
+    concurrent: int = 64  # agents of one process between dialling and registered at once (fleet.py --concurrent)
+
+    def sources(self, worker: int) -> list[str]:
+        return [f"127.0.{worker + 1}.{i + 1}" for i in range(self.sources_per_worker)]
+
+    def per_worker(self) -> list[int]:
+        n, w = self.agents, self.workers
+        return [n // w + (1 if i < n % w else 0) for i in range(w)]
 
 
 @dataclass
 class AgentsResult:
     agents: int
     workers: int
+    sources: int  # distinct source addresses the agents connected from (1: all from 127.0.0.1)
     rss_before_kib: int
     rss_after_kib: int
     register_seconds: float  # from starting the fleet until NOVAS logged every registration
     per_agent_kib: float
+    # CPU seconds spent during the registrations: NOVAS's, and the fleet's
+    # (all processes): on two shared cores their sum bounds the rate.
+    register_cpu_novas: float = 0.0
+    register_cpu_fleet: float = 0.0
     storm: StormResult | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -45,6 +78,7 @@ class StormResult:
     old_exit_seconds: float  # SIGTERM -> old NOVAS exited
     listen_seconds: float  # SIGTERM -> new NOVAS listening
     after_listen_seconds: float  # new NOVAS listening -> every agent registered
+    cpu_novas: float = 0.0  # CPU seconds of the new NOVAS, from its start until every agent is back
     progress: list[tuple[float, int]] = field(default_factory=list)  # (seconds after SIGTERM, agents registered)
 
     def as_dict(self) -> dict[str, Any]:
@@ -67,16 +101,17 @@ class RegistrationCounter:
         return len(self.names)
 
 
-def agents_and_storm(work: Path, agents: int, workers: int, register_timeout: float) -> AgentsResult:
+def agents_and_storm(work: Path, spec: Fleet, register_timeout: float) -> AgentsResult:
     """
-    F{agents} simulated agents (NOVAC's code, real TLS connections with
-    distinct names) in F{workers} processes register with one NOVAS: its RSS
-    before and after.  Then NOVAS is restarted on the same port and state
+    C{spec.agents} simulated agents (NOVAC's code, real TLS connections with
+    distinct names) in C{spec.workers} processes register with one NOVAS: its
+    RSS before and after.  Then NOVAS is restarted on the same port and state
     directory and the time until all of them registered again is measured.
     """
+    agents = spec.agents
     state = work / "novas-scale-state"
     port = free_port()
-    novas = Novas(work, port, state, label="novas-agents")
+    novas = Novas(work, port, state, label="novas-agents", extra_env=dict(spec.novas_env))
     fleet: list[Proc] = []
     try:
         novas.wait_listening()
@@ -85,11 +120,13 @@ def agents_and_storm(work: Path, agents: int, workers: int, register_timeout: fl
         before = novas.proc.rss_kib()
         prefix = "sim-"
         counter = RegistrationCounter(novas.proc, prefix)
-        per_worker = [agents // workers + (1 if i < agents % workers else 0) for i in range(workers)]
         start = time.monotonic()
-        for w, count in enumerate(per_worker):
+        cpu_before = cpu_seconds(novas.proc.pid)
+        for w, count in enumerate(spec.per_worker()):
             if count:
-                fleet.append(_start_fleet(work, port, fingerprint, f"{prefix}{w}-", count, w))
+                fleet.append(
+                    _start_fleet(work, port, fingerprint, f"{prefix}{w}-", count, w, spec.sources(w), spec.concurrent)
+                )
 
         def all_registered() -> bool:
             for proc in fleet:
@@ -99,19 +136,27 @@ def agents_and_storm(work: Path, agents: int, workers: int, register_timeout: fl
 
         wait_until(all_registered, register_timeout, f"{agents} agents to register", interval=0.1)
         register_seconds = time.monotonic() - start
-        log(f"{agents} simulated agents registered in {register_seconds:.2f}s")
+        novas_cpu = cpu_seconds(novas.proc.pid) - cpu_before
+        fleet_cpu = sum(cpu_seconds(proc.pid) for proc in fleet)
+        log(
+            f"{agents} simulated agents registered in {register_seconds:.2f}s;"
+            f" CPU seconds meanwhile: NOVAS {novas_cpu:.1f}, fleet {fleet_cpu:.1f}"
+        )
         time.sleep(SETTLE)
         after = novas.proc.rss_kib()
         result = AgentsResult(
             agents=agents,
             workers=len(fleet),
+            sources=max(1, len(fleet) * spec.sources_per_worker),
             rss_before_kib=before,
             rss_after_kib=after,
             register_seconds=register_seconds,
             per_agent_kib=(after - before) / agents,
+            register_cpu_novas=novas_cpu,
+            register_cpu_fleet=fleet_cpu,
         )
         log(f"NOVAS RSS {before} KiB -> {after} KiB with {agents} agents: {result.per_agent_kib:.1f} KiB/agent")
-        novas, result.storm = _storm(work, novas, port, state, fleet, agents, prefix, register_timeout)
+        novas, result.storm = _storm(work, novas, port, state, fleet, spec, prefix, register_timeout)
         return result
     finally:
         for proc in fleet:
@@ -119,7 +164,9 @@ def agents_and_storm(work: Path, agents: int, workers: int, register_timeout: fl
         novas.stop()
 
 
-def _start_fleet(work: Path, port: int, fingerprint: str, prefix: str, count: int, index: int) -> Proc:
+def _start_fleet(
+    work: Path, port: int, fingerprint: str, prefix: str, count: int, index: int, sources: list[str], concurrent: int
+) -> Proc:
     return Proc(
         f"fleet-{index}",
         [
@@ -128,6 +175,8 @@ def _start_fleet(work: Path, port: int, fingerprint: str, prefix: str, count: in
             "--fingerprint", fingerprint,
             "--prefix", prefix,
             "--count", str(count),
+            "--concurrent", str(concurrent),
+            *(["--sources", ",".join(sources)] if sources else []),
         ],
         work / f"fleet-{index}.log",
         env=clean_env({"NOVAC_TOKEN": TOKEN}),
@@ -136,19 +185,20 @@ def _start_fleet(work: Path, port: int, fingerprint: str, prefix: str, count: in
 
 
 def _storm(
-    work: Path, old: Novas, port: int, state: Path, fleet: list[Proc], agents: int, prefix: str, timeout: float
+    work: Path, old: Novas, port: int, state: Path, fleet: list[Proc], spec: Fleet, prefix: str, timeout: float
 ) -> tuple[Novas, StormResult]:
     """Restart NOVAS; returns the new NOVAS (for the caller to stop) and the timings."""
+    agents = spec.agents
     log(f"restarting NOVAS (SIGTERM) with {agents} agents registered")
     t0 = time.monotonic()
     old.proc.signal(signal.SIGTERM)
     try:
-        old.proc.popen.wait(30)
+        old.proc.popen.wait(EXIT_WAIT)
     except subprocess.TimeoutExpired as e:
-        raise BenchError(f"NOVAS did not exit within 30s of SIGTERM:\n{old.proc.tail()}") from e
+        raise BenchError(f"NOVAS did not exit within {EXIT_WAIT:g}s of SIGTERM:\n{old.proc.tail()}") from e
     old_exit = time.monotonic() - t0
     old.stop()
-    new = Novas(work, port, state, label="novas-restarted")
+    new = Novas(work, port, state, label="novas-restarted", extra_env=dict(spec.novas_env))
     counter = RegistrationCounter(new.proc, prefix)
     new.wait_listening(60)
     listen = time.monotonic()
@@ -177,13 +227,23 @@ def _storm(
         old_exit_seconds=old_exit,
         listen_seconds=listen - t0,
         after_listen_seconds=done - listen,
+        cpu_novas=cpu_seconds(new.proc.pid),
         progress=_thin(progress, 40),
     )
     log(
         f"storm: old NOVAS exited after {old_exit:.2f}s, new one listening at {result.listen_seconds:.2f}s,"
-        f" all {agents} agents back at {result.seconds:.2f}s"
+        f" all {agents} agents back at {result.seconds:.2f}s (new NOVAS: {result.cpu_novas:.1f} CPU seconds)"
     )
     return new, result
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User and system CPU seconds of process C{pid} so far (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _thin(points: list[tuple[float, int]], most: int) -> list[tuple[float, int]]:

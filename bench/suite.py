@@ -25,7 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -46,7 +46,7 @@ from harness import (
 )
 from loadgen import iperf, latency_under_bulk, redis_benchmark
 from report import Bar, BarKind, Row, table
-from scale import agents_and_storm, idle_streams
+from scale import Fleet, agents_and_storm, idle_streams
 from shaped import ADDR_A, PROFILES, Profile, shaped_link
 from tunnels import LOCAL, Placement, Tunnel, build_goyamux, go_pair, local_targets, nova_pair, ssh_pair
 
@@ -62,12 +62,18 @@ class Params:
     under_bulk_requests: int
     agents: int
     agent_workers: int
+    agent_sources: int  # source addresses per fleet process (see scale.Fleet)
+    big_agents: int  # the agents10k group
+    big_agent_workers: int
+    big_agent_sources: int
     streams: int
     scale_timeout: float
     cluster_timeout: float  # per cluster figure: discovery through a balancer waits out NOVAC's backoff
     shaped_iperf_seconds: float
     shaped_request_seconds: float  # requests per latency figure: this long at the link's round trip
     shaped_warmup: float
+    novas_env: tuple[tuple[str, str], ...] = ()  # NOVAS settings for the agents groups (--novas-env)
+    fleet_concurrent: int = 64  # see fleet.py --concurrent
 
 
 FULL = Params(
@@ -80,6 +86,12 @@ FULL = Params(
     under_bulk_requests=20_000,
     agents=1000,
     agent_workers=4,
+    agent_sources=4,
+    # 8 processes of 1,250 agents, 10 source addresses each: 125 agents per
+    # address, under NOVAS's 128 unfinished handshakes per source.
+    big_agents=10_000,
+    big_agent_workers=8,
+    big_agent_sources=10,
     streams=10_000,
     scale_timeout=300,
     cluster_timeout=900,
@@ -97,6 +109,10 @@ QUICK = Params(
     under_bulk_requests=2000,
     agents=50,
     agent_workers=1,
+    agent_sources=4,
+    big_agents=10_000,  # not run by --quick unless asked for with --only agents10k
+    big_agent_workers=8,
+    big_agent_sources=10,
     streams=500,
     scale_timeout=60,
     cluster_timeout=180,
@@ -104,8 +120,8 @@ QUICK = Params(
     shaped_request_seconds=2,
     shaped_warmup=1,
 )
-GROUPS = ("traffic", "streams", "agents", "cluster", "shaped", "faults")
-QUICK_GROUPS = ("traffic", "streams", "agents")  # the shaped profiles, cluster and faults take minutes even when short
+GROUPS = ("traffic", "streams", "agents", "agents10k", "cluster", "shaped", "faults")
+QUICK_GROUPS = ("traffic", "streams", "agents")  # the others take minutes even when short
 # The fault profiles (bench/faults.py) last minutes per tunnel: NOVA beside ssh -R only.
 FAULT_TUNNELS = ("ssh", "nova")
 TUNNELS = ("ssh", "go", "nova")  # measured in this order
@@ -120,7 +136,7 @@ def _at_most(limit: float, peer: str) -> Bar:
 
 
 def make_rows(p: Params) -> dict[str, Row]:
-    kib, ram = "KiB", "RSS per idle stream"
+    kib, ram, big = "KiB", "RSS per idle stream", f"{p.big_agents:,} agents"
     rows = [
         Row("bulk", "bulk, 1 iperf3 stream", "Gbit/s", (_at_least(0.5, "ssh"), _at_least(1.2, "go"))),
         Row("rps", f"GET requests/s, {p.rps_clients} conns", "req/s", (_at_least(1.0, "ssh"), _at_least(1.2, "go"))),
@@ -139,6 +155,10 @@ def make_rows(p: Params) -> dict[str, Row]:
         Row("stream_rss_novas", f"NOVAS {ram} ({p.streams:,})", kib, (Bar(BarKind.AT_MOST, 10, kib),), ()),
         Row("stream_rss_novac", f"NOVAC {ram} ({p.streams:,})", kib, (Bar(BarKind.AT_MOST, 10, kib),), ()),
         Row("storm", f"reconnect storm ({p.agents:,} agents)", "s", (Bar(BarKind.AT_MOST, 10, "s"),), ()),
+        Row("register", f"registration of {p.agents:,} agents", "s", (), ()),
+        Row("agent_rss_big", f"NOVAS RSS per agent ({big})", kib, (Bar(BarKind.AT_MOST, 64, kib),), ()),
+        Row("storm_big", f"reconnect storm ({big})", "s", (Bar(BarKind.AT_MOST, 20, "s"),), ()),
+        Row("register_big", f"registration of {big}", "s", (), ()),
         Row("cluster_start", f"cluster: {p.agents:,} agents on all 3 servers, from start", "s", (), ()),
         Row("cluster_restart", f"cluster: {p.agents:,} agents back on a restarted server", "s", (), ()),
         Row("cluster_rss", "cluster: NOVAS RSS per agent, worst of 3", kib, (Bar(BarKind.AT_MOST, 100, kib),), ()),
@@ -528,14 +548,31 @@ class Suite:
         self.attempt(["stream_rss_novas", "stream_rss_novac"], "idle streams", measure)
 
     def agents(self) -> None:
-        def measure() -> None:
-            r = agents_and_storm(self.work, self.p.agents, self.p.agent_workers, self.p.scale_timeout)
-            self.raw["agents"] = r.as_dict()
-            self.rows["agent_rss"].nova = r.per_agent_kib
-            if r.storm is not None:
-                self.rows["storm"].nova = r.storm.seconds
+        p = self.p
+        spec = Fleet(p.agents, p.agent_workers, p.agent_sources, p.novas_env, p.fleet_concurrent)
+        self._agents(spec, "agents", "")
 
-        self.attempt(["agent_rss", "storm"], "agents and reconnect storm", measure)
+    def agents10k(self) -> None:
+        p = self.p
+        spec = Fleet(p.big_agents, p.big_agent_workers, p.big_agent_sources, p.novas_env, p.fleet_concurrent)
+        self._agents(spec, "agents10k", "_big")
+
+    def _agents(self, spec: Fleet, raw_key: str, suffix: str) -> None:
+        keys = [f"agent_rss{suffix}", f"storm{suffix}", f"register{suffix}"]
+        # Registrations take longer than the handshakes themselves when
+        # thousands of agents start at once on two cores: give each
+        # thousand agents the group's timeout.
+        timeout = self.p.scale_timeout * max(1, spec.agents // 1000)
+
+        def measure() -> None:
+            r = agents_and_storm(self.work, spec, timeout)
+            self.raw[raw_key] = r.as_dict()
+            self.rows[keys[0]].nova = r.per_agent_kib
+            self.rows[keys[2]].nova = r.register_seconds
+            if r.storm is not None:
+                self.rows[keys[1]].nova = r.storm.seconds
+
+        self.attempt(keys, f"{spec.agents:,} agents and reconnect storm", measure)
 
     def cluster(self) -> None:
         def measure() -> None:
@@ -599,6 +636,27 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated groups to run (default: all of {','.join(GROUPS)};"
         f" with --quick, {','.join(QUICK_GROUPS)})",
     )
+    parser.add_argument(
+        "--agents",
+        metavar="N",
+        type=int,
+        help="simulated agents in the 'agents' group (default 1,000; 50 with --quick);"
+        " the 'agents10k' group always has 10,000",
+    )
+    parser.add_argument(
+        "--novas-env",
+        metavar="NOVAS_X=V",
+        action="append",
+        default=[],
+        help="a NOVAS setting for the agents groups (repeatable), to find what limits them",
+    )
+    parser.add_argument(
+        "--fleet-concurrent",
+        metavar="N",
+        type=int,
+        default=64,
+        help="simulated agents per fleet process handshaking at once (default 64; see bench/fleet.py)",
+    )
     args = parser.parse_args(argv)
     only = args.only if args.only is not None else ",".join(QUICK_GROUPS if args.quick else GROUPS)
     groups = [g.strip() for g in only.split(",") if g.strip()]
@@ -614,6 +672,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGHUP, terminate)
     params = QUICK if args.quick else FULL
+    if args.novas_env:
+        if not all(e.startswith("NOVAS_") and "=" in e for e in args.novas_env):
+            parser.error("--novas-env takes NOVAS_NAME=VALUE")
+        params = replace(params, novas_env=tuple(tuple(e.split("=", 1)) for e in args.novas_env))
+    params = replace(params, fleet_concurrent=args.fleet_concurrent)
+    if args.agents is not None:
+        workers = max(params.agent_workers, min(8, -(-args.agents // 1250)))  # at most 1,250 agents a process
+        params = replace(params, agents=args.agents, agent_workers=workers)
     nofile = raise_nofile(65536)
     work = Path(tempfile.mkdtemp(prefix="nova-bench-"))
     started = datetime.datetime.now(datetime.UTC)
@@ -627,6 +693,8 @@ def main(argv: list[str] | None = None) -> int:
             suite.streams()
         if "agents" in groups:
             suite.agents()
+        if "agents10k" in groups:
+            suite.agents10k()
         if "cluster" in groups:
             suite.cluster()
         if "shaped" in groups:
@@ -685,10 +753,12 @@ def _in_groups(key: str, groups: list[str]) -> bool:
         return "shaped" in groups
     if key in ("stream_rss_novas", "stream_rss_novac"):
         return "streams" in groups
-    if key in ("agent_rss", "storm"):
+    if key in ("agent_rss", "storm", "register"):
         return "agents" in groups
     if key.startswith("cluster_"):
         return "cluster" in groups
+    if key in ("agent_rss_big", "storm_big", "register_big"):
+        return "agents10k" in groups
     return "traffic" in groups
 
 

@@ -51,7 +51,7 @@ class ReferenceMultiplexer(Multiplexer):
     @property
     def queued_control(self) -> int:
         """Control frames of any kind queued and not yet taken."""
-        return len(self._control)
+        return len(self._control or ())
 
     def next_frame(self, data_allowed: bool = True) -> Frame | None:
         """

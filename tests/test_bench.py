@@ -42,7 +42,7 @@ def test_bench_quick_measures_every_figure(tmp_path: Path) -> None:
     rows = result["rows"]
     assert set(rows) == {
         "bulk", "rps", "p50", "p99", "churn", "bulk_p50", "bulk_p99", "bulk_during",
-        "agent_rss", "stream_rss_novas", "stream_rss_novac", "storm",
+        "agent_rss", "stream_rss_novas", "stream_rss_novac", "storm", "register",
     }  # fmt: skip
     for key, row in rows.items():
         assert row["error"] is None, f"{key}: {row['error']}"
@@ -64,10 +64,11 @@ def test_bench_quick_measures_every_figure(tmp_path: Path) -> None:
         assert row["label"] in proc.stdout
     header = [cell.strip() for cell in proc.stdout.splitlines()[0].split("|")]
     assert {"NOVA", "ssh -R", "Go", "NOVA/ssh", "NOVA/Go"} <= set(header), header
-    # The shaped-link profiles take minutes: not part of --quick.
+    # The shaped-link profiles and the 10,000 agents take minutes: not part of --quick.
     assert not any(key.startswith("rtt") for key in rows)
     # Nor is the cluster (three servers, PostgreSQL, HAProxy, minutes of discovery).
     assert not any(key.startswith("cluster_") for key in rows)
+    assert not any(key.endswith("_big") for key in rows)
 
 
 def _report() -> Any:

@@ -127,7 +127,7 @@ def test_queued_replies_is_the_number_of_replies_waiting(ops: list[str]) -> None
             assert op == "pull" or frames == []
         elif op == "next":
             mux.next_frame()
-        queued = [f for f in mux._control if isinstance(f, (Pong, OpenOk, OpenFail))]
+        queued = [f for f in mux._control or () if isinstance(f, (Pong, OpenOk, OpenFail))]
         assert mux.queued_replies == len(queued)
     pulled(mux)
     assert mux.queued_replies == 0
