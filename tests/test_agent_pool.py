@@ -14,7 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from nova.agent.pool import PoolState
+from nova.agent.pool import PoolState, discovery_delay
 
 DELAY = 2.0
 
@@ -51,6 +51,41 @@ def land(state: PoolState, server_id: str, members: tuple[str, ...]) -> Tunnel:
     if not state.welcomed(tunnel, server_id, members):
         state.closed(tunnel)
     return tunnel
+
+
+class DiscoveryDelayTests(SynchronousTestCase):
+    """Landing on members already held is the balancer's luck: the wait grows once per round, not per landing."""
+
+    def test_the_wait_doubles_once_per_round_of_members(self) -> None:
+        ceilings = [discovery_delay(1.0, 30.0, n, 3, lambda: 0.999999) for n in range(1, 13)]
+        self.assertEqual([round(c) for c in ceilings], [1, 1, 2, 2, 2, 4, 4, 4, 8, 8, 8, 16])
+
+    def test_a_sticky_balancer_reaches_the_cap(self) -> None:
+        # Always the same member: after enough rounds the agent asks at the usual slow rate.
+        self.assertEqual(discovery_delay(1.0, 30.0, 1000, 3, lambda: 0.999999), 30.0 * (0.5 + 0.5 * 0.999999))
+
+    def test_jittered_and_never_zero(self) -> None:
+        self.assertEqual(discovery_delay(2.0, 30.0, 1, 3, lambda: 0.0), 1.0)
+        self.assertGreater(discovery_delay(2.0, 30.0, 1, 0, lambda: 0.0), 0)  # no members named yet: one round is one
+
+    def test_duplicates_in_a_row_are_counted_until_a_missing_member_is_reached(self) -> None:
+        clock, hooks, state = pool()
+        state.start()
+        land(state, "a", ("a", "b", "c"))
+        self.assertEqual(state.duplicates_in_a_row, 0)
+        clock.advance(DELAY)
+        land(state, "a", ("a", "b", "c"))  # registered again with a: a duplicate
+        self.assertEqual(state.duplicates_in_a_row, 1)
+        clock.advance(DELAY)
+        state.refused_duplicate()  # a's REJECT NAME_IN_USE: a duplicate too
+        state.attempt_failed()
+        self.assertEqual(state.duplicates_in_a_row, 0)  # the attempt itself ended as a failure
+        clock.advance(DELAY)
+        land(state, "a", ("a", "b", "c"))
+        land_b = land(state, "b", ("a", "b", "c"))
+        self.assertEqual(state.duplicates_in_a_row, 0)  # reaching b is progress
+        self.assertIn("b", state.held)
+        self.assertIs(state.held["b"], land_b)
 
 
 class PoolDecisionTests(SynchronousTestCase):

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from nova.wire.errors import ErrorCode
 
-from .pool import PoolState
+from .pool import PoolState, discovery_delay
 from .reconnect import Backoff, NotingEndpoint
 from .tunnel import AgentContext, AgentTunnel, AgentTunnelFactory
 
@@ -88,9 +88,15 @@ class AgentPool(Service):
         tunnel.drain(timing.dead_timeout, ErrorCode.NO_ERROR, "replaced by a fresh tunnel")
 
     def _delay(self) -> float:
-        delay = self.backoff(0)
-        self.backoff.attempts += 1
         missing = sorted(self.state.core.missing())
+        if self.state.held and missing and self.state.duplicates_in_a_row:
+            # Landed on a member already held: the balancer's luck, not a
+            # failure (see discovery_delay), so the backoff does not grow.
+            b = self.backoff
+            delay = discovery_delay(b.initial, b.cap, self.state.duplicates_in_a_row, len(self.state.members), b.jitter)
+        else:
+            delay = self.backoff(0)
+        self.backoff.attempts += 1
         if self.state.held and missing:
             log.info(
                 "dialling {server} again in {delay:.1f}s for member(s) {missing}"

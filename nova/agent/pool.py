@@ -193,6 +193,24 @@ def new_pool(core: PoolCore) -> Pool:
     return pool
 
 
+def discovery_delay(initial: float, cap: float, duplicates: int, members: int, random: Callable[[], float]) -> float:
+    """
+    The wait before dialling the balancer again after C{duplicates} attempts
+    in a row landed on members already held, out of C{members} named.
+
+    A duplicate is the balancer's luck, not a failure: with round robin (or a
+    flow hash) and M members, a missing member is reached within about M
+    dials.  So the wait doubles once per round of M duplicates, not once per
+    duplicate (which left the last of 1,000 agents minutes away from a new
+    member: bench/RESULTS.md, "Cluster"), and still reaches C{cap}, so a
+    sticky balancer, which never reaches another member, is asked at the
+    usual slow rate.  Jittered in [1/2, 1] of the ceiling, never zero.
+    """
+    level = duplicates // max(1, members)
+    ceiling = min(cap, initial * 2.0 ** min(level, 64))
+    return ceiling * (0.5 + 0.5 * random())
+
+
 class PoolState:
     """
     The pool's two sets and its machine, driven by what the tunnels report
@@ -207,6 +225,9 @@ class PoolState:
         self.stalled: dict[str, object] = {}  # member id -> its stalled tunnel (no longer held)
         self.on_replace: Callable[[object], None] | None = None  # closes a stalled tunnel replaced (the adapter)
         self.duplicates = 0
+        # Attempts in a row that landed on a member already held (reset by
+        # reaching a missing member, or by an attempt that failed otherwise).
+        self.duplicates_in_a_row = 0
         self.on_change: Callable[[], None] | None = None  # after every decision (the adapter's metrics)
 
     @property
@@ -239,6 +260,7 @@ class PoolState:
     def attempt_failed(self) -> None:
         """The attempt's connection could not be made."""
         self.attempt = None
+        self.duplicates_in_a_row = 0
         if not self.core.dialing:
             return
         self.machine.attempt_ended()
@@ -252,7 +274,9 @@ class PoolState:
         current = self.core.held.get(server_id)
         if current is not None and current is not tunnel:
             self.duplicates += 1
+            self.duplicates_in_a_row += 1
             return False
+        self.duplicates_in_a_row = 0
         self.core.held[server_id] = tunnel
         self.core.members = frozenset(members) | {server_id}
         old = self.stalled.pop(server_id, None)
@@ -291,6 +315,7 @@ class PoolState:
 
     def refused_duplicate(self) -> None:
         self.duplicates += 1
+        self.duplicates_in_a_row += 1
 
     def members_changed(self, members: Iterable[str]) -> None:
         """A held tunnel's server sent MEMBERS."""

@@ -90,6 +90,10 @@ class Backoff:
         """Why the attempt that just ended failed, for the retry line."""
         self.last_failure = reason
 
+    def jitter(self) -> float:
+        """A random number in [0, 1): this policy's source of jitter (injected in tests)."""
+        return self._random()
+
     def expect_restart(self) -> None:
         """The server said it is shutting down, or the tunnel stalled: it is probably back soon."""
         self._quick = RESTART_RETRIES
