@@ -88,6 +88,32 @@ class DiscoveryDelayTests(SynchronousTestCase):
         self.assertIs(state.held["b"], land_b)
 
 
+class MemberAddedTests(SynchronousTestCase):
+    def test_a_new_member_drops_a_wait_grown_on_duplicates(self) -> None:
+        waits = [30.0]
+        clock, hooks = Clock(), Hooks()
+        state = PoolState(clock, hooks, lambda: waits[0])
+        state.start()
+        land(state, "a", ("a", "b"))
+        land(state, "a", ("a", "b"))  # not yet: the attempt was a's already; dial for b after the long wait
+        clock.advance(1)
+        dials = hooks.dials
+        waits[0] = 1.0  # what the policy answers once the duplicates are forgotten
+        state.members_changed(("a", "b", "c"))  # c joined
+        self.assertEqual(state.duplicates_in_a_row, 0)
+        clock.advance(1.0)
+        self.assertEqual(hooks.dials, dials + 1)  # dialled after the fresh, short wait, not the old 30 s
+
+    def test_a_member_leaving_keeps_the_wait(self) -> None:
+        clock, hooks, state = pool()
+        state.start()
+        land(state, "a", ("a", "b", "c"))
+        state.members_changed(("a", "b"))
+        state.members_changed(("a", "b"))
+        clock.advance(DELAY)
+        self.assertEqual(hooks.dials, 2)
+
+
 class PoolDecisionTests(SynchronousTestCase):
     def test_single_server_is_one_tunnel(self) -> None:
         clock, hooks, state = pool()

@@ -81,6 +81,9 @@ class Pool(Protocol):
     def stop(self) -> None:
         "No more dials."
 
+    def member_added(self) -> None:
+        "A member not named before was named: a wait grown on duplicates starts afresh."
+
 
 @dataclass
 class PoolCore:
@@ -134,6 +137,14 @@ def _wait(pool: Pool, core: PoolCore) -> None:
     core.schedule()
 
 
+@Waiting.upon(Pool.member_added).to(Waiting)
+def _wait_afresh(pool: Pool, core: PoolCore) -> None:
+    # A member joined (or came back): the balancer now has somewhere new to
+    # send the agent, so the wait grown on landings elsewhere is dropped.
+    core.cancel_timer()
+    core.schedule()
+
+
 @Waiting.upon(Pool.satisfied).to(Idle)
 def _satisfied_waiting(pool: Pool, core: PoolCore) -> None:
     core.cancel_timer()
@@ -173,6 +184,10 @@ def _stop_dialing(pool: Pool, core: PoolCore) -> None:
 @Stopped.upon(Pool.dial_due).loop()
 @Stopped.upon(Pool.attempt_ended).loop()
 @Stopped.upon(Pool.stop).loop()
+@New.upon(Pool.member_added).loop()
+@Idle.upon(Pool.member_added).loop()
+@Dialing.upon(Pool.member_added).loop()
+@Stopped.upon(Pool.member_added).loop()
 @New.upon(Pool.dial_due).loop()
 @Idle.upon(Pool.dial_due).loop()
 @Dialing.upon(Pool.dial_due).loop()
@@ -319,7 +334,15 @@ class PoolState:
 
     def members_changed(self, members: Iterable[str]) -> None:
         """A held tunnel's server sent MEMBERS."""
-        self.core.members = frozenset(members)
+        named = frozenset(members)
+        added = named - self.core.members
+        self.core.members = named
+        if added:
+            self.duplicates_in_a_row = 0
+            self._decide()
+            self.machine.member_added()
+            self.core.check_invariants()
+            return
         self._decide()
 
     def closed(self, tunnel: object) -> None:
