@@ -69,7 +69,7 @@ class DiscoveryDelayTests(SynchronousTestCase):
         self.assertGreater(discovery_delay(2.0, 30.0, 1, 0, lambda: 0.0), 0)  # no members named yet: one round is one
 
     def test_duplicates_in_a_row_are_counted_until_a_missing_member_is_reached(self) -> None:
-        clock, hooks, state = pool()
+        clock, _hooks, state = pool()
         state.start()
         land(state, "a", ("a", "b", "c"))
         self.assertEqual(state.duplicates_in_a_row, 0)
