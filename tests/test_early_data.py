@@ -7,17 +7,26 @@ feature nothing changes.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twisted.internet import error
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IProtocol
+from twisted.python.failure import Failure
 
 from nova.mux.core import DataAvailable, OpenAccepted, OpenRefused, Role, StreamRequested
+from nova.server.early import EarlyData
+from nova.server.tunnel import OpenFailed, ServerTunnel
 from nova.wire.codec import FrameDecoder
 from nova.wire.errors import EarlyDataExceeded, FlowControlError, OpenFailReason, ProtocolError
 from nova.wire.frames import EARLY_DATA_BUDGET, Data, Fin, Frame, Open, OpenOk
 
 from .reference_mux import ReferenceMultiplexer as Multiplexer
 from .test_mux_core import frames_of, over_the_wire, pump, take_all
+from .test_tunnel import Harness, Recorder, TargetTransport
 
 WINDOW = 256 * 1024
 
@@ -252,3 +261,89 @@ def test_any_interleaving_keeps_byte_accounting_exact(steps: list[tuple[str, int
         assert run.delivered.get(sid, b"") == run.written.get(sid, b"")
     for sid in run.refused:
         assert sid not in run.agent and sid not in run.server
+
+
+# The adapters, in memory (tests/test_tunnel.py's harness): NOVAS and NOVAC over TLS.
+
+
+class _PendingTargets(Harness):
+    """The harness with target connections that complete when the test says."""
+
+    def __init__(self, agent_version: int = 2) -> None:
+        self.pending: list[tuple[Deferred[IProtocol], IProtocol]] = []
+        self.connected: IProtocol | None = None
+        super().__init__(max_version=agent_version)
+
+    def _connect_target(self, host: str, port: int, protocol: IProtocol) -> Deferred[IProtocol]:
+        if (host, port) in self.refuse:
+            return fail(self.refuse[(host, port)])
+        d: Deferred[IProtocol] = Deferred()
+        self.pending.append((d, protocol))
+        return d
+
+    def connect_next(self) -> TargetTransport:
+        d, protocol = self.pending.pop(0)
+        transport = TargetTransport()
+        protocol.makeConnection(transport)
+        d.callback(protocol)
+        self.flush()
+        self.connected = protocol
+        return transport
+
+    def open_early(self, data: bytes, host: str = "db.internal", port: int = 5432) -> tuple[list[Any], EarlyData]:
+        tunnel = self.server_context.registry.get("db-agent")
+        assert isinstance(tunnel, ServerTunnel)
+        paused: list[bool] = [True]
+        early = EarlyData(lambda: paused.append(True), lambda: paused.append(False))
+        results: list[Any] = []
+        tunnel.open_stream(host, port, early).addBoth(results.append)
+        early.write(data)
+        self.flush()
+        return results, early
+
+
+def test_in_memory_both_sides_agree_on_the_feature_and_data_waits_for_the_connect() -> None:
+    h = _PendingTargets()
+    assert h.server.mux is not None and h.agent.mux is not None
+    assert h.server.mux.early_budget == h.agent.mux.early_budget == EARLY_DATA_BUDGET
+    results, early = h.open_early(b"*1\r\n$4\r\nPING\r\n")
+    assert results == [] and early.attached
+    (sid,) = h.agent.mux.stream_ids
+    assert h.agent.mux.inbox_bytes(sid) == 14  # held by the agent while it connects
+    target = h.connect_next()
+    assert target.value() == b"*1\r\n$4\r\nPING\r\n"
+    stream = results[0]
+    assert early.unsent() == b""  # the tunnel took it all: nothing is written twice
+    user = Recorder()
+    stream.makeConnection(user)
+    assert h.connected is not None
+    h.connected.dataReceived(b"+PONG\r\n")  # the target answers
+    h.flush()
+    assert user.received == b"+PONG\r\n"
+    h.server.mux.check_invariants()
+    h.agent.mux.check_invariants()
+
+
+def test_in_memory_refused_target_discards_early_data_and_the_next_stream_gets_only_its_own() -> None:
+    h = _PendingTargets()
+    h.refuse[("db.internal", 1)] = error.ConnectionRefusedError()
+    results, _ = h.open_early(b"secret", port=1)
+    (failure,) = results
+    assert isinstance(failure, Failure) and isinstance(failure.value, OpenFailed)
+    assert failure.value.reason == OpenFailReason.REFUSED
+    assert h.agent.mux is not None and h.agent.mux.stream_ids == []
+    results, _ = h.open_early(b"public")
+    target = h.connect_next()
+    assert target.value() == b"public"
+
+
+def test_in_memory_a_version_1_agent_gets_no_data_before_open_ok() -> None:
+    h = _PendingTargets(agent_version=1)
+    assert h.server.mux is not None and h.server.mux.early_budget == 0
+    _, early = h.open_early(b"hello")
+    assert not early.attached  # the entry stays paused, as with version 1
+    assert h.agent.mux is not None
+    (sid,) = h.agent.mux.stream_ids
+    assert h.agent.mux.inbox_bytes(sid) == 0
+    h.connect_next()
+    assert early.unsent() == b"hello"  # written to the stream once it is open

@@ -29,7 +29,7 @@ from nova.server.tunnel import LIVE_NAME_PROBE, OpenFailed, ServerContext, Serve
 from nova.tls import certificate_fingerprint, client_creator, parse_fingerprint, server_options
 from nova.wire.codec import FrameDecoder
 from nova.wire.errors import ErrorCode, OpenFailReason
-from nova.wire.frames import Hello, Ping, Pong, Reject, Welcome, encode
+from nova.wire.frames import MAX_VERSION, Hello, Ping, Pong, Reject, Welcome, encode
 from nova.wire.handshake import make_auth
 
 from .pki import CA
@@ -100,6 +100,7 @@ class Harness:
         server_name: str = "novas.test",
         trust: str = "ca",
         window: int = 65536,
+        max_version: int = MAX_VERSION,
     ) -> None:
         self.dir = Path(tempfile.mkdtemp())
         self.clock = Clock()
@@ -129,6 +130,7 @@ class Harness:
             clock=self.clock,
             connect_target=self._connect_target,
             window=window,
+            max_version=max_version,
         )
         client_factory = TLSMemoryBIOFactory(
             creator, True, AgentTunnelFactory(self.agent_context, "novas.test:9022"), self.clock
