@@ -152,9 +152,12 @@ class EntryConnection(Pipe):
             return
         self.stream_ready(self.watch.opened(other))
         if early is not None:
+            taken = early.size if early.attached else 0
             unsent = early.unsent()  # bytes an earlier attempt read, if the stream's agent took none
             if unsent:
                 other.transport.write(unsent)
+            elif taken and isinstance(other.transport, StreamTransport):
+                other.transport.bytes_written += taken  # sent with the OPEN: the audit counts them too
         splice(self, other)
         if self.read_done:
             # The user half-closed while the stream was opening (read as
