@@ -347,3 +347,23 @@ def test_in_memory_a_version_1_agent_gets_no_data_before_open_ok() -> None:
     assert h.agent.mux.inbox_bytes(sid) == 0
     h.connect_next()
     assert early.unsent() == b"hello"  # written to the stream once it is open
+
+
+def test_early_data_is_replayed_to_the_next_attempt_and_reading_stops_at_the_budget() -> None:
+    reading: list[bool] = []
+    early = EarlyData(lambda: reading.append(False), lambda: reading.append(True), budget=10)
+    first: list[bytes] = []
+    early.attach(first.append)
+    assert reading == [True]  # an agent that takes early data: the entry reads
+    early.write(b"abcd")
+    early.detach()  # that agent refused: reading pauses, the bytes stay
+    assert first == [b"abcd"] and reading == [True, False]
+    second: list[bytes] = []
+    early.attach(second.append)
+    early.write(b"efghijk")  # past the budget: reading pauses again
+    assert second == [b"abcd", b"efghijk"] and reading[-1] is False
+    assert early.unsent() == b""  # the second tunnel took it all
+    # No tunnel took any (version-1 agents): everything is written once the stream is open.
+    early = EarlyData(lambda: None, lambda: None)
+    early.write(b"x")
+    assert early.unsent() == b"x"
