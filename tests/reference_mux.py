@@ -65,6 +65,8 @@ class ReferenceMultiplexer(Multiplexer):
             if type(frame) in _REPLY_TYPES:
                 self._replies -= 1
             return frame
+        if self._opens_queued:
+            self._opens_sent()  # every OPEN went: early DATA may follow (as in pull)
         while data_allowed and self._ready:
             s = self._streams.get(self._ready.popleft())
             if s is None:

@@ -55,7 +55,7 @@ class FakeTunnel:
     def open_streams(self) -> int:
         return self.streams
 
-    def open_stream(self, host: str, port: int) -> Deferred[Any]:
+    def open_stream(self, host: str, port: int, early: Any = None) -> Deferred[Any]:
         d: Deferred[Any] = Deferred()
         self.opens.append((host, port, d))
         return d

@@ -36,7 +36,7 @@ from nova.server.tunnel import (
 from nova.tls import certificate_fingerprint, client_creator, parse_fingerprint, server_options
 from nova.wire.codec import FrameDecoder
 from nova.wire.errors import ErrorCode, OpenFailReason
-from nova.wire.frames import Data, GoAway, Hello, Open, OpenOk, Ping, Pong, Reject, Rst, Welcome, encode
+from nova.wire.frames import MAX_VERSION, Data, GoAway, Hello, Open, OpenOk, Ping, Pong, Reject, Rst, Welcome, encode
 from nova.wire.handshake import make_auth
 
 from .contexts import agent_context, server_context
@@ -108,6 +108,7 @@ class Harness:
         server_name: str = "novas.test",
         trust: str = "ca",
         window: int = 65536,
+        max_version: int = MAX_VERSION,
     ) -> None:
         self.dir = Path(tempfile.mkdtemp())
         self.clock = Clock()
@@ -137,6 +138,7 @@ class Harness:
             token=agent_token,
             tls=True,
             window=window,
+            max_version=max_version,
         )
         client_factory = TLSMemoryBIOFactory(
             creator, True, AgentTunnelFactory(self.agent_context, "novas.test:9022"), self.clock

@@ -22,7 +22,16 @@ from nova.tls import channel_binding
 from nova.transport.splice import Pipe, splice
 from nova.transport.tunnel import Timing, TunnelProtocol
 from nova.wire.errors import ErrorCode, OpenFailReason, ProtocolError
-from nova.wire.frames import FEATURE_NONE, MAX_VERSION, Frame, GoAway, Hello, Reject, Welcome
+from nova.wire.frames import (
+    EARLY_DATA_BUDGET,
+    FEATURE_EARLY_DATA,
+    MAX_VERSION,
+    Frame,
+    GoAway,
+    Hello,
+    Reject,
+    Welcome,
+)
 from nova.wire.handshake import make_auth, negotiated_version, window_problem
 from nova.wire.hostname import host_problem
 from nova.wire.text import untrusted
@@ -80,6 +89,8 @@ class Rejected(NovaError):
         self.code = code
 
 
+# The version-2 features this agent offers in AUTH (protocol.md §4.2, §7.2).
+AGENT_FEATURES = FEATURE_EARLY_DATA
 
 
 def _prometheus_metrics() -> AgentEvents:
@@ -215,7 +226,7 @@ class AgentTunnel(TunnelProtocol):
                 (*self.context.tags, ("nova/version", __version__)),
                 self.local_window,
                 version,
-                FEATURE_NONE,
+                AGENT_FEATURES,
             )
         )
 
@@ -239,6 +250,11 @@ class AgentTunnel(TunnelProtocol):
         if self.backoff is not None:
             self.backoff.reset()
         self.start_streams(frame.initial_window, self.context.max_streams)
+        if frame.version >= 2 and frame.features & FEATURE_EARLY_DATA:
+            # The server may send a stream's first bytes before our OPEN_OK
+            # (protocol.md §7.2); the multiplexer holds them within the budget.
+            assert self.mux is not None
+            self.mux.early_budget = EARLY_DATA_BUDGET
         self.probe_rtt()  # measured now, while the tunnel is idle (window auto-tuning)
         self.log.info(
             "registered with {server} as {agent} (server {server_id})",
@@ -426,6 +442,9 @@ class AgentTunnel(TunnelProtocol):
         stream = self.add_stream(stream_id, host, port)
         self.context.metrics.stream_opened(self.server, stream, self.clock.seconds() - target.requested_at)
         other = Pipe()
+        # Bytes that followed the OPEN wait in the stream's inbox: hand them
+        # over only once the pipe is spliced to the target (splice resumes).
+        stream.pauseProducing()
         stream.makeConnection(other)
         splice(target, other)
         self.flush()

@@ -56,6 +56,27 @@ budget use, which stays within C{tunnel_budget}, and every byte of it is
 reserved in the process budget; WINDOW_UPDATEs are queued only when bytes
 are taken.  With C{max_window} equal to the initial window (the default)
 none of this runs and the multiplexer behaves exactly as before.
+
+Data may follow OPEN (protocol.md §7.2, version 2 with the feature bit
+C{FEATURE_EARLY_DATA}; the adapter sets L{Multiplexer.early_budget} once the
+handshake agreed on it).  The rule, per stream:
+
+ - the server sends DATA on a stream it opened before OPEN_OK, up to
+   C{early_budget} bytes (and within the stream's send window, which those
+   bytes use up like any others), and only once the OPEN itself has been
+   taken by L{Multiplexer.pull}, so the OPEN always goes first; FIN waits for
+   OPEN_OK;
+ - the agent holds such DATA in the stream's inbox (credit is spent as for
+   any DATA) and hands it over once the adapter accepts the stream; more than
+   C{early_budget} bytes before its OPEN_OK is a connection error
+   (L{EarlyDataExceeded}), so an agent never holds more than C{early_budget}
+   per stream nor more than C{max_streams} times it per tunnel;
+ - OPEN_FAIL, RST or a refusal drops the stream with what it held: nothing
+   reaches a later stream (ids are never reused), and DATA that crossed the
+   OPEN_FAIL is discarded like any DATA for a closed stream.
+
+With C{early_budget} 0 (version 1, or a peer without the bit) nothing is sent
+before OPEN_OK and DATA before it is a protocol error, as in version 1.
 """
 
 from __future__ import annotations
@@ -64,7 +85,14 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
-from nova.wire.errors import ControlFlood, ErrorCode, FlowControlError, OpenFailReason, ProtocolError
+from nova.wire.errors import (
+    ControlFlood,
+    EarlyDataExceeded,
+    ErrorCode,
+    FlowControlError,
+    OpenFailReason,
+    ProtocolError,
+)
 from nova.wire.frames import (
     MAX_DATA_PAYLOAD,
     MAX_STREAM_ID,
@@ -266,6 +294,10 @@ class _Stream:
     epoch_start: float = 0.0
     epoch_bytes: int = 0
     last_take: float = float("-inf")
+    # Data may follow OPEN: what may still be sent (server) or received
+    # (agent) before OPEN_OK, and whether the OPEN still waits to be pulled.
+    early_left: int = 0
+    open_queued: bool = False
 
 
 class Multiplexer:
@@ -318,6 +350,10 @@ class Multiplexer:
         self._control: deque[Frame] | None = None
         self._ready: deque[int] | None = None
         self._replies = 0  # how many frames in _control are replies
+        # Data may follow OPEN (module docstring): the most DATA a stream
+        # carries before OPEN_OK; 0 unless the handshake agreed on it.
+        self.early_budget = 0
+        self._opens_queued: list[_Stream] = []  # streams whose OPEN waits in _control
 
     # Introspection.
 
@@ -404,8 +440,11 @@ class Multiplexer:
             raise RuntimeError("stream ids exhausted on this connection")
         self._highest_id += 1
         sid = self._highest_id
-        self._streams[sid] = self._new_stream(sid)
+        s = self._streams[sid] = self._new_stream(sid)
         self._queue(Open(sid, host, port))
+        if s.early_left:
+            s.open_queued = True
+            self._opens_queued.append(s)
         return sid
 
     def accept(self, stream_id: int) -> None:
@@ -417,7 +456,8 @@ class Multiplexer:
 
     def _new_stream(self, sid: int) -> _Stream:
         w = self.local_window
-        return _Stream(sid, self.peer_window, w, window=w, target=w)
+        early = min(self.early_budget, self.peer_window if self.role is Role.SERVER else w)
+        return _Stream(sid, self.peer_window, w, window=w, target=w, early_left=early)
 
     def _drop(self, stream_id: int) -> _Stream | None:
         """Forget a stream, giving back its window above the initial one."""
@@ -590,6 +630,8 @@ class Multiplexer:
                 while control:
                     out += encode(control.popleft())
             self._control = None
+            if self._opens_queued:
+                self._opens_sent()
         fins: list[int] = []
         if not data_allowed:
             return 0, fins
@@ -613,6 +655,14 @@ class Multiplexer:
             self._ready = None
         return taken, fins
 
+    def _opens_sent(self) -> None:
+        """Every queued OPEN was pulled: their streams' early DATA may follow."""
+        opened, self._opens_queued = self._opens_queued, []
+        for s in opened:
+            s.open_queued = False
+            if s.stream_id in self._streams:
+                self._schedule(s)
+
     def _stream_frame(self, s: _Stream, out: list[Buffer]) -> int | None:
         """
         Append the stream's next frame to C{out}, header and payload pieces
@@ -621,12 +671,15 @@ class Multiplexer:
         Returns the DATA payload size, 0 for a FIN, or None when the stream
         has nothing it may send now.
         """
-        if not s.opened or s.local_closed:
+        if s.local_closed:
             return None
         outbox = s.outbox
         sid = s.stream_id
+        early = not s.opened
+        if early and (s.open_queued or not outbox):
+            return None
         if outbox:
-            budget = s.send_window
+            budget = s.send_window if not early else min(s.send_window, s.early_left)
             if budget <= 0:
                 return None
             if budget > MAX_DATA_PAYLOAD:
@@ -651,6 +704,8 @@ class Multiplexer:
                 outbox[0] = view[n:]
             s.outbox_bytes -= n
             s.send_window -= n
+            if early:
+                s.early_left -= n
             return n
         if s.fin_wanted:
             s.local_closed = True
@@ -660,15 +715,21 @@ class Multiplexer:
         return None
 
     def _schedule(self, s: _Stream) -> None:
-        # Whether the stream may send (DATA in its window, or FIN), inline:
-        # this runs for every write and every frame taken.
-        if s.scheduled or not s.opened or s.local_closed:
+        # Whether the stream may send, inline: this runs for every write and
+        # every frame taken.  Opened: DATA in its window, or FIN.  Not yet
+        # opened: only early DATA, once the OPEN went, within the early-data
+        # budget as well as the window (module docstring).
+        if s.scheduled or s.local_closed:
             return
-        if s.send_window > 0 if s.outbox else s.fin_wanted:
-            s.scheduled = True
-            if self._ready is None:
-                self._ready = deque()
-            self._ready.append(s.stream_id)
+        if s.opened:
+            if not (s.send_window > 0 if s.outbox else s.fin_wanted):
+                return
+        elif not (s.outbox and not s.open_queued and min(s.send_window, s.early_left) > 0):
+            return
+        s.scheduled = True
+        if self._ready is None:
+            self._ready = deque()
+        self._ready.append(s.stream_id)
 
     def _forget_if_done(self, s: _Stream) -> None:
         if s.local_closed and s.remote_closed and not s.inbox:
@@ -689,7 +750,14 @@ class Multiplexer:
                 raise ProtocolError(f"DATA for stream {stream_id}, which was never opened")
             return False
         if not s.opened:
-            raise ProtocolError(f"DATA on stream {stream_id} before it was opened")
+            if not s.early_left:
+                raise ProtocolError(f"DATA on stream {stream_id} before it was opened")
+            if n > s.early_left:
+                raise EarlyDataExceeded(
+                    f"{n} bytes of DATA on stream {stream_id} before OPEN_OK with"
+                    f" {s.early_left} of the {self.early_budget}-byte early-data budget left"
+                )
+            s.early_left -= n
         if s.remote_closed:
             return self._after_peer_fin(stream_id)
         if n > s.recv_window:

@@ -25,6 +25,7 @@ from nova.transport.stream import StreamTransport
 from nova.wire.hostname import InvalidHostName, host_problem
 from nova.wire.text import untrusted
 
+from .early import EarlyData
 from .registry import Registered, Registry
 
 DEFAULT_OPEN_TIMEOUT = 30.0
@@ -61,6 +62,7 @@ class _Attempt:
     current: Deferred[StreamTransport] | None = None
     waiting: Deferred[None] | None = None  # for a fresh tunnel (see TunnelEndpoint._wait_for_tunnel)
     cancelled: bool = False
+    early: EarlyData | None = None
 
 
 @implementer(IStreamClientEndpoint)
@@ -105,8 +107,13 @@ class TunnelEndpoint:
         self.open_timeout = open_timeout
         self.attempts = attempts
 
-    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
-        attempt = _Attempt(deadline=self.clock.seconds() + self.open_timeout)
+    def connect(self, protocolFactory: IProtocolFactory, early: EarlyData | None = None) -> Deferred[IProtocol]:
+        """
+        L{IStreamClientEndpoint.connect}; C{early} holds what the user's
+        connection sends meanwhile (L{nova.server.early}): each attempt's
+        tunnel may take it, a failed attempt gives it back for the next.
+        """
+        attempt = _Attempt(deadline=self.clock.seconds() + self.open_timeout, early=early)
 
         def cancel(_: Deferred[IProtocol]) -> None:
             attempt.cancelled = True
@@ -137,7 +144,7 @@ class TunnelEndpoint:
             return
         attempt.tried.append(tunnel)
         try:
-            d = tunnel.open_stream(self.host, self.port)
+            d = tunnel.open_stream(self.host, self.port, attempt.early)
         except OpenError:  # TunnelGone, TunnelBusy: this agent cannot take it now
             self._try(attempt, result, factory, Failure())
             return
@@ -161,6 +168,8 @@ class TunnelEndpoint:
             if not timed_out:
                 timer.cancel()
             attempt.current = None
+            if attempt.early is not None:
+                attempt.early.detach()  # its bytes wait for the next agent
             if attempt.cancelled:
                 return
             if failure.check(CancelledError) and timed_out:

@@ -20,6 +20,7 @@ from nova.rules.routes import Route
 from nova.transport.splice import Pipe, splice
 from nova.transport.stream import StreamTransport
 
+from .early import EarlyData
 from .endpoint import DEFAULT_OPEN_TIMEOUT, TunnelEndpoint
 from .registry import Registry
 
@@ -114,13 +115,30 @@ class EntryConnection(Pipe):
         super().__init__()
         self._opening: Deferred[IProtocol] | None = None
         self.watch: StreamWatch | None = None
+        self._early: EarlyData | None = None
 
-    def open_stream(self, endpoint: TunnelEndpoint, watch: StreamWatch) -> None:
-        """Pause this connection and open its stream through C{endpoint}."""
-        assert self.transport is not None
-        self.transport.pauseProducing()  # type: ignore[attr-defined]
+    def dataReceived(self, data: bytes) -> None:
+        if self.peer is None:
+            # Read before the stream is open: only while an agent takes data after OPEN.
+            if self._early is not None:
+                self._early.write(data)
+            return
+        self.parts_received([data])
+
+    def open_stream(self, endpoint: TunnelEndpoint, watch: StreamWatch, early: bool = False) -> None:
+        """
+        Pause this connection and open its stream through C{endpoint}.  With
+        C{early}, an agent that takes data after OPEN (protocol.md §7.2)
+        gets the user's first bytes without waiting for OPEN_OK
+        (L{nova.server.early}).
+        """
+        transport = self.transport
+        assert transport is not None
+        transport.pauseProducing()  # type: ignore[attr-defined]
         self.watch = watch
-        d = endpoint.connect(PipeFactory())
+        if early:
+            self._early = EarlyData(transport.pauseProducing, transport.resumeProducing)  # type: ignore[attr-defined]
+        d = endpoint.connect(PipeFactory(), self._early)
         d.addCallbacks(self._opened, self._failed)
         if not d.called:
             self._opening = d
@@ -128,14 +146,27 @@ class EntryConnection(Pipe):
     def _opened(self, other: IProtocol) -> None:
         self._opening = None
         assert isinstance(other, Pipe) and other.transport is not None and self.watch is not None
+        early, self._early = self._early, None
         if self.lost or self.transport is None:
             other.transport.abortConnection()  # type: ignore[attr-defined]
             return
         self.stream_ready(self.watch.opened(other))
+        if early is not None:
+            taken = early.size if early.attached else 0
+            unsent = early.unsent()  # bytes an earlier attempt read, if the stream's agent took none
+            if unsent:
+                other.transport.write(unsent)
+            elif taken and isinstance(other.transport, StreamTransport):
+                other.transport.bytes_written += taken  # sent with the OPEN: the audit counts them too
         splice(self, other)
+        if self.read_done:
+            # The user half-closed while the stream was opening (read as
+            # early data): the stream's FIN follows what was sent.
+            self.readConnectionLost()
 
     def _failed(self, failure: Failure) -> None:
         self._opening = None
+        self._early = None  # discarded: the user's connection is closed
         if failure.check(CancelledError) and self.lost:
             return
         assert self.watch is not None
@@ -174,7 +205,7 @@ class RouteClient(EntryConnection):
             f"{route.host}:{route.host_port}",
             str(route),
         )
-        self.open_stream(self.factory.endpoint, watch)
+        self.open_stream(self.factory.endpoint, watch, early=True)
 
     def stream_ready(self, agent: str) -> None:
         assert self.watch is not None

@@ -13,6 +13,8 @@ from twisted.logger import Logger
 from nova.rules.routes import Selector
 from nova.transport.stream import StreamTransport
 
+from .early import EarlyData
+
 
 class Registered(Protocol):
     name: str
@@ -21,7 +23,7 @@ class Registered(Protocol):
 
     def open_streams(self) -> int: ...
 
-    def open_stream(self, host: str, port: int) -> Deferred[StreamTransport]: ...
+    def open_stream(self, host: str, port: int, early: EarlyData | None = None) -> Deferred[StreamTransport]: ...
 
     def replaced(self) -> None: ...
 

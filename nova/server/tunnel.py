@@ -27,7 +27,8 @@ from nova.transport.stream import StreamTransport
 from nova.transport.tunnel import Timing, TunnelProtocol
 from nova.wire.errors import ErrorCode, OpenFailReason, ProtocolError, UnsupportedVersion
 from nova.wire.frames import (
-    FEATURE_NONE,
+    EARLY_DATA_BUDGET,
+    FEATURE_EARLY_DATA,
     MAX_VERSION,
     VERSION,
     Auth,
@@ -39,6 +40,7 @@ from nova.wire.frames import (
 from nova.wire.handshake import name_problem, new_nonce, tags_problem, window_problem
 from nova.wire.text import untrusted
 
+from .early import EarlyData
 from .members import MembersProvider, current_members, single_server
 from .refusals import Refusals
 from .registry import Registry
@@ -121,6 +123,10 @@ class ServerContext:
         if self.throttle is None:
             self.throttle = Throttle(self.limits)
         self.refusals = Refusals(self.clock, self.audit)
+
+
+# The version-2 features this server offers in WELCOME (protocol.md §4.2, §7.2).
+SERVER_FEATURES = FEATURE_EARLY_DATA
 
 
 @implementer(IHandshakeListener)
@@ -398,9 +404,12 @@ class ServerTunnel(TunnelProtocol):
         if frame.version >= 2:
             assert c.members is not None
             own, self.members_sent = current_members(c.members, c.server_id)
-            self.send_frame(
-                Welcome(self.local_window, keepalive_ms, own, 2, FEATURE_NONE & frame.features, self.members_sent)
-            )
+            features = SERVER_FEATURES & frame.features
+            if features & FEATURE_EARLY_DATA:
+                # A stream's first bytes may follow its OPEN (protocol.md §7.2).
+                assert self.mux is not None
+                self.mux.early_budget = EARLY_DATA_BUDGET
+            self.send_frame(Welcome(self.local_window, keepalive_ms, own, 2, features, self.members_sent))
         else:
             self.send_frame(Welcome(self.local_window, keepalive_ms, c.server_id))
         self.registered = True
@@ -559,11 +568,13 @@ class ServerTunnel(TunnelProtocol):
 
     # Streams.
 
-    def open_stream(self, host: str, port: int) -> Deferred[StreamTransport]:
+    def open_stream(self, host: str, port: int, early: EarlyData | None = None) -> Deferred[StreamTransport]:
         """
         Ask the agent to connect to C{host:port}.  Fires with the stream's
         transport once the agent has connected, or fails with L{OpenFailed}
-        or L{TunnelGone}.  Cancelling the Deferred resets the stream.
+        or L{TunnelGone}.  Cancelling the Deferred resets the stream.  If
+        the agent takes data after OPEN (protocol.md §7.2), C{early}'s bytes
+        follow the OPEN at once (the caller detaches it when the attempt ends).
         """
         if self.mux is None or self.closed:
             raise TunnelGone("tunnel is not open")
@@ -578,8 +589,17 @@ class ServerTunnel(TunnelProtocol):
 
         d: Deferred[StreamTransport] = Deferred(cancel)
         self._opening[sid] = (d, host, port)
+        if early is not None and self.mux.early_budget:
+            early.attach(lambda data: self._early_write(sid, data))
         self.flush()
         return d
+
+    def _early_write(self, stream_id: int, data: bytes) -> None:
+        """Bytes for a stream the agent has not accepted yet: the multiplexer sends what its rule allows."""
+        mux = self.mux
+        if mux is not None and stream_id in mux and not self.closed:
+            mux.send(stream_id, data)
+            self.flush_soon()
 
     def stream_opened(self, stream_id: int) -> None:
         entry = self._opening.pop(stream_id, None)

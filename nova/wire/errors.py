@@ -85,6 +85,14 @@ class FlowControlError(ProtocolError):
     code = ErrorCode.FLOW_CONTROL_ERROR
 
 
+class EarlyDataExceeded(ProtocolError):
+    """
+    The server sent more DATA on a stream before OPEN_OK than the early-data
+    budget (protocol.md §7.2): what an agent holds for a stream it has not
+    accepted is bounded, so more is a connection error, not a buffer.
+    """
+
+
 class UnsupportedVersion(ProtocolError):
     """A header whose version this side does not speak; C{version} is the byte received."""
 

@@ -82,9 +82,21 @@ V2_TYPES = frozenset({FrameType.AUTH, FrameType.WELCOME, FrameType.REJECT, Frame
 
 # Feature bits (protocol.md §4.2): AUTH (version 2) carries the agent's, WELCOME
 # (version 2) the server's; a feature is used on a tunnel when both set its
-# bit.  Unknown bits are ignored.  Version 2 defines none yet; the first is
-# reserved for issue 18 ("data may follow OPEN").
+# bit.  Unknown bits are ignored.
 FEATURE_NONE = 0
+# "Data may follow OPEN" (protocol.md §7.2): the server may send a stream's
+# first DATA right after its OPEN, before OPEN_OK, up to EARLY_DATA_BUDGET
+# bytes; the agent holds them until its connection to the target is up.
+FEATURE_EARLY_DATA = 0x1
+# The most DATA payload a server sends on a stream before OPEN_OK (and an
+# agent holds for it), when the feature is used.  64 KiB holds the first
+# flight of the protocols people tunnel (an HTTP request with its headers, a
+# TLS ClientHello, a PostgreSQL startup packet, a Redis command) several times
+# over, and is a quarter of the default initial window, so the rest of the
+# window is left for the stream once it is open.  What an agent may be made to
+# hold for streams it has not accepted is bounded by max_streams times this
+# (1,024 streams: 64 MiB at most, against 256 MiB of open windows).
+EARLY_DATA_BUDGET = 64 * 1024
 
 
 def max_payload(frame_type: FrameType) -> int:
