@@ -152,10 +152,19 @@ class Relay:
     A TCP relay on loopback standing in for the network between NOVAC and
     NOVAS: it can stall (stop forwarding without closing anything) and cut
     connections that stay idle for C{idle_cut} seconds, as load balancers do.
+
+    Given several upstream ports it is a round-robin balancer over them in
+    that order (a port listed twice in a row makes the next dial land on a
+    server the agent already holds), as an NLB or HAProxy in front of a
+    cluster would; ports in C{down} are skipped, as a health check would.
     """
 
-    def __init__(self, upstream_port: int, idle_cut: float | None = None) -> None:
-        self.upstream_port = upstream_port
+    def __init__(self, upstream: int | list[int], idle_cut: float | None = None) -> None:
+        self.order = [upstream] if isinstance(upstream, int) else list(upstream)
+        self.down: set[int] = set()
+        self.connections = 0
+        self._turn = 0
+        self._lock = threading.Lock()
         self.idle_cut = idle_cut
         self.stalled = threading.Event()
         self.cuts = 0
@@ -174,15 +183,25 @@ class Relay:
                 continue
             except OSError:
                 return
-            t = threading.Thread(target=self._pump, args=(client,), daemon=True)
+            self.connections += 1
+            t = threading.Thread(target=self._pump, args=(client, self._pick()), daemon=True)
             t.start()
             self._threads.append(t)
 
-    def _pump(self, client: socket.socket) -> None:
+    def _pick(self) -> int:
+        with self._lock:
+            for _ in range(len(self.order)):
+                port = self.order[self._turn % len(self.order)]
+                self._turn += 1
+                if port not in self.down:
+                    return port
+            return 0  # every upstream down: the connection is refused
+
+    def _pump(self, client: socket.socket, port: int) -> None:
         import selectors
 
         try:
-            server = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
+            server = socket.create_connection(("127.0.0.1", port), timeout=5)
         except OSError:
             client.close()
             return

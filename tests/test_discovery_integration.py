@@ -9,7 +9,6 @@ version-1 server.
 
 from __future__ import annotations
 
-import selectors
 import shutil
 import socket
 import threading
@@ -27,6 +26,7 @@ from .processes import (
     TOKEN,
     Postgres,
     Proc,
+    Relay,
     echo_roundtrip,
     fingerprint,
     free_port,
@@ -39,82 +39,6 @@ from .processes import (
 from .rawagent import RawAgent
 
 pytestmark = pytest.mark.integration
-
-
-class Balancer:
-    """
-    Round robin over upstream ports in a given order (a port listed twice in
-    a row makes the next dial land on a server the agent already holds), as
-    an NLB or HAProxy in front of a cluster would; ports in C{down} are
-    skipped, as a health check would.
-    """
-
-    def __init__(self, order: list[int]) -> None:
-        self.order = order
-        self.down: set[int] = set()
-        self.connections = 0
-        self._turn = 0
-        self._stop = threading.Event()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.2)
-        self.port: int = self._listener.getsockname()[1]
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _pick(self) -> int:
-        with self._lock:
-            for _ in range(len(self.order)):
-                port = self.order[self._turn % len(self.order)]
-                self._turn += 1
-                if port not in self.down:
-                    return port
-            return 0
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._pump, args=(client, self._pick()), daemon=True).start()
-
-    def _pump(self, client: socket.socket, port: int) -> None:
-        try:
-            server = socket.create_connection(("127.0.0.1", port), timeout=5)
-        except OSError:
-            client.close()
-            return
-        peers = {client: server, server: client}
-        sel = selectors.DefaultSelector()
-        for s in peers:
-            s.setblocking(False)
-            sel.register(s, selectors.EVENT_READ)
-        try:
-            while not self._stop.is_set():
-                for key, _ in sel.select(0.05):
-                    src: socket.socket = key.fileobj  # type: ignore[assignment]
-                    try:
-                        data = src.recv(65536)
-                    except BlockingIOError:
-                        continue
-                    if not data:
-                        return
-                    peers[src].setblocking(True)
-                    peers[src].sendall(data)
-                    peers[src].setblocking(False)
-        except OSError:
-            return
-        finally:
-            sel.close()
-            client.close()
-            server.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._listener.close()
 
 
 def registered_on(server: Proc, name: str) -> bool:
@@ -142,7 +66,7 @@ def test_one_agent_reaches_every_server_behind_the_balancer(tmp_path: Path) -> N
             env = {"NOVAS_STATE_DIR": str(state), "NOVA_TEST_MEMBERS_FILE": str(members[sid])}
             servers[sid], ports[sid] = stack.enter_context(novas(tmp_path, [f"{routes[sid]}:127.0.0.1:{echo}"], env))
         a, b, c = (ports[sid] for sid in ids)
-        balancer = Balancer([a, a, b, b, c])  # every server is met twice in a row: duplicates
+        balancer = Relay([a, a, b, b, c])  # every server is met twice in a row: duplicates
         stack.callback(balancer.close)
         env = {
             "NOVAC_SERVER": f"127.0.0.1:{balancer.port}",
@@ -309,7 +233,7 @@ def test_a_postgresql_cluster_names_its_members_to_the_agent(tmp_path: Path, clu
             }
             home.mkdir(exist_ok=True)
             servers[sid], ports[sid] = stack.enter_context(novas(home, [], env))
-        balancer = Balancer([ports["novas-a"], ports["novas-b"]])
+        balancer = Relay([ports["novas-a"], ports["novas-b"]])
         stack.callback(balancer.close)
         env = {
             "NOVAC_SERVER": f"127.0.0.1:{balancer.port}",
