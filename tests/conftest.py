@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
+from .processes import Postgres
+
 # Address families whose bind/connect reach the network stack: a socketpair
 # or a pipe (the reactor's waker) is in-memory and stays allowed.
 _REAL_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
@@ -111,3 +113,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if case is not None and isinstance(getattr(case, "settings", None), settings) and id(case) not in done:
             done.add(id(case))
             case.settings = _fast_settings(case.settings)
+
+
+@pytest.fixture
+def postgres() -> Iterator[Postgres]:
+    """A PostgreSQL server of the test's own (tests/processes.Postgres: stop and start it to test an outage)."""
+    pg = Postgres()
+    try:
+        pg.start()
+        yield pg
+    finally:
+        pg.remove()

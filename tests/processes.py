@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from . import harness
 from .harness import clean_env as clean_env
@@ -473,21 +474,33 @@ def redis_server() -> Iterator[int]:
             proc.stop()
 
 
-def admin_api(admin_port: int, path: str) -> object:
-    """GET an admin API path of a L{novas} with its token; the decoded JSON."""
+def admin_call(admin_port: int, method: str, path: str, body: object = None) -> tuple[int, Any]:
+    """Call an admin API path of a L{novas} with its token: the status and the decoded JSON (errors too)."""
     import json
+    import urllib.error
     import urllib.request
 
-    request = urllib.request.Request(f"http://127.0.0.1:{admin_port}{path}")
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{admin_port}{path}", data=data, method=method)
     request.add_header("Authorization", f"Bearer {ADMIN_TOKEN}")
-    with urllib.request.urlopen(request, timeout=10) as r:
-        return json.loads(r.read())
+    try:
+        with urllib.request.urlopen(request, timeout=15) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def admin_api(admin_port: int, path: str) -> Any:
+    """GET an admin API path of a L{novas} with its token; the decoded JSON (a 200 answer)."""
+    status, body = admin_call(admin_port, "GET", path)
+    assert status == 200, (path, status, body)
+    return body
 
 
 def tunnels(server: Proc) -> list[dict[str, object]]:
     """The tunnels a L{novas} shows on /api/v1/tunnels."""
     body = admin_api(server.admin_port, "/api/v1/tunnels")
-    return body["tunnels"]  # type: ignore[index,no-any-return]
+    return body["tunnels"]  # type: ignore[no-any-return]
 
 
 def fd_count(pid: int) -> int:

@@ -18,25 +18,22 @@ and carries a route.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from .processes import (
-    ADMIN_TOKEN,
     Postgres,
     Proc,
+    admin_api,
+    admin_call,
     echo_roundtrip,
     fingerprint,
     free_port,
@@ -54,37 +51,20 @@ CHANGE = 5.0  # the issue: every server follows a route change within 5 s
 AGENTS = {"agent-x": "team=x", "agent-y": "team=y"}
 
 
-def call(admin: int, method: str, path: str, body: object = None) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{admin}{path}", data=data, method=method)
-    request.add_header("Authorization", f"Bearer {ADMIN_TOKEN}")
-    try:
-        with urllib.request.urlopen(request, timeout=15) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-
-
-def get(admin: int, path: str) -> Any:
-    status, body = call(admin, "GET", path)
-    assert status == 200, (status, body)
-    return body
-
-
 def held_by(server: Proc, sid: str) -> set[str]:
     """The agents whose tunnel this server itself holds (by its own view)."""
     try:
-        return {t["name"] for t in get(server.admin_port, "/api/v1/tunnels")["tunnels"] if t["server"] == sid}
+        return {t["name"] for t in admin_api(server.admin_port, "/api/v1/tunnels")["tunnels"] if t["server"] == sid}
     except OSError:
         return set()
 
 
 def members(server: Proc) -> set[str]:
-    return {s["id"] for s in get(server.admin_port, "/api/v1/servers")["servers"]}
+    return {s["id"] for s in admin_api(server.admin_port, "/api/v1/servers")["servers"]}
 
 
 def route_port(server: Proc, rid: str) -> int | None:
-    for r in get(server.admin_port, "/api/v1/routes")["routes"]:
+    for r in admin_api(server.admin_port, "/api/v1/routes")["routes"]:
         if r["id"] == rid and r["listening"]:
             return int(r["port"])
     return None
@@ -237,7 +217,7 @@ def dynamic_route_everywhere(cluster: Cluster, echo: int) -> None:
     """A route added through one server's API is served by all within 5 s, and removed likewise."""
     servers = list(cluster.servers.values())
     a, c = servers[0], servers[-1]
-    status, added = call(a.admin_port, "POST", "/api/v1/routes", {"route": f"0:127.0.0.1:{echo}@team=y"})
+    status, added = admin_call(a.admin_port, "POST", "/api/v1/routes", {"route": f"0:127.0.0.1:{echo}@team=y"})
     assert status == 201, added
     rid = added["id"]
     took = when(lambda: all(route_port(s, rid) is not None for s in servers), CHANGE + 1, "every server to listen")
@@ -247,13 +227,13 @@ def dynamic_route_everywhere(cluster: Cluster, echo: int) -> None:
         assert port is not None
         assert echo_roundtrip(port, b"dynamic" * 1000) == b"dynamic" * 1000
     # Removed through another server's API: every server stops within 5 s.
-    status, _ = call(c.admin_port, "DELETE", f"/api/v1/routes/{rid}")
+    status, _ = admin_call(c.admin_port, "DELETE", f"/api/v1/routes/{rid}")
     assert status == 200
     took = when(lambda: all(p is not None and refused(p) for p in ports), CHANGE + 1, "every server to stop")
     assert took < CHANGE, took
     # A careless second removal and a bad spec: refused with a reason.
-    assert call(a.admin_port, "DELETE", f"/api/v1/routes/{rid}")[0] == 404
-    status, body = call(a.admin_port, "POST", "/api/v1/routes", {"route": "not-a-route"})
+    assert admin_call(a.admin_port, "DELETE", f"/api/v1/routes/{rid}")[0] == 404
+    status, body = admin_call(a.admin_port, "POST", "/api/v1/routes", {"route": "not-a-route"})
     assert status == 400 and body["error"], body
 
 
@@ -297,12 +277,12 @@ def postgres_outage_during_a_loop(cluster: Cluster, pg: Postgres, survivors: lis
     wait_for(lambda: loop.done >= 4, 60, "the loop to run")
     pg.stop()
     for admin in admins:
-        wait_for(lambda: get(admin, "/api/v1/servers")["stale_since"] is not None, 15, "a stale view")  # noqa: B023
+        wait_for(lambda: admin_api(admin, "/api/v1/servers")["stale_since"] is not None, 15, "a stale view")  # noqa: B023
     during = loop.done
     wait_for(lambda: loop.done >= during + 8, 60, "traffic during the outage")
     pg.start()
     for admin in admins:
-        wait_for(lambda: get(admin, "/api/v1/servers")["stale_since"] is None, 20, "a fresh view")  # noqa: B023
+        wait_for(lambda: admin_api(admin, "/api/v1/servers")["stale_since"] is None, 20, "a fresh view")  # noqa: B023
     after = loop.done
     wait_for(lambda: loop.done >= after + 4, 60, "traffic after the outage")
     loop.stop()

@@ -14,20 +14,27 @@ servers, on one host, listen for the same route.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .processes import ADMIN_TOKEN, Postgres, echo_roundtrip, fingerprint, free_port, novac, novas, target, wait_for
+from .processes import (
+    Postgres,
+    admin_api,
+    admin_call,
+    echo_roundtrip,
+    fingerprint,
+    free_port,
+    novac,
+    novas,
+    target,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -36,26 +43,9 @@ DEAD = 3.0
 CHANGE = 5.0  # the issue: every server follows a route change within 5 s
 
 
-def call(admin: int, method: str, path: str, body: object = None) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{admin}{path}", data=data, method=method)
-    request.add_header("Authorization", f"Bearer {ADMIN_TOKEN}")
-    try:
-        with urllib.request.urlopen(request, timeout=15) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-
-
-def get(admin: int, path: str) -> Any:
-    status, body = call(admin, "GET", path)
-    assert status == 200, (status, body)
-    return body
-
-
 def route_port(admin: int, rid: str) -> int | None:
     """The port a server listens on for route C{rid}, or None if it does not."""
-    for r in get(admin, "/api/v1/routes")["routes"]:
+    for r in admin_api(admin, "/api/v1/routes")["routes"]:
         if r["id"] == rid and r["listening"]:
             return int(r["port"])
     return None
@@ -67,16 +57,6 @@ def refused(port: int) -> bool:
         return False
     except OSError:
         return True
-
-
-@pytest.fixture
-def postgres() -> Iterator[Postgres]:
-    pg = Postgres()
-    try:
-        pg.start()
-        yield pg
-    finally:
-        pg.remove()
 
 
 def test_two_servers_share_routes_views_and_survive_the_store_and_a_member(tmp_path: Path, postgres: Postgres) -> None:
@@ -106,10 +86,10 @@ def test_two_servers_share_routes_views_and_survive_the_store_and_a_member(tmp_p
 
                 # One view: each server lists both members and both tunnels, with who holds each.
                 def members(admin: int) -> dict[str, dict[str, Any]]:
-                    return {s["id"]: s for s in get(admin, "/api/v1/servers")["servers"]}
+                    return {s["id"]: s for s in admin_api(admin, "/api/v1/servers")["servers"]}
 
                 def holders(admin: int, query: str = "") -> set[tuple[str, str]]:
-                    return {(t["name"], t["server"]) for t in get(admin, "/api/v1/tunnels" + query)["tunnels"]}
+                    return {(t["name"], t["server"]) for t in admin_api(admin, "/api/v1/tunnels" + query)["tunnels"]}
 
                 both = {("agent-a", "novas-a"), ("agent-b", "novas-b")}
                 for admin in (A, B):
@@ -125,7 +105,7 @@ def test_two_servers_share_routes_views_and_survive_the_store_and_a_member(tmp_p
                 assert other.recv(6) == b"static"
 
                 # A route added on A: listened for on A at once, on B within 5 s.
-                status, added = call(A, "POST", "/api/v1/routes", {"route": f"0:127.0.0.1:{echo}"})
+                status, added = admin_call(A, "POST", "/api/v1/routes", {"route": f"0:127.0.0.1:{echo}"})
                 assert status == 201, added
                 rid = added["id"]
                 t0 = time.monotonic()
@@ -138,24 +118,24 @@ def test_two_servers_share_routes_views_and_survive_the_store_and_a_member(tmp_p
                 payload = os.urandom(200_000)
                 assert echo_roundtrip(pa, payload) == payload  # through agent-a
                 assert echo_roundtrip(pb, payload) == payload  # through agent-b
-                events = get(A, "/api/v1/events?kind=route_added")["events"]
+                events = admin_api(A, "/api/v1/events?kind=route_added")["events"]
                 assert [(e["route_id"], e["who"]) for e in events] == [(rid, "admin")]
 
                 # The same listening address again, from the other server: refused.
                 fixed = free_port()
-                status, first = call(B, "POST", "/api/v1/routes", {"route": f"{fixed}:127.0.0.1:{echo}"})
+                status, first = admin_call(B, "POST", "/api/v1/routes", {"route": f"{fixed}:127.0.0.1:{echo}"})
                 assert status == 201, first
-                status, body = call(A, "POST", "/api/v1/routes", {"route": f"127.0.0.1:{fixed}:other:2"})
+                status, body = admin_call(A, "POST", "/api/v1/routes", {"route": f"127.0.0.1:{fixed}:other:2"})
                 assert status == 409 and first["id"] in body["error"], body
-                assert call(A, "DELETE", f"/api/v1/routes/{first['id']}")[0] == 200
-                assert call(B, "DELETE", f"/api/v1/routes/{first['id']}")[0] == 404
+                assert admin_call(A, "DELETE", f"/api/v1/routes/{first['id']}")[0] == 200
+                assert admin_call(B, "DELETE", f"/api/v1/routes/{first['id']}")[0] == 404
 
                 # Removed on B while a stream runs through A: A stops listening
                 # within 5 s, the open stream carries on.
                 with socket.create_connection(("127.0.0.1", pa), timeout=10) as held:
                     held.sendall(b"before")
                     assert held.recv(6) == b"before"
-                    status, _ = call(B, "DELETE", f"/api/v1/routes/{rid}")
+                    status, _ = admin_call(B, "DELETE", f"/api/v1/routes/{rid}")
                     assert status == 200
                     wait_for(lambda: route_port(A, rid) is None and refused(a_port), CHANGE, "A to stop listening")
                     wait_for(lambda: refused(b_port), CHANGE, "B to stop listening")
@@ -165,12 +145,12 @@ def test_two_servers_share_routes_views_and_survive_the_store_and_a_member(tmp_p
                 other.sendall(b"untouched")
                 assert other.recv(9) == b"untouched"
                 other.close()
-                assert [r["id"] for r in get(A, "/api/v1/routes")["routes"]] == ["static-0"]
-                assert [r["id"] for r in get(B, "/api/v1/routes")["routes"]] == []
+                assert [r["id"] for r in admin_api(A, "/api/v1/routes")["routes"]] == ["static-0"]
+                assert [r["id"] for r in admin_api(B, "/api/v1/routes")["routes"]] == []
 
                 # PostgreSQL goes away: tunnels and routes carry on, changes are
                 # refused naming the store, the views say stale.
-                status, added = call(A, "POST", "/api/v1/routes", {"route": f"0:127.0.0.1:{echo}"})
+                status, added = admin_call(A, "POST", "/api/v1/routes", {"route": f"0:127.0.0.1:{echo}"})
                 assert status == 201
                 live = added["id"]
                 wait_for(lambda: route_port(B, live) is not None, CHANGE, "B to listen")
@@ -178,13 +158,13 @@ def test_two_servers_share_routes_views_and_survive_the_store_and_a_member(tmp_p
                 assert pa and pb
                 postgres.stop()
                 for admin in (A, B):
-                    wait_for(lambda: get(admin, "/api/v1/servers")["stale_since"] is not None, 10, "a stale view")  # noqa: B023
-                status, body = call(A, "POST", "/api/v1/routes", {"route": "0:127.0.0.1:1"})
+                    wait_for(lambda: admin_api(admin, "/api/v1/servers")["stale_since"] is not None, 10, "a stale view")  # noqa: B023
+                status, body = admin_call(A, "POST", "/api/v1/routes", {"route": "0:127.0.0.1:1"})
                 assert status == 503 and "PostgreSQL" in body["error"], body
-                assert call(B, "DELETE", f"/api/v1/routes/{live}")[0] == 503
+                assert admin_call(B, "DELETE", f"/api/v1/routes/{live}")[0] == 503
                 assert echo_roundtrip(pa, b"during the outage") == b"during the outage"
                 assert echo_roundtrip(pb, b"during the outage") == b"during the outage"
-                assert get(A, "/api/v1/tunnels")["stale_since"] is not None
+                assert admin_api(A, "/api/v1/tunnels")["stale_since"] is not None
                 assert ("agent-a", "novas-a") in holders(A)
                 time.sleep(DEAD + 1)  # longer than the dead timeout: the stale view must not expire B
                 assert set(members(A)) == {"novas-a", "novas-b"}
@@ -192,9 +172,9 @@ def test_two_servers_share_routes_views_and_survive_the_store_and_a_member(tmp_p
                 # It comes back: the views are fresh again and changes work.
                 postgres.start()
                 for admin in (A, B):
-                    wait_for(lambda: get(admin, "/api/v1/servers")["stale_since"] is None, 15, "a fresh view")  # noqa: B023
+                    wait_for(lambda: admin_api(admin, "/api/v1/servers")["stale_since"] is None, 15, "a fresh view")  # noqa: B023
                     wait_for(lambda: holders(admin) == both, 10, "both tunnels again")  # noqa: B023
-                status, body = call(B, "DELETE", f"/api/v1/routes/{live}")
+                status, body = admin_call(B, "DELETE", f"/api/v1/routes/{live}")
                 assert status == 200, body
                 wait_for(lambda: route_port(A, live) is None, CHANGE, "A to follow after the outage")
 
@@ -219,7 +199,7 @@ def test_two_servers_share_routes_views_and_survive_the_store_and_a_member(tmp_p
 
                 # A stops while the store is gone: a warning, no traceback (checked as it stops).
                 postgres.stop()
-                wait_for(lambda: get(A, "/api/v1/servers")["stale_since"] is not None, 10, "a stale view")
+                wait_for(lambda: admin_api(A, "/api/v1/servers")["stale_since"] is not None, 10, "a stale view")
             a.stop()
             assert a.proc.returncode == 0
             assert "cluster store unreachable while leaving" in a.text()
@@ -260,27 +240,27 @@ def test_drain_through_the_api_sends_new_streams_elsewhere_and_lets_open_ones_fi
                 held.sendall(b"held")
                 assert held.recv(4) == b"held"
                 # (The history is written behind: wait for the held stream's record.)
-                wait_for(lambda: get(admin, "/api/v1/events?kind=stream_opened")["total"] == 1, 10, "its record")
-                busy = {t["name"] for t in get(admin, "/api/v1/tunnels")["tunnels"] if t["active_streams"]}
+                wait_for(lambda: admin_api(admin, "/api/v1/events?kind=stream_opened")["total"] == 1, 10, "its record")
+                busy = {t["name"] for t in admin_api(admin, "/api/v1/tunnels")["tunnels"] if t["active_streams"]}
                 (drained,) = busy
                 (other,) = {"agent-1", "agent-2"} - busy
-                status, answer = call(admin, "POST", f"/api/v1/tunnels/{drained}/drain")
+                status, answer = admin_call(admin, "POST", f"/api/v1/tunnels/{drained}/drain")
                 assert status == 202 and answer["status"] == "draining", answer
-                status, _ = call(admin, "POST", f"/api/v1/tunnels/{drained}/drain")
+                status, _ = admin_call(admin, "POST", f"/api/v1/tunnels/{drained}/drain")
                 assert status == 202  # again: harmless, audited once
-                states = {t["name"]: t["status"] for t in get(admin, "/api/v1/tunnels")["tunnels"]}
+                states = {t["name"]: t["status"] for t in admin_api(admin, "/api/v1/tunnels")["tunnels"]}
                 assert states == {drained: "draining", other: "connected"}
-                before = get(admin, "/api/v1/events?kind=stream_opened&limit=1000")["total"]
+                before = admin_api(admin, "/api/v1/events?kind=stream_opened&limit=1000")["total"]
                 for i in range(6):
                     assert echo_roundtrip(route, b"new %d" % i) == b"new %d" % i
                 held.sendall(b"still")
                 assert held.recv(5) == b"still"
 
             def opened_after() -> list[str]:
-                events = get(admin, "/api/v1/events?kind=stream_opened&limit=1000")["events"]
+                events = admin_api(admin, "/api/v1/events?kind=stream_opened&limit=1000")["events"]
                 return [e["agent"] for e in events[: len(events) - before]]
 
             wait_for(lambda: len(opened_after()) == 6, 10, "the new streams in the history")
             assert set(opened_after()) == {other}
-            events = get(admin, "/api/v1/events?kind=tunnel_drained")["events"]
+            events = admin_api(admin, "/api/v1/events?kind=tunnel_drained")["events"]
             assert [(e["agent"], e["who"]) for e in events] == [(drained, "admin")]

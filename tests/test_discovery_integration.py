@@ -206,17 +206,7 @@ def test_novac_registers_with_a_version_1_server(tmp_path: Path) -> None:
             assert "dialling 127.0.0.1" not in agent.text()  # a cluster of one: no discovery dials
 
 
-@pytest.fixture
-def cluster_db() -> Iterator[Postgres]:
-    pg = Postgres()
-    try:
-        pg.start()
-        yield pg
-    finally:
-        pg.remove()
-
-
-def test_a_postgresql_cluster_names_its_members_to_the_agent(tmp_path: Path, cluster_db: Postgres) -> None:
+def test_a_postgresql_cluster_names_its_members_to_the_agent(tmp_path: Path, postgres: Postgres) -> None:
     """The real membership view, not the test hook: two NOVAS on one PostgreSQL behind the balancer."""
     with ExitStack() as stack:
         servers: dict[str, Proc] = {}
@@ -226,7 +216,7 @@ def test_a_postgresql_cluster_names_its_members_to_the_agent(tmp_path: Path, clu
             if servers:
                 shutil.copytree(tmp_path / "novas-a" / "state" / "tls", home / "state" / "tls")
             env = {
-                "NOVAS_AUDIT_DB": cluster_db.dsn,
+                "NOVAS_AUDIT_DB": postgres.dsn,
                 "NOVAS_SERVER_ID": sid,
                 "NOVAS_ADVERTISE_ADDRESS": f"{sid}.test:9022",
                 "NOVAS_CLUSTER_DEAD_TIMEOUT": "3",
