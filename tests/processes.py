@@ -497,6 +497,23 @@ def admin_api(admin_port: int, path: str) -> Any:
     return body
 
 
+def route_port(admin_port: int, rid: str) -> int | None:
+    """The port a L{novas} listens on for route C{rid} (its admin API says), or None if it does not."""
+    for r in admin_api(admin_port, "/api/v1/routes")["routes"]:
+        if r["id"] == rid and r["listening"]:
+            return int(r["port"])
+    return None
+
+
+def refused(port: int) -> bool:
+    """Whether a connection to C{port} on loopback is refused (nothing listens)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return False
+    except OSError:
+        return True
+
+
 def tunnels(server: Proc) -> list[dict[str, object]]:
     """The tunnels a L{novas} shows on /api/v1/tunnels."""
     body = admin_api(server.admin_port, "/api/v1/tunnels")

@@ -40,6 +40,8 @@ from .processes import (
     haproxy,
     novac,
     novas,
+    refused,
+    route_port,
     target,
     wait_for,
 )
@@ -61,21 +63,6 @@ def held_by(server: Proc, sid: str) -> set[str]:
 
 def members(server: Proc) -> set[str]:
     return {s["id"] for s in admin_api(server.admin_port, "/api/v1/servers")["servers"]}
-
-
-def route_port(server: Proc, rid: str) -> int | None:
-    for r in admin_api(server.admin_port, "/api/v1/routes")["routes"]:
-        if r["id"] == rid and r["listening"]:
-            return int(r["port"])
-    return None
-
-
-def refused(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-        return False
-    except OSError:
-        return True
 
 
 def digest_transfer(port: int, payload: bytes) -> None:
@@ -220,9 +207,11 @@ def dynamic_route_everywhere(cluster: Cluster, echo: int) -> None:
     status, added = admin_call(a.admin_port, "POST", "/api/v1/routes", {"route": f"0:127.0.0.1:{echo}@team=y"})
     assert status == 201, added
     rid = added["id"]
-    took = when(lambda: all(route_port(s, rid) is not None for s in servers), CHANGE + 1, "every server to listen")
+    took = when(
+        lambda: all(route_port(s.admin_port, rid) is not None for s in servers), CHANGE + 1, "every server to listen"
+    )
     assert took < CHANGE, took
-    ports = [route_port(s, rid) for s in servers]
+    ports = [route_port(s.admin_port, rid) for s in servers]
     for port in ports:
         assert port is not None
         assert echo_roundtrip(port, b"dynamic" * 1000) == b"dynamic" * 1000

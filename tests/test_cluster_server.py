@@ -32,6 +32,8 @@ from .processes import (
     free_port,
     novac,
     novas,
+    refused,
+    route_port,
     target,
     wait_for,
 )
@@ -41,22 +43,6 @@ pytestmark = pytest.mark.integration
 # Short, so expiry is seen quickly: a heartbeat every second.
 DEAD = 3.0
 CHANGE = 5.0  # the issue: every server follows a route change within 5 s
-
-
-def route_port(admin: int, rid: str) -> int | None:
-    """The port a server listens on for route C{rid}, or None if it does not."""
-    for r in admin_api(admin, "/api/v1/routes")["routes"]:
-        if r["id"] == rid and r["listening"]:
-            return int(r["port"])
-    return None
-
-
-def refused(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-        return False
-    except OSError:
-        return True
 
 
 def test_two_servers_share_routes_views_and_survive_the_store_and_a_member(tmp_path: Path, postgres: Postgres) -> None:
