@@ -608,6 +608,7 @@ def machine() -> dict[str, Any]:
 
     return {
         "nproc": os.cpu_count(),
+        "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),  # how busy the shared machine was
         "cpu": cpu,
         "kernel": platform.release(),
         "python": platform.python_version(),

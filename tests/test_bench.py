@@ -100,3 +100,63 @@ def test_row_with_bars_against_ssh_and_go_passes_only_when_both_are_met() -> Non
     # A figure with an absolute bar and no peer (memory) ignores the peers' columns.
     alone = report.Row("rss", "RSS", "KiB", (report.Bar(report.BarKind.AT_MOST, 10, "KiB"),), (), nova=4.0, ssh=9.0)
     assert alone.result == "pass" and alone.as_dict()["ssh"] is None
+
+
+def _spread() -> Any:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import spread
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return spread
+
+
+def test_spread_takes_ratios_per_run_and_marks_runs_that_did_not_measure_a_figure(tmp_path: Path) -> None:
+    spread = _spread()
+
+    def run(date: str, nova: float, ssh: float, *, storm: bool) -> dict[str, Any]:
+        rows = {
+            "bulk": {
+                "label": "bulk",
+                "unit": "Gbit/s",
+                "nova": nova,
+                "ssh": ssh,
+                "go": None,
+                "ratio": nova / ssh,
+                "ratio_go": None,
+                "bar": ">= 1x ssh",
+                "result": "pass" if nova >= ssh else "FAIL",
+                "error": None,
+            }
+        }
+        if storm:
+            rows["storm"] = {
+                "label": "storm",
+                "unit": "s",
+                "nova": 3.0,
+                "ssh": None,
+                "go": None,
+                "ratio": None,
+                "ratio_go": None,
+                "bar": "<= 10 s",
+                "result": "pass",
+                "error": None,
+            }
+        return {
+            "date": date,
+            "seconds": 60,
+            "command": "bench/run",
+            "machine": {"loadavg": "1.00 1.00 1.00"},
+            "rows": rows,
+        }
+
+    # A busy run halves both NOVA and ssh: the ratio, per run, does not move.
+    (tmp_path / "a.json").write_text(json.dumps(run("2026-12-06T02:00", 2.0, 4.0, storm=True)))
+    (tmp_path / "b.json").write_text(json.dumps({"runs": [run("2026-12-06T01:00", 4.0, 8.0, storm=False)]}))
+    runs = spread.load([tmp_path / "a.json", tmp_path / "b.json"])
+    assert [r["date"] for r in runs] == ["2026-12-06T01:00", "2026-12-06T02:00"]  # oldest first
+    bulk, storm = spread.rows(runs)
+    assert bulk[2] == "3.00 (2.00\u20134.00)" and bulk[5] == "0.50x"
+    assert bulk[-1] == "FAIL FAIL"
+    assert storm[2] == "3.00" and storm[-1] == "· pass"  # measured by the second run only
+    assert "load average at start 1.00 1.00 1.00" in spread.describe(runs)
