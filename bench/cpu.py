@@ -178,11 +178,13 @@ def calls(work: Path, requests: int, warmup: int, top: int) -> None:
             f"{name.upper()}: {total_calls:.0f} Python-visible calls per request,"
             f" {total_us:.0f} us (cProfile) per request"
         )
-        by_package: dict[str, float] = {}
-        for key, (c, _) in diff.items():
+        by_package: dict[str, tuple[float, float]] = {}
+        for key, (c, t) in diff.items():
             package = _package(key[0])
-            by_package[package] = by_package.get(package, 0.0) + c
-        print("  calls by package: " + ", ".join(f"{p} {c:.0f}" for p, c in sorted(by_package.items())))
+            pc, pt = by_package.get(package, (0.0, 0.0))
+            by_package[package] = (pc + c, pt + t)
+        print("  calls by package: " + ", ".join(f"{p} {c:.0f}" for p, (c, _) in sorted(by_package.items())))
+        print("  own us by package: " + ", ".join(f"{p} {t:.1f}" for p, (_, t) in sorted(by_package.items())))
         print(f"  {'calls':>6} {'own us':>7}  function")
         for key, (c, t) in sorted(diff.items(), key=lambda kv: -kv[1][1])[:top]:
             where = f"{Path(key[0]).name}:{key[1]}" if key[0] != "~" else ""
