@@ -261,36 +261,41 @@ class ClusterApiTests(SynchronousTestCase):
         self.assertEqual(request["requested_by"], "admin")
         # Kept in the store for the drain timeout and the dead timeout (30 s each here).
         self.assertEqual(request["expires"], request["requested_at"] + 60.0)
-        self.assertEqual(tunnel.drained, [30.0])  # at once, before any poll
+        self.assertEqual(tunnel.goaways, ["SHUTDOWN"])  # at once, before any poll
         self.assertEqual([(k, a, d["who"]) for k, a, d in self.audit.events], [("tunnel_drained", "db-1", "admin")])
         # The poll reads the request back: not applied twice, not audited again.
         self.reactor.advance(2.0)
-        self.assertEqual(tunnel.drained, [30.0])
+        self.assertEqual(tunnel.goaways, ["SHUTDOWN"])
         self.assertEqual(len(self.audit.events), 1)
+        # Held, taking no stream, for the drain timeout; then closed (what is still open is cut).
+        self.assertEqual(tunnel.drained, [])
+        self.reactor.advance(28.0)
+        self.assertEqual(tunnel.drained, [0.0])
 
     def test_a_request_made_through_another_member_is_applied_at_the_next_poll(self) -> None:
         tunnel = self.hold("db-1")
         self.reactor.advance(1.0)
         now = self.reactor.seconds()
         self.store.add_drain(DrainRequest("d-elsewhere", "db-1", "admin", now, "novas-b", now + 60))
-        self.assertEqual(tunnel.drained, [])
+        self.assertEqual(tunnel.goaways, [])
         self.reactor.advance(2.0)
-        self.assertEqual(tunnel.drained, [30.0])
+        self.assertEqual(tunnel.goaways, ["SHUTDOWN"])
         self.assertEqual(self.audit.events, [])  # audited by the server that answered, not here
         # The agent's next tunnel (registered after the request) is not drained by it.
         fresh = self.hold("db-1")
         self.reactor.advance(2.0)
-        self.assertEqual(fresh.drained, [])
+        self.assertEqual(fresh.goaways, [])
         # The request expires from the store (the next heartbeat after its expiry deletes it).
         self.reactor.advance(60.0)
         self.assertEqual(self.store.drains(0.0), [])
+        self.assertEqual(tunnel.drained, [])  # replaced by the fresh one meanwhile: nothing left to close
 
     def test_repeated_drains_are_each_audited_and_never_an_error(self) -> None:
         tunnel = self.hold("db-1")
         self.reactor.advance(1.0)
         for _ in range(3):
             self.assertEqual(self.call("POST", "/api/v1/tunnels/db-1/drain")[0], 202)
-        self.assertEqual(tunnel.drained, [30.0])  # one GOAWAY: it is draining already
+        self.assertEqual(tunnel.goaways, ["SHUTDOWN"])  # one GOAWAY: it is draining already
         self.assertEqual([k for k, _, _ in self.audit.events], ["tunnel_drained"] * 3)
         self.assertEqual(len(self.store.drains(self.reactor.seconds())), 3)
 
@@ -311,10 +316,10 @@ class ClusterApiTests(SynchronousTestCase):
         self.assertEqual(status, 503)
         self.assertIn("cluster store (SQLite)", answer["error"])
         self.assertIn("nothing was drained", answer["error"])
-        self.assertEqual((tunnel.drained, self.audit.events), ([], []))
+        self.assertEqual((tunnel.goaways, self.audit.events), ([], []))
         self.store.gone = False
         self.assertEqual(self.call("POST", "/api/v1/tunnels/db-1/drain")[0], 202)
-        self.assertEqual(tunnel.drained, [30.0])
+        self.assertEqual(tunnel.goaways, ["SHUTDOWN"])
 
     # -- selection by the cluster's load
 
@@ -395,6 +400,7 @@ class _Tunnel:
         self.draining = False
         self.registered = True
         self.registered_at = registered_at
+        self.goaways: list[str] = []
         self.drained: list[float] = []
 
     def open_streams(self) -> int:
@@ -405,6 +411,10 @@ class _Tunnel:
 
     def replaced(self) -> None:
         self.registered = False
+
+    def send_goaway(self, code: ErrorCode, message: str) -> None:
+        self.draining = True
+        self.goaways.append(code.name)
 
     def drain(self, timeout: float, code: ErrorCode = ErrorCode.SHUTDOWN, message: str = "draining") -> Deferred[None]:
         self.draining = True

@@ -54,6 +54,8 @@ class Drainable(Protocol):
     registered_at: float
     draining: bool
 
+    def send_goaway(self, code: ErrorCode, message: str) -> None: ...
+
     def drain(
         self, timeout: float, code: ErrorCode = ErrorCode.SHUTDOWN, message: str = "draining"
     ) -> Deferred[None]: ...
@@ -142,17 +144,32 @@ class ServerCluster:
         self.registry.remote_load = remote_load(self.me, view.tunnels)
 
     def _drains_read(self, requests: Sequence[DrainRequest]) -> None:
-        """The live drain requests (every poll): drain our tunnel of each agent asked, once per request."""
+        """
+        The live drain requests (every poll): drain our tunnel of each agent
+        asked, once per request.  The tunnel is held, taking no new stream,
+        for the whole drain timeout, even once its open streams have ended,
+        and only then closed: NOVAC takes a GOAWAY SHUTDOWN for a restart and
+        registers again about a second after its tunnel closes, and its new
+        tunnel is not drained (one-shot).  Closing an idle tunnel at once, as
+        a shutdown does, would put the agent back in rotation within a
+        second of the request; held, it stays out for the drain timeout.
+        """
         for request, tunnel in self.drains.due(requests, self._held, self.clock.seconds()):
             self.log.info(
                 "agent {agent} drained by {who} (asked through {server}): GOAWAY sent;"
-                " its open streams have {timeout}s",
+                " no new streams for {timeout}s, its open streams have as long",
                 agent=request.agent,
                 who=request.requested_by,
                 server=request.server,
                 timeout=self.drain_timeout,
             )
-            tunnel.drain(self.drain_timeout, ErrorCode.SHUTDOWN, "drained by the administrator")
+            tunnel.send_goaway(ErrorCode.SHUTDOWN, "drained by the administrator")
+            self.clock.callLater(self.drain_timeout, self._drain_over, tunnel)
+
+    def _drain_over(self, tunnel: Drainable) -> None:
+        """The drain timeout has passed: close the tunnel (cutting streams still open), so the agent registers anew."""
+        if tunnel.registered:
+            tunnel.drain(0.0, ErrorCode.SHUTDOWN, "the drain is over: register again")
 
     def _held(self, agent: str) -> Drainable | None:
         tunnel = self.registry.get(agent)
