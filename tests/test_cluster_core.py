@@ -169,6 +169,30 @@ class SelectionTests(SynchronousTestCase):
         self.assertIsNone(chooser.choose(parse_selector("name:elsewhere"), [busy], {"elsewhere": 0}))
 
 
+class SelectionProperties(SynchronousTestCase):
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.lists(st.tuples(st.integers(0, 5), st.booleans(), st.integers(0, 5)), min_size=0, max_size=8),
+        st.sets(st.integers(0, 7), max_size=4),
+    )
+    def test_the_choice_is_always_one_of_the_least_loaded_eligible_tunnels(
+        self, shape: list[tuple[int, bool, int]], tried: set[int]
+    ) -> None:
+        local = [Local(f"agent-{i}", draining=d, streams=n) for i, (n, d, _) in enumerate(shape)]
+        remote = [TunnelRecord("b", f"agent-{i}", streams=r) for i, (_, _, r) in enumerate(shape)]
+        load = remote_load("a", remote)
+        exclude = [t for i, t in enumerate(local) if i in tried]
+        eligible = [t for t in local if not t.draining and t not in exclude]
+        chosen = LeastLoaded().choose(Selector(), local, load, exclude)
+        if not eligible:
+            self.assertIsNone(chosen)
+            return
+        assert chosen is not None
+        total = {t.name: t.streams + load.get(t.name, 0) for t in eligible}
+        self.assertIn(chosen, eligible)
+        self.assertEqual(total[chosen.name], min(total.values()))
+
+
 @dataclass
 class Held:
     registered_at: float
