@@ -8,7 +8,7 @@ tests/test_layers.py checks what they load):
 - L{nova.wire}: the frame format, handshake, host names, SOCKS5 messages.
 - L{nova.mux}: the multiplexer and the life-cycle machines.
 - L{nova.rules}: destination rules, token scopes and throttling, routes and
-  selectors, cluster membership and selection.
+  selectors, cluster membership, selection and drain requests.
 - L{nova.values}, L{nova.errors}: setting values, and NOVA's one error
   taxonomy (the open-failure table included).
 

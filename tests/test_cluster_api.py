@@ -27,11 +27,12 @@ from nova.admin.web import admin_resource
 from nova.cluster.heartbeat import inline
 from nova.cluster.store import SQLiteClusterStore
 from nova.rules.membership import Beat
-from nova.rules.records import RouteRecord, ServerRecord, TunnelRecord
-from nova.rules.routes import Route, parse_route
+from nova.rules.records import DrainRequest, RouteRecord, ServerRecord, TunnelRecord
+from nova.rules.routes import Route, Selector, parse_route
 from nova.server.cluster import ServerCluster
 from nova.server.registry import Registry
 from nova.site import MAX_REQUEST_BODY, BoundedSite
+from nova.wire.errors import ErrorCode
 
 TOKEN = "cluster-admin-token-1"
 
@@ -243,6 +244,100 @@ class ClusterApiTests(SynchronousTestCase):
         self.assertEqual(self.call("DELETE", "/api/v1/routes/r-new")[0], 200)
         self.assertEqual(self.audit.events[-1][2]["route"], "7006:h:1")
 
+    # -- drain
+
+    def hold(self, name: str) -> _Tunnel:
+        tunnel = _Tunnel(name, registered_at=self.reactor.seconds())
+        self.registry.register(tunnel)
+        return tunnel
+
+    def test_a_drain_here_is_applied_at_once_recorded_and_audited_once(self) -> None:
+        tunnel = self.hold("db-1")
+        self.reactor.advance(1.0)
+        status, answer = self.call("POST", "/api/v1/tunnels/db-1/drain")
+        self.assertEqual(status, 202, answer)
+        self.assertEqual((answer["servers"], answer["server"], answer["status"]), (["novas-a"], "novas-a", "draining"))
+        request = answer["request"]
+        self.assertEqual(request["requested_by"], "admin")
+        # Kept in the store for the drain timeout and the dead timeout (30 s each here).
+        self.assertEqual(request["expires"], request["requested_at"] + 60.0)
+        self.assertEqual(tunnel.goaways, ["SHUTDOWN"])  # at once, before any poll
+        self.assertEqual([(k, a, d["who"]) for k, a, d in self.audit.events], [("tunnel_drained", "db-1", "admin")])
+        # The poll reads the request back: not applied twice, not audited again.
+        self.reactor.advance(2.0)
+        self.assertEqual(tunnel.goaways, ["SHUTDOWN"])
+        self.assertEqual(len(self.audit.events), 1)
+        # Held, taking no stream, for the drain timeout; then closed (what is still open is cut).
+        self.assertEqual(tunnel.drained, [])
+        self.reactor.advance(28.0)
+        self.assertEqual(tunnel.drained, [0.0])
+
+    def test_a_request_made_through_another_member_is_applied_at_the_next_poll(self) -> None:
+        tunnel = self.hold("db-1")
+        self.reactor.advance(1.0)
+        now = self.reactor.seconds()
+        self.store.add_drain(DrainRequest("d-elsewhere", "db-1", "admin", now, "novas-b", now + 60))
+        self.assertEqual(tunnel.goaways, [])
+        self.reactor.advance(2.0)
+        self.assertEqual(tunnel.goaways, ["SHUTDOWN"])
+        self.assertEqual(self.audit.events, [])  # audited by the server that answered, not here
+        # The agent's next tunnel (registered after the request) is not drained by it.
+        fresh = self.hold("db-1")
+        self.reactor.advance(2.0)
+        self.assertEqual(fresh.goaways, [])
+        # The request expires from the store (the next heartbeat after its expiry deletes it).
+        self.reactor.advance(60.0)
+        self.assertEqual(self.store.drains(0.0), [])
+        self.assertEqual(tunnel.drained, [])  # replaced by the fresh one meanwhile: nothing left to close
+
+    def test_repeated_drains_are_each_audited_and_never_an_error(self) -> None:
+        tunnel = self.hold("db-1")
+        self.reactor.advance(1.0)
+        for _ in range(3):
+            self.assertEqual(self.call("POST", "/api/v1/tunnels/db-1/drain")[0], 202)
+        self.assertEqual(tunnel.goaways, ["SHUTDOWN"])  # one GOAWAY: it is draining already
+        self.assertEqual([k for k, _, _ in self.audit.events], ["tunnel_drained"] * 3)
+        self.assertEqual(len(self.store.drains(self.reactor.seconds())), 3)
+
+    def test_unknown_and_odd_names_are_not_found(self) -> None:
+        self.hold("db-1")
+        for name in ("nobody", "db-1%20", "db-1%2Fdrain", "%00", "%C3%A9t%C3%A9", "x" * 300, "db-%FF"):
+            status, answer = self.call("POST", f"/api/v1/tunnels/{name}/drain")
+            self.assertEqual(status, 404, name)
+            self.assertLess(len(answer.get("error", "")), 200, name)
+        self.assertEqual(self.audit.events, [])
+        self.assertEqual(self.store.drains(0.0), [])
+
+    def test_with_the_store_gone_a_drain_is_refused_and_nothing_is_drained(self) -> None:
+        tunnel = self.hold("db-1")
+        self.store.gone = True
+        self.reactor.advance(10.0)
+        status, answer = self.call("POST", "/api/v1/tunnels/db-1/drain")
+        self.assertEqual(status, 503)
+        self.assertIn("cluster store (SQLite)", answer["error"])
+        self.assertIn("nothing was drained", answer["error"])
+        self.assertEqual((tunnel.goaways, self.audit.events), ([], []))
+        self.store.gone = False
+        self.assertEqual(self.call("POST", "/api/v1/tunnels/db-1/drain")[0], 202)
+        self.assertEqual(tunnel.goaways, ["SHUTDOWN"])
+
+    # -- selection by the cluster's load
+
+    def test_choice_ranks_agents_by_their_streams_on_the_whole_cluster(self) -> None:
+        self.hold("db-1")
+        self.hold("db-2")
+        other = ServerRecord("novas-b", "novas-b:9022", 5.0, "0.1.0", self.reactor.seconds())
+        self.store.heartbeat(Beat(other, (TunnelRecord("novas-b", "db-1", streams=5),), 0.0))
+        chosen = {self.registry.choose(Selector()).name for _ in range(4)}  # type: ignore[union-attr]
+        self.assertEqual(chosen, {"db-1", "db-2"})  # not read yet: equal
+        self.reactor.advance(10.0)  # our next heartbeat reads novas-b's row
+        chosen = {self.registry.choose(Selector()).name for _ in range(4)}  # type: ignore[union-attr]
+        self.assertEqual(chosen, {"db-2"})
+        # The store gone: the last view still ranks.
+        self.store.gone = True
+        self.reactor.advance(10.0)
+        self.assertEqual(self.registry.choose(Selector()).name, "db-2")  # type: ignore[union-attr]
+
     # -- the store gone
 
     def test_with_the_store_gone_changes_are_refused_and_the_views_say_stale(self) -> None:
@@ -284,15 +379,47 @@ class ClusterApiTests(SynchronousTestCase):
         # The static route matches env=prod: the cluster has an agent for it.
         routes = {r["id"]: r for r in self.call("GET", "/api/v1/routes")[1]["routes"]}
         self.assertEqual(routes["static-0"]["agents"], 1)
-        # A tunnel another server holds is drained there.
+        # A tunnel only another server holds: the request goes to the store for it
+        # (it used to be 409 "ask that server"; the drain is cluster-wide now).
         status, answer = self.call("POST", "/api/v1/tunnels/db-1/drain")
-        self.assertEqual(status, 409)
-        self.assertIn("novas-b", answer["error"])
+        self.assertEqual((status, answer["servers"]), (202, ["novas-b"]))
+        self.assertEqual([r.agent for r in self.store.drains(self.reactor.seconds())], ["db-1"])
         self.assertEqual(self.call("POST", "/api/v1/tunnels/nobody/drain")[0], 404)
         # Its heartbeats stop: gone from the view within the dead timeout.
         self.reactor.advance(31.0)
         self.assertEqual([s["id"] for s in self.call("GET", "/api/v1/servers")[1]["servers"]], ["novas-a"])
         self.assertEqual(self.call("GET", "/api/v1/tunnels")[1]["tunnels"], [])
+
+
+class _Tunnel:
+    """A registered tunnel that records its drains."""
+
+    def __init__(self, name: str, registered_at: float) -> None:
+        self.name = name
+        self.tags: dict[str, str] = {}
+        self.draining = False
+        self.registered = True
+        self.registered_at = registered_at
+        self.goaways: list[str] = []
+        self.drained: list[float] = []
+
+    def open_streams(self) -> int:
+        return 0
+
+    def open_stream(self, host: str, port: int, early: object = None) -> Deferred[Any]:
+        return Deferred()
+
+    def replaced(self) -> None:
+        self.registered = False
+
+    def send_goaway(self, code: ErrorCode, message: str) -> None:
+        self.draining = True
+        self.goaways.append(code.name)
+
+    def drain(self, timeout: float, code: ErrorCode = ErrorCode.SHUTDOWN, message: str = "draining") -> Deferred[None]:
+        self.draining = True
+        self.drained.append(timeout)
+        return Deferred()
 
 
 @implementer(IListeningPort)

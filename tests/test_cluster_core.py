@@ -1,6 +1,7 @@
 """
 The cluster's pure cores, driven by a C{Clock}: heartbeat timing, expiry,
-staleness, route validation and the desired set, least-loaded selection.
+staleness, route validation and the desired set, least-loaded selection
+by cluster-wide load, drain requests.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from nova.rules.drains import DrainLedger
 from nova.rules.membership import Membership
-from nova.rules.records import RouteRecord, ServerRecord, TunnelRecord
+from nova.rules.records import DrainRequest, RouteRecord, ServerRecord, TunnelRecord
 from nova.rules.routes import Selector, parse_route, parse_selector
 from nova.rules.routetable import RouteRejected, desired, new_route_id, validate, validate_id
-from nova.rules.selection import LeastLoaded
+from nova.rules.selection import LeastLoaded, remote_load
 
 DEAD = 30.0
 
@@ -116,51 +118,132 @@ class Local:
 
 
 class SelectionTests(SynchronousTestCase):
-    def test_the_least_loaded_matching_agent_wins_wherever_it_is(self) -> None:
-        local = [Local("db-a", {"env": "prod"}, streams=5)]
-        remote = [
-            TunnelRecord("b", "db-b", {"env": "prod"}, streams=1),
-            TunnelRecord("c", "web", {"env": "prod", "role": "web"}, streams=0),
-        ]
-        chosen = LeastLoaded().choose(parse_selector("env=prod;role=web"), "a", local, remote)
-        assert chosen is not None
-        self.assertEqual((chosen.server, chosen.agent, chosen.local), ("c", "web", False))
-        chosen = LeastLoaded().choose(parse_selector("name:db-a"), "a", local, remote)
-        assert chosen is not None
-        self.assertEqual((chosen.server, chosen.agent, chosen.local), ("a", "db-a", True))
-        chosen = LeastLoaded().choose(Selector(), "a", local, remote)
-        assert chosen is not None
-        self.assertEqual(chosen.agent, "web")
+    """Least-loaded among this server's tunnels, by each agent's load on the whole cluster."""
 
-    def test_a_tie_goes_to_the_local_tunnel_then_round_robin(self) -> None:
-        local = [Local("x", streams=1)]
-        remote = [TunnelRecord("b", "y", streams=1), TunnelRecord("c", "z", streams=1)]
+    def test_an_agent_busy_on_another_member_loses_to_an_idle_one(self) -> None:
+        # Both agents are held here with no stream; db-a carries 4 through server b.
+        local = [Local("db-a", {"env": "prod"}), Local("db-b", {"env": "prod"})]
+        load = remote_load("a", [TunnelRecord("b", "db-a", {"env": "prod"}, streams=4)])
         chooser = LeastLoaded()
-        picks = {chooser.choose(Selector(), "a", local, remote).agent for _ in range(4)}  # type: ignore[union-attr]
-        self.assertEqual(picks, {"x"})
-        picks = {chooser.choose(Selector(), "a", [], remote).agent for _ in range(4)}  # type: ignore[union-attr]
-        self.assertEqual(picks, {"y", "z"})
+        picks = {chooser.choose(parse_selector("env=prod"), local, load).name for _ in range(6)}  # type: ignore[union-attr]
+        self.assertEqual(picks, {"db-b"})
+        # Without the remote load the two are equal, and share new streams.
+        picks = {chooser.choose(parse_selector("env=prod"), local).name for _ in range(6)}  # type: ignore[union-attr]
+        self.assertEqual(picks, {"db-a", "db-b"})
 
-    def test_draining_excluded_and_our_own_rows_ignored(self) -> None:
-        local = [Local("x", draining=True)]
+    def test_load_is_live_streams_here_plus_the_others_as_of_their_heartbeat(self) -> None:
+        local = [Local("x", streams=3), Local("y", streams=1)]
         remote = [
-            TunnelRecord("a", "stale-copy-of-mine", streams=0),
-            TunnelRecord("b", "y", streams=9, draining=True),
-            TunnelRecord("b", "z", streams=9),
+            TunnelRecord("b", "y", streams=1),
+            TunnelRecord("c", "y", streams=2),
+            TunnelRecord("b", "x", streams=0),
         ]
-        chosen = LeastLoaded().choose(Selector(), "a", local, remote)
-        assert chosen is not None
-        self.assertEqual((chosen.server, chosen.agent), ("b", "z"))
-        self.assertIsNone(LeastLoaded().choose(Selector(), "a", local, remote, exclude={("b", "z")}))
+        load = remote_load("a", remote)
+        self.assertEqual(load, {"y": 3, "x": 0})
+        chosen = LeastLoaded().choose(Selector(), local, load)
+        self.assertEqual(chosen.name if chosen else None, "x")  # 3 + 0 < 1 + 3
 
-    def test_the_same_agent_name_on_two_servers_is_two_candidates(self) -> None:
-        remote = [TunnelRecord("b", "db", streams=3), TunnelRecord("c", "db", streams=2)]
-        chosen = LeastLoaded().choose(parse_selector("name:db"), "a", [], remote)
+    def test_equal_load_is_shared_round_robin(self) -> None:
+        local = [Local("x", streams=1), Local("y"), Local("z")]
+        load = {"y": 1, "z": 1}
+        chooser = LeastLoaded()
+        picks = [chooser.choose(Selector(), local, load).name for _ in range(6)]  # type: ignore[union-attr]
+        self.assertEqual(set(picks), {"x", "y", "z"})
+        self.assertEqual(picks[:3], picks[3:])
+
+    def test_our_own_rows_and_draining_tunnels_carry_no_remote_load(self) -> None:
+        remote = [
+            TunnelRecord("a", "x", streams=9),  # our own row, older than the registry's count
+            TunnelRecord("b", "y", streams=9, draining=True),  # its streams end; no new one goes there
+        ]
+        self.assertEqual(remote_load("a", remote), {})
+
+    def test_draining_unmatched_and_tried_tunnels_are_never_chosen(self) -> None:
+        busy, idle, drained = Local("busy", {"env": "prod"}, streams=9), Local("idle"), Local("d", draining=True)
+        chooser = LeastLoaded()
+        self.assertIs(chooser.choose(parse_selector("env=prod"), [busy, idle, drained]), busy)
+        self.assertIs(chooser.choose(Selector(), [busy, idle, drained], exclude=[idle]), busy)
+        self.assertIsNone(chooser.choose(Selector(), [busy, idle, drained], exclude=[idle, busy]))
+        self.assertIsNone(chooser.choose(parse_selector("name:d"), [busy, idle, drained]))
+        # An agent known only on other members is no candidate here (no peering).
+        self.assertIsNone(chooser.choose(parse_selector("name:elsewhere"), [busy], {"elsewhere": 0}))
+
+
+class SelectionProperties(SynchronousTestCase):
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.lists(st.tuples(st.integers(0, 5), st.booleans(), st.integers(0, 5)), min_size=0, max_size=8),
+        st.sets(st.integers(0, 7), max_size=4),
+    )
+    def test_the_choice_is_always_one_of_the_least_loaded_eligible_tunnels(
+        self, shape: list[tuple[int, bool, int]], tried: set[int]
+    ) -> None:
+        local = [Local(f"agent-{i}", draining=d, streams=n) for i, (n, d, _) in enumerate(shape)]
+        remote = [TunnelRecord("b", f"agent-{i}", streams=r) for i, (_, _, r) in enumerate(shape)]
+        load = remote_load("a", remote)
+        exclude = [t for i, t in enumerate(local) if i in tried]
+        eligible = [t for t in local if not t.draining and t not in exclude]
+        chosen = LeastLoaded().choose(Selector(), local, load, exclude)
+        if not eligible:
+            self.assertIsNone(chosen)
+            return
         assert chosen is not None
-        self.assertEqual(chosen.server, "c")
-        chosen = LeastLoaded().choose(parse_selector("name:db"), "a", [], remote, exclude={("c", "db")})
-        assert chosen is not None
-        self.assertEqual(chosen.server, "b")
+        total = {t.name: t.streams + load.get(t.name, 0) for t in eligible}
+        self.assertIn(chosen, eligible)
+        self.assertEqual(total[chosen.name], min(total.values()))
+
+
+@dataclass
+class Held:
+    registered_at: float
+    draining: bool = False
+
+
+def drain_request(rid: str, agent: str, at: float, expires: float) -> DrainRequest:
+    return DrainRequest(rid, agent, "admin", at, "novas-a", expires)
+
+
+class DrainLedgerTests(SynchronousTestCase):
+    """Which tunnels of this server a set of drain requests drains."""
+
+    def test_a_request_drains_the_tunnel_registered_before_it_once(self) -> None:
+        tunnel = Held(registered_at=10.0)
+        ledger = DrainLedger()
+        request = drain_request("d-1", "db", 20.0, 100.0)
+        self.assertEqual(ledger.due([request], {"db": tunnel}.get, 21.0), [(request, tunnel)])
+        # Read again at the next poll (and the tunnel not draining yet): nothing more.
+        self.assertEqual(ledger.due([request], {"db": tunnel}.get, 23.0), [])
+
+    def test_a_tunnel_registered_after_the_request_is_not_drained(self) -> None:
+        # The agent's reconnection after the drain is not drained by the old request.
+        ledger = DrainLedger()
+        request = drain_request("d-1", "db", 20.0, 100.0)
+        self.assertEqual(ledger.due([request], {"db": Held(registered_at=20.5)}.get, 21.0), [])
+        self.assertEqual(ledger.due([request], {"db": Held(registered_at=5.0)}.get, 23.0), [])
+
+    def test_expired_requests_are_ignored_and_forgotten(self) -> None:
+        ledger = DrainLedger()
+        old = drain_request("d-old", "db", 1.0, 50.0)
+        self.assertEqual(ledger.due([old], {"db": Held(0.0)}.get, 51.0), [])
+        self.assertTrue(ledger.applied(drain_request("d-2", "db", 60.0, 70.0)))
+        ledger.due([], lambda _: None, 71.0)
+        self.assertTrue(ledger.applied(drain_request("d-2", "db", 60.0, 70.0)), "forgotten once expired")
+
+    def test_the_answering_server_applies_at_once_and_the_poll_does_not_repeat_it(self) -> None:
+        ledger = DrainLedger()
+        request = drain_request("d-1", "db", 20.0, 100.0)
+        self.assertTrue(ledger.applied(request))
+        self.assertFalse(ledger.applied(request))
+        self.assertEqual(ledger.due([request], {"db": Held(10.0)}.get, 22.0), [])
+
+    def test_unknown_agents_draining_tunnels_and_repeated_requests(self) -> None:
+        ledger = DrainLedger()
+        tunnel = Held(10.0)
+        first, second = drain_request("d-1", "db", 20.0, 100.0), drain_request("d-2", "db", 21.0, 100.0)
+        self.assertEqual(ledger.due([drain_request("d-0", "nobody", 20.0, 100.0)], {"db": tunnel}.get, 22.0), [])
+        self.assertEqual(ledger.due([first], {"db": Held(10.0, draining=True)}.get, 22.0), [])
+        # A second request for a tunnel that was not yet drained: each applies once.
+        self.assertEqual(ledger.due([first, second], {"db": tunnel}.get, 22.0), [(second, tunnel)])
 
 
 class RouteTableTests(SynchronousTestCase):

@@ -22,7 +22,7 @@ from nova.cluster.store import (
     cluster_store_for,
 )
 from nova.rules.membership import Beat
-from nova.rules.records import RouteRecord, ServerRecord, TunnelRecord
+from nova.rules.records import DrainRequest, RouteRecord, ServerRecord, TunnelRecord
 from nova.rules.routetable import RouteRejected
 
 from .processes import postgres_server
@@ -50,7 +50,7 @@ def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Factor
         import psycopg
 
         with psycopg.connect(dsn, autocommit=True) as conn:  # a fresh schema for each test
-            for table in ("nova_servers", "nova_tunnels", "nova_routes", "nova_cluster_version"):
+            for table in ("nova_servers", "nova_tunnels", "nova_routes", "nova_cluster_version", "nova_drains"):
                 conn.execute(f"DROP TABLE IF EXISTS {table}")
 
         def make() -> _SQLStore:
@@ -130,6 +130,27 @@ def test_routes_are_added_and_removed_and_each_change_moves_the_version(new_stor
     assert a.remove_route("r-1") == 3
     assert a.remove_route("r-1") is None
     assert b.routes() == (3, [RouteRecord("r-2", "16001:db:5432", "bob", 6.0)])
+
+
+def test_drain_requests_are_shared_until_they_expire(new_store: Factory) -> None:
+    a, b = opened(new_store), opened(new_store)
+    first = DrainRequest("d-1", "db", "admin", 10.0, "a", 70.0)
+    second = DrainRequest("d-2", "odd name \u00e9'; --", "admin", 11.0, "a", 100.0)
+    a.add_drain(first)
+    a.add_drain(second)
+    assert b.drains(20.0) == [first, second]
+    assert b.drains(80.0) == [second]  # expired requests are not read...
+    b.heartbeat(beat("b", 80.0))
+    assert a.drains(0.0) == [second]  # ...and any member's heartbeat deletes them
+
+
+def test_an_existing_database_gains_the_drain_table(new_store: Factory) -> None:
+    store = opened(new_store)
+    with store._tx() as conn:  # a database made before drains were shared
+        store._run(conn, "DROP TABLE nova_drains")
+    again = opened(new_store)
+    again.add_drain(DrainRequest("d-1", "db", "admin", 10.0, "a", 70.0))
+    assert [r.id for r in store.drains(0.0)] == ["d-1"]
 
 
 def test_duplicate_route_ids_and_listening_addresses_are_refused(new_store: Factory) -> None:

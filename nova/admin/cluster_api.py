@@ -44,13 +44,13 @@ class NotFound(Refused):
 
 
 class Conflict(Refused):
-    """The change collides with what exists: a duplicate route, a command-line route, an agent held elsewhere."""
+    """The change collides with what exists: a duplicate route, a command-line route."""
 
     status = 409
 
 
 class Unavailable(Refused):
-    """The cluster store cannot be reached: route changes wait for it."""
+    """The cluster store cannot be reached: route changes and drains wait for it."""
 
     status = 503
 
@@ -68,7 +68,7 @@ class ClusterControl(Protocol):
 
     def remove_route(self, route_id: str, who: str) -> Deferred[dict[str, Any]]: ...
 
-    def drain(self, agent: str, who: str) -> dict[str, Any]: ...
+    def drain(self, agent: str, who: str) -> Deferred[dict[str, Any]]: ...
 
 
 def _answer(request: Request, d: Deferred[dict[str, Any]], code: int = 200) -> int:
@@ -175,7 +175,11 @@ class RouteItem(Guarded):
 
 
 class TunnelAction(Guarded):
-    """C{POST /api/v1/tunnels/{name}/drain}: GOAWAY to the agent; new streams go to the others."""
+    """
+    C{POST /api/v1/tunnels/{name}/drain}: GOAWAY to the agent's tunnel on
+    every member that holds one (through the store); new streams go to the
+    others.  202 with the members that hold it and the request.
+    """
 
     methods = (b"POST",)
 
@@ -183,14 +187,11 @@ class TunnelAction(Guarded):
         super().__init__(token)
         self._cluster = cluster
 
-    def render_authorized(self, request: Request) -> bytes:
+    def render_authorized(self, request: Request) -> bytes | int:
         path = _segments(request)
         if len(path) != 2 or path[1] != "drain" or not path[0]:
             return send_json(request, {"error": "not found"}, 404)
-        try:
-            return send_json(request, self._cluster.drain(path[0], WHO), 202)
-        except Refused as e:
-            return _refusal(request, e)
+        return _answer(request, self._cluster.drain(path[0], WHO), 202)
 
 
 def _json_object(request: Request) -> dict[str, Any]:

@@ -111,9 +111,9 @@ async function refresh() {
       cell(row, x.active_streams); cell(row, bytes(x.bytes_to_agent)); cell(row, bytes(x.bytes_from_agent));
       cell(row, x.rtt_ms == null ? "" : x.rtt_ms.toFixed(2) + " ms"); cell(row, x.tls || (x.server === t.server ? "off" : "")); cell(row, x.agent_version);
       cell(row, x.token_id);
-      // Drain is for the tunnels this server holds; another member drains its own.
-      const local = x.server === t.server && x.status === "connected";
-      cell(row, local ? button("Drain", () => change("drain " + x.name, "/api/v1/tunnels/" + encodeURIComponent(x.name) + "/drain", "POST")) : "");
+      // A drain is cluster-wide: every member drains its tunnel of the agent (docs/cluster.md).
+      const drainable = x.status === "connected";
+      cell(row, drainable ? button("Drain", () => change("drain " + x.name, "/api/v1/tunnels/" + encodeURIComponent(x.name) + "/drain", "POST")) : "");
       body.appendChild(row);
     }
     $("no-tunnels").hidden = t.tunnels.length > 0;

@@ -174,17 +174,50 @@ class PostgresBackend:
             self._conn.execute("CREATE INDEX IF NOT EXISTS nova_events_agent ON nova_events (agent, ts)")
             self._conn.execute("CREATE INDEX IF NOT EXISTS nova_events_kind ON nova_events (kind, ts)")
 
+    def _live(self) -> Any:
+        """
+        The writer's connection, opened again after a failure: a database
+        that restarted is written to again as soon as it is back (before,
+        every record after a restart was lost until NOVAS restarted).
+        """
+        if self._conn is None or self._conn.closed:
+            self._conn = self._connect()
+        return self._conn
+
+    def _dropped_on_error(self, error: BaseException) -> None:
+        import psycopg
+
+        if not isinstance(error, psycopg.IntegrityError):
+            self.close()
+
     def insert(self, records: Sequence[Record]) -> None:
-        with self._conn.transaction(), self._conn.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO nova_events (ts, kind, agent, server, data) VALUES (%s, %s, %s, %s, %s)",
-                [(r.ts, r.kind, r.agent, r.server, json.dumps(r.data)) for r in records],
-            )
+        # A connection the database closed (it restarted) is found dead only
+        # when used: then the batch is tried once more on a fresh one, so the
+        # first records after a restart are not lost with the old connection.
+        for last in (False, True):
+            reused = self._conn is not None and not self._conn.closed
+            conn = self._live()
+            try:
+                with conn.transaction(), conn.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO nova_events (ts, kind, agent, server, data) VALUES (%s, %s, %s, %s, %s)",
+                        [(r.ts, r.kind, r.agent, r.server, json.dumps(r.data)) for r in records],
+                    )
+                return
+            except Exception as e:
+                self._dropped_on_error(e)
+                if last or not reused or self._conn is not None:
+                    raise
 
     def prune(self, before: float) -> int:
-        with self._conn.transaction():
-            cur = self._conn.execute("DELETE FROM nova_events WHERE ts < %s", (before,))
-            return int(cur.rowcount)
+        conn = self._live()
+        try:
+            with conn.transaction():
+                cur = conn.execute("DELETE FROM nova_events WHERE ts < %s", (before,))
+                return int(cur.rowcount)
+        except Exception as e:
+            self._dropped_on_error(e)
+            raise
 
     def query(self, q: Query) -> tuple[int, list[dict[str, Any]]]:
         with self._connect() as conn:
@@ -198,9 +231,12 @@ class PostgresBackend:
         return int(total), [Record(k, ts, a, s, json.loads(d)).as_json(i) for i, ts, k, a, s, d in rows]
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # a broken connection may fail to close; it is gone either way
+                pass
 
 
 class AuditStoreError(NovaError):

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from nova.rules.membership import ClusterView, Membership
-from nova.rules.records import RouteRecord, ServerRecord, TunnelRecord
+from nova.rules.records import DrainRequest, RouteRecord, ServerRecord, TunnelRecord
 
 from .store import ClusterStore, ClusterStoreError
 
@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 # Seconds between two reads of the routes' change counter: a route added on
 # one server is listened for on every other within this (plus one read);
-# the issue asks for 5 s.
+# the issue asks for 5 s.  Drain requests are read at the same poll.
 ROUTE_POLL = 2.0
 
 
@@ -74,7 +74,9 @@ class ClusterMembership(Service):
     This server's part in the cluster.  C{tunnels} lists the tunnels this
     server holds now (called on the reactor at each heartbeat); C{run} runs
     the store's calls (a L{WorkerThread}; L{inline} only in tests);
-    C{on_routes} receives every new set of dynamic routes with its version.
+    C{on_routes} receives every new set of dynamic routes with its version;
+    C{on_drains} the live drain requests, at every poll; C{on_view} the
+    view after every heartbeat the store answered.
     """
 
     log = Logger()
@@ -88,6 +90,8 @@ class ClusterMembership(Service):
         run: Runner,
         on_routes: Callable[[int, Sequence[RouteRecord]], object] | None = None,
         route_poll: float = ROUTE_POLL,
+        on_drains: Callable[[Sequence[DrainRequest]], object] | None = None,
+        on_view: Callable[[ClusterView], object] | None = None,
     ) -> None:
         self.store = store
         self.membership = membership
@@ -95,6 +99,8 @@ class ClusterMembership(Service):
         self.clock = clock
         self.run = run
         self.on_routes = on_routes
+        self.on_drains = on_drains
+        self.on_view = on_view
         self.route_poll = route_poll
         self.routes_version: int | None = None
         self._opened = False
@@ -114,7 +120,7 @@ class ClusterMembership(Service):
         if isinstance(self.run, WorkerThread):
             self.run.start()
         self._beats.start(self.membership.interval, now=True)
-        if self.on_routes is not None:
+        if self.on_routes is not None or self.on_drains is not None:
             self._polls.start(self.route_poll, now=True)
 
     def stopService(self) -> Deferred[None]:
@@ -155,7 +161,7 @@ class ClusterMembership(Service):
         d = self.run(run)
 
         def then(result: T) -> T:
-            if self.on_routes is not None and self.running:
+            if (self.on_routes is not None or self.on_drains is not None) and self.running:
                 self.poll_routes()
             return result
 
@@ -183,16 +189,19 @@ class ClusterMembership(Service):
         return succeed(None)
 
     def poll_routes(self) -> Deferred[None]:
-        """Read the change counter; read the routes only when it moved."""
+        """Read the change counter, and the routes only when it moved; read the live drain requests."""
         if self._polling is not None:
             return succeed(None)
         known = self.routes_version
+        now = self.clock.seconds()
+        want_drains = self.on_drains is not None
 
-        def read() -> tuple[int, list[RouteRecord]] | None:
+        def read() -> tuple[tuple[int, list[RouteRecord]] | None, list[DrainRequest] | None]:
             self._open()
+            drains = self.store.drains(now) if want_drains else None
             if known is not None and self.store.routes_version() == known:
-                return None
-            return self.store.routes()
+                return None, drains
+            return self.store.routes(), drains
 
         d = self.run(read)
         d.addCallbacks(self._routes_read, self._store_failed)
@@ -212,6 +221,8 @@ class ClusterMembership(Service):
     def _read(self, servers: list[ServerRecord], tunnels: list[TunnelRecord]) -> None:
         was_stale = self.membership.view().stale_since
         self.membership.read(servers, tunnels)
+        if self.on_view is not None:
+            self.on_view(self.membership.view())
         if was_stale is not None and self.membership.last_error is None and self._logged_outage:
             self._logged_outage = False
             self.log.info(
@@ -231,13 +242,15 @@ class ClusterMembership(Service):
     def _store_failed(self, failure: Failure) -> None:
         self._failed(failure.getErrorMessage())
 
-    def _routes_read(self, read: tuple[int, list[RouteRecord]] | None) -> None:
-        if read is None:
-            return
-        version, records = read
-        self.routes_version = version
-        if self.on_routes is not None:
-            self.on_routes(version, records)
+    def _routes_read(self, read: tuple[tuple[int, list[RouteRecord]] | None, list[DrainRequest] | None]) -> None:
+        routes, drains = read
+        if routes is not None:
+            version, records = routes
+            self.routes_version = version
+            if self.on_routes is not None:
+                self.on_routes(version, records)
+        if drains is not None and self.on_drains is not None:
+            self.on_drains(drains)
 
     def _cannot_leave(self, failure: Failure) -> None:
         """The store is unreachable as we stop: our rows expire instead, within the dead timeout."""

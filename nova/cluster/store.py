@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from nova.rules.membership import Beat
-from nova.rules.records import RouteRecord, ServerRecord, TunnelRecord
+from nova.rules.records import DrainRequest, RouteRecord, ServerRecord, TunnelRecord
 from nova.rules.routetable import RouteRejected, listen_key, validate, validate_id
 
 # The schema, in SQL both databases read; '?' placeholders (rewritten for psycopg).
@@ -66,6 +66,19 @@ SCHEMA = (
     )
     """,
     "INSERT INTO nova_cluster_version (name, version) VALUES ('routes', 0) ON CONFLICT (name) DO NOTHING",
+    # Drain requests (POST /api/v1/tunnels/{name}/drain): every member reads
+    # them at its route poll and drains its own tunnel of the agent.  A new
+    # table, so an existing database gains it at the next start (IF NOT EXISTS).
+    """
+    CREATE TABLE IF NOT EXISTS nova_drains (
+        id TEXT PRIMARY KEY,
+        agent TEXT NOT NULL,
+        requested_by TEXT NOT NULL,
+        requested_at DOUBLE PRECISION NOT NULL,
+        server TEXT NOT NULL,
+        expires DOUBLE PRECISION NOT NULL
+    )
+    """,
 )
 
 
@@ -95,6 +108,10 @@ class ClusterStore(Protocol):
     def add_route(self, record: RouteRecord, default_bind: str = "127.0.0.1") -> int: ...
 
     def remove_route(self, route_id: str) -> int | None: ...
+
+    def add_drain(self, request: DrainRequest) -> None: ...
+
+    def drains(self, now: float) -> list[DrainRequest]: ...
 
     def close(self) -> None: ...
 
@@ -187,6 +204,7 @@ class _SQLStore:
                 (beat.expire_before,),
             )
             self._run(conn, "DELETE FROM nova_servers WHERE heartbeat < ?", (beat.expire_before,))
+            self._run(conn, "DELETE FROM nova_drains WHERE expires < ?", (s.heartbeat,))
 
     def members(self) -> tuple[list[ServerRecord], list[TunnelRecord]]:
         with self._tx() as conn:
@@ -263,6 +281,28 @@ class _SQLStore:
             if not gone:
                 return None
             return self._bump(conn)
+
+    def add_drain(self, request: DrainRequest) -> None:
+        """Record a drain request for every member to apply."""
+        r = request
+        with self._tx() as conn:
+            self._run(
+                conn,
+                "INSERT INTO nova_drains (id, agent, requested_by, requested_at, server, expires)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (r.id, r.agent, r.requested_by, r.requested_at, r.server, r.expires),
+            )
+
+    def drains(self, now: float) -> list[DrainRequest]:
+        """The drain requests that have not expired at C{now}, oldest first."""
+        with self._tx() as conn:
+            rows = self._run(
+                conn,
+                "SELECT id, agent, requested_by, requested_at, server, expires FROM nova_drains"
+                " WHERE expires >= ? ORDER BY requested_at, id",
+                (now,),
+            ).fetchall()
+        return [DrainRequest(i, a, b, float(at), srv, float(ex)) for i, a, b, at, srv, ex in rows]
 
     def _bump(self, conn: Any) -> int:
         self._run(conn, "UPDATE nova_cluster_version SET version = version + 1 WHERE name = 'routes'")

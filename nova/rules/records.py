@@ -79,3 +79,21 @@ class RouteRecord:
     spec: str
     created_by: str
     created_at: float
+
+
+@dataclass(frozen=True)
+class DrainRequest:
+    """
+    An administrator's request to drain agent C{agent} on every member
+    (C{POST /api/v1/tunnels/{name}/drain}), made through server C{server} at
+    C{requested_at} (that server's clock).  One-shot: it drains the tunnels
+    of the agent that were registered by then, never one registered after;
+    the store forgets it at C{expires}.
+    """
+
+    id: str
+    agent: str
+    requested_by: str
+    requested_at: float
+    server: str
+    expires: float

@@ -1,15 +1,20 @@
 """
-The least-loaded matching agent across the cluster: this server's own
-tunnels (live counts, from its registry) and the other members' (as of their
-last heartbeat, from the cluster view).  Pure; matching is the server's own
-L{Selector}, so a route picks the same agents whichever server it runs on.
+The least-loaded matching agent, ranked by its load on the whole cluster.
+
+Without peering a server can open streams only through the tunnels it holds
+itself, but with discovery every member holds a tunnel to the same agent,
+so each member's own stream count says little: an agent busy through
+another member looks idle here.  An agent's load is therefore its live
+streams here plus its streams on the other members as of their last
+heartbeat (the cluster view, L{remote_load}).  A stale view (the store
+unreachable) still ranks by what it last read.  Pure: matching is the
+server's own L{Selector}, the tunnels and the remote load are handed in.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from nova.rules.records import TunnelRecord
 from nova.rules.routes import Selector
@@ -30,38 +35,27 @@ class LocalTunnel(Protocol):
     def open_streams(self) -> int: ...
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """A tunnel that could carry a stream: agent C{agent} on server C{server}."""
-
-    server: str
-    agent: str
-    streams: int
-    local: bool
+T = TypeVar("T", bound=LocalTunnel)
 
 
-def candidates(
-    selector: Selector, me: str, local: Iterable[LocalTunnel], remote: Iterable[TunnelRecord]
-) -> list[Candidate]:
-    """Every matching, non-draining tunnel; our own rows in C{remote} are ignored (the registry is fresher)."""
-    found = [
-        Candidate(me, t.name, t.open_streams(), True)
-        for t in local
-        if not t.draining and selector.matches(t.name, t.tags)
-    ]
-    found.extend(
-        Candidate(r.server, r.agent, r.streams, False)
-        for r in remote
-        if r.server != me and not r.draining and selector.matches(r.agent, r.tags)
-    )
-    return found
+def remote_load(me: str, remote: Iterable[TunnelRecord]) -> dict[str, int]:
+    """
+    Streams per agent on the other members, as of their last heartbeat.
+    Our own rows are left out (the registry's live counts are fresher), and
+    so are draining tunnels' (their streams end, and no new one goes there).
+    """
+    load: dict[str, int] = {}
+    for r in remote:
+        if r.server != me and not r.draining:
+            load[r.agent] = load.get(r.agent, 0) + r.streams
+    return load
 
 
 class LeastLoaded:
     """
-    Chooses among candidates: fewest streams first; on a tie a local tunnel
-    before a remote one (no hop to a peer); then round robin, so equal agents
-    share new streams.
+    Chooses among this server's tunnels: the matching, non-draining one
+    whose agent has the fewest streams on the whole cluster; among equals,
+    round robin, so equal agents share new streams.
     """
 
     def __init__(self) -> None:
@@ -70,25 +64,22 @@ class LeastLoaded:
     def choose(
         self,
         selector: Selector,
-        me: str,
-        local: Iterable[LocalTunnel],
-        remote: Iterable[TunnelRecord],
-        exclude: Collection[tuple[str, str]] = (),
-    ) -> Candidate | None:
-        """The chosen tunnel, or None; C{exclude} holds C{(server, agent)} pairs already tried."""
-        best: list[Candidate] = []
-        for c in candidates(selector, me, local, remote):
-            if (c.server, c.agent) in exclude:
+        local: Iterable[T],
+        load: Mapping[str, int] | None = None,
+        exclude: Collection[T] = (),
+    ) -> T | None:
+        """The chosen tunnel, or None; C{load} is L{remote_load}'s map, C{exclude} the tunnels already tried."""
+        best: list[T] = []
+        fewest = 0
+        for t in local:
+            if t.draining or t in exclude or not selector.matches(t.name, t.tags):
                 continue
-            if not best or _rank(c) < _rank(best[0]):
-                best = [c]
-            elif _rank(c) == _rank(best[0]):
-                best.append(c)
+            n = t.open_streams() + (load.get(t.name, 0) if load else 0)
+            if not best or n < fewest:
+                best, fewest = [t], n
+            elif n == fewest:
+                best.append(t)
         if not best:
             return None
         self._turn += 1
         return best[self._turn % len(best)]
-
-
-def _rank(c: Candidate) -> tuple[int, bool]:
-    return (c.streams, not c.local)

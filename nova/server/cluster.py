@@ -12,8 +12,9 @@ agents this server holds.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
@@ -26,8 +27,9 @@ from nova.admin.cluster_api import Conflict, NotFound, Refused, Unavailable
 from nova.cluster.heartbeat import ClusterMembership, Runner, WorkerThread
 from nova.cluster.listeners import ListenFor, RouteListeners
 from nova.cluster.store import ClusterStore, ClusterStoreError, DuplicateRoute, PostgresClusterStore
-from nova.rules.membership import Membership
-from nova.rules.records import RouteRecord, ServerRecord, TunnelRecord
+from nova.rules.drains import DrainLedger
+from nova.rules.membership import ClusterView, Membership
+from nova.rules.records import DrainRequest, RouteRecord, ServerRecord, TunnelRecord
 from nova.rules.routes import Route, Selector
 from nova.rules.routetable import (
     STATIC_PREFIX,
@@ -38,10 +40,26 @@ from nova.rules.routetable import (
     validate,
     validate_id,
 )
+from nova.rules.selection import remote_load
 from nova.wire.errors import ErrorCode
 
 from .registry import Registry
-from .tunnel import ServerTunnel
+
+
+@runtime_checkable
+class Drainable(Protocol):
+    """What a drain asks of a tunnel this server holds (L{ServerTunnel} has it)."""
+
+    registered: bool
+    registered_at: float
+    draining: bool
+
+    def send_goaway(self, code: ErrorCode, message: str) -> None: ...
+
+    def drain(
+        self, timeout: float, code: ErrorCode = ErrorCode.SHUTDOWN, message: str = "draining"
+    ) -> Deferred[None]: ...
+
 
 # Routes given without BIND listen here, on the command line and in the store alike.
 DEFAULT_BIND = "127.0.0.1"
@@ -82,6 +100,8 @@ class ServerCluster:
         self.audit = audit
         self.clock = clock
         self.drain_timeout = drain_timeout
+        self.dead_timeout = dead_timeout
+        self.drains = DrainLedger()
         self.records: tuple[RouteRecord, ...] = ()
         self.problems: dict[str, str] = {}
         self.listeners = RouteListeners(
@@ -95,6 +115,8 @@ class ServerCluster:
             clock,
             run=run if run is not None else WorkerThread(clock),
             on_routes=self._routes_changed,
+            on_drains=self._drains_read,
+            on_view=self._view_read,
         )
 
     # -- following the store
@@ -116,6 +138,42 @@ class ServerCluster:
                 self.log.warn("route {id} from the store is left out: {problem}", id=rid, problem=problem)
         self.problems = dict(wanted.problems)
         return self.listeners.apply(wanted.routes)
+
+    def _view_read(self, view: ClusterView) -> None:
+        """A fresh view: rank this server's tunnels by their agents' load on the whole cluster."""
+        self.registry.remote_load = remote_load(self.me, view.tunnels)
+
+    def _drains_read(self, requests: Sequence[DrainRequest]) -> None:
+        """
+        The live drain requests (every poll): drain our tunnel of each agent
+        asked, once per request.  The tunnel is held, taking no new stream,
+        for the whole drain timeout, even once its open streams have ended,
+        and only then closed: NOVAC takes a GOAWAY SHUTDOWN for a restart and
+        registers again about a second after its tunnel closes, and its new
+        tunnel is not drained (one-shot).  Closing an idle tunnel at once, as
+        a shutdown does, would put the agent back in rotation within a
+        second of the request; held, it stays out for the drain timeout.
+        """
+        for request, tunnel in self.drains.due(requests, self._held, self.clock.seconds()):
+            self.log.info(
+                "agent {agent} drained by {who} (asked through {server}): GOAWAY sent;"
+                " no new streams for {timeout}s, its open streams have as long",
+                agent=request.agent,
+                who=request.requested_by,
+                server=request.server,
+                timeout=self.drain_timeout,
+            )
+            tunnel.send_goaway(ErrorCode.SHUTDOWN, "drained by the administrator")
+            self.clock.callLater(self.drain_timeout, self._drain_over, tunnel)
+
+    def _drain_over(self, tunnel: Drainable) -> None:
+        """The drain timeout has passed: close the tunnel (cutting streams still open), so the agent registers anew."""
+        if tunnel.registered:
+            tunnel.drain(0.0, ErrorCode.SHUTDOWN, "the drain is over: register again")
+
+    def _held(self, agent: str) -> Drainable | None:
+        tunnel = self.registry.get(agent)
+        return tunnel if isinstance(tunnel, Drainable) and tunnel.registered else None
 
     # -- the views (ClusterControl)
 
@@ -272,26 +330,55 @@ class ServerCluster:
             )
         return failure
 
-    def drain(self, agent: str, who: str) -> dict[str, Any]:
-        tunnel = self.registry.get(agent)
-        if isinstance(tunnel, ServerTunnel) and tunnel.registered:
-            if not tunnel.draining:
-                self.audit.tunnel_drained(agent, who)
-                self.log.info(
-                    "agent {agent} drained by {who}: GOAWAY sent; its open streams have {timeout}s",
-                    agent=agent,
-                    who=who,
-                    timeout=self.drain_timeout,
+    def drain(self, agent: str, who: str) -> Deferred[dict[str, Any]]:
+        """
+        Record a drain request in the store for every member (each applies
+        it at its next poll, within about 2 s), and apply it here at once.
+        404 when no member holds the agent; 503 when the store cannot be
+        reached, and then nothing is drained, here either: the answer
+        means what it says, and the request can be made again.
+        """
+        holders = self._holders(agent)
+        if not holders:
+            return fail(NotFound(f"no agent {agent[:64]!r} in the cluster"))
+        now = self.clock.seconds()
+        request = DrainRequest(
+            f"d-{secrets.token_hex(6)}", agent, who, now, self.me, now + self.drain_timeout + self.dead_timeout
+        )
+        d = self.membership.change(lambda store: store.add_drain(request))
+
+        def recorded(_: None) -> dict[str, Any]:
+            self._drains_read([request])  # here at once (unless the poll after the change was quicker)
+            self.audit.tunnel_drained(agent, who)
+            return {
+                "agent": agent,
+                "server": self.me,
+                "servers": holders,
+                "status": "draining",
+                "request": {
+                    "id": request.id,
+                    "requested_by": who,
+                    "requested_at": request.requested_at,
+                    "expires": request.expires,
+                },
+            }
+
+        def refused(failure: Failure) -> Failure:
+            if isinstance(failure.value, ClusterStoreError):
+                raise Unavailable(
+                    f"the cluster store ({self.store_name}) cannot be reached, so the drain cannot be recorded"
+                    f" for the other members; nothing was drained: {failure.getErrorMessage()}"
                 )
-                tunnel.drain(self.drain_timeout, ErrorCode.SHUTDOWN, "drained by the administrator")
-            return {"agent": agent, "server": self.me, "status": "draining"}
-        elsewhere = sorted({t.server for t in self.membership.view().tunnels if t.agent == agent})
-        if elsewhere:
-            raise Conflict(
-                f"agent {agent[:64]!r} is held by server(s) {', '.join(elsewhere)}, not {self.me}:"
-                " ask that server's admin API"
-            )
-        raise NotFound(f"no agent {agent[:64]!r} in the cluster")
+            return failure
+
+        return d.addCallbacks(recorded, refused)
+
+    def _holders(self, agent: str) -> list[str]:
+        """The members that hold a tunnel of C{agent}: this one (live) and the others (as of the view)."""
+        holders = {t.server for t in self.membership.view().tunnels if t.agent == agent}
+        if self._held(agent) is not None:
+            holders.add(self.me)
+        return sorted(holders)
 
 
 def _remote(t: TunnelRecord) -> dict[str, Any]:

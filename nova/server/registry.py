@@ -4,13 +4,14 @@ The registered tunnels, by agent name, and the choice of one for a stream.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from typing import Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from nova.rules.routes import Selector
+from nova.rules.selection import LeastLoaded
 from nova.transport.stream import StreamTransport
 
 from .early import EarlyData
@@ -33,7 +34,10 @@ class Registry:
 
     def __init__(self) -> None:
         self._by_name: dict[str, Registered] = {}
-        self._turn = 0
+        self._chooser = LeastLoaded()
+        # Each agent's streams on the other members of the cluster, as of
+        # their last heartbeat (nova.server.cluster keeps it up to date).
+        self.remote_load: Mapping[str, int] = {}
         # Opens waiting for a fresh tunnel (see next_registration).
         self._waiters: list[Deferred[None]] = []
 
@@ -86,19 +90,7 @@ class Registry:
     def choose(self, selector: Selector, exclude: Collection[Registered] = ()) -> Registered | None:
         """
         The matching agent, not draining and not in C{exclude}, with the
-        fewest active streams; ties are broken round robin.
+        fewest streams on the whole cluster (live here, plus
+        L{remote_load}); ties are broken round robin.
         """
-        best: list[Registered] = []
-        fewest = 0
-        for t in self._by_name.values():
-            if t.draining or t in exclude or not selector.matches(t.name, t.tags):
-                continue
-            n = t.open_streams()
-            if not best or n < fewest:
-                best, fewest = [t], n
-            elif n == fewest:
-                best.append(t)
-        if not best:
-            return None
-        self._turn += 1
-        return best[self._turn % len(best)]
+        return self._chooser.choose(selector, self._by_name.values(), self.remote_load, exclude)
