@@ -525,7 +525,6 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"
 
 
-
 async def check(reactor: Any, config: AgentConfig, out: TextIO) -> int:
     """Check every server; print the reports; return the exit status."""
     names, note = check_names(config)
