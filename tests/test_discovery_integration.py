@@ -1,10 +1,12 @@
 """
 Discovery with real processes (docs/cluster.md, "Discovery"): three NOVAS
-that name each other as members (through the test-only members file, until
-the cluster wiring does it) behind a small round-robin TCP balancer written
-here, one NOVAC whose only server is the balancer.  And version 1 both ways:
-a raw version-1 agent (tests/rawagent.py) against NOVAS, NOVAC against a raw
-version-1 server.
+that form a real cluster (one PostgreSQL, a short cluster dead timeout)
+behind a small round-robin TCP balancer (tests/processes.Relay), one NOVAC
+whose only server is the balancer: it reaches every member, closes
+duplicates, stops dialling when it holds them all, and follows the
+cluster's membership as a member dies and comes back.  And version 1 both
+ways: a raw version-1 agent (tests/rawagent.py) against NOVAS, NOVAC
+against a raw version-1 server.
 """
 
 from __future__ import annotations
@@ -40,32 +42,60 @@ from .rawagent import RawAgent
 
 pytestmark = pytest.mark.integration
 
+IDS = ("novas-a", "novas-b", "novas-c")
 
-def registered_on(server: Proc, name: str) -> bool:
+
+def held_by(server: Proc, sid: str, name: str = "agent-1") -> list[dict[str, object]]:
+    """The tunnels of C{name} that C{server} (member C{sid}) holds itself (the API lists the cluster's)."""
     try:
-        return any(t["name"] == name for t in tunnels(server))
+        return [t for t in tunnels(server) if t["name"] == name and t.get("server", sid) == sid]
     except OSError:
-        return False
+        return []
 
 
-def test_one_agent_reaches_every_server_behind_the_balancer(tmp_path: Path) -> None:
-    ids = ["novas-a", "novas-b", "novas-c"]
-    members = {sid: tmp_path / f"{sid}.members" for sid in ids}
-    for sid, path in members.items():
-        path.write_text("\n".join([sid, *ids]) + "\n")
+class Cluster:
+    """Members of one cluster on a PostgreSQL, each with a route to C{echo}; a member can die and come back."""
+
+    def __init__(self, stack: ExitStack, tmp: Path, postgres: Postgres, echo: int) -> None:
+        self.stack, self.tmp, self.postgres, self.echo = stack, tmp, postgres, echo
+        self.servers: dict[str, Proc] = {}
+        self.ports: dict[str, int] = {}
+        self.routes: dict[str, int] = {}
+        self._stops: dict[str, ExitStack] = {}
+
+    def start(self, sid: str) -> None:
+        home = self.tmp / sid
+        first = self.tmp / IDS[0] / "state" / "tls"
+        if sid != IDS[0] and not (home / "state" / "tls").exists():
+            shutil.copytree(first, home / "state" / "tls")  # one certificate, as behind a real balancer
+        home.mkdir(exist_ok=True)
+        self.routes.setdefault(sid, free_port())
+        env = {
+            "NOVAS_AUDIT_DB": self.postgres.dsn,
+            "NOVAS_SERVER_ID": sid,
+            "NOVAS_ADVERTISE_ADDRESS": f"{sid}.test:9022",
+            "NOVAS_CLUSTER_DEAD_TIMEOUT": "3",
+        }
+        own = ExitStack()
+        self.servers[sid], self.ports[sid] = own.enter_context(
+            novas(home, [f"{self.routes[sid]}:127.0.0.1:{self.echo}"], env)
+        )
+        self._stops[sid] = own
+        self.stack.callback(own.close)
+
+    def kill(self, sid: str) -> None:
+        self.servers[sid].proc.kill()
+        self.servers[sid].proc.wait()
+        self._stops.pop(sid).close()
+
+
+def test_one_agent_reaches_every_member_behind_the_balancer(tmp_path: Path, postgres: Postgres) -> None:
     with ExitStack() as stack:
-        echo = stack.enter_context(target("echo"))
-        servers: dict[str, Proc] = {}
-        ports: dict[str, int] = {}
-        routes: dict[str, int] = {}
-        for sid in ids:
-            state = tmp_path / sid
-            if servers:  # one certificate for the cluster, as behind a real balancer
-                shutil.copytree(tmp_path / ids[0] / "tls", state / "tls")
-            routes[sid] = free_port()
-            env = {"NOVAS_STATE_DIR": str(state), "NOVA_TEST_MEMBERS_FILE": str(members[sid])}
-            servers[sid], ports[sid] = stack.enter_context(novas(tmp_path, [f"{routes[sid]}:127.0.0.1:{echo}"], env))
-        a, b, c = (ports[sid] for sid in ids)
+        cluster = Cluster(stack, tmp_path, postgres, stack.enter_context(target("echo")))
+        for sid in IDS:
+            cluster.start(sid)
+        servers, ports = cluster.servers, cluster.ports
+        a, b, c = (ports[sid] for sid in IDS)
         balancer = Relay([a, a, b, b, c])  # every server is met twice in a row: duplicates
         stack.callback(balancer.close)
         env = {
@@ -76,14 +106,15 @@ def test_one_agent_reaches_every_server_behind_the_balancer(tmp_path: Path) -> N
         }
         agent = stack.enter_context(novac(tmp_path, env))
 
-        # Registered on every server, through the one address.
-        wait_for(lambda: all(registered_on(s, "agent-1") for s in servers.values()), 60, "the agent on every server")
+        # Registered on every member, through the one address (the members
+        # came from the cluster's view: nothing else names them).
+        wait_for(lambda: all(held_by(servers[sid], sid) for sid in IDS), 60, "the agent on every server")
         assert "already holds a tunnel of agent-1" in agent.text()  # the duplicates were closed
-        for sid in ids:
-            [t] = [t for t in tunnels(servers[sid]) if t["name"] == "agent-1"]
+        for sid in IDS:
+            [t] = held_by(servers[sid], sid)
             assert t["negotiated_version"] == 2
             payload = sid.encode() * 1000
-            assert echo_roundtrip(routes[sid], payload) == payload
+            assert echo_roundtrip(cluster.routes[sid], payload) == payload
 
         # Satisfied: the agent stops dialling.
         settled = balancer.connections
@@ -91,8 +122,7 @@ def test_one_agent_reaches_every_server_behind_the_balancer(tmp_path: Path) -> N
         assert balancer.connections == settled
 
         # novas-c is killed; the balancer's health check takes it out.
-        servers["novas-c"].proc.kill()
-        servers["novas-c"].proc.wait()
+        cluster.kill("novas-c")
         balancer.down.add(c)
         wait_for(
             lambda: any("closed" in line and "(server novas-c)" in line for line in agent.text().splitlines()),
@@ -100,15 +130,24 @@ def test_one_agent_reaches_every_server_behind_the_balancer(tmp_path: Path) -> N
             "the agent's tunnel to novas-c to close",
         )
         wait_for(lambda: balancer.connections > settled + 1, 30, "the agent dialling for novas-c")
-        # The survivors' cluster view drops it: MEMBERS, and the agent stops.
-        for sid in ("novas-a", "novas-b"):
-            members[sid].write_text(f"{sid}\nnovas-a\nnovas-b\n")
-        agent.wait_log("names 2 member(s)")
+        # Its rows expire (the dead timeout): the survivors stop naming it, and the agent stops dialling.
+        agent.wait_log("names 2 member(s)", timeout=60)
         time.sleep(3)  # a dial that was already scheduled may still happen
         stopped = balancer.connections
-        time.sleep(6)
+        time.sleep(6)  # a negative check: no more dials
         assert balancer.connections == stopped
-        assert registered_on(servers["novas-a"], "agent-1") and registered_on(servers["novas-b"], "agent-1")
+        assert held_by(servers["novas-a"], "novas-a") and held_by(servers["novas-b"], "novas-b")
+
+        # novas-c comes back (a new port, as a replaced pod): once the
+        # survivors name it again the agent dials for it, and reaches it.
+        cluster.start("novas-c")
+        balancer.order = [cluster.ports["novas-c"] if p == c else p for p in balancer.order]
+        wait_for(lambda: bool(held_by(servers["novas-c"], "novas-c")), 60, "the agent back on novas-c")
+        assert "for member(s) novas-c (newly named)" in agent.text()
+        payload = b"back" * 1000
+        assert echo_roundtrip(cluster.routes["novas-c"], payload) == payload
+        for sid in IDS:
+            assert len(held_by(servers[sid], sid)) == 1  # one tunnel per member, no leftover duplicate
 
 
 def test_a_version_1_agent_registers_with_a_version_2_server(tmp_path: Path) -> None:
@@ -204,41 +243,3 @@ def test_novac_registers_with_a_version_1_server(tmp_path: Path) -> None:
             time.sleep(3)  # keepalives go back and forth; a single tunnel, no discovery dials
             assert seen == ["AUTH version 1"], seen
             assert "dialling 127.0.0.1" not in agent.text()  # a cluster of one: no discovery dials
-
-
-def test_a_postgresql_cluster_names_its_members_to_the_agent(tmp_path: Path, postgres: Postgres) -> None:
-    """The real membership view, not the test hook: two NOVAS on one PostgreSQL behind the balancer."""
-    with ExitStack() as stack:
-        servers: dict[str, Proc] = {}
-        ports: dict[str, int] = {}
-        for sid in ("novas-a", "novas-b"):
-            home = tmp_path / sid
-            if servers:
-                shutil.copytree(tmp_path / "novas-a" / "state" / "tls", home / "state" / "tls")
-            env = {
-                "NOVAS_AUDIT_DB": postgres.dsn,
-                "NOVAS_SERVER_ID": sid,
-                "NOVAS_ADVERTISE_ADDRESS": f"{sid}.test:9022",
-                "NOVAS_CLUSTER_DEAD_TIMEOUT": "3",
-            }
-            home.mkdir(exist_ok=True)
-            servers[sid], ports[sid] = stack.enter_context(novas(home, [], env))
-        balancer = Relay([ports["novas-a"], ports["novas-b"]])
-        stack.callback(balancer.close)
-        env = {
-            "NOVAC_SERVER": f"127.0.0.1:{balancer.port}",
-            "NOVAC_TLS_FINGERPRINT": fingerprint(servers["novas-a"]),
-            "NOVAC_RECONNECT_INITIAL": "0.5",
-            "NOVAC_RECONNECT_MAX": "2",
-        }
-        agent = stack.enter_context(novac(tmp_path, env))
-        wait_for(lambda: all(registered_on(s, "agent-1") for s in servers.values()), 60, "the agent on both servers")
-        # novas-b is killed; once its rows expire, novas-a stops naming it.
-        servers["novas-b"].proc.kill()
-        servers["novas-b"].proc.wait()
-        balancer.down.add(ports["novas-b"])
-        agent.wait_log("names 1 member(s): novas-a", timeout=60)
-        time.sleep(3)  # a dial that was already scheduled may still happen
-        stopped = balancer.connections
-        time.sleep(6)  # a negative check: no more dials
-        assert balancer.connections == stopped

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from nova.wire.errors import ErrorCode
 
-from .pool import PoolState, discovery_delay
+from .pool import PoolState, discovery_delay, member_added_delay
 from .reconnect import Backoff, NotingEndpoint
 from .tunnel import AgentContext, AgentTunnel, AgentTunnelFactory
 
@@ -47,7 +47,7 @@ class AgentPool(Service):
         # Pools do not share what they hold: a server id names a member only
         # within the cluster behind one address (two independent servers, or
         # two clusters, may use the same ids: host names, pod names).
-        self.state = PoolState(clock, self, self._delay)
+        self.state = PoolState(clock, self, self._delay, self._added_delay)
         self.state.on_replace = self._close_stalled
         self.factory = AgentTunnelFactory(context, label, backoff, self.state)
         self._connecting: Deferred[IProtocol] | None = None
@@ -116,6 +116,16 @@ class AgentPool(Service):
                 attempt=self.backoff.attempts,
                 delay=delay,
             )
+        return delay
+
+    def _added_delay(self) -> float:
+        delay = member_added_delay(self.backoff.cap, self.backoff.jitter)
+        log.info(
+            "dialling {server} in {delay:.1f}s for member(s) {missing} (newly named)",
+            server=self.label,
+            delay=delay,
+            missing=", ".join(sorted(self.state.core.missing())),
+        )
         return delay
 
     # What the tunnels report goes to the state (nova.agent.tunnel calls it);

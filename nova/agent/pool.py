@@ -36,8 +36,12 @@ most as many tunnels as members plus the one attempt; a timer only while
 something is missing; nothing dialled once stopped.  The wait before a dial
 is the reconnect policy's (L{nova.agent.reconnect.Backoff}: jittered,
 exponential, reset by a registration), so a single server behaves as with
-one reconnecting tunnel, and a balancer that keeps landing the agent on
-members it holds is asked less and less often.
+one reconnecting tunnel; after landings on members already held it is
+L{discovery_delay}'s, which grows more slowly, so a balancer that keeps
+landing the agent there is still asked less and less often.  A member
+named for the first time (MEMBERS: it joined, or came back) is dialled for
+after L{member_added_delay}, a short uniform spread, whatever the wait had
+grown to.
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ class Pool(Protocol):
         "No more dials."
 
     def member_added(self) -> None:
-        "A member not named before was named: a wait grown on duplicates starts afresh."
+        "A member not named before, and not held, was named: dial for it after a short spread."
 
 
 @dataclass
@@ -90,6 +94,7 @@ class PoolCore:
     clock: IReactorTime
     hooks: PoolHooks
     delay: Callable[[], float]  # the wait before the next dial (the reconnect policy)
+    added_delay: Callable[[], float]  # the wait before dialling for a member just named (member_added_delay)
     members: frozenset[str] = frozenset()
     held: dict[str, object] = field(default_factory=dict)  # member id -> its tunnel
     timer: IDelayedCall | None = None
@@ -102,9 +107,9 @@ class PoolCore:
     def wanted(self) -> bool:
         return not self.held or bool(self.missing())
 
-    def schedule(self) -> None:
+    def schedule(self, delay: Callable[[], float] | None = None) -> None:
         assert self.dial_due is not None
-        self.timer = self.clock.callLater(self.delay(), self.dial_due)
+        self.timer = self.clock.callLater((delay or self.delay)(), self.dial_due)
 
     def cancel_timer(self) -> None:
         if self.timer is not None and self.timer.active():
@@ -137,12 +142,14 @@ def _wait(pool: Pool, core: PoolCore) -> None:
     core.schedule()
 
 
+@Idle.upon(Pool.member_added).to(Waiting)
 @Waiting.upon(Pool.member_added).to(Waiting)
 def _wait_afresh(pool: Pool, core: PoolCore) -> None:
     # A member joined (or came back): the balancer now has somewhere new to
-    # send the agent, so the wait grown on landings elsewhere is dropped.
+    # send the agent, so the wait grown on landings elsewhere is dropped for
+    # a short spread (every agent hears MEMBERS within the same seconds).
     core.cancel_timer()
-    core.schedule()
+    core.schedule(core.added_delay)
 
 
 @Waiting.upon(Pool.satisfied).to(Idle)
@@ -185,7 +192,6 @@ def _stop_dialing(pool: Pool, core: PoolCore) -> None:
 @Stopped.upon(Pool.attempt_ended).loop()
 @Stopped.upon(Pool.stop).loop()
 @New.upon(Pool.member_added).loop()
-@Idle.upon(Pool.member_added).loop()
 @Dialing.upon(Pool.member_added).loop()
 @Stopped.upon(Pool.member_added).loop()
 @New.upon(Pool.dial_due).loop()
@@ -208,6 +214,23 @@ def new_pool(core: PoolCore) -> Pool:
     return pool
 
 
+# How much the wait after landings on members already held grows per round
+# of M landings (M members named).  Doubling, as after failures, left one
+# agent in a thousand waiting 30 s per dial minutes after a member joined
+# (bench/RESULTS.md, "Cluster"); at 1.2 a run of duplicates still reaches
+# the cap (a sticky balancer: after about 6 minutes and 57 dials), and
+# even at the longest jitter the first minute holds eight rounds of dials
+# (with three members, 24: an agent that misses the one it lacks 24 times
+# in a row through a round-robin balancer is one in 17,000).
+DUPLICATE_GROWTH = 1.2
+
+# The spread of the first dial for a member just named, in seconds: MEMBERS
+# reaches every agent within the same few seconds, so the dials for the new
+# member are spread uniformly over this long (1,000 agents: 200 dials a
+# second) rather than all made at once, and none waits longer.
+MEMBER_ADDED_SPREAD = 5.0
+
+
 def discovery_delay(initial: float, cap: float, duplicates: int, members: int, random: Callable[[], float]) -> float:
     """
     The wait before dialling the balancer again after C{duplicates} attempts
@@ -215,15 +238,26 @@ def discovery_delay(initial: float, cap: float, duplicates: int, members: int, r
 
     A duplicate is the balancer's luck, not a failure: with round robin (or a
     flow hash) and M members, a missing member is reached within about M
-    dials.  So the wait doubles once per round of M duplicates, not once per
-    duplicate (which left the last of 1,000 agents minutes away from a new
-    member: bench/RESULTS.md, "Cluster"), and still reaches C{cap}, so a
-    sticky balancer, which never reaches another member, is asked at the
-    usual slow rate.  Jittered in [1/2, 1] of the ceiling, never zero.
+    dials.  So the wait grows by L{DUPLICATE_GROWTH} once per round of M
+    duplicates, not twofold per duplicate (which left the last of 1,000
+    agents minutes away from a new member: bench/RESULTS.md, "Cluster"), and
+    still reaches C{cap}, so a sticky balancer, which never reaches another
+    member, is asked at the usual slow rate in the end.  Jittered in
+    [1/2, 1] of the ceiling, never zero.
     """
     level = duplicates // max(1, members)
-    ceiling = min(cap, initial * 2.0 ** min(level, 64))
+    ceiling = min(cap, initial * DUPLICATE_GROWTH ** min(level, 512))
     return ceiling * (0.5 + 0.5 * random())
+
+
+def member_added_delay(cap: float, random: Callable[[], float]) -> float:
+    """
+    The wait before dialling for a member MEMBERS named for the first time
+    (it joined, or came back): uniform over L{MEMBER_ADDED_SPREAD} (or
+    C{cap}, if shorter), whatever the wait had grown to on duplicates while
+    it was away.
+    """
+    return min(MEMBER_ADDED_SPREAD, cap) * random()
 
 
 class PoolState:
@@ -233,8 +267,14 @@ class PoolState:
     which also carries out the hooks).  No I/O.
     """
 
-    def __init__(self, clock: IReactorTime, hooks: PoolHooks, delay: Callable[[], float]) -> None:
-        self.core = PoolCore(clock, hooks, delay)
+    def __init__(
+        self,
+        clock: IReactorTime,
+        hooks: PoolHooks,
+        delay: Callable[[], float],
+        added_delay: Callable[[], float] | None = None,
+    ) -> None:
+        self.core = PoolCore(clock, hooks, delay, added_delay or delay)
         self.machine = new_pool(self.core)
         self.attempt: object | None = None  # the tunnel of the attempt in flight, once connected
         self.stalled: dict[str, object] = {}  # member id -> its stalled tunnel (no longer held)
@@ -335,14 +375,11 @@ class PoolState:
     def members_changed(self, members: Iterable[str]) -> None:
         """A held tunnel's server sent MEMBERS."""
         named = frozenset(members)
-        added = named - self.core.members
+        added = named - self.core.members - self.core.held.keys()
         self.core.members = named
         if added:
             self.duplicates_in_a_row = 0
-            self._decide()
             self.machine.member_added()
-            self.core.check_invariants()
-            return
         self._decide()
 
     def closed(self, tunnel: object) -> None:

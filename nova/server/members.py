@@ -11,7 +11,7 @@ version-2 tunnel is sent MEMBERS only when its list changed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 
 from twisted.application.internet import TimerService
 from twisted.logger import Logger
@@ -84,52 +84,6 @@ def announce_members(tunnels: Iterable[object], provider: MembersProvider) -> in
             send(ids)
             n += 1
     return n
-
-
-# A hidden hook for tests only (tests/test_discovery_integration.py), until
-# the cluster wiring (issue 16, the cluster-server side) feeds nova/cluster's
-# membership view to ServerContext.members: the file this variable names holds
-# this server's id on its first line and the member ids on the next ones; it
-# is read again every second and a change is announced.  Not a setting, and
-# not for operators.
-TEST_MEMBERS_FILE = "NOVA_TEST_MEMBERS_FILE"
-
-
-class MembersFile:
-    """The test hook's provider: the file's last readable content."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.own = ""
-        self.ids: tuple[str, ...] = ()
-        self.read()
-
-    def read(self) -> None:
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                lines = [line.strip() for line in f if line.strip()]
-        except OSError:
-            return
-        if lines:
-            self.own, self.ids = lines[0], tuple(lines[1:])
-
-    def __call__(self) -> tuple[str, tuple[str, ...]]:
-        return self.own, self.ids
-
-    def service(self, tunnels: Iterable[object]) -> TimerService:
-        """Re-read the file every second and announce what changed to C{tunnels}."""
-
-        def tick() -> None:
-            self.read()
-            announce_members(tunnels, self)
-
-        return TimerService(1.0, tick)
-
-
-def members_test_hook(environ: Mapping[str, str]) -> MembersFile | None:
-    """The test hook's provider if C{environ} asks for it (see L{TEST_MEMBERS_FILE})."""
-    path = environ.get(TEST_MEMBERS_FILE)
-    return MembersFile(path) if path else None
 
 
 # How often the members are compared with what each version-2 agent was

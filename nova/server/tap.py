@@ -4,7 +4,6 @@ C{twist novas}: build the server's service tree from its options.
 
 from __future__ import annotations
 
-import os
 import signal
 
 from twisted.application.service import IService, MultiService
@@ -29,7 +28,7 @@ from nova.wire.errors import ErrorCode
 
 from .cluster import ServerCluster
 from .listener import RouteFactory
-from .members import announcer, cluster_members, members_test_hook
+from .members import announcer, cluster_members
 from .options import LABEL, Options, ServerConfig, load_tokens
 from .socks import SocksFactory
 from .tunnel import ServerTunnel, ServerTunnelFactory
@@ -58,16 +57,11 @@ class NovasService(MultiService):
             retention=config.audit_retention_days * 86400,
             on_dropped=self.metrics.audit_dropped.inc,
         )
-        members_hook = members_test_hook(os.environ)  # tests only (nova.server.members)
         self.context = server_context(
             config,
             reactor,  # type: ignore[arg-type]  # the reactor is every IReactor* at once
             Audit(self.store, self.metrics, server=config.server_id),
-            server_id=members_hook.own if members_hook is not None else None,
-            members=members_hook,
         )
-        if members_hook is not None:
-            members_hook.service(self.context.registry).setServiceParent(self)
         self.metrics.watch_routes(self.route_agents)
         self.reactor = reactor
         self._fingerprint_note: str | None = None
@@ -99,11 +93,10 @@ class NovasService(MultiService):
         # way out.  The membership is started by hand once the command-line
         # routes are known to listen (a server that cannot start never joins).
         self.cluster.listeners.setServiceParent(self)  # type: ignore[no-untyped-call]
-        if members_hook is None:
-            # Version-2 agents learn the cluster's members (docs/cluster.md, "Discovery").
-            view = self.cluster.membership.view
-            self.context.members = cluster_members(config.server_id, lambda: [s.id for s in view().servers])
-            announcer(self.context.registry, self.context.members).setServiceParent(self)
+        # Version-2 agents learn the cluster's members (docs/cluster.md, "Discovery").
+        view = self.cluster.membership.view
+        self.context.members = cluster_members(config.server_id, lambda: [s.id for s in view().servers])
+        announcer(self.context.registry, self.context.members).setServiceParent(self)
         self.admin_listener: ListenerService | None = None
         if config.admin_port is not None:
             admin = admin_resource(

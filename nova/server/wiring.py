@@ -12,7 +12,6 @@ from twisted.internet.interfaces import IReactorTime
 from nova.admin.audit import Audit
 from nova.rules.admission import TokenSet
 
-from .members import MembersProvider
 from .options import ServerConfig
 from .tunnel import ServerContext
 
@@ -21,11 +20,8 @@ def server_context(
     config: ServerConfig,
     clock: IReactorTime,
     audit: Audit,
-    *,
-    server_id: str | None = None,
-    members: MembersProvider | None = None,
 ) -> ServerContext:
-    """The context of the server's tunnels; C{server_id} overrides the configuration's."""
+    """The context of the server's tunnels (the members provider is set once the cluster is built)."""
     return ServerContext(
         token=None,
         tokens=TokenSet(config.tokens),
@@ -34,9 +30,8 @@ def server_context(
         window=config.window,
         max_window=config.max_window,
         timing=config.timing(),
-        server_id=config.server_id if server_id is None else server_id,
+        server_id=config.server_id,
         limits=config.limits,
         client_ca=config.client_ca is not None,
         audit=audit,
-        members=members,
     )
