@@ -33,6 +33,7 @@ from twisted.trial.unittest import TestCase
 from nova.mux.core import MAX_QUEUED_REPLIES
 from nova.tls import certificate_fingerprint, server_options
 from nova.transport import fastpath
+from nova.transport.outbound import TUNNEL_READ
 from nova.wire.codec import FrameDecoder
 from nova.wire.errors import ProtocolError
 from nova.wire.frames import Auth, Hello, Ping, Welcome, encode
@@ -403,6 +404,7 @@ class PauseOnRealTLSTests(TestCase):
         tunnel = tunnels[0]
         assert tunnel.mux is not None and tunnel._writer is not None
         self.assertEqual(tunnel._writer.raw_tls, raw)
+        self.check_socket(tunnel, raw)
         # The records of the read already in progress when the pause began are
         # still decoded (at most one read's worth, far below the bound): let
         # them land before taking the count.
@@ -417,6 +419,21 @@ class PauseOnRealTLSTests(TestCase):
         self.assertLess(held, MAX_QUEUED_REPLIES)
         conn.close()
         yield deferToThread(flooder.join, 40)
+
+    def check_socket(self, tunnel: Bare, raw: bool) -> None:
+        """
+        The tunnel's socket as the tunnel set it up (on the raw path, the
+        one that reaches the socket): a short unsent queue in the kernel,
+        and reads of TUNNEL_READ (the bound checked here counts on it).
+        """
+        if not raw:
+            return
+        assert tunnel._writer is not None
+        bottom = tunnel._writer.tcp
+        assert bottom is not None
+        self.assertEqual(bottom.bufferSize, TUNNEL_READ)
+        lowat = bottom.socket.getsockopt(socket.IPPROTO_TCP, fastpath.TCP_NOTSENT_LOWAT)
+        self.assertEqual(lowat, fastpath.NOTSENT_LOWAT)
 
     def test_raw_tls_receive_path(self) -> Deferred[None]:
         return self.check(raw=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sys
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -17,7 +19,7 @@ from nova.mux.inbound import InboundDelivery, ReadBatches
 from nova.transport.tunnel import TunnelProtocol
 from nova.wire.codec import FrameDecoder
 from nova.wire.errors import ErrorCode
-from nova.wire.frames import OpenOk
+from nova.wire.frames import Data, OpenOk, encode
 
 from .contexts import AGENT_CONFIG
 
@@ -130,6 +132,57 @@ class DeliveryTests(SynchronousTestCase):
         self.assertEqual(sorted(self.log), [(a, "data"), (b, "data")])
         self.assertEqual(self.hooks.reads_ended, 1)
         self.assertEqual(self.inbound.bytes_received, 80_000)
+        self.inbound._check_invariants()
+
+    def test_in_a_batch_the_stream_that_received_least_is_told_first(self) -> None:
+        """
+        A request that arrived behind a bulk transfer's data in the same read
+        reaches its stream first, so its local connection gets it before the
+        bulk data is written out.
+        """
+        bulk, request = self.sids
+        self.server.send(bulk, b"x" * 100_000)
+        ahead = wire(self.server)
+        self.server.send(request, b"*2\r\n$3\r\nGET\r\n$3\r\nkey\r\n")
+        self.inbound.begin_read()
+        self.feed(ahead + wire(self.server))
+        self.inbound.end_read()
+        self.assertEqual(self.log, [(request, "data"), (bulk, "data")])
+        self.assertEqual(self.agent.inbox_bytes(bulk), 100_000)  # nothing lost or taken on the way
+        self.inbound._check_invariants()
+
+    def test_streams_that_received_as_much_are_told_in_order_of_arrival(self) -> None:
+        a, b = self.sids
+        self.inbound.begin_read()
+        self.feed(b"".join(bytes(x) for x in encode(Data(b, b"y" * 10)) + encode(Data(a, b"x" * 10))))
+        self.inbound.end_read()
+        self.assertEqual(self.log, [(b, "data"), (a, "data")])
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 20_000)), max_size=20))
+    def test_a_batch_tells_each_stream_once_fewest_bytes_first(self, writes: list[tuple[int, int]]) -> None:
+        """Invariant 5 of InboundDelivery, on any DATA frames in any order within one read."""
+        self.setUp()  # Hypothesis runs the examples in one test case: start each one afresh
+        sids = list(self.sids)
+        for _ in range(2):
+            sid = self.server.open("db", 5432)
+            self.feed(wire(self.server))
+            self.agent.accept(sid)
+            self.server.receive(OpenOk(sid))
+            self.streams[sid] = Stream(sid, self.log)
+            sids.append(sid)
+        self.hooks.events.clear()
+        data = b"".join(bytes(x) for i, n in writes for x in encode(Data(sids[i], b"d" * n)))
+        received: dict[int, int] = {}
+        for i, n in writes:
+            received[sids[i]] = received.get(sids[i], 0) + n
+        self.inbound.begin_read()
+        self.feed(data)
+        self.inbound._check_invariants(in_batch=True)
+        self.assertEqual(self.log, [])
+        self.inbound.end_read()
+        expected = sorted(received, key=received.__getitem__)  # stable: ties in order of arrival
+        self.assertEqual(self.log, [(sid, "data") for sid in expected])
         self.inbound._check_invariants()
 
     def test_data_reaches_its_stream_before_the_fin_behind_it(self) -> None:

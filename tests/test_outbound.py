@@ -14,7 +14,15 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from nova.mux.core import Buffer, Multiplexer, Role
-from nova.transport.outbound import ACTIVE_WINDOW, QUANTUM, QUIET, RECOUNT_EVERY, SHARED_QUANTUM, OutboundScheduler
+from nova.transport.outbound import (
+    ACTIVE_WINDOW,
+    QUANTUM,
+    QUIET,
+    RECOUNT_EVERY,
+    SHARED_QUANTUM,
+    TUNNEL_READ,
+    OutboundScheduler,
+)
 from nova.wire.errors import ErrorCode
 from nova.wire.frames import OpenOk
 
@@ -82,6 +90,12 @@ def scheduler(clock: Clock, streams: int = 2) -> tuple[OutboundScheduler, Multip
     return out, mux, table, writer
 
 
+class ReadSize:
+    """The tunnel's TCP connection, as far as its read size goes (as the tunnel set it up)."""
+
+    bufferSize = TUNNEL_READ
+
+
 class QuantumTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
@@ -101,6 +115,20 @@ class QuantumTests(SynchronousTestCase):
         # b falls silent: once it has been quiet for ACTIVE_WINDOW, a alone is active.
         self.clock.advance(ACTIVE_WINDOW + RECOUNT_EVERY)
         self.assertEqual(self.out.note_active(self.a, self.clock.seconds()), QUANTUM)
+        self.out._check_invariants()
+
+    def test_the_tunnel_reads_as_much_while_streams_share_it(self) -> None:
+        """
+        The tunnel's own read size stays TUNNEL_READ when the quantum
+        shrinks, so a request queued behind a bulk stream's data is found
+        within two reads rather than one per shared quantum of bulk data.
+        """
+        tcp = ReadSize()
+        self.writer.tcp = tcp  # type: ignore[assignment]
+        self.out.note_active(self.a, self.clock.seconds())
+        self.clock.advance(RECOUNT_EVERY)
+        self.assertEqual(self.out.note_active(self.b, self.clock.seconds()), SHARED_QUANTUM)
+        self.assertEqual(tcp.bufferSize, TUNNEL_READ)
         self.out._check_invariants()
 
     def test_active_streams_are_told_of_each_change_and_idle_ones_when_they_wake(self) -> None:

@@ -7,7 +7,10 @@ L{FrameDecoder.feed_into} (one call per DATA frame, one per other frame).
 DATA received within one read batch (L{ReadBatches}: the TLS records of one
 socket read) is handed to each stream once, at the end of the batch, so a
 stream gets what arrived for it in one piece and frees its credit in one
-WINDOW_UPDATE.  Stream events go to the streams (L{StreamEvents}); tunnel
+WINDOW_UPDATE.  The streams that received least in the batch are told
+first: a request that arrived behind a bulk transfer's data reaches its
+local connection before this side spends its turn writing the bulk data
+(docs/datapath.md, "Fairness: bulk next to interactive").  Stream events go to the streams (L{StreamEvents}); tunnel
 events (open requests and answers, PONG, GOAWAY) to the tunnel
 (L{DeliveryHooks}).  It does no I/O.
 """
@@ -92,6 +95,8 @@ class InboundDelivery:
         (a FIN or a RST after DATA reaches the stream second): C{arrived} is
         emptied before any other frame is dispatched.
      4. Once C{closed}, nothing more is dispatched.
+     5. At the end of a batch the streams are told in order of the DATA
+        bytes they received in it, fewest first (ties: order of arrival).
     """
 
     def __init__(self, streams: Mapping[int, StreamEvents], hooks: DeliveryHooks) -> None:
@@ -100,9 +105,9 @@ class InboundDelivery:
         self.mux: Multiplexer | None = None
         self.closed = False
         self.bytes_received = 0  # DATA payload
-        # Streams with DATA received in the current batch (see begin_read);
-        # a dict, for the order of arrival.
-        self.arrived: dict[int, None] | None = None
+        # Streams with DATA received in the current batch (see begin_read)
+        # and how many bytes each received; a dict, for the order of arrival.
+        self.arrived: dict[int, int] | None = None
 
     # ReadBatches.
 
@@ -134,7 +139,7 @@ class InboundDelivery:
         if result is True:
             arrived = self.arrived
             if arrived is not None:
-                arrived[stream_id] = None
+                arrived[stream_id] = arrived.get(stream_id, 0) + length
             else:
                 stream = self._streams.get(stream_id)
                 if stream is not None:
@@ -192,14 +197,17 @@ class InboundDelivery:
                 hooks.members_received(event.members)
 
     def _deliver_arrived(self) -> None:
+        """Tell the streams with DATA in this batch, fewest bytes first (invariant 5)."""
         arrived = self.arrived
         streams = self._streams
         while arrived:
-            stream_id = next(iter(arrived))
-            del arrived[stream_id]
-            stream = streams.get(stream_id)
-            if stream is not None:
-                stream.data_available()
+            order = list(arrived) if len(arrived) == 1 else sorted(arrived, key=arrived.__getitem__)
+            for stream_id in order:
+                if arrived.pop(stream_id, None) is None:
+                    continue  # told already, from inside another stream's turn
+                stream = streams.get(stream_id)
+                if stream is not None:
+                    stream.data_available()
 
     def _check_invariants(self, in_batch: bool = False) -> None:
         """Raise AssertionError if an invariant in the class docstring does not hold."""

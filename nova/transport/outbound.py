@@ -19,6 +19,9 @@ The policy, as named constants:
    small (L{SHARED_QUANTUM}) while several moved data in the last
    L{ACTIVE_WINDOW} seconds, so that a bulk stream's turn is short and an
    interactive stream's request does not wait long behind it;
+ - the tunnel's read size (L{TUNNEL_READ}): the tunnel reads half a
+   stream window's worth at once, so that what waits behind bulk data is
+   found within two turns;
  - quiet time: a write to a tunnel that has not flushed for L{QUIET} seconds
    is flushed at once (a lone request should not wait for the end of the
    turn); a busier tunnel flushes at the end of the turn, so that everything
@@ -33,7 +36,7 @@ from typing import TYPE_CHECKING
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from nova.mux.core import Buffer, Multiplexer
-from nova.transport.splice import READ_SIZE, read_size
+from nova.transport.splice import READ_SIZE
 
 if TYPE_CHECKING:
     from nova.mux.contract import StreamEvents
@@ -49,6 +52,17 @@ ACTIVE_WINDOW = 0.05  # seconds: "moved data recently"
 RECOUNT_EVERY = 0.01
 
 QUIET = 0.0001
+
+# The most the tunnel's own connection reads at once, whatever the quantum:
+# half of what one stream's default window (256 KiB) can put in the receive
+# buffer.  A request queued behind a bulk stream's data is found within two
+# turns and handed over first (the inbound delivery tells the stream that
+# received least first), instead of after one turn of bulk writes per
+# 32 KiB shared quantum ahead of it (eight).  Not a whole window: a
+# receiver that takes a whole window in one read returns its credit in one
+# WINDOW_UPDATE after it, and the sender idles meanwhile (measured: the
+# bulk rate beside requests fell by about a fifth with 256 KiB reads).
+TUNNEL_READ = READ_SIZE
 
 
 class OutboundScheduler:
@@ -117,8 +131,6 @@ class OutboundScheduler:
             quantum = SHARED_QUANTUM if len(active) > 1 else QUANTUM
             if quantum != self.quantum:
                 self.quantum = quantum
-                if self.writer is not None:
-                    read_size(self.writer.tcp, quantum)
                 self._tell_quantum(active)
                 return quantum
         if fresh:

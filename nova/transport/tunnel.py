@@ -78,7 +78,7 @@ from nova.mux.lifecycle import (
     start_session,
 )
 from nova.transport.fastpath import FrameWriter, set_notsent_lowat, set_user_timeout
-from nova.transport.outbound import OutboundScheduler
+from nova.transport.outbound import TUNNEL_READ, OutboundScheduler
 from nova.transport.splice import no_delay, read_size
 from nova.transport.stream import StreamAddress, StreamTransport
 from nova.wire.codec import FrameDecoder
@@ -206,7 +206,7 @@ class TunnelProtocol(Protocol):
         self._writer = self.outbound.writer = FrameWriter(self.transport)
         set_notsent_lowat(self._writer.tcp)
         set_user_timeout(self._writer.tcp, self.timing.dead_timeout)
-        read_size(self._writer.tcp, self.outbound.quantum)
+        read_size(self._writer.tcp, TUNNEL_READ)
         self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         self.session = start_session(self.core)
         self.handshake_started()
