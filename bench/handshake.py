@@ -6,6 +6,11 @@ resumptions (a session ticket offered again).  No sockets: memory BIOs, so
 the figures are the handshake's CPU alone, not the reactor's.
 
     python bench/handshake.py [--count 400] [--mode full] [--mode resumed]
+    python bench/handshake.py --registrations 300
+
+With C{--registrations}, whole registrations instead: NOVAC's
+C{AgentTunnel} (pinned fingerprint) against NOVAS's C{ServerTunnel}, TLS and
+the HMAC handshake, each side's CPU inside its TLS protocol's calls.
 
 CPU time moves with the machine's load; for figures that do not, run it
 under callgrind and read the inclusive instruction counts of
@@ -92,11 +97,69 @@ def _closed_cleanly(*conns: SSL.Connection) -> None:
         conn.set_shutdown(SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
 
 
+def registrations(count: int) -> None:
+    """Each side's CPU for C{count} whole registrations, in memory (iosim)."""
+    import harness  # noqa: F401  # puts the repository on sys.path for tests.contexts
+    from twisted.internet.defer import fail
+    from twisted.internet.task import Clock
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+    from twisted.test import iosim
+
+    from nova.agent.tunnel import AgentTunnelFactory
+    from nova.server.tunnel import ServerTunnelFactory
+    from nova.tls import server_options
+    from tests.contexts import agent_context, server_context
+
+    token = b"bench registration token"
+    clock = Clock()
+    made = ensure_server_certificate(Path(tempfile.mkdtemp()))
+    novas = server_context(clock, token=token, tls=True)
+    server_factory = TLSMemoryBIOFactory(
+        server_options(made.cert_path, made.key_path), False, ServerTunnelFactory(novas), clock
+    )
+    creator = client_creator("localhost", fingerprint=parse_fingerprint(made.fingerprint))
+    sides = Sides()
+
+    def timed(side: str, f: Callable[..., Any]) -> Callable[..., Any]:
+        return lambda *args: sides.run(side, f, *args)
+
+    def one(name: str) -> None:
+        agent = agent_context(
+            clock, lambda host, port, protocol: fail(ConnectionRefusedError()), name=name, token=token, tls=True
+        )
+        client_factory = TLSMemoryBIOFactory(creator, True, AgentTunnelFactory(agent, "localhost:9022"), clock)
+        address = iosim.FakeAddress()
+        s, c = server_factory.buildProtocol(address), client_factory.buildProtocol(address)
+        for protocol, side in ((s, "novas"), (c, "novac")):
+            protocol.dataReceived = timed(side, protocol.dataReceived)  # type: ignore[method-assign]
+            protocol.makeConnection = timed(side, protocol.makeConnection)  # type: ignore[method-assign]
+        pump = iosim.connect(s, iosim.makeFakeServer(s), c, iosim.makeFakeClient(c), greet=False)
+        for _ in range(100):
+            clock.advance(0)
+            if not pump.pump():
+                break
+        if novas.registry.get(name) is None:
+            raise SystemExit(f"handshake: {name} did not register")
+        clock.calls.clear()  # the tunnels' keepalive timers: a Clock sorts them all on every call
+
+    for i in range(5):
+        one(f"warm-{i}")
+    sides.cpu = {"novas": 0.0, "novac": 0.0}
+    for i in range(count):
+        one(f"agent-{i}")
+    per = {k: v / count * 1000 for k, v in sides.cpu.items()}
+    print(f"registration NOVAS {per['novas']:.3f} ms, NOVAC {per['novac']:.3f} ms CPU ({count})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=400)
     parser.add_argument("--mode", action="append", choices=("full", "resumed"))
+    parser.add_argument("--registrations", type=int, default=0, help="measure this many whole registrations instead")
     args = parser.parse_args(argv)
+    if args.registrations:
+        registrations(args.registrations)
+        return 0
 
     made = ensure_server_certificate(Path(tempfile.mkdtemp()))
     # NOVAS's server options (nova.tls.server_options) with session tickets
