@@ -79,6 +79,10 @@ class StormResult:
     listen_seconds: float  # SIGTERM -> new NOVAS listening
     after_listen_seconds: float  # new NOVAS listening -> every agent registered
     cpu_novas: float = 0.0  # CPU seconds of the new NOVAS, from its start until every agent is back
+    # CPU seconds the old NOVAS spent from SIGTERM to its exit (the last
+    # reading before it exited, every 0.1 s): with the exit's wall time, how
+    # much of the machine it got.
+    old_exit_cpu: float = 0.0
     progress: list[tuple[float, int]] = field(default_factory=list)  # (seconds after SIGTERM, agents registered)
 
     def as_dict(self) -> dict[str, Any]:
@@ -190,12 +194,10 @@ def _storm(
     """Restart NOVAS; returns the new NOVAS (for the caller to stop) and the timings."""
     agents = spec.agents
     log(f"restarting NOVAS (SIGTERM) with {agents} agents registered")
+    cpu_before = cpu_seconds(old.proc.pid)
     t0 = time.monotonic()
     old.proc.signal(signal.SIGTERM)
-    try:
-        old.proc.popen.wait(EXIT_WAIT)
-    except subprocess.TimeoutExpired as e:
-        raise BenchError(f"NOVAS did not exit within {EXIT_WAIT:g}s of SIGTERM:\n{old.proc.tail()}") from e
+    exit_cpu = _wait_exit(old, t0 + EXIT_WAIT) - cpu_before
     old_exit = time.monotonic() - t0
     old.stop()
     new = Novas(work, port, state, label="novas-restarted", extra_env=dict(spec.novas_env))
@@ -229,12 +231,27 @@ def _storm(
         after_listen_seconds=done - listen,
         cpu_novas=cpu_seconds(new.proc.pid),
         progress=_thin(progress, 40),
+        old_exit_cpu=exit_cpu,
     )
     log(
-        f"storm: old NOVAS exited after {old_exit:.2f}s, new one listening at {result.listen_seconds:.2f}s,"
+        f"storm: old NOVAS exited after {old_exit:.2f}s ({exit_cpu:.1f} CPU seconds),"
+        f" new one listening at {result.listen_seconds:.2f}s,"
         f" all {agents} agents back at {result.seconds:.2f}s (new NOVAS: {result.cpu_novas:.1f} CPU seconds)"
     )
     return new, result
+
+
+def _wait_exit(novas: Novas, deadline: float) -> float:
+    """Wait for NOVAS to exit; its CPU seconds when last seen running."""
+    cpu = cpu_seconds(novas.proc.pid)
+    while True:
+        try:
+            novas.proc.popen.wait(0.1)
+            return cpu
+        except subprocess.TimeoutExpired:
+            cpu = cpu_seconds(novas.proc.pid) or cpu
+        if time.monotonic() > deadline:
+            raise BenchError(f"NOVAS did not exit within {EXIT_WAIT:g}s of SIGTERM:\n{novas.proc.tail()}")
 
 
 def cpu_seconds(pid: int | None) -> float:

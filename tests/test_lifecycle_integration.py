@@ -207,3 +207,44 @@ def test_novas_sigterm_exits_zero_and_agents_come_back_promptly(tmp_path: Path) 
                 assert time.monotonic() - up < 16
             finally:
                 again.stop()
+
+
+def test_novas_shutdown_does_not_wait_for_an_idle_agent_that_never_closes(tmp_path: Path) -> None:
+    with novas(tmp_path, []) as (server, port):
+        env = {"NOVAC_SERVER": f"127.0.0.1:{port}", "NOVAC_TLS_FINGERPRINT": fingerprint(server)}
+        with novac(tmp_path, env) as agent:
+            server.wait_log("agent agent-1 registered")
+            # A frozen agent answers neither the GOAWAY nor the TLS close.
+            agent.proc.send_signal(signal.SIGSTOP)
+            try:
+                server.proc.send_signal(signal.SIGTERM)
+                # NOVAS used to wait its 10 s close timeout for this agent.
+                assert server.proc.wait(8) == 0
+            finally:
+                agent.proc.send_signal(signal.SIGCONT)
+            assert "without waiting for its TLS close" in server.text()
+            # The GOAWAY was written before the drop: the agent knows to come back soon.
+            agent.wait_log("is going away")
+
+
+def test_novas_shutdown_still_lets_a_stream_in_flight_finish(tmp_path: Path) -> None:
+    route = free_port()
+    with target("digest") as digest, novas(tmp_path, [f"{route}:127.0.0.1:{digest}@team=db"]) as (server, port):
+        env = {"NOVAC_SERVER": f"127.0.0.1:{port}", "NOVAC_TLS_FINGERPRINT": fingerprint(server)}
+        with novac(tmp_path, env | {"NOVAC_TAGS": "team=db"}, name="busy"), novac(tmp_path, env, name="frozen") as idle:
+            server.wait_log("agent busy registered")
+            server.wait_log("agent frozen registered")
+            idle.proc.send_signal(signal.SIGSTOP)
+            try:
+                payload = os.urandom(2 * 1024 * 1024)
+                out: dict[str, bytes] = {}
+                upload = threading.Thread(target=_slow_upload, args=(route, payload, 4.0, out))
+                upload.start()
+                server.wait_log("through busy")
+                server.proc.send_signal(signal.SIGTERM)
+                upload.join(60)
+                assert server.proc.wait(30) == 0
+            finally:
+                idle.proc.send_signal(signal.SIGCONT)
+            assert out["reply"] == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}\n".encode()
+            assert "agent frozen disconnected: dropped without waiting for its TLS close" in server.text()

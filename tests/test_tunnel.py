@@ -588,6 +588,37 @@ class LifeCycleTests(SynchronousTestCase):
         self.successResultOf(done)
         self.assertIsNone(h.server_context.registry.get("db-agent"))
 
+    def test_an_idle_tunnel_that_never_closes_is_dropped_after_the_grace(self) -> None:
+        h = Harness()
+        # NOVAS shuts down; the agent gets no turn to answer the TLS close.
+        done = h.server.drain(30, ErrorCode.SHUTDOWN, "server shutting down", idle_grace=1.0)
+        self.assertNoResult(done)
+        h.clock.advance(0.9)
+        self.assertNoResult(done)
+        h.clock.advance(0.1)
+        self.assertTrue(h.server_tls.transport.disconnecting)  # type: ignore[union-attr]
+        h.flush()
+        self.successResultOf(done)
+        self.assertIsNone(h.server_context.registry.get("db-agent"))
+        self.assertIn("without waiting for its TLS close", h.server.close_reason)
+
+    def test_the_idle_grace_does_not_cut_a_tunnel_with_a_stream(self) -> None:
+        h = Harness()
+        stream, _user, target_transport, target = h.open()
+        done = h.server.drain(30, ErrorCode.SHUTDOWN, "server shutting down", idle_grace=1.0)
+        h.flush()
+        h.clock.advance(5)
+        h.flush()
+        self.assertNoResult(done)
+        stream.write(b"still flowing")
+        h.flush()
+        self.assertEqual(target_transport.value(), b"still flowing")
+        stream.loseConnection()
+        target.readConnectionLost()  # type: ignore[attr-defined]
+        h.flush()
+        self.successResultOf(done)
+        self.assertEqual(h.server.close_reason, "")
+
 
 class OpenRateTests(SynchronousTestCase):
     def test_a_server_opening_too_fast_is_refused_then_allowed_again(self) -> None:

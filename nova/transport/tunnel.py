@@ -397,16 +397,34 @@ class TunnelProtocol(Protocol):
         assert self.session is not None
         self.session.registered()
 
-    def drain(self, timeout: float, code: ErrorCode = ErrorCode.SHUTDOWN, message: str = "draining") -> Deferred[None]:
+    def drain(
+        self,
+        timeout: float,
+        code: ErrorCode = ErrorCode.SHUTDOWN,
+        message: str = "draining",
+        idle_grace: float | None = None,
+    ) -> Deferred[None]:
         """
         Send GOAWAY and take no new streams; close once the open streams end
         or C{timeout} passes.  Fires when the connection is closed.
+
+        With C{idle_grace}, a tunnel that has no stream open (so closes at
+        once) is dropped if its close has not finished after C{idle_grace}
+        seconds instead of L{CLOSE_TIMEOUT}: a server shutting down does
+        not wait for a slow peer's TLS close_notify when there is nothing
+        left to deliver (the GOAWAY went out first).  Tunnels with streams
+        keep the whole drain.
         """
         if self.session is None:
             d: Deferred[None] = Deferred()
             d.callback(None)
             return d
-        return self.session.drain(timeout, code, message)
+        done = self.session.drain(timeout, code, message)
+        deadline = self._close_deadline
+        if idle_grace is not None and deadline is not None and deadline.active():
+            deadline.cancel()
+            self._close_deadline = self.clock.callLater(idle_grace, self._idle_close_expired)
+        return done
 
     # SessionHooks: what the session machine asks of us.
 
@@ -454,6 +472,12 @@ class TunnelProtocol(Protocol):
         # Through abort(): the server keeps it quiet for connections that never
         # registered (refused ones are reported once per source, not per drop).
         self.abort(f"it did not read what was sent before closing within {CLOSE_TIMEOUT:g}s")
+
+    def _idle_close_expired(self) -> None:
+        # Quiet: at shutdown this is every idle tunnel whose peer was slow to
+        # answer, not a fault; NOVAS logs how many it closed this way.
+        self._close_deadline = None
+        self.abort("dropped without waiting for its TLS close (nothing was left to deliver)", quiet=True)
 
     def close(self) -> None:
         """
