@@ -27,6 +27,7 @@ I/O.  The Twisted side, resolving and dialling, is L{nova.agent.dialer}.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
@@ -154,6 +155,7 @@ def _embedded_readings(address: IPAddress) -> list[IPAddress]:
     return readings
 
 
+@functools.lru_cache(maxsize=256)  # asked per stream, three times for a literal; addresses are immutable
 def parse_ip(host: str) -> IPAddress | None:
     """C{host} as an IP address if it is a literal one (brackets allowed), else None."""
     text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
