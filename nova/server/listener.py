@@ -228,13 +228,8 @@ class RouteClient(EntryConnection):
         self.open_stream(factory.endpoint, watch, early=True)
 
     def stream_ready(self, agent: str) -> None:
-        # Debug, not info: every stream is in the audit store already
-        # (stream_opened, stream_closed), and a line per connection is what
-        # anyone who can reach a route port could otherwise fill the log
-        # with, thousands a second; it also cost NOVAS a formatted line and
-        # a write per connection (bench/cpu.py --connections).
         assert self.watch is not None
-        self.log.debug(
+        self.log.info(
             "route {route}: {client} connected through {agent}",
             route=self.factory.label,
             client=self.watch.requester,
