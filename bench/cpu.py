@@ -4,6 +4,7 @@ valgrind's callgrind: repeatable even on a busy, shared machine, where a
 timed figure is not.
 
     python bench/cpu.py [--requests 2000] [--keep]
+    python bench/cpu.py --connections [--requests 500]
 
 Runs a redis-server, NOVAS and NOVAC (TLS on, as in C{bench/run}), both
 under C{valgrind --tool=callgrind --instr-atstart=no}, and one client
@@ -11,7 +12,12 @@ connection to the route doing C{--requests} GET round trips.  Counting is
 switched on (C{callgrind_control -i on}) only after a warm-up of the same
 connection and off again after the last reply, so startup, the handshake
 and the connection's open are not in the figure: what remains is the
-steady-state request/response path, DATA relayed both ways.  Prints the
+steady-state request/response path, DATA relayed both ways.  With
+C{--connections} each request is instead a new client connection (connect,
+one GET, its reply, close, as C{redis-benchmark -k 0} does): the figure is
+then the whole life of one tunnelled connection on each side (accept, agent
+choice, OPEN, the target's connect, OPEN_OK, DATA, FIN, close, audit and
+metrics).  Prints the
 instructions per request of each process, and where C{--keep} is given
 keeps the callgrind files (C{callgrind_annotate FILE} breaks them down by C
 function; the Python functions are all inside the interpreter's loop, so
@@ -32,6 +38,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +92,12 @@ def instructions(out_dir: Path, pid: int) -> int:
     return total
 
 
-def measure(work: Path, requests: int, warmup: int, side: Side) -> dict[str, float]:
+def measure(work: Path, requests: int, warmup: int, side: Side, fresh: bool = False) -> dict[str, float]:
+    """
+    Count C{requests} GET round trips; C{fresh}: each on a new connection
+    (the last one's close is given time to run through both sides before
+    counting stops).
+    """
     counting = isinstance(side, Callgrind)
     with local_targets(work) as targets:
         route = free_port()
@@ -105,17 +117,28 @@ def measure(work: Path, requests: int, warmup: int, side: Side) -> dict[str, flo
             novas.proc.wait_log("agent cpu-agent registered", 600)
             wait_until(lambda: route in listening_ports(novas.proc.pid), 120, "the route port to listen")
             pids = {"NOVAS": novas.proc.pid, "NOVAC": novac.pid}
-            with socket.create_connection((LOOPBACK, route), timeout=120) as s:
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                _loop(s, warmup)
+            if fresh:
+                _connections(route, warmup)
                 if counting:
                     for pid in pids.values():
                         control(pid, "-i", "on")
-                _loop(s, requests)
-                if counting:
-                    for pid in pids.values():
-                        control(pid, "-d")
-                        control(pid, "-i", "off")
+                _connections(route, requests)
+                # The last close runs through both sides after the client's
+                # own: on the other side of the warm-up's, it keeps the
+                # count at the whole of C{requests} connections.
+                time.sleep(2)
+            else:
+                with socket.create_connection((LOOPBACK, route), timeout=120) as s:
+                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    _loop(s, warmup)
+                    if counting:
+                        for pid in pids.values():
+                            control(pid, "-i", "on")
+                    _loop(s, requests)
+            if counting:
+                for pid in pids.values():
+                    control(pid, "-d")
+                    control(pid, "-i", "off")
             if not counting:
                 return {}
             return {name: instructions(work, pid) / requests for name, pid in pids.items()}
@@ -123,6 +146,14 @@ def measure(work: Path, requests: int, warmup: int, side: Side) -> dict[str, flo
             if novac is not None:
                 novac.stop(60)
             novas.proc.stop(60)
+
+
+def _connections(route: int, n: int) -> None:
+    """C{n} connections to the route, one after the other, each: connect, one GET, its reply, close."""
+    for _ in range(n):
+        with socket.create_connection((LOOPBACK, route), timeout=120) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _loop(s, 1)
 
 
 def _loop(s: socket.socket, n: int) -> None:
@@ -153,7 +184,7 @@ def _package(filename: str) -> str:
     return "built-in" if filename == "~" else "other"
 
 
-def calls(work: Path, requests: int, warmup: int, top: int) -> None:
+def calls(work: Path, requests: int, warmup: int, top: int, fresh: bool = False) -> None:
     """
     Per request, each Python function's calls and own time (cProfile's, so
     inflated, but in proportion): a run of C{warmup} requests subtracted
@@ -163,7 +194,7 @@ def calls(work: Path, requests: int, warmup: int, top: int) -> None:
     for n in (0, requests):
         d = work / f"calls-{n}"
         d.mkdir()
-        measure(d, max(n, 1), warmup, Profiled(out_dir=str(d)))
+        measure(d, max(n, 1), warmup, Profiled(out_dir=str(d)), fresh)
         runs.append({name: _stats(d / f"{name}.prof") for name in ("novas", "novac")})
     for name in ("novas", "novac"):
         base, full = runs[0][name], runs[1][name]
@@ -202,6 +233,11 @@ def main() -> None:
         help="instead: Python function calls and cProfile time per request, by function (no valgrind)",
     )
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument(
+        "--connections",
+        action="store_true",
+        help="each request on a new connection: the cost of one tunnelled connection's whole life",
+    )
     args = parser.parse_args()
     for tool in ("valgrind", "callgrind_control", "redis-server"):
         if shutil.which(tool) is None:
@@ -209,16 +245,17 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="nova-cpu-"))
     try:
         if args.calls:
-            calls(work, args.requests, args.warmup, args.top)
+            calls(work, args.requests, args.warmup, args.top, args.connections)
             return
-        result = measure(work, args.requests, args.warmup, Callgrind(out_dir=str(work)))
+        result = measure(work, args.requests, args.warmup, Callgrind(out_dir=str(work)), args.connections)
     finally:
         Proc.stop_all()
         if args.keep:
             log(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"instructions per request ({args.requests} GET round trips, one connection, TLS tunnel):")
+    how = "each on a new connection" if args.connections else "one connection"
+    print(f"instructions per request ({args.requests} GET round trips, {how}, TLS tunnel):")
     for name, n in result.items():
         print(f"  {name}: {n:,.0f}")
 

@@ -31,10 +31,12 @@ from nova.agent.dialer import Dialer
 from nova.config import ConfigError
 from nova.rules.destinations import (
     METADATA,
+    SENSITIVE,
     WHY_SENSITIVE,
     IPAddress,
     PolicyDenied,
     PolicyError,
+    _embedded_readings,
     is_sensitive,
     parse_policy,
     parse_rule,
@@ -236,6 +238,29 @@ class EmbeddedIPv4Tests(SynchronousTestCase):
             self.assertFalse(parse_policy("").check_name(address, 80).allowed, address)
         self.assertTrue(parse_policy("100.100.100.200/32").check_address(ip("100.100.100.200"), 80).allowed)
         self.assertFalse(parse_policy("100.64.0.0/10").check_address(ip("100.100.100.200"), 80).allowed)
+
+    @given(
+        st.one_of(
+            st.integers(0, 2**32 - 1).map(ipaddress.IPv4Address),
+            st.integers(0, 2**128 - 1).map(ipaddress.IPv6Address),
+            # Inside a sensitive range or just past its end.
+            st.sampled_from(SENSITIVE).flatmap(
+                lambda n: st.integers(0, n.num_addresses).map(
+                    lambda offset: ipaddress.ip_address(
+                        (int(n.network_address) + offset) % (2**32 if n.version == 4 else 2**128)
+                    )
+                )
+            ),
+            # Embedding forms of addresses near the metadata ones.
+            st.integers(0xA9FE0000, 0xA9FFFFFF).map(lambda v: ipaddress.IPv6Address((0x0064FF9B0001 << 80) | v)),
+        )
+    )
+    @example(ipaddress.IPv4Address("169.255.0.0"))
+    @example(ipaddress.IPv6Address("fec0::"))
+    def test_sensitive_is_membership_of_a_range(self, address: IPAddress) -> None:
+        """The precomputed masks decide as C{address in network} over every reading of the address."""
+        expected = any(a in n for a in _embedded_readings(address) for n in SENSITIVE)
+        self.assertEqual(is_sensitive(address), expected, str(address))
 
     @given(st.integers(0, 2**32 - 1))
     def test_every_embedding_is_as_sensitive_as_its_ipv4_address(self, value: int) -> None:

@@ -367,3 +367,18 @@ def test_early_data_is_replayed_to_the_next_attempt_and_reading_stops_at_the_bud
     early = EarlyData(lambda: None, lambda: None)
     early.write(b"x")
     assert early.unsent() == b"x"
+
+
+def test_attaching_reads_what_the_user_sent_already_after_resuming() -> None:
+    """The entry's waiting bytes are read as the OPEN is written (one write for both), never while paused."""
+    calls: list[str] = []
+    early = EarlyData(
+        lambda: calls.append("pause"), lambda: calls.append("resume"), budget=4, read_now=lambda: calls.append("read")
+    )
+    early.attach(lambda data: calls.append(f"sink {data!r}"))
+    assert calls == ["resume", "read"]
+    early.write(b"abcd")  # the budget: reading pauses
+    early.detach()
+    calls.clear()
+    early.attach(lambda data: calls.append(f"sink {data!r}"))
+    assert calls == ["sink b'abcd'"]  # the budget is spent: neither resumed nor read

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -99,6 +100,32 @@ def test_refused_and_denied_targets_close_the_user_and_leak_nothing(tmp_path: Pa
                 mine = f"only mine {i}".encode() * 50
                 assert user(r_echo, mine) == mine
             assert "cannot reach" in server.text()
+
+
+def test_users_that_send_and_close_or_reset_at_once_disturb_nobody(tmp_path: Path) -> None:
+    """
+    NOVAS reads a new connection's first bytes as it opens the stream
+    (nova.server.listener, EntryConnection._read_now): a user whose bytes,
+    end of file or reset are all there by then still gets its bytes through
+    and its half-close respected, a reset one is dropped, and the next user
+    is served as ever.
+    """
+    route = free_port()
+    with target() as echo:
+        with (
+            novas(tmp_path, [f"{route}:127.0.0.1:{echo}"], PLAIN_S) as (server, port),
+            novac(tmp_path, plain_agent(port)),
+        ):
+            server.wait_log("agent agent-1 registered")
+            for i in range(20):
+                mine = f"sent with the connect {i}".encode()
+                assert user(route, mine) == mine
+                s = socket.create_connection(("127.0.0.1", route), timeout=30)
+                s.sendall(b"and reset at once" * 100)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()  # RST
+            assert user(route, b"still served") == b"still served"
+            assert server.popen.poll() is None
 
 
 # NOVAS against raw agents that do not take data after OPEN.

@@ -126,6 +126,20 @@ class ServerLabelTests(SynchronousTestCase):
         self.assertEqual(value(r, "nova_streams_failed_total", reason="refused", **labels), 1)
         self.assertEqual(value(r, "nova_keepalive_rtt_seconds", agent="db-agent"), 0.002)
 
+    def test_an_agent_back_under_its_name_counts_from_zero_in_the_exported_series(self) -> None:
+        """Series are looked up once and kept: a dropped one must not keep counting where no scrape sees it."""
+        audit = Audit(metrics=Metrics(10))
+        route, entry = "127.0.0.1:5432:db:5432", "route 127.0.0.1:5432"
+        labels = {"entry": "route", "route": route, "agent": "db-agent"}
+        r = audit.metrics.registry
+        for _ in range(2):
+            audit.registered("db-agent")
+            self.traffic(audit, ["db-agent", "db-agent"], route, entry)
+            self.assertEqual(value(r, "nova_streams_opened_total", **labels), 2)
+            self.assertEqual(value(r, "nova_stream_bytes_total", direction="down", route=route, agent="db-agent"), 40)
+            audit.unregistered("db-agent", "gone", 1.0)
+            self.assertNotIn("db-agent", label_values(r, "agent"))
+
     def test_socks_streams_carry_neither_the_selector_nor_the_target(self) -> None:
         audit = Audit(metrics=Metrics(10))
         audit.registered("db-agent")

@@ -27,9 +27,12 @@ from twisted.internet.endpoints import (
     connectProtocol,
     wrapClientTLS,
 )
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
 from nova.tls import server_options
 from nova.transport import fastpath, private, splice
@@ -153,12 +156,25 @@ def test_a_tls_class_missing_a_name_gets_the_public_path() -> None:
 # Real connections -------------------------------------------------------------------
 
 
+@implementer(IHalfCloseableProtocol)
 class Recorder(Protocol):
     def __init__(self, made: Deferred[Recorder]) -> None:
         self.made = made
+        self.received = b""
+        self.eof: Deferred[bytes] = Deferred()
+        self.write_closed = False
 
     def connectionMade(self) -> None:
         self.made.callback(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def readConnectionLost(self) -> None:
+        self.eof.callback(self.received)
+
+    def writeConnectionLost(self) -> None:
+        self.write_closed = True
 
 
 @pytest.mark.integration
@@ -233,3 +249,28 @@ class InstalledReleasesTests(TestCase):
             assert fastpath.set_user_timeout(FrameWriter(transport).tcp, 2.5)
             raw = transport.getHandle()  # type: ignore[union-attr]
             assert raw.getsockopt(socket.IPPROTO_TCP, fastpath.TCP_USER_TIMEOUT) == 2_500
+
+    @inlineCallbacks
+    def test_half_close_shuts_the_write_side_as_twisted_would(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        lose_write_tcp: idle, the write side is shut at once (no reactor
+        turn); with bytes queued, or a paused producer, Twisted's own path
+        sends them first.  Either way the peer reads everything, then EOF.
+        """
+        from twisted.internet import reactor
+
+        for queued in (b"", b"x" * 8_000_000):
+            client, server = yield self.connect(tls=False)
+            transport = private.fast_tcp(client.transport)
+            assert transport is not None
+            if queued:
+                transport.write(queued)  # more than the socket takes at once: some stays queued
+            fastpath.lose_write_tcp(transport)
+            assert client.write_closed is not bool(queued)
+            received = yield server.eof
+            assert received == queued
+            assert client.write_closed
+            server.transport.write(b"still open the other way")
+            while not client.received:
+                yield deferLater(reactor, 0.01)
+            assert client.received == b"still open the other way"

@@ -103,6 +103,9 @@ class Metrics:
         self.agent_label = AgentLabels(max_agent_labels)
         # Series carrying each agent label value, dropped when the value is freed.
         self._series: dict[str, set[tuple[Counter, tuple[str, ...]]]] = {}
+        # Each series' child, looked up once: count() runs three times per
+        # stream, and Counter.labels() validates and locks every time.
+        self._children: dict[tuple[Counter, tuple[str, ...]], Counter] = {}
         self.tunnels = Gauge("nova_tunnels_connected", "Agent tunnels registered now.", registry=r)
         self.registrations = Counter("nova_registrations", "Successful agent registrations.", registry=r)
         self.auth_failures = Counter(
@@ -146,11 +149,15 @@ class Metrics:
         if self.agent_label.release(name):
             for counter, labels in self._series.pop(name, ()):
                 counter.remove(*labels)
+                self._children.pop((counter, labels), None)
 
     def count(self, counter: Counter, agent: str, *labels: str, amount: float = 1) -> None:
         """Add C{amount} to C{counter}'s series for C{labels} and C{agent}'s label value (the last label)."""
         value = self.agent_label(agent)
         key = (*labels, value)
-        counter.labels(*key).inc(amount)
-        if value not in (OTHER, NONE):
-            self._series.setdefault(value, set()).add((counter, key))
+        series = self._children.get((counter, key))
+        if series is None:
+            series = self._children[(counter, key)] = counter.labels(*key)
+            if value not in (OTHER, NONE):
+                self._series.setdefault(value, set()).add((counter, key))
+        series.inc(amount)

@@ -27,6 +27,7 @@ I/O.  The Twisted side, resolving and dialling, is L{nova.agent.dialer}.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
@@ -154,6 +155,7 @@ def _embedded_readings(address: IPAddress) -> list[IPAddress]:
     return readings
 
 
+@functools.lru_cache(maxsize=256)  # asked per stream, three times for a literal; addresses are immutable
 def parse_ip(host: str) -> IPAddress | None:
     """C{host} as an IP address if it is a literal one (brackets allowed), else None."""
     text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
@@ -163,9 +165,29 @@ def parse_ip(host: str) -> IPAddress | None:
         return None
 
 
+# SENSITIVE as (network address, mask) integers per IP version: every stream
+# the agent opens checks its target against them (an IP literal three times:
+# the name, the dialled address, the dialler's own check), and a mask and a
+# compare per range cost a fraction of C{address in network}.
+_SENSITIVE_MASKS: dict[int, tuple[tuple[int, int], ...]] = {
+    version: tuple((int(n.network_address), int(n.netmask)) for n in SENSITIVE if n.version == version)
+    for version in (4, 6)
+}
+
+
+def _in_sensitive_range(address: IPAddress) -> bool:
+    value = int(address)
+    for network, mask in _SENSITIVE_MASKS[address.version]:
+        if value & mask == network:
+            return True
+    return False
+
+
 def is_sensitive(address: IPAddress) -> bool:
     """Link-local or a cloud metadata address, itself or by the IPv4 address it embeds."""
-    return any(a in network for a in _embedded_readings(address) for network in SENSITIVE)
+    if address.version == 4:
+        return _in_sensitive_range(address)  # an IPv4 address embeds no other
+    return any(_in_sensitive_range(a) for a in _embedded_readings(address))
 
 
 def _inside_sensitive(network: IPNetwork) -> bool:

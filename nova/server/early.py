@@ -34,11 +34,20 @@ class EarlyData:
 
     @param pause: stop reading from the user's connection.
     @param resume: read from it again.
+    @param read_now: read what the user's connection has received already,
+        at once (into L{write}), rather than on the reactor's next turn.
     """
 
-    def __init__(self, pause: Callable[[], None], resume: Callable[[], None], budget: int = EARLY_DATA_BUDGET) -> None:
+    def __init__(
+        self,
+        pause: Callable[[], None],
+        resume: Callable[[], None],
+        budget: int = EARLY_DATA_BUDGET,
+        read_now: Callable[[], None] | None = None,
+    ) -> None:
         self._pause = pause
         self._resume = resume
+        self._read_now = read_now
         self.budget = budget
         self._chunks: list[bytes] = []
         self.size = 0
@@ -56,6 +65,11 @@ class EarlyData:
             sink(b"".join(self._chunks))
         if self.size < self.budget:
             self._resume()
+            if self._read_now is not None:
+                # The tunnel writes its OPEN after this: bytes the user sent
+                # with the connection (most clients speak first) go out in
+                # the same write, one TLS record and one send, not the next.
+                self._read_now()
 
     def detach(self) -> None:
         """The attempt is over: stop reading; keep the bytes for another attempt."""

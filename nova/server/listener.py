@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import IProtocol, IReactorTime
@@ -137,11 +138,30 @@ class EntryConnection(Pipe):
         transport.pauseProducing()  # type: ignore[attr-defined]
         self.watch = watch
         if early:
-            self._early = EarlyData(transport.pauseProducing, transport.resumeProducing)  # type: ignore[attr-defined]
+            self._early = EarlyData(
+                transport.pauseProducing,  # type: ignore[attr-defined]
+                transport.resumeProducing,  # type: ignore[attr-defined]
+                read_now=self._read_now,
+            )
         d = endpoint.connect(PipeFactory(), self._early)
         d.addCallbacks(self._opened, self._failed)
         if not d.called:
             self._opening = d
+
+    def _read_now(self) -> None:
+        """
+        Read what the user's connection holds already (L{EarlyData}'s
+        C{read_now}), through the descriptor's own C{doRead}, as the reactor
+        would on its next turn.  An end of file found here is left for the
+        reactor, which finds it again and half-closes as always; a reset
+        aborts the connection, as the reactor would.
+        """
+        transport = self.transport
+        if not isinstance(transport, tcp.Connection) or self.lost or not transport.connected:
+            return
+        why = transport.doRead()
+        if why is not None and not isinstance(why, ConnectionDone) and not self.lost:
+            transport.abortConnection()
 
     def _opened(self, other: IProtocol) -> None:
         self._opening = None
@@ -196,22 +216,22 @@ class RouteClient(EntryConnection):
 
     def connectionMade(self) -> None:
         assert self.transport is not None
-        route = self.factory.route
+        factory = self.factory
         watch = StreamWatch(
-            self.factory.audit,
-            self.factory.clock,
-            f"route {route.bind}:{route.port}",
+            factory.audit,
+            factory.clock,
+            factory.entry,
             address(self.transport.getPeer()),
-            f"{route.host}:{route.host_port}",
-            str(route),
+            factory.target,
+            factory.label,
         )
-        self.open_stream(self.factory.endpoint, watch, early=True)
+        self.open_stream(factory.endpoint, watch, early=True)
 
     def stream_ready(self, agent: str) -> None:
         assert self.watch is not None
         self.log.info(
             "route {route}: {client} connected through {agent}",
-            route=str(self.factory.route),
+            route=self.factory.label,
             client=self.watch.requester,
             agent=agent,
         )
@@ -220,7 +240,7 @@ class RouteClient(EntryConnection):
         assert self.watch is not None
         self.log.warn(
             "route {route}: cannot reach {target} for {client}: {why}; closing the connection",
-            route=str(self.factory.route),
+            route=self.factory.label,
             target=self.watch.target,
             client=self.watch.requester,
             why=failure.getErrorMessage(),
@@ -240,6 +260,10 @@ class RouteFactory(Factory):
         audit: Audit | None = None,
     ) -> None:
         self.route = route
+        # What every connection's audit records and metrics name, made once.
+        self.label = str(route)
+        self.entry = f"route {route.bind}:{route.port}"
+        self.target = f"{route.host}:{route.host_port}"
         self.clock = clock
         self.audit = audit or Audit()
         self.endpoint = TunnelEndpoint(registry, route.selector, route.host, route.host_port, clock, open_timeout)

@@ -113,6 +113,23 @@ def write_tcp(t: tcp.Connection, data: Buffer) -> None:
         t.write(rest if isinstance(rest, bytes) else bytes(rest))
 
 
+def lose_write_tcp(t: tcp.Connection) -> None:
+    """
+    C{t.loseWriteConnection()}, but the write side is shut at once when
+    nothing is queued.  Twisted first waits for the socket to be writable
+    (an C{epoll_ctl} each way, a reactor turn and an empty C{send}) only to
+    find the buffer empty and shut it then: what C{doWrite} does in that
+    case is done here, in the same order.  A producer that C{doWrite} would
+    resume first (a pull producer, or a paused one) takes Twisted's path.
+    """
+    if _idle(t) and (t.producer is None or (t.streamingProducer and not t.producerPaused)):
+        t._writeDisconnecting = True
+        t._writeDisconnected = True
+        t._closeWriteConnection()
+        return
+    t.loseWriteConnection()
+
+
 def writev_tcp(t: tcp.Connection, parts: Sequence[Buffer]) -> None:
     """C{t.writeSequence(parts)}, but sent at once when nothing else is queued."""
     if len(parts) == 1:

@@ -60,10 +60,11 @@ OPENSSL_AVAILABLE = ffi_buffer is not None
 
 # twisted.internet.tcp.Connection (through abstract.FileDescriptor): what
 # write_tcp reads to know that nothing is queued, the socket it sends on,
-# and the read size splice.read_size sets.
+# the read size splice.read_size sets, and what lose_write_tcp reads and
+# calls to shut the write side as doWrite would.
 TCP_NAMES = (
     "_tempDataBuffer", "dataBuffer", "connected", "disconnecting", "_writeDisconnecting", "_writeDisconnected",
-    "socket", "bufferSize",
+    "socket", "bufferSize", "producer", "streamingProducer", "producerPaused", "_closeWriteConnection",
 )  # fmt: skip
 
 # twisted.protocols.tls.TLSMemoryBIOProtocol: what FrameWriter and

@@ -15,7 +15,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from nova.transport.fastpath import write_tcp, writev_tcp
+from nova.transport.fastpath import lose_write_tcp, write_tcp, writev_tcp
 from nova.transport.private import fast_tcp, transports, unwrap_endpoint
 
 # How much one read of a TCP connection may return (Twisted's default is
@@ -64,7 +64,10 @@ class Pipe(Protocol):
         peer = self.peer
         if peer is not None and not peer.lost and peer.transport is not None:
             peer.write_done = True
-            peer.transport.loseWriteConnection()  # type: ignore[attr-defined]
+            if peer._tcp is not None:
+                lose_write_tcp(peer._tcp)
+            else:
+                peer.transport.loseWriteConnection()  # type: ignore[attr-defined]
             peer._close_if_done()
         self._close_if_done()
 

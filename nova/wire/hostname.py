@@ -18,6 +18,7 @@ literals (IPv4, IPv6, IPv6 in brackets) are fine.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import unicodedata
@@ -56,6 +57,9 @@ def _is_ip_literal(host: str) -> bool:
     return True
 
 
+# Every stream asks this of its host on both sides, and a deployment names
+# few hosts: the answers are kept (a bounded cache, as peers choose names).
+@functools.lru_cache(maxsize=256)
 def host_problem(host: str) -> str | None:
     """None if C{host} is an acceptable destination, else the rule it breaks."""
     if not host:
