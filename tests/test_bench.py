@@ -7,6 +7,7 @@ built from bench/goyamux), and nothing breaks.  No timing is asserted
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -71,13 +72,17 @@ def test_bench_quick_measures_every_figure(tmp_path: Path) -> None:
     assert not any(key.endswith("_big") for key in rows)
 
 
-def _report() -> Any:
+def _bench_module(name: str) -> Any:
+    """A module of bench/ (not a package: its files import each other by plain name)."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        import report
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "bench"))
-    return report
+
+
+def _report() -> Any:
+    return _bench_module("report")
 
 
 def test_row_with_bars_against_ssh_and_go_passes_only_when_both_are_met() -> None:
@@ -102,17 +107,8 @@ def test_row_with_bars_against_ssh_and_go_passes_only_when_both_are_met() -> Non
     assert alone.result == "pass" and alone.as_dict()["ssh"] is None
 
 
-def _spread() -> Any:
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import spread
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    return spread
-
-
 def test_spread_takes_ratios_per_run_and_marks_runs_that_did_not_measure_a_figure(tmp_path: Path) -> None:
-    spread = _spread()
+    spread = _bench_module("spread")
 
     def run(date: str, nova: float, ssh: float, *, storm: bool) -> dict[str, Any]:
         rows = {
