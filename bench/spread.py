@@ -29,12 +29,34 @@ HEADER = ["figure", "unit", "NOVA", "ssh -R", "Go", "NOVA/ssh", "NOVA/Go", "bar"
 
 
 def load(paths: Iterable[Path]) -> list[Run]:
-    """Every run in C{paths}, oldest first."""
+    """Every run in C{paths}, oldest first, judged against today's bars (L{rejudge})."""
     runs: list[Run] = []
     for path in paths:
         data = json.loads(path.read_text())
         runs.extend(data["runs"] if "runs" in data else [data])
+    for run in runs:
+        rejudge(run)
     return sorted(runs, key=lambda run: str(run.get("date", "")))
+
+
+def rejudge(run: Run) -> None:
+    """
+    Judge a run's figures against the bars C{suite.py} sets today, so runs
+    recorded before a bar changed are summarised alike.  A run without its
+    parameters (or with ones this version does not know) keeps its own.
+    """
+    from suite import Params, make_rows
+
+    try:
+        current = make_rows(Params(**run["params"]))
+    except (KeyError, TypeError):
+        return
+    for key, data in run.get("rows", {}).items():
+        row = current.get(key)
+        if row is None:
+            continue
+        row.nova, row.ssh, row.go, row.error = data.get("nova"), data.get("ssh"), data.get("go"), data.get("error")
+        data["bar"], data["result"] = row.bar_text, row.result
 
 
 def summary(values: Sequence[float], ratio: bool = False) -> str:

@@ -138,15 +138,17 @@ def _at_most(limit: float, peer: str) -> Bar:
 def make_rows(p: Params) -> dict[str, Row]:
     kib, ram, big = "KiB", "RSS per idle stream", f"{p.big_agents:,} agents"
     rows = [
-        Row("bulk", "bulk, 1 iperf3 stream", "Gbit/s", (_at_least(0.5, "ssh"), _at_least(1.2, "go"))),
-        Row("rps", f"GET requests/s, {p.rps_clients} conns", "req/s", (_at_least(1.0, "ssh"), _at_least(1.2, "go"))),
-        Row("p50", "GET latency p50, 1 conn", "ms", (_at_most(1.3, "ssh"), _at_most(0.9, "go"))),
+        # The bars are the brief's (issue 18): loopback figures against the Go
+        # peer; new connections also against ssh -R.
+        Row("bulk", "bulk, 1 iperf3 stream", "Gbit/s", (_at_least(1.2, "go"),)),
+        Row("rps", f"GET requests/s, {p.rps_clients} conns", "req/s", (_at_least(1.2, "go"),)),
+        Row("p50", "GET latency p50, 1 conn", "ms", (_at_most(0.9, "go"),)),
         Row("p99", "GET latency p99, 1 conn", "ms"),
         Row(
             "churn",
             f"new conns/s, {p.churn_clients} clients -k 0",
             "conn/s",
-            (_at_least(10.0, "ssh"), _at_least(1.0, "go")),
+            (_at_least(20.0, "ssh"), _at_least(1.0, "go")),
         ),
         Row("bulk_p50", "p50 under bulk, 1 conn", "ms"),
         Row("bulk_p99", "p99 under bulk, 1 conn", "ms", (Bar(BarKind.AT_MOST, 1.0, "ms"),)),

@@ -57,9 +57,9 @@ def test_bench_quick_measures_every_figure(tmp_path: Path) -> None:
             assert row["ssh"] is None and row["go"] is None, (key, row)
         assert row["result"] in ("pass", "FAIL", "-"), (key, row)
         assert all(bar["passed"] in (True, False) for bar in row["bars"]), (key, row)
-    # The bars against the Go peer are in the table beside those against ssh -R.
-    assert {bar["peer"] for bar in rows["churn"]["bars"]} == {"ssh", "go"}
-    assert {bar["peer"] for bar in rows["p50"]["bars"]} == {"ssh", "go"}
+    # The brief's bars: new connections against both peers, latency against the Go peer.
+    assert [(bar["peer"], bar["limit"]) for bar in rows["churn"]["bars"]] == [("ssh", 20.0), ("go", 1.0)]
+    assert [(bar["peer"], bar["limit"]) for bar in rows["p50"]["bars"]] == [("go", 0.9)]
     # The one table, printed with every figure's label.
     for row in rows.values():
         assert row["label"] in proc.stdout
