@@ -349,6 +349,32 @@ class PoolOverBalancerTests(SynchronousTestCase):
         self.run_for(120)
         self.assertEqual(self.registered_on(), {*self.ids, "novas-d"})
 
+    def test_a_stalled_tunnel_with_streams_replaced_by_a_fresh_one_gets_a_fresh_dead_timeout(self) -> None:
+        """NOVAC's end of docs/faults.md's long outage (the server's is in test_tunnel.py)."""
+        import nova.transport.tunnel as tunnel_module
+
+        user_timeouts: list[float] = []
+
+        def set_user_timeout(tcp: object, seconds: float) -> bool:
+            user_timeouts.append(seconds)
+            return True
+
+        self.patch(tunnel_module, "set_user_timeout", set_user_timeout)
+        self.pool.startService()
+        self.run_for(60)
+        [old] = [t for t in self.context.tunnels if t.server_id == "novas-a" and not t.closed]
+        old.streams[1] = object()  # type: ignore[assignment]  # a user's stream still open on it
+        self.run_for(40)
+        reprieved = self.c.clock.seconds()
+        user_timeouts.clear()  # the duplicates' own, while it ran
+        replace = self.pool.state.on_replace
+        assert replace is not None
+        replace(old)
+        self.assertEqual(old.core.reprieved_at, reprieved)
+        self.assertEqual(user_timeouts, [2 * self.context.timing.dead_timeout])
+        self.assertTrue(old.draining)
+        del old.streams[1]
+
     def test_stop_drains_every_tunnel(self) -> None:
         self.pool.startService()
         self.run_for(60)

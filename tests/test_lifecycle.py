@@ -186,6 +186,34 @@ class StallTests(SynchronousTestCase):
         self.assertEqual(len(self.hooks.aborted), 1)
         self.assertEqual(self.hooks.stalls_ended, 0)
 
+    def test_a_reprieve_counts_the_dead_timeout_afresh_and_ends_no_stall(self) -> None:
+        # A 30 s blackhole: the agent's fresh tunnel replaced this one at 31 s;
+        # this connection waits for its backed-off retransmission.
+        self.clock.advance(15)
+        self.clock.advance(5)
+        self.assertEqual(len(self.hooks.stalls), 1)
+        self.clock.advance(11)  # t = 31
+        self.core.reprieve()
+        self.clock.advance(14.1)  # t = 45.1: 45 s after it was last heard
+        self.assertEqual(self.hooks.aborted, [])
+        self.assertEqual(self.hooks.stalls_ended, 0)  # not heard: the stall stands
+        self.clock.advance(30.8)  # t = 75.9
+        self.assertEqual(self.hooks.aborted, [])
+        self.clock.advance(0.2)  # t = 76.1: a dead timeout after the reprieve, still silent
+        self.assertEqual(len(self.hooks.aborted), 1)
+        self.assertIn("nothing heard from the peer for 76s", self.hooks.aborted[0])
+
+    def test_a_reprieved_tunnel_heard_again_lives_on(self) -> None:
+        self.clock.advance(31)
+        self.core.reprieve()
+        self.clock.advance(14)  # t = 45: the kernel's clamped retransmission gets through
+        self.core.heard()
+        for _ in range(4):
+            self.clock.advance(15)
+            self.core.heard()  # its PONGs
+        self.assertEqual(self.hooks.aborted, [])
+        self.assertEqual(self.hooks.stalls_ended, 1)
+
     def test_anything_heard_after_the_ping_answers_it(self) -> None:
         self.clock.advance(16)
         self.core.heard()  # DATA, not the PONG: the link works

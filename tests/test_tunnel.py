@@ -541,6 +541,42 @@ class LifeCycleTests(SynchronousTestCase):
             clock.advance(1)
         self.assertTrue(old_transport.disconnecting)
 
+    def test_a_replaced_tunnel_with_streams_gets_a_fresh_dead_timeout_and_a_longer_user_timeout(self) -> None:
+        """
+        A long outage (docs/faults.md): the agent's fresh tunnel arrives 40 s
+        into it; the old tunnel's next retransmission may be due after its
+        dead timeout, so it gets a dead timeout counted from the replacement,
+        and the kernel's user timeout is doubled on its socket.
+        """
+        import nova.transport.tunnel as tunnel_module
+
+        user_timeouts: list[float] = []
+
+        def set_user_timeout(tcp: object, seconds: float) -> bool:
+            user_timeouts.append(seconds)
+            return True
+
+        self.patch(tunnel_module, "set_user_timeout", set_user_timeout)
+        clock = Clock()
+        context = server_context(clock, token=TOKEN, tls=False)
+        old, old_transport = self._register(context, "db-agent")
+        dead = old.timing.dead_timeout
+        d = old.open_stream("db.internal", 5432)
+        [open_] = [f for f in self._frames(old_transport) if isinstance(f, Open)]
+        old.dataReceived(b"".join(encode(OpenOk(open_.stream_id))))
+        self.successResultOf(d).makeConnection(Protocol())
+        clock.advance(dead - 5)  # silent from here on
+        user_timeouts.clear()
+        self._register(context, "db-agent")
+        clock.advance(LIVE_NAME_PROBE)
+        self.assertEqual(user_timeouts, [dead, 2 * dead])  # the fresh tunnel's own, then the old one's
+        clock.advance(5)  # a dead timeout after it was last heard
+        self.assertFalse(old_transport.disconnecting)
+        clock.advance(dead - 5 - 0.5)  # just short of a dead timeout after the replacement
+        self.assertFalse(old_transport.disconnecting)
+        clock.advance(1)
+        self.assertTrue(old_transport.disconnecting)
+
     def test_a_tunnel_that_closes_during_the_probe_is_replaced_at_once(self) -> None:
         clock = Clock()
         context = server_context(clock, token=TOKEN, tls=False)

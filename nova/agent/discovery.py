@@ -83,7 +83,8 @@ class AgentPool(Service):
             tunnel.abort("a fresh tunnel to the same server replaced it")
             return
         # Its open streams may only be slow to recover: they run on (the dead
-        # timeout still drops the tunnel if it is really gone).
+        # timeout, counted afresh, still drops the tunnel if it is really gone).
+        tunnel.outlive_backoff()
         timing = self.context.timing
         tunnel.drain(timing.dead_timeout, ErrorCode.NO_ERROR, "replaced by a fresh tunnel")
 

@@ -118,6 +118,8 @@ class SessionCore:
     handshake_timeout: float = 10.0
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
     last_heard: float = 0.0
+    # The dead timeout counts from the later of last_heard and this (see reprieve).
+    reprieved_at: float = 0.0
     next_ping: float = 0.0
     ping_out: float | None = None  # when the oldest PING nothing has answered yet went out
     stall_at: float | None = None  # last_heard when a stall was reported; None: no stall
@@ -129,6 +131,15 @@ class SessionCore:
     def heard(self) -> None:
         """Anything arrived from the peer (called for every read)."""
         self.last_heard = self.clock.seconds()
+
+    def reprieve(self) -> None:
+        """
+        Count the dead timeout afresh from now, without pretending the peer
+        was heard (no stall ends): the peer proved alive another way (its
+        fresh tunnel), and this connection may only be waiting for its
+        backed-off retransmission (docs/faults.md).
+        """
+        self.reprieved_at = self.clock.seconds()
 
     def waiter(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
@@ -144,7 +155,8 @@ class SessionCore:
     def check_liveness(self) -> None:
         """Drop a silent peer, ping when due, and schedule the next check."""
         now = self.clock.seconds()
-        if now - self.last_heard >= self.dead_timeout:
+        silent_since = max(self.last_heard, self.reprieved_at)
+        if now - silent_since >= self.dead_timeout:
             self.timer = None
             self.hooks.abort(f"nothing heard from the peer for {now - self.last_heard:.0f}s")
             return
@@ -154,7 +166,7 @@ class SessionCore:
             self.next_ping = now + self.keepalive
             if self.ping_out is None:
                 self.ping_out = now
-        due = min(self.next_ping, self.last_heard + self.dead_timeout)
+        due = min(self.next_ping, silent_since + self.dead_timeout)
         if self.stall_timeout > 0 and self.ping_out is not None and self.stall_at is None:
             due = min(due, self.ping_out + self.stall_timeout)
         assert self.tick is not None

@@ -486,7 +486,8 @@ class ServerTunnel(TunnelProtocol):
         # recover (a stalled link backing off its retransmissions: the
         # agent's fresh tunnel is what replaced it, docs/faults.md).  New
         # streams go to the new tunnel; these run on until they end, and the
-        # dead timeout still drops a tunnel that is really gone.
+        # dead timeout, counted afresh, still drops a tunnel that is really gone.
+        self.outlive_backoff()
         self.drain(self.timing.dead_timeout, ErrorCode.REPLACED, "a newer tunnel registered under this name")
 
     def _fail_opening(self, why: str) -> None:

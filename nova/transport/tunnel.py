@@ -426,6 +426,20 @@ class TunnelProtocol(Protocol):
             self._close_deadline = self.clock.callLater(idle_grace, self._idle_close_expired)
         return done
 
+    def outlive_backoff(self) -> None:
+        """
+        The agent's fresh tunnel replaced this one while it still carries
+        streams: the path works again (the fresh tunnel crossed it), and this
+        connection may only be waiting for a retransmission that TCP's
+        backoff put off, past the dead timeout after a long enough outage.
+        Count the dead timeout afresh, and double the kernel's user timeout:
+        the retransmission it clamped to the old one then goes out instead of
+        ending the connection (docs/faults.md).  A tunnel that is really gone
+        is still dropped, a dead timeout later.
+        """
+        self.core.reprieve()
+        set_user_timeout(self._writer.tcp if self._writer is not None else None, 2 * self.timing.dead_timeout)
+
     # SessionHooks: what the session machine asks of us.
 
     def send_ping(self) -> None:
