@@ -20,7 +20,7 @@ C{ossl_statem_accept} (NOVAS's side) and C{ossl_statem_connect} (NOVAC's):
         python bench/handshake.py --count 200 --mode full
     callgrind_annotate --inclusive=yes cg.out | grep ossl_statem_
 
-This is the measurement behind "TLS session resumption" in bench/RESULTS.md
+This is the measurement behind "TLS session resumption" in bench/HISTORY.md
 (the 10,000-agent section): resumption is not built.
 """
 

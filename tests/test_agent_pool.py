@@ -86,7 +86,7 @@ class DiscoveryDelayTests(SynchronousTestCase):
 
     def test_the_wait_grows_by_a_fifth_once_per_round_of_members(self) -> None:
         # It used to double per round: one agent in a thousand then waited 30 s
-        # per dial within two minutes of a member joining (bench/RESULTS.md).
+        # per dial within two minutes of a member joining (bench/HISTORY.md).
         ceilings = [discovery_delay(1.0, 30.0, n, 3, lambda: 1.0) for n in range(1, 13)]
         expected = [1, 1, 1.2, 1.2, 1.2, 1.44, 1.44, 1.44, 1.728, 1.728, 1.728, 2.074]
         self.assertEqual([round(c, 3) for c in ceilings], expected)

@@ -217,7 +217,7 @@ def new_pool(core: PoolCore) -> Pool:
 # How much the wait after landings on members already held grows per round
 # of M landings (M members named).  Doubling, as after failures, left one
 # agent in a thousand waiting 30 s per dial minutes after a member joined
-# (bench/RESULTS.md, "Cluster"); at 1.2 a run of duplicates still reaches
+# (bench/HISTORY.md, "Cluster"); at 1.2 a run of duplicates still reaches
 # the cap (a sticky balancer: after about 6 minutes and 57 dials), and
 # even at the longest jitter the first minute holds eight rounds of dials
 # (with three members, 24: an agent that misses the one it lacks 24 times
@@ -240,7 +240,7 @@ def discovery_delay(initial: float, cap: float, duplicates: int, members: int, r
     flow hash) and M members, a missing member is reached within about M
     dials.  So the wait grows by L{DUPLICATE_GROWTH} once per round of M
     duplicates, not twofold per duplicate (which left the last of 1,000
-    agents minutes away from a new member: bench/RESULTS.md, "Cluster"), and
+    agents minutes away from a new member: bench/HISTORY.md, "Cluster"), and
     still reaches C{cap}, so a sticky balancer, which never reaches another
     member, is asked at the usual slow rate in the end.  Jittered in
     [1/2, 1] of the ceiling, never zero.

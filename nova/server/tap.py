@@ -44,7 +44,7 @@ BACKLOG = 1024
 # GOAWAY went out if the agent has not closed it by then: an honest agent
 # closes within a round trip, and waiting the full close timeout for every
 # slow one held a restart of a server with 10,000 agents for 25-63 s
-# (bench/RESULTS.md).  The GOAWAY is written before the drop, so the agent
+# (bench/HISTORY.md).  The GOAWAY is written before the drop, so the agent
 # still learns that the server is restarting.
 SHUTDOWN_IDLE_GRACE = 1.0
 

@@ -22,7 +22,7 @@ from nova.transport.private import fast_tcp, transports, unwrap_endpoint
 # 64 KiB): fewer, larger reads when a lot is waiting.  Twisted also pauses a
 # connection's producer once this much waits in its write buffer, so it
 # bounds what a slow local reader holds there too; 256 KiB moved no more
-# data than 128 KiB (bench/RESULTS.md).
+# data than 128 KiB (bench/HISTORY.md).
 READ_SIZE = 128 * 1024
 
 
