@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from report import _number
+from suite import Params, make_rows
 
 Run = dict[str, Any]
 COLUMNS = ("nova", "ssh", "go", "ratio", "ratio_go")
@@ -45,8 +46,6 @@ def rejudge(run: Run) -> None:
     recorded before a bar changed are summarised alike.  A run without its
     parameters (or with ones this version does not know) keeps its own.
     """
-    from suite import Params, make_rows
-
     try:
         current = make_rows(Params(**run["params"]))
     except (KeyError, TypeError):
