@@ -441,6 +441,16 @@ class LifeCycleTests(SynchronousTestCase):
         tunnel.dataReceived(b"".join(encode(make_auth(TOKEN, hello.nonce, b"", name, (), 65536))))  # type: ignore[union-attr]
         return tunnel, transport
 
+    def _user_stream(self, tunnel: Any, transport: StringTransport) -> tuple[Any, int, Protocol]:
+        """A stream the agent accepted on C{tunnel}, with a user's connection on it: (stream, its id, the user)."""
+        d = tunnel.open_stream("db.internal", 5432)
+        [open_] = [f for f in self._frames(transport) if isinstance(f, Open)]
+        tunnel.dataReceived(b"".join(encode(OpenOk(open_.stream_id))))
+        stream = self.successResultOf(d)
+        user = Protocol()
+        stream.makeConnection(user)
+        return stream, open_.stream_id, user
+
     def _frames(self, transport: StringTransport) -> list[Any]:
         frames = FrameDecoder().feed(transport.value())
         transport.clear()
@@ -497,12 +507,7 @@ class LifeCycleTests(SynchronousTestCase):
         clock = Clock()
         context = server_context(clock, token=TOKEN, tls=False)
         old, old_transport = self._register(context, "db-agent")
-        d = old.open_stream("db.internal", 5432)
-        [open_] = [f for f in self._frames(old_transport) if isinstance(f, Open)]
-        old.dataReceived(b"".join(encode(OpenOk(open_.stream_id))))
-        stream = self.successResultOf(d)
-        user = Protocol()
-        stream.makeConnection(user)
+        stream, stream_id, user = self._user_stream(old, old_transport)
         waiting = old.open_stream("cache.internal", 6379)
         self._frames(old_transport)
         new, new_transport = self._register(context, "db-agent")
@@ -517,7 +522,7 @@ class LifeCycleTests(SynchronousTestCase):
         # The link comes back: the open stream still carries bytes both ways.
         received: list[bytes] = []
         user.dataReceived = received.append  # type: ignore[method-assign,assignment]
-        old.dataReceived(b"".join(encode(Data(open_.stream_id, b"late but whole"))))
+        old.dataReceived(b"".join(encode(Data(stream_id, b"late but whole"))))
         self.assertEqual(b"".join(received), b"late but whole")
         stream.write(b"answer")
         clock.advance(0)
@@ -530,10 +535,7 @@ class LifeCycleTests(SynchronousTestCase):
         clock = Clock()
         context = server_context(clock, token=TOKEN, tls=False)
         old, old_transport = self._register(context, "db-agent")
-        d = old.open_stream("db.internal", 5432)
-        [open_] = [f for f in self._frames(old_transport) if isinstance(f, Open)]
-        old.dataReceived(b"".join(encode(OpenOk(open_.stream_id))))
-        self.successResultOf(d).makeConnection(Protocol())
+        self._user_stream(old, old_transport)
         self._register(context, "db-agent")
         clock.advance(LIVE_NAME_PROBE)
         self.assertFalse(old_transport.disconnecting)
@@ -561,10 +563,7 @@ class LifeCycleTests(SynchronousTestCase):
         context = server_context(clock, token=TOKEN, tls=False)
         old, old_transport = self._register(context, "db-agent")
         dead = old.timing.dead_timeout
-        d = old.open_stream("db.internal", 5432)
-        [open_] = [f for f in self._frames(old_transport) if isinstance(f, Open)]
-        old.dataReceived(b"".join(encode(OpenOk(open_.stream_id))))
-        self.successResultOf(d).makeConnection(Protocol())
+        self._user_stream(old, old_transport)
         clock.advance(dead - 5)  # silent from here on
         user_timeouts.clear()
         self._register(context, "db-agent")
