@@ -118,13 +118,10 @@ class EntryConnection(Pipe):
         self.watch: StreamWatch | None = None
         self._early: EarlyData | None = None
 
-    def dataReceived(self, data: bytes) -> None:
-        if self.peer is None:
-            # Read before the stream is open: only while an agent takes data after OPEN.
-            if self._early is not None:
-                self._early.write(data)
-            return
-        self.parts_received([data])
+    def unspliced_data(self, data: bytes) -> None:
+        # Read before the stream is open: only while an agent takes data after OPEN.
+        if self._early is not None:
+            self._early.write(data)
 
     def open_stream(self, endpoint: TunnelEndpoint, watch: StreamWatch, early: bool = False) -> None:
         """

@@ -135,9 +135,11 @@ class SocksClient(EntryConnection):
             self._auth_wait.cancel()
         self._auth_wait = None
 
-    def dataReceived(self, data: bytes) -> None:
+    def unspliced_data(self, data: bytes) -> None:
+        # Until the stream is spliced: the SOCKS negotiation, then (early
+        # data) what the user sends while the stream opens.
         if self._negotiation.state is State.DONE:
-            super().dataReceived(data)
+            super().unspliced_data(data)
             return
         self._feed(data)
 

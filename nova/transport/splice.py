@@ -48,6 +48,17 @@ class Pipe(Protocol):
                 write_tcp(peer._tcp, data)
             elif peer.transport is not None:
                 peer.transport.write(data)
+        else:
+            self.unspliced_data(data)
+
+    def unspliced_data(self, data: bytes) -> None:
+        """
+        Bytes read before this pipe was spliced (a subclass that reads
+        before, a user's connection at an entry point, say, takes them
+        here; once spliced, L{dataReceived} relays with no call of a
+        subclass in between).  By default they are dropped: a pipe's
+        transport is paused until it is spliced.
+        """
 
     def parts_received(self, parts: list[bytes]) -> None:
         """L{dataReceived} for the concatenation of C{parts}."""
