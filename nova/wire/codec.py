@@ -76,78 +76,78 @@ class FrameDecoder:
             raise self._error
         if not isinstance(data, bytes):
             data = bytes(data)
+        # The loop runs for every read of every tunnel: it is written out
+        # here rather than behind a call of its own, and a protocol error
+        # is caught around it (free in CPython until raised).
         try:
-            self._feed_into(data, on_data, on_frame)
+            buf = self._buffer
+            pos, end = 0, len(data)
+            header = self._header
+            while True:
+                if header is None:
+                    if buf:
+                        take = HEADER_SIZE - len(buf)
+                        buf += data[pos : pos + take]
+                        pos += take
+                        if len(buf) < HEADER_SIZE:
+                            return
+                        version, type_byte, _flags, reserved, stream_id, length = HEADER.unpack(buf)
+                        buf.clear()
+                    elif end - pos >= HEADER_SIZE:
+                        version, type_byte, _flags, reserved, stream_id, length = HEADER.unpack_from(data, pos)
+                        pos += HEADER_SIZE
+                    else:
+                        if pos < end:
+                            buf += data[pos:]
+                        return
+                    if type_byte == _DATA_BYTE and version == VERSION and stream_id and 0 < length <= MAX_DATA_PAYLOAD:
+                        frame_type = _DATA
+                    else:
+                        frame_type = check_header(version, type_byte, stream_id, length, self.max_version)
+                        if frame_type is _DATA:
+                            raise ProtocolError("empty DATA frame")
+                        self._layout = (version, reserved)
+                    header = self._header = (frame_type, stream_id, length)
+                else:
+                    frame_type, stream_id, length = header
+                avail = end - pos
+                if frame_type is _DATA:
+                    need = length - self._have
+                    if avail < need:
+                        if avail:
+                            self._pieces.append(data if avail == end else data[pos:])
+                            self._have += avail
+                        return
+                    piece = data if need == end else data[pos : pos + need]
+                    pos += need
+                    pieces = self._pieces
+                    if pieces:
+                        pieces.append(piece)
+                        self._pieces, self._have = [], 0
+                    else:
+                        pieces = [piece]
+                    header = self._header = None
+                    if not on_data(stream_id, pieces, length):
+                        return
+                else:
+                    if not buf and avail >= length:
+                        payload = data[pos : pos + length]
+                        pos += length
+                    else:
+                        take = length - len(buf)
+                        buf += data[pos : pos + take]
+                        pos += take
+                        if len(buf) < length:
+                            return
+                        payload = bytes(buf)
+                        buf.clear()
+                    header = self._header = None
+                    if not on_frame(parse_payload(frame_type, stream_id, payload, *self._layout)):
+                        return
+                if pos >= end:
+                    return
         except ProtocolError as e:
             self._error = e
             self._buffer.clear()
             self._pieces, self._have = [], 0
             raise
-
-    def _feed_into(self, data: bytes, on_data: DataSink, on_frame: FrameSink) -> None:
-        buf = self._buffer
-        pos, end = 0, len(data)
-        header = self._header
-        while True:
-            if header is None:
-                if buf:
-                    take = HEADER_SIZE - len(buf)
-                    buf += data[pos : pos + take]
-                    pos += take
-                    if len(buf) < HEADER_SIZE:
-                        return
-                    version, type_byte, _flags, reserved, stream_id, length = HEADER.unpack(buf)
-                    buf.clear()
-                elif end - pos >= HEADER_SIZE:
-                    version, type_byte, _flags, reserved, stream_id, length = HEADER.unpack_from(data, pos)
-                    pos += HEADER_SIZE
-                else:
-                    if pos < end:
-                        buf += data[pos:]
-                    return
-                if type_byte == _DATA_BYTE and version == VERSION and stream_id and 0 < length <= MAX_DATA_PAYLOAD:
-                    frame_type = _DATA
-                else:
-                    frame_type = check_header(version, type_byte, stream_id, length, self.max_version)
-                    if frame_type is _DATA:
-                        raise ProtocolError("empty DATA frame")
-                    self._layout = (version, reserved)
-                header = self._header = (frame_type, stream_id, length)
-            else:
-                frame_type, stream_id, length = header
-            avail = end - pos
-            if frame_type is _DATA:
-                need = length - self._have
-                if avail < need:
-                    if avail:
-                        self._pieces.append(data if avail == end else data[pos:])
-                        self._have += avail
-                    return
-                piece = data if need == end else data[pos : pos + need]
-                pos += need
-                pieces = self._pieces
-                if pieces:
-                    pieces.append(piece)
-                    self._pieces, self._have = [], 0
-                else:
-                    pieces = [piece]
-                header = self._header = None
-                if not on_data(stream_id, pieces, length):
-                    return
-            else:
-                if not buf and avail >= length:
-                    payload = data[pos : pos + length]
-                    pos += length
-                else:
-                    take = length - len(buf)
-                    buf += data[pos : pos + take]
-                    pos += take
-                    if len(buf) < length:
-                        return
-                    payload = bytes(buf)
-                    buf.clear()
-                header = self._header = None
-                if not on_frame(parse_payload(frame_type, stream_id, payload, *self._layout)):
-                    return
-            if pos >= end:
-                return
