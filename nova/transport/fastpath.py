@@ -285,20 +285,37 @@ class FrameWriter:
                 tls.writeSequence(parts)
                 return
         conn = tls._tlsConnection
-        if _encrypt(tls, conn, record_chunks(parts)):
-            _drain_bio(conn, tls.transport, self.tcp)
+        if len(parts) == 2 and len(parts[0]) + len(parts[1]) <= _RECORD:
+            # One frame that fits one record (a request, a reply): joined,
+            # encrypted and sent here; record_chunks, _encrypt and
+            # _drain_bio would do the same with three calls more.
+            chunk = b"".join(parts)
+            size = len(chunk)
+            n = _SSL_write(conn._ssl, chunk, size)
+            if n != size and not _encrypt(tls, conn, [chunk[n:]] if n > 0 else [chunk], n):
+                return
+        elif not _encrypt(tls, conn, record_chunks(parts)):
+            return
+        n = _BIO_read(conn._from_ssl, _OUT, _OUT_SIZE)
+        if n > 0:
+            _send_bio(conn, tls.transport, self.tcp, n)
 
 
-def _encrypt(tls: Any, conn: Any, chunks: list[Buffer]) -> bool:
+def _encrypt(tls: Any, conn: Any, chunks: list[Buffer], failed: int | None = None) -> bool:
     """
     C{chunks} through C{SSL_write}, in order, as C{TLSMemoryBIOProtocol}
     would: what OpenSSL cannot take before the peer speaks is buffered by
-    Twisted; False if the connection failed (Twisted was told).
+    Twisted; False if the connection failed (Twisted was told).  C{failed}:
+    what C{SSL_write} just returned for the first chunk, if it was not
+    written at all (its error is raised and handled here).
     """
     ssl = conn._ssl
     for i, chunk in enumerate(chunks):
         size, done = len(chunk), 0
         try:
+            if failed is not None:
+                code, failed = failed, None
+                conn._raise_ssl_error(ssl, code)
             while done < size:
                 # SSL_write itself (pyOpenSSL's send() costs three calls
                 # more); a failure is raised as pyOpenSSL raises it.
@@ -323,18 +340,25 @@ def _drain_bio(conn: Any, transport: Any, t: tcp.Connection | None) -> None:
     (Twisted's C{_flushSendBIO}, without an exception when there is nothing
     and without a copy when the socket takes it all at once).
     """
+    n = _BIO_read(conn._from_ssl, _OUT, _OUT_SIZE)
+    if n > 0:
+        _send_bio(conn, transport, t, n)
+
+
+def _send_bio(conn: Any, transport: Any, t: tcp.Connection | None, n: int) -> None:
+    """The C{n} bytes just read from the memory BIO into the shared buffer, then the rest of it, to C{transport}."""
     bio = conn._from_ssl
     out = _OUT
     while True:
-        n = _BIO_read(bio, out, _OUT_SIZE)
-        if n <= 0:
-            return
         view = _ffi_buffer(out, n)
         if t is not None:
             write_tcp(t, view)  # what is not sent at once is copied out of the shared buffer
         else:
             transport.write(view[:])
         if n < _OUT_SIZE:
+            return
+        n = _BIO_read(bio, out, _OUT_SIZE)
+        if n <= 0:
             return
 
 
@@ -380,22 +404,38 @@ def fast_tls_receive(tls: Any, t: tcp.Connection | None) -> None:
         if _BIO_write(conn._into_ssl, data, len(data)) <= 0:
             conn.bio_write(data)  # pyOpenSSL raises what went wrong
         ssl = conn._ssl
-        begin()
-        try:
-            while not tls._lostTLSConnection:
-                n = _SSL_read(ssl, buf, _RECORD)
-                if n <= 0:
-                    if _SSL_get_error(ssl, n) != _WANT_READ:
-                        tls._flushReceiveBIO()  # Twisted raises it and handles it
-                        return
-                    break
-                chunk = _ffi_buffer(buf, n)[:]
-                if not tls._aborted:
+        # Every record this read completed, then handed over: one record (a
+        # request, a reply) to the protocol alone, which makes its own
+        # batch of it; several as one read batch (begin .. end).
+        records = []
+        failed = False
+        while True:
+            n = _SSL_read(ssl, buf, _RECORD)
+            if n <= 0:
+                failed = _SSL_get_error(ssl, n) != _WANT_READ
+                break
+            records.append(_ffi_buffer(buf, n)[:])
+        if len(records) == 1:
+            if not tls._aborted:
+                deliver(records[0])
+        elif records:
+            begin()
+            try:
+                for chunk in records:
+                    if tls._lostTLSConnection or tls._aborted:
+                        break
                     deliver(chunk)
-        finally:
-            end()
+            finally:
+                end()
+        if failed:
+            tls._flushReceiveBIO()  # Twisted raises what went wrong (a close_notify, say) and handles it
+            return
         if tls.transport is not None:
-            _drain_bio(conn, tls.transport, t)
+            # _drain_bio(), whose first read is inline: after a read there is
+            # most often nothing to send.
+            n = _BIO_read(conn._from_ssl, _OUT, _OUT_SIZE)
+            if n > 0:
+                _send_bio(conn, tls.transport, t, n)
 
     tls.dataReceived = data_received
     private.unwrap_endpoint(t, tls)
