@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from OpenSSL import SSL
 
-from nova.transport import fastpath
+from nova.transport import fastpath, private
 from nova.transport.fastpath import FrameWriter
 
 HEADER = b"H" * 12
@@ -70,7 +70,7 @@ class FakeOpenSSL:
         self.pending = b""
 
     def SSL_write(self, ssl: object, data: Any, size: int) -> int:
-        data = bytes(fastpath._ffi_buffer(data, size)) if not isinstance(data, bytes) else data[:size]
+        data = bytes(private.ffi_buffer(data, size)) if not isinstance(data, bytes) else data[:size]
         result = self.results.pop(0) if self.results else None
         n = size if result is None else result
         self.calls.append(data)
@@ -81,7 +81,7 @@ class FakeOpenSSL:
     def BIO_read(self, bio: object, out: Any, size: int) -> int:
         n = min(size, len(self.pending))
         if n:
-            fastpath._ffi_buffer(out, n)[:] = self.pending[:n]
+            private.ffi_buffer(out, n)[:] = self.pending[:n]
             self.pending = self.pending[n:]
         return n
 

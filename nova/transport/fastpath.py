@@ -373,6 +373,20 @@ def _read_batches(protocol: object) -> tuple[Callable[[], None], Callable[[], No
     return _nothing, _nothing
 
 
+def _deliver_batch(
+    tls: Any, records: list[bytes], deliver: Callable[[bytes], None], begin: Callable[[], None], end: Callable[[], None]
+) -> None:
+    """The records of one read, to the protocol as one read batch (L{ReadBatches}), while the connection lasts."""
+    begin()
+    try:
+        for chunk in records:
+            if tls._lostTLSConnection or tls._aborted:
+                break
+            deliver(chunk)
+    finally:
+        end()
+
+
 def fast_tls_receive(tls: Any, t: tcp.Connection | None) -> None:
     """
     Make C{tls} (a C{TLSMemoryBIOProtocol}) read its records with OpenSSL
@@ -419,14 +433,7 @@ def fast_tls_receive(tls: Any, t: tcp.Connection | None) -> None:
             if not tls._aborted:
                 deliver(records[0])
         elif records:
-            begin()
-            try:
-                for chunk in records:
-                    if tls._lostTLSConnection or tls._aborted:
-                        break
-                    deliver(chunk)
-            finally:
-                end()
+            _deliver_batch(tls, records, deliver, begin, end)
         if failed:
             tls._flushReceiveBIO()  # Twisted raises what went wrong (a close_notify, say) and handles it
             return
