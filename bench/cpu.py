@@ -31,6 +31,7 @@ minute.
 from __future__ import annotations
 
 import argparse
+import json
 import pstats
 import re
 import shutil
@@ -76,6 +77,17 @@ class Profiled(Side):
     def argv(self, argv: Sequence[str]) -> list[str]:
         name = "novas" if "novas" in argv else "novac"
         return [argv[0], "-m", "cProfile", "-o", f"{self.out_dir}/{name}.prof", *argv[1:]]
+
+
+@dataclass(frozen=True)
+class Traced(Side):
+    """A side that runs a Python program under L{opcount} (counts written at exit to OUT_DIR/PROGRAM.json)."""
+
+    out_dir: str = ""
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        name = "novas" if "novas" in argv else "novac"
+        return [argv[0], str(Path(__file__).with_name("opcount.py")), f"{self.out_dir}/{name}.json", *argv[1:]]
 
 
 def control(pid: int, *args: str) -> None:
@@ -222,6 +234,43 @@ def calls(work: Path, requests: int, warmup: int, top: int, fresh: bool = False)
             print(f"  {c:6.2f} {t:7.2f}  {key[2]} {where}")
 
 
+Counts = dict[str, dict[str, float]]
+
+
+def opcodes(work: Path, requests: int, warmup: int, fresh: bool = False) -> dict[str, tuple[Counts, Counts]]:
+    """
+    Per request and side, the bytecode instructions executed and the
+    Python calls made in each package's frames, and in each function's
+    (L{opcount}): a run of C{warmup} requests subtracted from a run of
+    C{warmup + requests}.
+    """
+    runs = []
+    for n in (0, requests):
+        d = work / f"opcodes-{n}"
+        d.mkdir()
+        measure(d, max(n, 1), warmup, Traced(out_dir=str(d)), fresh)
+        runs.append({name: json.loads((d / f"{name}.json").read_text()) for name in ("novas", "novac")})
+    result: dict[str, tuple[Counts, Counts]] = {}
+    for name in ("novas", "novac"):
+        base, full = runs[0][name], runs[1][name]
+        packages = {
+            package: {
+                what: (counts[what] - base["packages"].get(package, {}).get(what, 0)) / (requests - 1)
+                for what in ("opcodes", "calls")
+            }
+            for package, counts in sorted(full["packages"].items())
+        }
+        functions = {
+            function: {
+                "opcodes": (ops - base["functions"].get(function, (0, 0))[0]) / (requests - 1),
+                "calls": (n - base["functions"].get(function, (0, 0))[1]) / (requests - 1),
+            }
+            for function, (ops, n) in full["functions"].items()
+        }
+        result[name.upper()] = (packages, {f: c for f, c in functions.items() if c["opcodes"] >= 0.5})
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     parser.add_argument("--requests", type=int, default=2000)
@@ -231,6 +280,11 @@ def main() -> None:
         "--calls",
         action="store_true",
         help="instead: Python function calls and cProfile time per request, by function (no valgrind)",
+    )
+    parser.add_argument(
+        "--opcodes",
+        action="store_true",
+        help="instead: bytecode instructions and Python calls per request in each package's code (no valgrind)",
     )
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument(
@@ -246,6 +300,16 @@ def main() -> None:
     try:
         if args.calls:
             calls(work, args.requests, args.warmup, args.top, args.connections)
+            return
+        if args.opcodes:
+            how = "each on a new connection" if args.connections else "one connection"
+            print(f"bytecode instructions and Python calls per request by package ({args.requests} GETs, {how}):")
+            for side, (packages, functions) in opcodes(work, args.requests, args.warmup, args.connections).items():
+                cells = ", ".join(f"{p} {v['opcodes']:,.0f} ({v['calls']:,.0f} calls)" for p, v in packages.items())
+                print(f"  {side}: {cells}")
+                ranked = sorted(functions.items(), key=lambda kv: -kv[1]["opcodes"])[: args.top]
+                for function, v in ranked:
+                    print(f"    {v['opcodes']:8,.1f} {v['calls']:6.2f}  {function}")
             return
         result = measure(work, args.requests, args.warmup, Callgrind(out_dir=str(work)), args.connections)
     finally:

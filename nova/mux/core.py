@@ -487,7 +487,15 @@ class Multiplexer:
             raise RuntimeError("write after the stream's write side was closed")
         s.outbox.append(data)
         s.outbox_bytes += len(data)
-        self._schedule(s)
+        if not s.scheduled:
+            # _schedule(s), whose common case is inline: this runs for every write.
+            if s.opened and s.send_window > 0 and not s.local_closed:
+                s.scheduled = True
+                if self._ready is None:
+                    self._ready = deque()
+                self._ready.append(stream_id)
+            else:
+                self._schedule(s)
         return s.outbox_bytes
 
     def close_send(self, stream_id: int) -> None:
@@ -525,12 +533,18 @@ class Multiplexer:
         if not s.remote_closed:
             s.unreturned += n
             if self._tuning and now is not None:
-                self._tune(s, n, now)
+                if now - s.last_take < IDLE_SHRINK and s.epoch_bytes + n < s.target and s.target == s.window:
+                    # _tune's common case, inline: mid-epoch, nothing to grow or shrink.
+                    s.epoch_bytes += n
+                    s.last_take = now
+                else:
+                    self._tune(s, n, now)
             if s.unreturned >= s.window // 2:
                 s.recv_window += s.unreturned
                 self._queue(WindowUpdate(stream_id, s.unreturned))
                 s.unreturned = 0
-        self._forget_if_done(s)
+        elif s.local_closed and not inbox:
+            self._drop(stream_id)  # _forget_if_done(s): both ways ended and all taken
         return chunks
 
     def _tune(self, s: _Stream, n: int, now: float) -> None:
@@ -648,7 +662,8 @@ class Multiplexer:
                 continue
             if n:
                 taken += n
-                self._schedule(s)
+                if s.outbox or s.fin_wanted:  # else _schedule would not schedule it
+                    self._schedule(s)
             else:
                 fins.append(s.stream_id)
         if ready is not None and not ready:

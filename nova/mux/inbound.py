@@ -122,7 +122,17 @@ class InboundDelivery:
 
     def end_read(self) -> None:
         """The frames announced by L{begin_read} have all been decoded."""
-        self._deliver_arrived()
+        arrived = self.arrived
+        if arrived:
+            if len(arrived) == 1:
+                # One stream had DATA (a request, a reply): told here,
+                # without _deliver_arrived's ordering.
+                stream_id, _ = arrived.popitem()
+                stream = self._streams.get(stream_id)
+                if stream is not None:
+                    stream.data_available()
+            if arrived:
+                self._deliver_arrived()
         self.arrived = None
         self._hooks.read_ended()
 

@@ -129,7 +129,7 @@ class SessionCore:
     tick: Callable[[], None] | None = None
 
     def heard(self) -> None:
-        """Anything arrived from the peer (called for every read)."""
+        """Anything arrived from the peer (the tunnel does the same inline, for every read)."""
         self.last_heard = self.clock.seconds()
 
     def reprieve(self) -> None:

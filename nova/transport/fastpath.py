@@ -298,7 +298,11 @@ class FrameWriter:
             return
         n = _BIO_read(conn._from_ssl, _OUT, _OUT_SIZE)
         if n > 0:
-            _send_bio(conn, tls.transport, self.tcp, n)
+            t = self.tcp
+            if t is not None and n < _OUT_SIZE:
+                write_tcp(t, _ffi_buffer(_OUT, n))  # _send_bio's common case: all of it, in one send
+            else:
+                _send_bio(conn, tls.transport, t, n)
 
 
 def _encrypt(tls: Any, conn: Any, chunks: list[Buffer], failed: int | None = None) -> bool:

@@ -95,7 +95,9 @@ class OutboundScheduler:
     ) -> None:
         self.clock = clock
         self._streams = streams
-        self._after_flush = after_flush  # the tunnel re-checks whether to read from the peer
+        # The tunnel re-checks whether to read from the peer (only while the
+        # transport pushes back or reading is held: see reading_held).
+        self._after_flush = after_flush
         self.mux: Multiplexer | None = None
         self.writer: FrameWriter | None = None
         self.paused = False  # the transport pushes back
@@ -104,12 +106,20 @@ class OutboundScheduler:
         # Streams whose producer waits for their queue to drain.
         self.blocked: set[int] = set()
         self.quantum = QUANTUM
-        self._active: dict[int, float] = {}
-        self._active_checked = 0.0
+        # The streams that moved data lately, and when the set is next
+        # recounted (L{note_active}).  Public for the tunnel's per-write
+        # and per-read fast path: while a stream is in C{active} and no
+        # recount is due, noting it is only C{active[stream_id] = now}.
+        self.active: dict[int, float] = {}
+        self.recount_at = 0.0
+        # The tunnel stopped reading from the peer (nova.transport.tunnel):
+        # after a flush it is asked whether to read again, as it is while
+        # the transport pushes back; otherwise nothing can have changed.
+        self.reading_held = False
         self.flushing = False
         self._flush_again = False
         self.flush_call: IDelayedCall | None = None
-        self._flushed_at = 0.0
+        self.flushed_at = 0.0  # when the last flush ended (the quiet-time rule, flush_soon; read inline by the tunnel)
 
     def note_active(self, stream_id: int, now: float) -> int:
         """
@@ -120,11 +130,11 @@ class OutboundScheduler:
         and a stream that becomes active hears of it then: idle streams cost
         nothing.
         """
-        active = self._active
+        active = self.active
         fresh = stream_id not in active
         active[stream_id] = now
-        if now - self._active_checked >= RECOUNT_EVERY:
-            self._active_checked = now
+        if now >= self.recount_at:
+            self.recount_at = now + RECOUNT_EVERY
             cutoff = now - ACTIVE_WINDOW
             for sid in [sid for sid, seen in active.items() if seen < cutoff]:
                 del active[sid]
@@ -163,7 +173,7 @@ class OutboundScheduler:
             return
         if now is None:
             now = self.clock.seconds()
-        if not self.flushing and now - self._flushed_at >= QUIET:
+        if not self.flushing and now - self.flushed_at >= QUIET:
             self.flush()
         else:
             self.flush_call = self.clock.callLater(0, self._flush_now)
@@ -212,10 +222,11 @@ class OutboundScheduler:
                     break
         finally:
             self.flushing = False
-            self._flushed_at = self.clock.seconds()
+            self.flushed_at = self.clock.seconds()
         if mux.has_output() and not self.paused and not self.closed and self.flush_call is None:
             self.flush_call = self.clock.callLater(0, self._flush_now)
-        self._after_flush()
+        if self.paused or self.reading_held:
+            self._after_flush()
 
     def stop(self) -> None:
         """The connection is gone: nothing more is written."""

@@ -78,7 +78,7 @@ from nova.mux.lifecycle import (
     start_session,
 )
 from nova.transport.fastpath import FrameWriter, set_notsent_lowat, set_user_timeout
-from nova.transport.outbound import TUNNEL_READ, OutboundScheduler
+from nova.transport.outbound import QUIET, TUNNEL_READ, OutboundScheduler
 from nova.transport.splice import no_delay, read_size
 from nova.transport.stream import StreamAddress, StreamTransport
 from nova.wire.codec import FrameDecoder
@@ -128,6 +128,7 @@ class TunnelProtocol(Protocol):
 
     def __init__(self, clock: IReactorTime, local_window: int, timing: Timing, max_window: int) -> None:
         self.clock = clock
+        self._seconds = clock.seconds  # read for every read and write
         self.local_window = local_window
         # Streams' receive windows grow up to this (see nova.mux.core).
         self.max_window = max_window
@@ -214,21 +215,26 @@ class TunnelProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
-        self.core.heard()
+        # self.core.heard() and inbound.begin_read(), inline: this runs for
+        # every read of every tunnel.
+        self.core.last_heard = self._seconds()
         if self.mux is None:
             self._handshake_received(data)
             return
         inbound = self.inbound
-        batch = inbound.arrived is None
-        if batch:
-            inbound.begin_read()
+        if inbound.arrived is not None:  # inside a read batch (fast_tls_receive's): it ends it
+            try:
+                self._decoder.feed_into(data, inbound.data_received, inbound.frame_received)
+            except ProtocolError as e:
+                self.protocol_error(e)
+            return
+        inbound.arrived = {}
         try:
             self._decoder.feed_into(data, inbound.data_received, inbound.frame_received)
         except ProtocolError as e:
             self.protocol_error(e)
         finally:
-            if batch:
-                inbound.end_read()
+            inbound.end_read()
 
     def _handshake_received(self, data: bytes) -> None:
         """Bytes before registration: handshake frames, then whatever followed in the same read."""
@@ -262,7 +268,8 @@ class TunnelProtocol(Protocol):
         """A read batch was delivered: send what it made ready; read on or not (module docstring)."""
         if self.mux is not None and self.mux.has_output():
             self.outbound.flush_soon()
-        self._update_reading()
+        if self.outbound.paused or self.reading_paused:  # else _update_reading has nothing to change
+            self._update_reading()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self.closed = self._lost = True
@@ -540,13 +547,22 @@ class TunnelProtocol(Protocol):
         assert mux is not None
         queued = mux.send(stream_id, data)
         outbound = self.outbound
-        now = self.clock.seconds()
-        outbound.note_active(stream_id, now)
+        now = self._seconds()
+        # outbound.note_active(stream_id, now), whose common case is inline
+        # here and in read_data: these run for every write and every read.
+        if stream_id in outbound.active and now < outbound.recount_at:
+            outbound.active[stream_id] = now
+        else:
+            outbound.note_active(stream_id, now)
         if queued >= high_water:
             outbound.flush()
             queued = mux.outbox_bytes(stream_id)
         elif outbound.flush_call is None:
-            outbound.flush_soon(now)
+            # outbound.flush_soon(now), inline: at once on a quiet tunnel.
+            if now - outbound.flushed_at >= QUIET and not outbound.flushing and not outbound.closed:
+                outbound.flush()
+            else:
+                outbound.flush_soon(now)
         return queued
 
     def end_stream(self, stream_id: int) -> None:
@@ -563,10 +579,14 @@ class TunnelProtocol(Protocol):
         mux = self.mux
         if mux is None:
             return []
-        now = self.clock.seconds()
+        now = self._seconds()
         chunks = mux.take_upto(stream_id, limit, now if mux.max_window > mux.local_window else None)
         if chunks:
-            self.outbound.note_active(stream_id, now)
+            outbound = self.outbound
+            if stream_id in outbound.active and now < outbound.recount_at:  # note_active, inline (write_data)
+                outbound.active[stream_id] = now
+            else:
+                outbound.note_active(stream_id, now)
         return chunks
 
     def data_consumed(self, stream_id: int) -> int:
@@ -575,7 +595,9 @@ class TunnelProtocol(Protocol):
             return 0
         if mux.rtt_wanted:
             self.probe_rtt()
-        if mux.has_output():
+        # Inside a read batch (arrived is set until its end) the batch's end
+        # sends what is ready (read_ended); outside one, send it now.
+        if self.inbound.arrived is None and mux.has_output():
             self.outbound.flush_soon()
         return mux.inbox_bytes(stream_id)
 
@@ -602,7 +624,7 @@ class TunnelProtocol(Protocol):
         hold = self.outbound.paused and mux.queued_replies >= READ_PAUSE_REPLIES
         if hold == self.reading_paused:
             return
-        self.reading_paused = hold
+        self.reading_paused = self.outbound.reading_held = hold
         if hold:
             self.transport.pauseProducing()  # type: ignore[attr-defined]
             if not self._pause_logged:
