@@ -535,3 +535,55 @@ def test_data_pieces_across_reads_are_one_frame() -> None:
     decoder.feed_into(reads[-1], on_data, on_frame)
     assert handed[1] == (4, [b"z"], 1)
     assert handed[1][1][0] is reads[-1]
+
+
+# A read that is exactly one frame (the fast path) --------------------------------
+
+
+@FAST
+@given(
+    type_byte=st.one_of(st.just(int(FrameType.DATA)), st.integers(0, 255)),
+    version=st.one_of(st.just(1), st.integers(0, 255)),
+    stream_id=st.one_of(st.just(0), st.integers(1, 9), st.integers(1, 2**32 - 1)),
+    payload=st.one_of(st.binary(min_size=1, max_size=300), st.just(b"")),
+    declared=st.one_of(st.none(), st.integers(0, MAX_DATA_PAYLOAD + 2)),
+    reserved=st.integers(0, 255),
+    flags=st.integers(0, 255),
+)
+def test_a_read_that_is_one_whole_frame_decodes_as_the_model_says(
+    type_byte: int, version: int, stream_id: int, payload: bytes, declared: int | None, reserved: int, flags: int
+) -> None:
+    # A read that holds exactly one header and the payload it announces is
+    # decoded without the general loop; anything else (another version or
+    # type, a length that does not match the read) takes the loop.  Both
+    # must agree with the model, errors included, and leave nothing behind.
+    length = len(payload) if declared is None else declared
+    read = header(type_byte, stream_id % 2**32, length, version, flags, reserved) + payload
+    expected, error = reference(read)
+    decoder, got = FrameDecoder(), Collector()
+    try:
+        got.feed(decoder, read)
+    except ProtocolError as e:
+        assert error is not None and type(e) is type(error), (e, error)
+        return
+    assert error is None, error
+    assert got.frames == expected
+    if expected and isinstance(expected[0], Data) and len(expected) == 1 and decoder.buffered == 0:
+        assert got.pieces == [[payload]]  # the payload as one piece: a slice of the read, joined nowhere
+
+
+def test_a_callback_that_raises_a_protocol_error_kills_the_decoder_on_a_whole_frame_read() -> None:
+    # The whole-frame read is decoded inside the same guard as the loop: a
+    # protocol error raised by the callback (DATA for a stream never opened,
+    # say) leaves the decoder dead, as the protocol says.
+    decoder = FrameDecoder()
+
+    def refuse(stream_id: int, pieces: list[bytes], length: int) -> bool:
+        raise ProtocolError(f"DATA for stream {stream_id}, which was never opened")
+
+    read = wire(Data(5, b"hello"))
+    with pytest.raises(ProtocolError):
+        decoder.feed_into(read, refuse, lambda frame: True)
+    with pytest.raises(ProtocolError, match="never opened"):
+        decoder.feed_into(wire(Data(1, b"x")), lambda *a: True, lambda frame: True)
+    assert decoder.buffered == 0

@@ -80,6 +80,20 @@ class FrameDecoder:
         # here rather than behind a call of its own, and a protocol error
         # is caught around it (free in CPython until raised).
         try:
+            if self._header is None and not self._buffer and len(data) > HEADER_SIZE:
+                # The read is exactly one whole DATA frame (a request, a reply):
+                # the loop below would decode it the same way, with four times
+                # the bytecode.
+                version, type_byte, _flags, _reserved, stream_id, length = HEADER.unpack_from(data)
+                if (
+                    type_byte == _DATA_BYTE
+                    and length == len(data) - HEADER_SIZE
+                    and version == VERSION
+                    and stream_id
+                    and length <= MAX_DATA_PAYLOAD
+                ):
+                    on_data(stream_id, [data[HEADER_SIZE:]], length)
+                    return
             buf = self._buffer
             pos, end = 0, len(data)
             header = self._header
