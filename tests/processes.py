@@ -35,11 +35,14 @@ ADMIN_TOKEN = "integration-admin-token-91b2"
 class Proc(harness.Proc):
     """
     A twist plugin (C{novas}, C{novac}) in a subprocess, logging as text to
-    a file, with no NOVAS_/NOVAC_ setting from this environment but C{env}.
+    a file, with no NOVAS_/NOVAC_ setting from this environment but C{env};
+    C{twist} are twist's own options (C{--reactor=select}, say).
     """
 
-    def __init__(self, plugin: str, args: list[str], env: dict[str, str], log: Path) -> None:
-        argv = [sys.executable, "-m", "twisted", "--log-format=text", plugin, *args]
+    def __init__(
+        self, plugin: str, args: list[str], env: dict[str, str], log: Path, twist: tuple[str, ...] = ()
+    ) -> None:
+        argv = [sys.executable, "-m", "twisted", "--log-format=text", *twist, plugin, *args]
         super().__init__(plugin, argv, log, env=clean_env(env))
         self.admin_port = 0
 
@@ -54,7 +57,9 @@ class Proc(harness.Proc):
 
 
 @contextmanager
-def novas(tmp: Path, routes: list[str], env: dict[str, str] | None = None) -> Iterator[tuple[Proc, int]]:
+def novas(
+    tmp: Path, routes: list[str], env: dict[str, str] | None = None, twist: tuple[str, ...] = ()
+) -> Iterator[tuple[Proc, int]]:
     port = free_port()
     e = {
         "NOVAS_AGENT_TOKEN": TOKEN,
@@ -67,7 +72,7 @@ def novas(tmp: Path, routes: list[str], env: dict[str, str] | None = None) -> It
     args: list[str] = []
     for r in routes:
         args += ["--route", r]
-    p = Proc("novas", args, e, tmp / f"novas-{port}.log")
+    p = Proc("novas", args, e, tmp / f"novas-{port}.log", twist)
     p.admin_port = int(e["NOVAS_ADMIN_PORT"]) if e["NOVAS_ADMIN_PORT"].isdigit() else 0
     try:
         p.wait_log("NOVAS listening")
@@ -84,10 +89,10 @@ def fingerprint(server: Proc) -> str:
 
 
 @contextmanager
-def novac(tmp: Path, env: dict[str, str], name: str = "agent-1") -> Iterator[Proc]:
+def novac(tmp: Path, env: dict[str, str], name: str = "agent-1", twist: tuple[str, ...] = ()) -> Iterator[Proc]:
     e = {"NOVAC_TOKEN": TOKEN, "NOVAC_NAME": name}
     e.update(env)
-    p = Proc("novac", [], e, tmp / f"novac-{name}.log")
+    p = Proc("novac", [], e, tmp / f"novac-{name}.log", twist)
     try:
         yield p
     finally:

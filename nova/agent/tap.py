@@ -16,6 +16,7 @@ from twisted.web.resource import Resource
 
 from nova.service import StartupError, exit_zero_on_sigterm, versions
 from nova.tls import TLSConfigError
+from nova.transport import epoll
 
 from .dialer import Dialer, reactor_resolver, tcp_connector
 from .discovery import AgentPool
@@ -78,6 +79,7 @@ class NovacService(MultiService):
     def startService(self) -> None:
         c = self.config
         log.info("{versions}", versions=versions("novac"))
+        epoll.install(self.reactor)  # docs/datapath.md, "The reactor's per-event cost"
         if not c.tls:
             log.warn("TLS is OFF (--no-tls): tunnel traffic is readable on the network")
         log.info(

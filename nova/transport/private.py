@@ -2,6 +2,10 @@
 The private names of Twisted and pyOpenSSL that the fast paths use, all of
 them, and the one check of each.
 
+The epoll reactor's per-event dispatch (L{nova.transport.epoll}) is fenced
+here too: L{EPOLL_NAMES} and L{plain_epoll}, checked once, when NOVAS or
+NOVAC starts.
+
 The fast paths (L{nova.transport.fastpath}, L{nova.transport.splice}) reach under
 Twisted's transports to write and read sooner than Twisted would
 (docs/datapath.md, "What the fast paths rely on").  Everything they touch
@@ -92,6 +96,12 @@ CONNECTION_NAMES = ("_ssl", "_from_ssl", "_into_ssl", "_raise_ssl_error", "bio_w
 # only forwards every call.  L{unwrap_endpoint} takes it out of the read
 # path.
 WRAPPER_NAMES = ("_wrappedProtocol",)
+
+# twisted.internet.epollreactor.EPollReactor: what nova.transport.epoll's
+# dispatch reads per poll (the epoll object, the descriptor-to-selectable
+# map) and calls per event (the read/write/disconnect handling that
+# doPoll calls through log.callWithLogger).
+EPOLL_NAMES = ("_poller", "_selectables", "_doReadOrWrite")
 
 # How many wrappers deep a transport chain goes at most (TLS over TCP is two).
 _MAX_DEPTH = 4
@@ -189,3 +199,22 @@ def fast_tls(transport: object) -> bool:
         _fast_tls_classes.add(key)
         return True
     return False
+
+
+def plain_epoll(reactor: object) -> bool:
+    """
+    Whether C{reactor} is exactly Twisted's C{EPollReactor} (not a subclass,
+    which may poll its own way) whose C{doIteration} is still C{doPoll} (the
+    code the dispatch replaces) and which has every name in L{EPOLL_NAMES}.
+    """
+    try:
+        from twisted.internet.epollreactor import EPollReactor
+    except ImportError:  # pragma: no cover  (no epoll: not Linux)
+        return False
+    return (
+        type(reactor) is EPollReactor
+        and getattr(EPollReactor, "doIteration", None) is getattr(EPollReactor, "doPoll", None)
+        and "doIteration" not in vars(reactor)
+        and _has(reactor, EPOLL_NAMES)
+        and callable(getattr(getattr(reactor, "_poller", None), "poll", None))
+    )
