@@ -76,7 +76,13 @@ def pattern(tag: int, size: int) -> bytes:
 
 # pull() against next_frame() ---------------------------------------------------
 
-KINDS = ["send"] * 6 + ["pull"] * 5 + ["credit"] * 3 + ["open", "ok", "close", "peer_fin", "peer_rst", "reset"]
+KINDS = (
+    ["send"] * 5
+    + ["send_now"] * 2
+    + ["pull"] * 5
+    + ["credit"] * 3
+    + ["open", "ok", "close", "peer_fin", "peer_rst", "reset"]
+)
 KINDS += ["ping", "goaway"]
 
 
@@ -91,7 +97,7 @@ def ops(draw: st.DrawFn) -> tuple[object, ...]:
         data_allowed = draw(st.sampled_from([True, True, True, False]))
         return (kind, limit, data_allowed, draw(st.sampled_from(["pull", "pull", "pull", "next_frame"])))
     i = draw(st.integers(0, 5))
-    if kind == "send":
+    if kind in ("send", "send_now"):
         size = draw(st.one_of(st.integers(1, 64), st.integers(1, 3000), st.integers(1, 3 * MAX_DATA_PAYLOAD)))
         return (kind, i, size)
     if kind == "credit":
@@ -163,6 +169,10 @@ class PullRun:
             data = pattern(self.tag, op[2])
             if self.both("send", sid, data) and present:
                 self.written[sid] += data
+        elif kind == "send_now":
+            assert isinstance(op[2], int)
+            self.tag += 1
+            self.send_now(sid, pattern(self.tag, op[2]), present)
         elif kind == "close":
             self.both("close_send", sid)
         elif kind == "credit":
@@ -177,6 +187,36 @@ class PullRun:
             self.both("receive", Rst(sid, ErrorCode.CANCEL))
         elif kind == "reset":
             self.both("reset", sid, ErrorCode.CANCEL)
+
+    def send_now(self, sid: int, data: bytes, present: bool) -> None:
+        """
+        A writes with send_now(), B with send(): when A frames the write at
+        once, it is exactly the one frame B's next_frame() then gives, and
+        nothing else waited; otherwise both queued it alike.
+        """
+        a, b = self.a, self.b
+        waiting = a.has_output()
+        out: list[Buffer] = []
+        try:
+            queued = a.send_now(sid, data, out)
+        except RuntimeError as e:
+            with pytest.raises(RuntimeError, match=str(e)):
+                b.send(sid, data)
+            return
+        b_queued = b.send(sid, data)
+        if present:
+            self.written[sid] += data
+        if not out:
+            assert queued == b_queued
+        else:
+            assert present and not waiting, "framed while something else waited"
+            assert queued == 0 and b_queued == len(data)
+            frame = b.next_frame(True)
+            assert frame == Data(sid, data)
+            assert joined(out) == b"".join(encode(frame))
+            assert b.next_frame(True) is None, "send_now() jumped a frame that was waiting"
+            self.note(decode(joined(out)))
+        self.same_state()
 
     def pull(self, limit: int, data_allowed: bool, a_uses_next_frame: bool = False) -> None:
         a, b = self.a, self.b

@@ -498,6 +498,36 @@ class Multiplexer:
                 self._schedule(s)
         return s.outbox_bytes
 
+    def send_now(self, stream_id: int, data: bytes, out: list[Buffer]) -> int:
+        """
+        L{send}, but when nothing at all waits to be sent (no control frame,
+        no stream with DATA or a FIN ready) and the stream may send all of
+        C{data} at once (opened, nothing queued before it, within its
+        window and one frame), the DATA frame is appended to C{out} instead
+        of queued: the frame L{pull} would take next, without the queue (a
+        request or a reply on a quiet tunnel).  Otherwise C{data} is queued
+        as L{send} queues it and C{out} is left alone.  Returns the bytes
+        queued on the stream, as L{send}.
+        """
+        s = self._streams.get(stream_id)
+        n = len(data)
+        if (
+            s is not None
+            and s.opened
+            and not s.outbox
+            and 0 < n <= s.send_window
+            and n <= MAX_DATA_PAYLOAD
+            and not s.fin_wanted
+            and not s.local_closed
+            and not self._ready
+            and not self._control
+        ):
+            out.append(data_header(stream_id, n))
+            out.append(data)
+            s.send_window -= n
+            return 0
+        return self.send(stream_id, data)
+
     def close_send(self, stream_id: int) -> None:
         """Send FIN once everything queued has been sent."""
         s = self._streams.get(stream_id)

@@ -178,6 +178,42 @@ class OutboundScheduler:
         else:
             self.flush_call = self.clock.callLater(0, self._flush_now)
 
+    def may_write_now(self, now: float) -> bool:
+        """
+        Whether a frame may be written at once, bypassing the queue
+        (L{write_now}): the tunnel has been quiet for L{QUIET} seconds (a
+        flush would run now), no flush is running or due, the transport
+        takes more, no stream waits for its queue to drain and reading is
+        not held (all of which a flush would look after).
+        """
+        return (
+            now - self.flushed_at >= QUIET
+            and self.flush_call is None
+            and not self.flushing
+            and not self.paused
+            and not self.closed
+            and not self.blocked
+            and not self.reading_held
+            and self.writer is not None
+        )
+
+    def write_now(self, out: list[Buffer], taken: int) -> None:
+        """
+        Write C{out}, frames the multiplexer encoded without queueing them
+        (L{Multiplexer.send_now}) because L{may_write_now}: what L{flush}
+        would have written for them, with nothing else to do after.
+        """
+        assert self.writer is not None
+        self.flushing = True  # as in flush: a flush asked for meanwhile runs after it
+        try:
+            self.writer.write(out)
+        finally:
+            self.flushing = False
+        self.bytes_sent += taken
+        self.flushed_at = self.clock.seconds()
+        if self._flush_again:
+            self.flush()
+
     def _flush_now(self) -> None:
         self.flush_call = None
         self.flush()

@@ -78,7 +78,7 @@ from nova.mux.lifecycle import (
     start_session,
 )
 from nova.transport.fastpath import FrameWriter, set_notsent_lowat, set_user_timeout
-from nova.transport.outbound import QUIET, TUNNEL_READ, OutboundScheduler
+from nova.transport.outbound import TUNNEL_READ, OutboundScheduler
 from nova.transport.splice import no_delay, read_size
 from nova.transport.stream import StreamAddress, StreamTransport
 from nova.wire.codec import FrameDecoder
@@ -545,7 +545,6 @@ class TunnelProtocol(Protocol):
     def write_data(self, stream_id: int, data: bytes, high_water: int) -> int:
         mux = self.mux
         assert mux is not None
-        queued = mux.send(stream_id, data)
         outbound = self.outbound
         now = self._seconds()
         # outbound.note_active(stream_id, now), whose common case is inline
@@ -554,15 +553,22 @@ class TunnelProtocol(Protocol):
             outbound.active[stream_id] = now
         else:
             outbound.note_active(stream_id, now)
+        if outbound.may_write_now(now):
+            # A quiet tunnel, which a flush would write to at once: if
+            # nothing else waits, the frame is written now, unqueued
+            # (Multiplexer.send_now, OutboundScheduler.write_now).
+            out: list[Buffer] = []
+            queued = mux.send_now(stream_id, data, out)
+            if out:
+                outbound.write_now(out, len(data))
+                return 0
+        else:
+            queued = mux.send(stream_id, data)
         if queued >= high_water:
             outbound.flush()
             queued = mux.outbox_bytes(stream_id)
         elif outbound.flush_call is None:
-            # outbound.flush_soon(now), inline: at once on a quiet tunnel.
-            if now - outbound.flushed_at >= QUIET and not outbound.flushing and not outbound.closed:
-                outbound.flush()
-            else:
-                outbound.flush_soon(now)
+            outbound.flush_soon(now)
         return queued
 
     def end_stream(self, stream_id: int) -> None:
