@@ -103,6 +103,8 @@ def _writer(conn: FakeConnection) -> tuple[FrameWriter, FakeTLS]:
     writer.transport = tls
     writer.tcp = None
     writer._tls = tls
+    writer._aggregator = None
+    writer._conn = conn
     return writer, tls
 
 

@@ -46,6 +46,7 @@ from nova.transport.private import SSL_write as _SSL_write
 from nova.transport.private import ffi_buffer as _ffi_buffer
 from nova.transport.private import ffi_from_buffer as _ffi_from_buffer
 from nova.transport.private import ffi_new as _ffi_new
+from nova.transport.private import ffi_unpack as _ffi_unpack
 
 try:  # public pyOpenSSL names; absent without pyOpenSSL
     from OpenSSL.SSL import Error as _SSLError
@@ -248,9 +249,16 @@ class FrameWriter:
         self.transport = transport
         self.tcp = private.tcp_under(transport)
         self._tls = transport if raw_tls_supported(transport) else None
+        # BufferingTLSTransport's buffer of small writes, if it has one (it
+        # is made with the transport), and the OpenSSL connection (made with
+        # the connection): looked up once, not per write.
+        self._aggregator: Any = None
+        self._conn: Any = None
         if self._tls is not None:
             if self._tls.transport is not self.tcp:
                 self.tcp = None  # TLS over something other than TCP
+            self._aggregator = getattr(self._tls, "_aggregator", None)
+            self._conn = self._tls._tlsConnection
             fast_tls_receive(self._tls, self.tcp)
         elif transport is not self.tcp:
             self.tcp = None
@@ -278,13 +286,13 @@ class FrameWriter:
         ):
             tls.writeSequence(parts)  # joins them: views are fine
             return
-        aggregator = getattr(tls, "_aggregator", None)
-        if aggregator is not None and getattr(aggregator, "_buffer", None):
+        aggregator = self._aggregator
+        if aggregator is not None and aggregator._buffer:
             aggregator.flush()  # earlier writes (the handshake's) go first
             if tls._appSendBuffer:
                 tls.writeSequence(parts)
                 return
-        conn = tls._tlsConnection
+        conn = self._conn
         if len(parts) == 2 and len(parts[0]) + len(parts[1]) <= _RECORD:
             # One frame that fits one record (a request, a reply): joined,
             # encrypted and sent here; record_chunks, _encrypt and
@@ -412,39 +420,43 @@ def fast_tls_receive(tls: Any, t: tcp.Connection | None) -> None:
     begin, end = _read_batches(wrapped)
     buf = _IN
 
+    # The connection's OpenSSL objects, the same for its whole life.
+    conn = tls._tlsConnection
+    ssl, into, out_bio = conn._ssl, conn._into_ssl, conn._from_ssl
+
     def data_received(data: bytes) -> None:
         if not tls._handshakeDone or tls._appSendBuffer or tls._lostTLSConnection or tls._aborted:
             original(data)
             return
-        conn = tls._tlsConnection
         if type(data) is not bytes:
             data = bytes(data)
-        if _BIO_write(conn._into_ssl, data, len(data)) <= 0:
+        if _BIO_write(into, data, len(data)) <= 0:
             conn.bio_write(data)  # pyOpenSSL raises what went wrong
-        ssl = conn._ssl
         # Every record this read completed, then handed over: one record (a
         # request, a reply) to the protocol alone, which makes its own
         # batch of it; several as one read batch (begin .. end).
-        records = []
-        failed = False
-        while True:
+        records = None
+        n = _SSL_read(ssl, buf, _RECORD)
+        record = _ffi_unpack(buf, n) if n > 0 else None
+        if record is not None:
             n = _SSL_read(ssl, buf, _RECORD)
-            if n <= 0:
-                failed = _SSL_get_error(ssl, n) != _WANT_READ
-                break
-            records.append(_ffi_buffer(buf, n)[:])
-        if len(records) == 1:
-            if not tls._aborted:
-                deliver(records[0])
-        elif records:
+            if n > 0:
+                records = [record]
+                while n > 0:
+                    records.append(_ffi_unpack(buf, n))
+                    n = _SSL_read(ssl, buf, _RECORD)
+        failed = _SSL_get_error(ssl, n) != _WANT_READ  # asked at once: before anything else uses OpenSSL
+        if records is not None:
             _deliver_batch(tls, records, deliver, begin, end)
+        elif record is not None and not tls._aborted:
+            deliver(record)
         if failed:
             tls._flushReceiveBIO()  # Twisted raises what went wrong (a close_notify, say) and handles it
             return
         if tls.transport is not None:
             # _drain_bio(), whose first read is inline: after a read there is
             # most often nothing to send.
-            n = _BIO_read(conn._from_ssl, _OUT, _OUT_SIZE)
+            n = _BIO_read(out_bio, _OUT, _OUT_SIZE)
             if n > 0:
                 _send_bio(conn, tls.transport, t, n)
 

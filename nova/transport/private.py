@@ -54,9 +54,10 @@ try:
     SSL_ERROR_WANT_READ: int | None = _lib.SSL_ERROR_WANT_READ
     ffi_new: Any = _ffi.new
     ffi_buffer: Any = _ffi.buffer
+    ffi_unpack: Any = _ffi.unpack
     ffi_from_buffer: Any = _ffi.from_buffer
 except (ImportError, AttributeError):  # pragma: no cover
-    SSL_read = SSL_write = SSL_get_error = BIO_read = BIO_write = ffi_new = ffi_buffer = None
+    SSL_read = SSL_write = SSL_get_error = BIO_read = BIO_write = ffi_new = ffi_buffer = ffi_unpack = None
     SSL_ERROR_WANT_READ = None
     ffi_from_buffer = None
 

@@ -586,7 +586,7 @@ class TunnelProtocol(Protocol):
         if mux is None:
             return []
         now = self._seconds()
-        chunks = mux.take_upto(stream_id, limit, now if mux.max_window > mux.local_window else None)
+        chunks = mux.take_upto(stream_id, limit, now)
         if chunks:
             outbound = self.outbound
             if stream_id in outbound.active and now < outbound.recount_at:  # note_active, inline (write_data)
