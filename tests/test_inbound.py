@@ -32,9 +32,11 @@ class Stream:
     def __init__(self, stream_id: int, log: list[tuple[int, str]]) -> None:
         self.stream_id = stream_id
         self.log = log
+        self.batch_flags: list[bool] = []  # data_available's batch argument, each time
 
-    def data_available(self) -> None:
+    def data_available(self, batch: bool = False) -> None:
         self.log.append((self.stream_id, "data"))
+        self.batch_flags.append(batch)
 
     def remote_ended(self) -> None:
         self.log.append((self.stream_id, "fin"))
@@ -118,6 +120,8 @@ class DeliveryTests(SynchronousTestCase):
         self.assertEqual(self.log, [])
         self.feed(frames[100:])
         self.assertEqual(self.log, [(a, "data"), (b, "data")])  # told once: a's inbox was no longer empty
+        # Told outside a batch: the stream itself asks what waits and sends the credit.
+        self.assertEqual([f for sid in self.sids for f in self.streams[sid].batch_flags], [False, False])
         self.inbound._check_invariants()
 
     def test_in_a_batch_each_stream_is_told_once_at_the_end(self) -> None:
@@ -130,6 +134,8 @@ class DeliveryTests(SynchronousTestCase):
         self.assertEqual(self.log, [])
         self.inbound.end_read()
         self.assertEqual(sorted(self.log), [(a, "data"), (b, "data")])
+        # Told in the batch: its end (read_ended) sends the credit.
+        self.assertEqual([f for sid in self.sids for f in self.streams[sid].batch_flags], [True, True])
         self.assertEqual(self.hooks.reads_ended, 1)
         self.assertEqual(self.inbound.bytes_received, 80_000)
         self.inbound._check_invariants()

@@ -37,6 +37,7 @@ class Owner:
         self.calls: list[tuple[str, object]] = []
         self.queued = 0
         self.inbox: list[bytes] = []
+        self.consumed = 0  # data_consumed calls
 
     def write_data(self, stream_id: int, data: bytes, high_water: int) -> int:
         self.calls.append(("write", data))
@@ -54,6 +55,7 @@ class Owner:
         return chunks
 
     def data_consumed(self, stream_id: int) -> int:
+        self.consumed += 1
         return sum(map(len, self.inbox))
 
     def watch_drain(self, stream_id: int, watch: bool) -> None:
@@ -93,6 +95,7 @@ def connected(protocol: Protocol) -> tuple[StreamTransport, Owner]:
     owner = Owner()
     stream = StreamTransport(owner, SID, StreamAddress("peer", SID, "db", 5432), HIGH_WATER, 4096)
     stream.makeConnection(protocol)
+    owner.consumed = 0  # what connecting asked (what waits): not the tests' subject
     return stream, owner
 
 
@@ -118,6 +121,37 @@ class ContractTests(SynchronousTestCase):
         stream.data_available()
         self.assertEqual(protocol.received, [b"onetwo"])
         self.assertEqual(stream.bytes_delivered, 6)
+
+    def test_outside_a_read_batch_the_stream_asks_what_waits_after_a_short_take(self) -> None:
+        # The owner sends the credit and says what still waits (data_consumed).
+        protocol = HalfCloser()
+        stream, owner = connected(protocol)
+        owner.inbox = [b"request"]
+        stream.data_available()
+        self.assertEqual(protocol.received, [b"request"])
+        self.assertEqual(owner.consumed, 1)
+
+    def test_in_a_read_batch_a_short_take_needs_no_question(self) -> None:
+        # The batch's end sends the credit, and what arrives meanwhile is
+        # told again: one call into the owner per hand-over, not two.
+        protocol = HalfCloser()
+        stream, owner = connected(protocol)
+        owner.inbox = [b"request"]
+        stream.data_available(True)
+        self.assertEqual(protocol.received, [b"request"])
+        self.assertEqual(owner.consumed, 0)
+        owner.inbox = [b"more"]  # arrived later in the same read: told again
+        stream.data_available(True)
+        self.assertEqual(protocol.received, [b"request", b"more"])
+
+    def test_in_a_read_batch_the_peer_s_fin_still_reaches_the_protocol(self) -> None:
+        protocol = HalfCloser()
+        stream, owner = connected(protocol)
+        owner.inbox = [b"last"]
+        stream.data_available(True)
+        stream.remote_ended()
+        self.assertEqual(protocol.received, [b"last"])
+        self.assertIn("eof", protocol.events)
 
     def test_paused_reading_holds_received_bytes(self) -> None:
         protocol = HalfCloser()

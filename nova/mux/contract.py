@@ -58,8 +58,14 @@ class StreamEvents(Protocol):
 
     stream_id: int
 
-    def data_available(self) -> None:
-        "Received bytes wait for the stream (L{StreamOwner.read_data})."
+    def data_available(self, batch: bool = False) -> None:
+        """
+        Received bytes wait for the stream (L{StreamOwner.read_data}).
+        C{batch}: the tunnel is handing over one read's frames; until it
+        ends, nothing more arrives that the stream is not told of again, and
+        its end sends the credit the stream frees (so L{data_consumed} is
+        not needed after a take that emptied the stream's bytes).
+        """
 
     def remote_ended(self) -> None:
         "The peer's FIN arrived (after whatever bytes wait)."

@@ -130,7 +130,7 @@ class InboundDelivery:
                 stream_id, _ = arrived.popitem()
                 stream = self._streams.get(stream_id)
                 if stream is not None:
-                    stream.data_available()
+                    stream.data_available(True)
             if arrived:
                 self._deliver_arrived()
         self.arrived = None
@@ -217,7 +217,7 @@ class InboundDelivery:
                     continue  # told already, from inside another stream's turn
                 stream = streams.get(stream_id)
                 if stream is not None:
-                    stream.data_available()
+                    stream.data_available(True)
 
     def _check_invariants(self, in_batch: bool = False) -> None:
         """Raise AssertionError if an invariant in the class docstring does not hold."""

@@ -249,7 +249,7 @@ class StreamTransport:
 
     # Internals.
 
-    def _deliver(self) -> None:
+    def _deliver(self, batch: bool = False) -> None:
         if self._delivering or self.disconnected or self.protocol is None:
             return
         self._delivering = True
@@ -273,9 +273,12 @@ class StreamTransport:
                     self.bytes_delivered += len(chunk)
                     self.protocol.dataReceived(chunk)
                 if len(chunk) < _HANDOVER:
-                    # Most likely all there was (a request, a reply): ask
-                    # what waits instead of asking for more.
-                    waiting = owner.data_consumed(sid)
+                    # Most likely all there was (a request, a reply).  In
+                    # the tunnel's read batch it was (the take emptied our
+                    # bytes, and what arrives before the batch ends is told
+                    # to us again): the batch's end sends the credit.
+                    # Otherwise ask what waits instead of asking for more.
+                    waiting = 0 if batch else owner.data_consumed(sid)
                     if not waiting:
                         break
             if waiting < 0:

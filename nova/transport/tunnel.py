@@ -265,9 +265,17 @@ class TunnelProtocol(Protocol):
     end_read: Callable[[], None]
 
     def read_ended(self) -> None:
-        """A read batch was delivered: send what it made ready; read on or not (module docstring)."""
-        if self.mux is not None and self.mux.has_output():
-            self.outbound.flush_soon()
+        """
+        A read batch was delivered: send what it made ready (the credit its
+        streams freed, with an RTT probe if a stream's window would grow);
+        read on or not (module docstring).
+        """
+        mux = self.mux
+        if mux is not None:
+            if mux.rtt_wanted:
+                self.probe_rtt()
+            if mux.has_output():
+                self.outbound.flush_soon()
         if self.outbound.paused or self.reading_paused:  # else _update_reading has nothing to change
             self._update_reading()
 
