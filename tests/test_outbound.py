@@ -190,6 +190,45 @@ class QuietTimeTests(SynchronousTestCase):
         self.assertIn(b"twothree", self.writer.writes[1])
         self.out._check_invariants()
 
+    def test_a_send_to_a_quiet_tunnel_is_written_at_once_unqueued(self) -> None:
+        self.assertEqual(self.out.send(self.a, b"request", self.clock.seconds()), 0)
+        self.assertEqual(len(self.writer.writes), 1)
+        self.assertIn(b"request", self.writer.writes[0])
+        self.assertEqual(self.mux.outbox_bytes(self.a), 0)
+        self.assertEqual(self.out.bytes_sent, len(b"request"))
+        self.assertFalse(self.mux.has_output())
+        self.out._check_invariants()
+
+    def test_a_send_soon_after_a_flush_is_queued_for_the_end_of_the_turn(self) -> None:
+        self.out.send(self.a, b"one", self.clock.seconds())
+        self.clock.advance(QUIET / 2)
+        self.assertEqual(self.out.send(self.a, b"two", self.clock.seconds()), 3)
+        self.assertEqual(len(self.writer.writes), 1)
+        self.out.flush_soon()
+        self.clock.advance(0)
+        self.assertEqual(len(self.writer.writes), 2)
+
+    def test_a_send_never_jumps_what_waits(self) -> None:
+        # A control frame (a PING) waits: the write queues behind it, and one
+        # flush writes both, the PING first.
+        b = max(self.streams)
+        self.out.paused = True
+        self.mux.ping(b"12345678")
+        self.mux.send(b, b"queued before")
+        self.out.paused = False
+        self.assertGreater(self.out.send(self.a, b"later", self.clock.seconds()), 0)
+        self.assertEqual(self.writer.writes, [])
+        self.out.flush()
+        written = self.writer.writes[0]
+        self.assertLess(written.index(b"12345678"), written.index(b"later"))
+        self.assertLess(written.index(b"queued before"), written.index(b"later"))
+
+    def test_a_send_while_the_transport_pushes_back_is_queued(self) -> None:
+        self.out.paused = True
+        self.assertEqual(self.out.send(self.a, b"data", self.clock.seconds()), 4)
+        self.assertEqual(self.writer.writes, [])
+        self.out._check_invariants()
+
     def test_nothing_is_written_while_the_transport_pushes_back(self) -> None:
         self.out.paused = True
         self.mux.send(self.a, b"data")
@@ -266,6 +305,20 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.sent += size
         self.out.note_active(sid, self.clock.seconds())
         self.out.flush_soon()
+
+    @rule(index=st.integers(0, 2), size=st.one_of(st.integers(1, 2000), st.integers(1, 300_000)))
+    def send(self, index: int, size: int) -> None:
+        # The tunnel's write path: queued, or written at once on a quiet tunnel.
+        sid = sorted(self.streams)[index]
+        if sid in self.fins:
+            return
+        writes = len(self.writer.writes)
+        queued = self.out.send(sid, b"y" * size, self.clock.seconds())
+        self.sent += size
+        if queued == 0:
+            assert len(self.writer.writes) == writes + 1, "reported written, but nothing was written"
+        elif self.out.flush_call is None:
+            self.out.flush_soon()
 
     @rule(index=st.integers(0, 2))
     def block(self, index: int) -> None:

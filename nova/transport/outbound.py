@@ -178,41 +178,45 @@ class OutboundScheduler:
         else:
             self.flush_call = self.clock.callLater(0, self._flush_now)
 
-    def may_write_now(self, now: float) -> bool:
+    def send(self, stream_id: int, data: bytes, now: float) -> int:
         """
-        Whether a frame may be written at once, bypassing the queue
-        (L{write_now}): the tunnel has been quiet for L{QUIET} seconds (a
-        flush would run now), no flush is running or due, the transport
-        takes more, no stream waits for its queue to drain and reading is
-        not held (all of which a flush would look after).
+        Queue C{data} on the stream, or, on a quiet tunnel that a flush
+        would write to at once anyway, write it now: if the tunnel has been
+        quiet for L{QUIET} seconds, no flush is running or due, the
+        transport takes more, no stream waits for its queue to drain and
+        reading is not held (all of which a flush would look after), and
+        nothing else waits in the multiplexer (L{Multiplexer.send_now}),
+        its one DATA frame is written at once, unqueued.  Returns the bytes
+        queued on the stream: 0 when written (no flush is needed for it).
         """
-        return (
-            now - self.flushed_at >= QUIET
-            and self.flush_call is None
-            and not self.flushing
-            and not self.paused
-            and not self.closed
-            and not self.blocked
-            and not self.reading_held
-            and self.writer is not None
-        )
-
-    def write_now(self, out: list[Buffer], taken: int) -> None:
-        """
-        Write C{out}, frames the multiplexer encoded without queueing them
-        (L{Multiplexer.send_now}) because L{may_write_now}: what L{flush}
-        would have written for them, with nothing else to do after.
-        """
-        assert self.writer is not None
+        mux = self.mux
+        writer = self.writer
+        assert mux is not None
+        if (
+            now - self.flushed_at < QUIET
+            or self.flush_call is not None
+            or self.flushing
+            or self.paused
+            or self.closed
+            or self.blocked
+            or self.reading_held
+            or writer is None
+        ):
+            return mux.send(stream_id, data)
+        out: list[Buffer] = []
+        queued = mux.send_now(stream_id, data, out)
+        if not out:
+            return queued
         self.flushing = True  # as in flush: a flush asked for meanwhile runs after it
         try:
-            self.writer.write(out)
+            writer.write(out)
         finally:
             self.flushing = False
-        self.bytes_sent += taken
+        self.bytes_sent += len(data)
         self.flushed_at = self.clock.seconds()
         if self._flush_again:
             self.flush()
+        return 0
 
     def _flush_now(self) -> None:
         self.flush_call = None

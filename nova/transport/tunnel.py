@@ -561,21 +561,12 @@ class TunnelProtocol(Protocol):
             outbound.active[stream_id] = now
         else:
             outbound.note_active(stream_id, now)
-        if outbound.may_write_now(now):
-            # A quiet tunnel, which a flush would write to at once: if
-            # nothing else waits, the frame is written now, unqueued
-            # (Multiplexer.send_now, OutboundScheduler.write_now).
-            out: list[Buffer] = []
-            queued = mux.send_now(stream_id, data, out)
-            if out:
-                outbound.write_now(out, len(data))
-                return 0
-        else:
-            queued = mux.send(stream_id, data)
+        # Queued, or written at once on a quiet tunnel (OutboundScheduler.send).
+        queued = outbound.send(stream_id, data, now)
         if queued >= high_water:
             outbound.flush()
             queued = mux.outbox_bytes(stream_id)
-        elif outbound.flush_call is None:
+        elif queued and outbound.flush_call is None:
             outbound.flush_soon(now)
         return queued
 
