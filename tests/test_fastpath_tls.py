@@ -152,3 +152,14 @@ def test_frames_larger_than_a_record_take_the_general_path(openssl: Any) -> None
     assert b"".join(fake.calls) == HEADER + payload
     assert all(len(call) <= fastpath._RECORD for call in fake.calls)
     assert b"".join(tls.written) == HEADER + payload
+
+
+def test_several_small_frames_are_one_ssl_write(openssl: Any) -> None:
+    # A stream's OPEN and its first DATA (or a WINDOW_UPDATE and a reply)
+    # fit one record: one SSL_write, in order.
+    fake = openssl([])
+    writer, tls = _writer(FakeConnection())
+    parts: list[Any] = [b"OPEN-frame", HEADER, memoryview(b"first bytes")]
+    writer.write(parts)
+    assert fake.calls == [b"OPEN-frame" + HEADER + b"first bytes"]
+    assert tls.written == fake.calls

@@ -293,10 +293,11 @@ class FrameWriter:
                 tls.writeSequence(parts)
                 return
         conn = self._conn
-        if len(parts) == 2 and len(parts[0]) + len(parts[1]) <= _RECORD:
-            # One frame that fits one record (a request, a reply): joined,
-            # encrypted and sent here; record_chunks, _encrypt and
-            # _drain_bio would do the same with three calls more.
+        if (len(parts[0]) + len(parts[1]) if len(parts) == 2 else sum(map(len, parts))) <= _RECORD:
+            # Frames that fit one record (a request, a reply; a stream's
+            # OPEN and first DATA): joined, encrypted and sent here;
+            # record_chunks, _encrypt and _drain_bio would do the same with
+            # three calls more.
             chunk = b"".join(parts)
             size = len(chunk)
             n = _SSL_write(conn._ssl, chunk, size)
