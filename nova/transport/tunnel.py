@@ -615,7 +615,10 @@ class TunnelProtocol(Protocol):
     def stream_closed(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
         self.outbound.unblock(stream_id)
-        if self.session is not None:
+        # The session machine acts on a stream's end only while Draining,
+        # which sets draining first (send_goaway): an Automat input costs
+        # as much as the rest of a stream's close, so it is not fed before.
+        if self.session is not None and self.draining:
             self.session.stream_closed()
 
     def _update_reading(self) -> None:
