@@ -105,6 +105,7 @@ def _writer(conn: FakeConnection) -> tuple[FrameWriter, FakeTLS]:
     writer._tls = tls
     writer._aggregator = None
     writer._conn = conn
+    writer._ssl, writer._from_ssl = conn._ssl, conn._from_ssl
     return writer, tls
 
 

@@ -254,11 +254,14 @@ class FrameWriter:
         # the connection): looked up once, not per write.
         self._aggregator: Any = None
         self._conn: Any = None
+        self._ssl: Any = None
+        self._from_ssl: Any = None
         if self._tls is not None:
             if self._tls.transport is not self.tcp:
                 self.tcp = None  # TLS over something other than TCP
             self._aggregator = getattr(self._tls, "_aggregator", None)
-            self._conn = self._tls._tlsConnection
+            self._conn = conn = self._tls._tlsConnection
+            self._ssl, self._from_ssl = conn._ssl, conn._from_ssl
             fast_tls_receive(self._tls, self.tcp)
         elif transport is not self.tcp:
             self.tcp = None
@@ -300,12 +303,12 @@ class FrameWriter:
             # three calls more.
             chunk = b"".join(parts)
             size = len(chunk)
-            n = _SSL_write(conn._ssl, chunk, size)
+            n = _SSL_write(self._ssl, chunk, size)
             if n != size and not _encrypt(tls, conn, [chunk[n:]] if n > 0 else [chunk], n):
                 return
         elif not _encrypt(tls, conn, record_chunks(parts)):
             return
-        n = _BIO_read(conn._from_ssl, _OUT, _OUT_SIZE)
+        n = _BIO_read(self._from_ssl, _OUT, _OUT_SIZE)
         if n > 0:
             t = self.tcp
             if t is not None and n < _OUT_SIZE:

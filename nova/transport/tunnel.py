@@ -153,6 +153,10 @@ class TunnelProtocol(Protocol):
         self.inbound = InboundDelivery(self.streams, self)
         self.begin_read = self.inbound.begin_read
         self.end_read = self.inbound.end_read
+        # The decoder and its two callbacks, bound once: used for every read.
+        self._feed = self._decoder.feed_into
+        self._on_data = self.inbound.data_received
+        self._on_frame = self.inbound.frame_received
         # We asked the transport to stop reading (replies wait; see the
         # module docstring), and whether that was logged for this tunnel.
         self.reading_paused = False
@@ -224,13 +228,13 @@ class TunnelProtocol(Protocol):
         inbound = self.inbound
         if inbound.arrived is not None:  # inside a read batch (fast_tls_receive's): it ends it
             try:
-                self._decoder.feed_into(data, inbound.data_received, inbound.frame_received)
+                self._feed(data, self._on_data, self._on_frame)
             except ProtocolError as e:
                 self.protocol_error(e)
             return
         inbound.arrived = {}
         try:
-            self._decoder.feed_into(data, inbound.data_received, inbound.frame_received)
+            self._feed(data, self._on_data, self._on_frame)
         except ProtocolError as e:
             self.protocol_error(e)
         finally:
