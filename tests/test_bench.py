@@ -156,3 +156,43 @@ def test_spread_takes_ratios_per_run_and_marks_runs_that_did_not_measure_a_figur
     assert bulk[-1] == "FAIL FAIL"
     assert storm[2] == "3.00" and storm[-1] == "· pass"  # measured by the second run only
     assert "load average at start 1.00 1.00 1.00" in spread.describe(runs)
+
+
+def test_opcount_counts_bytecodes_and_calls_by_package_and_function(tmp_path: Path) -> None:
+    # bench/opcount.py, which bench/cpu.py --opcodes runs NOVAS and NOVAC
+    # under: a run with three times the work counts three times the calls
+    # of the function doing it, and more of its bytecodes in proportion.
+    package = tmp_path / "nova"  # counted as the "nova" package: its path has /nova/
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "work.py").write_text(
+        "import sys\n"
+        "def step(n):\n"
+        "    total = 0\n"
+        "    for i in range(n):\n"
+        "        total += i\n"
+        "    return total\n"
+        "if __name__ == '__main__':\n"
+        "    for _ in range(int(sys.argv[1])):\n"
+        "        step(10)\n"
+    )
+    counts = []
+    for runs in (10, 30):
+        out = tmp_path / f"counts-{runs}.json"
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "opcount.py"), str(out), "-m", "nova.work", str(runs)],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(tmp_path)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        counts.append(json.loads(out.read_text()))
+    step = [next(v for k, v in c["functions"].items() if k.startswith("nova step work.py:")) for c in counts]
+    assert [calls for _, calls in step] == [10, 30]
+    assert step[1][0] == 3 * step[0][0] > 0  # the same bytecodes per call, exactly
+    assert counts[1]["packages"]["nova"]["calls"] - counts[0]["packages"]["nova"]["calls"] == 20
+    assert (ROOT / "bench" / "cpu.py").read_text().count("opcount.py") == 1  # what --opcodes runs
+    with pytest.raises(subprocess.CalledProcessError):
+        subprocess.run([sys.executable, str(ROOT / "bench" / "opcount.py")], check=True, capture_output=True)
