@@ -299,7 +299,7 @@ class FrameWriter:
         if (len(parts[0]) + len(parts[1]) if len(parts) == 2 else sum(map(len, parts))) <= _RECORD:
             # Frames that fit one record (a request, a reply; a stream's
             # OPEN and first DATA): joined, encrypted and sent here;
-            # record_chunks, _encrypt and _drain_bio would do the same with
+            # record_chunks, _encrypt and _send_bio would do the same with
             # three calls more.
             chunk = b"".join(parts)
             size = len(chunk)
@@ -350,19 +350,14 @@ def _encrypt(tls: Any, conn: Any, chunks: list[Buffer], failed: int | None = Non
     return True
 
 
-def _drain_bio(conn: Any, transport: Any, t: tcp.Connection | None) -> None:
-    """
-    Everything OpenSSL wrote to the connection's memory BIO, to C{transport}
-    (Twisted's C{_flushSendBIO}, without an exception when there is nothing
-    and without a copy when the socket takes it all at once).
-    """
-    n = _BIO_read(conn._from_ssl, _OUT, _OUT_SIZE)
-    if n > 0:
-        _send_bio(conn, transport, t, n)
-
-
 def _send_bio(conn: Any, transport: Any, t: tcp.Connection | None, n: int) -> None:
-    """The C{n} bytes just read from the memory BIO into the shared buffer, then the rest of it, to C{transport}."""
+    """
+    What OpenSSL wrote to the connection's memory BIO, to C{transport}: the
+    C{n} bytes the caller just read into the shared buffer (C{BIO_read},
+    done inline where the common answer is "nothing"), then the rest.
+    Twisted's C{_flushSendBIO}, without an exception when there is nothing
+    and without a copy when the socket takes it all at once.
+    """
     bio = conn._from_ssl
     out = _OUT
     while True:
@@ -409,7 +404,7 @@ def fast_tls_receive(tls: Any, t: tcp.Connection | None) -> None:
     directly: the same steps as its C{dataReceived}, but "no more records"
     is a return code instead of two exceptions per read, the plaintext is
     read into a buffer shared by every tunnel, and what OpenSSL has to send
-    meanwhile goes out with L{_drain_bio} (to C{t}, the TCP connection under
+    meanwhile goes out with L{_send_bio} (to C{t}, the TCP connection under
     C{tls}, if there is one).  Until the handshake is done, and
     for anything out of the ordinary (a close_notify, an error), Twisted's
     own code runs.
@@ -458,8 +453,8 @@ def fast_tls_receive(tls: Any, t: tcp.Connection | None) -> None:
             tls._flushReceiveBIO()  # Twisted raises what went wrong (a close_notify, say) and handles it
             return
         if tls.transport is not None:
-            # _drain_bio(), whose first read is inline: after a read there is
-            # most often nothing to send.
+            # What OpenSSL has to send (_send_bio), read inline: after a read
+            # there is most often nothing.
             n = _BIO_read(out_bio, _OUT, _OUT_SIZE)
             if n > 0:
                 _send_bio(conn, tls.transport, t, n)
