@@ -26,6 +26,7 @@ from nova.wire.errors import ErrorCode
 from nova.wire.frames import (
     Data,
     Fin,
+    FrameType,
     Open,
     OpenOk,
     Reject,
@@ -254,6 +255,21 @@ def case_stream_id_never_opened(stage: Stage) -> tuple[RawAgent | socket.socket,
     return agent, "OPEN_OK for stream 999, which was never opened"
 
 
+def case_lone_data_never_opened(stage: Stage) -> tuple[RawAgent | socket.socket, str]:
+    # One whole DATA frame in one record: the decoder's one-frame path.
+    agent = registered(stage, "evil-lone")
+    agent.send_frame(Data(999, b"not yours"))
+    return agent, "DATA for stream 999, which was never opened"
+
+
+def case_lone_data_on_stream_zero(stage: Stage) -> tuple[RawAgent | socket.socket, str]:
+    # A whole DATA frame with no stream id: the one-frame path declines it,
+    # the general loop refuses it.
+    agent = registered(stage, "evil-zero")
+    agent.send(header(int(FrameType.DATA), 0, 4) + b"abcd")
+    return agent, "DATA needs a stream id"
+
+
 def case_agent_opens(stage: Stage) -> tuple[RawAgent | socket.socket, str]:
     agent = registered(stage, "evil-open")
     agent.send_frame(Open(1, "10.0.0.1", 22))
@@ -362,6 +378,8 @@ CASES: list[Callable[[Stage], tuple[RawAgent | socket.socket, str]]] = [
     case_unknown_type,
     case_unknown_type_after_registration,
     case_stream_id_never_opened,
+    case_lone_data_never_opened,
+    case_lone_data_on_stream_zero,
     case_agent_opens,
     case_data_beyond_window,
     case_window_overflow,
